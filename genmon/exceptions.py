@@ -1,0 +1,55 @@
+"""The one exception tree of genmon.
+
+Every error genmon raises on purpose derives from :class:`GenmonError`, so callers
+can catch the whole family with one clause. Packages keep their own
+``exceptions.py`` whose classes hang under this tree::
+
+    GenmonError
+    ├── ConfigurationError            settings or hyperparameters that cannot work
+    ├── InfraError                    a local service (Kafka, PostgreSQL) would not start/stop
+    │   ├── KafkaInfraError
+    │   └── PostgresInfraError
+    ├── SchemaError                   an event failed validation (carries the reason)
+    ├── DetectorError                 (genmon.detectors.exceptions)
+    │   ├── InvalidParameterError     also a ConfigurationError
+    │   ├── NotFittedError            update() before a reference was set
+    │   └── StateError                state_dict() that does not fit this detector
+    ├── StreamError                   (genmon.streams.exceptions)
+    └── DatabaseError                 a migration or persistence step failed
+
+Messages say what to do next, not only what went wrong.
+"""
+
+from __future__ import annotations
+
+
+class GenmonError(Exception):
+    """Root of every error genmon raises on purpose."""
+
+
+class ConfigurationError(GenmonError, ValueError):
+    """A setting or hyperparameter has a value that cannot work."""
+
+
+class InfraError(GenmonError):
+    """A local service could not be started, reached or stopped."""
+
+
+class KafkaInfraError(InfraError):
+    """The local Kafka broker could not be started, reached or stopped."""
+
+
+class PostgresInfraError(InfraError):
+    """The local PostgreSQL cluster could not be started, reached or stopped."""
+
+
+class SchemaError(GenmonError, ValueError):
+    """An event does not satisfy its schema; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DatabaseError(GenmonError):
+    """A migration or persistence step failed."""

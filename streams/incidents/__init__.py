@@ -1,0 +1,1 @@
+"""Incidents: findings -> deduplicated incidents -> notifications through an outbox."""
