@@ -21,11 +21,15 @@ import abc
 import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Self, TypeVar
 
 from genmon.detectors.exceptions import InvalidParameterError, StateError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Bumped when a detector's state layout changes incompatibly.
 STATE_FORMAT = 1
@@ -125,6 +129,24 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+class ContractExample(NamedTuple):
+    """What ``tests/detectors/test_contract.py`` needs to exercise one detector class.
+
+    ``stream(rng, n)`` and ``shifted(rng, n)`` return one batch of ``n`` observations in
+    whatever form ``update()`` takes. ``stream`` is stationary (it matches the detector's
+    reference, if any); ``shifted`` is a stream the detector must flag soon after
+    ``warmup`` observations; no result with ``n_seen < warmup`` may flag. ``invalid``
+    lists constructor-argument overrides that must raise ``InvalidParameterError``
+    (the contract test also tries NaN for every float hyperparameter).
+    """
+
+    detector: Detector
+    stream: Callable[[np.random.Generator, int], Any]
+    shifted: Callable[[np.random.Generator, int], Any]
+    warmup: int = 0
+    invalid: tuple[dict[str, Any], ...] = ()
+
+
 class Detector(abc.ABC):
     """Base class of every detector; see the module docstring for the contract."""
 
@@ -147,6 +169,19 @@ class Detector(abc.ABC):
     @abc.abstractmethod
     def _set_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`_get_state`."""
+
+    @classmethod
+    def _contract_example(cls, constant: float | None = None) -> ContractExample:
+        """A small valid instance and its streams, for the contract test.
+
+        With ``constant`` given, ``stream`` must yield only that value (mapped to the
+        detector's input type, e.g. a constant vector or category) and the instance's
+        reference, if any, must be built from it too, so that it must never fire.
+        """
+        raise NotImplementedError(
+            f"{cls.__name__} must implement the classmethod _contract_example() so the "
+            "contract test can exercise it (see ContractExample)"
+        )
 
     # -- shared machinery -------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
@@ -203,8 +238,15 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-def check_param(name: str, value: float, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False, high_open: bool = False) -> None:
+def check_param(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """Raise :class:`InvalidParameterError` unless ``low <= value <= high`` (or open bounds)."""
     bad = False
     if low is not None:
@@ -215,7 +257,9 @@ def check_param(name: str, value: float, *, low: float | None = None, high: floa
         lo = "-inf" if low is None else f"{low}"
         hi = "inf" if high is None else f"{high}"
         brackets = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
-        raise InvalidParameterError(f"{name}={value!r} is out of range; choose a value in {brackets}")
+        raise InvalidParameterError(
+            f"{name}={value!r} is out of range; choose a value in {brackets}"
+        )
 
 
 #: name -> detector class, filled by :func:`register`.

@@ -6,7 +6,15 @@ from typing import Any
 
 import numpy as np
 
-from genmon.detectors._base import Detector, DetectorKind, DetectorResult, Evidence, register
+from genmon.detectors._base import (
+    ContractExample,
+    Detector,
+    DetectorKind,
+    DetectorResult,
+    Evidence,
+    check_param,
+    register,
+)
 from genmon.detectors.exceptions import InputError
 
 
@@ -30,6 +38,8 @@ class ThresholdDetector(Detector):
         self.threshold = float(threshold)
         self.above = bool(above)
         self.min_samples = int(min_samples)
+        check_param("threshold", self.threshold)
+        check_param("min_samples", self.min_samples, low=1)
         self.reset()
 
     def reset(self) -> None:
@@ -52,6 +62,21 @@ class ThresholdDetector(Detector):
 
     def _get_state(self) -> dict[str, Any]:
         return {"n_seen": self._n_seen}
+
+    @classmethod
+    def _contract_example(cls, constant: float | None = None) -> ContractExample:
+        level = 0.0 if constant is None else float(constant)
+
+        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
+            if constant is not None:
+                return np.full(n, level)
+            return rng.normal(level, 0.1, n)
+
+        def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
+            return rng.normal(level + 5.0, 0.1, n)
+
+        detector = cls(threshold=level + 1.0, min_samples=5)
+        return ContractExample(detector, stream, shifted, 5, invalid=({"min_samples": 0},))
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._n_seen = int(state["n_seen"])

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Where local services keep their data, logs and pid files unless told otherwise.
@@ -72,6 +73,7 @@ class WorkerSettings(BaseModel):
 
     app_id: str = "genmon"
     web_port: int = Field(6066, description="Faust web server (also serves /metrics)")
+    web_host: str = Field("127.0.0.1", description="address the Faust web server binds to")
     store: str = Field("memory://", description="Faust table store (memory:// or rocksdb://)")
     dlq_max_payload_bytes: int = Field(
         65536, description="original bytes kept in a dead-letter record"
@@ -87,7 +89,10 @@ class SdkSettings(BaseModel):
     buffer_max_events: int = Field(100_000, description="events kept while the broker is down")
     linger_ms: int = 20
     compression: str = Field("gzip", description="kafka-python compression_type")
-    max_text_chars: int = Field(32_768, description="longest prompt/response accepted")
+    max_text_chars: int = Field(32_768, description="longer prompts/responses are cut to this")
+    delivery_timeout_ms: int = Field(
+        600_000, description="how long the producer retries an event it holds before failing it"
+    )
 
 
 class WindowSettings(BaseModel):
@@ -98,7 +103,25 @@ class WindowSettings(BaseModel):
     hopping_step_s: float = 60.0
     expires_s: float = 3600.0
     latency_reservoir: int = 1024
-    slow_latency_ms: float = 2000.0
+    slow_latency_ms: float = Field(
+        2000.0, description="latency p99 above this fires the default latency detector"
+    )
+    allowed_lateness_s: float = Field(
+        10.0, description="a window closes when the watermark passes its end plus this"
+    )
+    idle_timeout_s: float = Field(
+        5.0, description="a partition idle this long advances its watermark with the wall clock"
+    )
+    close_interval_s: float = Field(1.0, description="period of the window-closing timer")
+    max_future_skew_s: float = Field(
+        300.0, description="events stamped further in the future are dropped (counted)"
+    )
+    sketch_relative_accuracy: float = Field(
+        0.01, gt=0, lt=1, description="DDSketch relative accuracy of latency/TTFT quantiles"
+    )
+    refusal_phrases_file: Path | None = Field(
+        None, description="YAML refusal phrase list (default: genmon's refusal_phrases.yaml)"
+    )
 
 
 class FeedbackSettings(BaseModel):
@@ -106,6 +129,9 @@ class FeedbackSettings(BaseModel):
 
     join_ttl_s: float = Field(86_400.0, description="how long either side waits for the other")
     negative_score_below: float = 0.5
+    join_max_text_chars: int = Field(
+        8192, ge=0, description="prompt/response characters kept per inference for the join"
+    )
 
 
 class EmbeddingSettings(BaseModel):
@@ -131,27 +157,110 @@ class DetectorSettings(BaseModel):
     reference_size: int = 1000
     min_segment_size: int = 30
     fdr_alpha: float = 0.05
+    min_window_requests: int = Field(
+        10, ge=1, description="windows with fewer requests are not judged by the runner"
+    )
+    error_rate_max: float = Field(0.05, description="default error-rate alarm threshold")
+    refusal_rate_max: float = Field(0.2, description="default refusal-rate alarm threshold")
+    empty_rate_max: float = Field(0.05, description="default empty-response-rate threshold")
+    negative_feedback_rate_max: float = Field(
+        0.5, description="default per-segment negative-feedback-rate threshold"
+    )
+    embedding_detector: str = Field(
+        "", description="REGISTRY name of the embedding drift detector ('' = first that fits)"
+    )
+
+
+class RunbookSettings(BaseModel):
+    """Where an on-call engineer reads what to do about one kind of problem."""
+
+    url: str | None = Field(None, description="runbook page linked from every notification")
+    remediation: list[str] = Field(default_factory=list, description="ordered remediation steps")
 
 
 class IncidentSettings(BaseModel):
-    """Turning findings into incidents."""
+    """Turning findings into incidents (see streams/incidents/manager.py)."""
 
-    auto_resolve_quiet_windows: int = 3
-    reopen_cooldown_s: float = 1800.0
-    group_window_s: float = 600.0
+    auto_resolve_quiet_windows: int = Field(
+        3, ge=1, description="clear windows in a row after which an open incident auto-resolves"
+    )
+    reopen_cooldown_s: float = Field(
+        1800.0, ge=0, description="a resolved incident seen again within this reopens, not re-pages"
+    )
+    flap_max_reopens: int = Field(
+        2, ge=0, description="reopens within the cool-down after which the incident is flapping"
+    )
+    group_window_s: float = Field(
+        600.0, ge=0, description="new incidents of one model within this group under a parent"
+    )
+    severity_score_ratio_bands: dict[str, float] = Field(
+        default_factory=lambda: {"warning": 1.0, "error": 2.0, "critical": 4.0},
+        description="least score/threshold for each severity",
+    )
+    severity_effect_size_bands: dict[str, float] = Field(
+        default_factory=lambda: {"warning": 0.2, "error": 0.5, "critical": 0.8},
+        description="least |effect size| for each severity (Cohen's small/medium/large)",
+    )
+    batch_within_s: float = Field(
+        0.05, gt=0, description="longest wait to fill a batch of findings (adds to page latency)"
+    )
+    chart_points: int = Field(100, ge=1, description="recent scores kept on each incident")
+    evidence_max_bytes: int = Field(16_384, ge=256, description="largest evidence snapshot kept")
+    finding_dedup_retention_s: float = Field(
+        7 * 86_400.0, description="how long a finding's dedup key is kept (>= topic retention)"
+    )
+    runbooks: dict[str, RunbookSettings] = Field(
+        default_factory=dict, description="runbook per detector name or finding kind"
+    )
+
+
+class DestinationSettings(BaseModel):
+    """One place notifications go to."""
+
+    name: str = Field(description="unique name used by routes and shown in the outbox")
+    type: Literal["webhook", "slack", "pagerduty", "alertmanager"] = "webhook"
+    url: SecretStr = Field(description="endpoint; a secret because URLs often carry tokens")
+    secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of a webhook")
+    routing_key: SecretStr | None = Field(None, description="PagerDuty Events API v2 key")
+    rate_per_s: float = Field(5.0, gt=0, description="most deliveries per second")
+    burst: int = Field(10, ge=1, description="deliveries allowed at once before rate limiting")
+    timeout_s: float | None = Field(None, description="defaults to notify.timeout_s")
+
+
+class RouteSettings(BaseModel):
+    """Which destinations get which incidents (first match wins unless ``continue_``)."""
+
+    destinations: list[str]
+    matchers: list[str] = Field(
+        default_factory=list,
+        description='Alertmanager-style label matchers, e.g. severity=~"error|critical"',
+    )
+    continue_: bool = Field(False, alias="continue", description="also try the next routes")
+    runbook: RunbookSettings | None = Field(None, description="runbook added by this route")
+
+    model_config = {"populate_by_name": True}
 
 
 class NotifySettings(BaseModel):
     """Delivering notifications from the outbox."""
 
     destinations_file: Path | None = Field(None, description="YAML file of destinations/routes")
-    max_attempts: int = 8
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    routes: list[RouteSettings] = Field(
+        default_factory=list, description="empty: every destination gets every notification"
+    )
+    max_attempts: int = Field(8, ge=1, description="attempts before a notification is dead")
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
+    retry_after_max_s: float = Field(3600.0, description="longest Retry-After honoured")
     timeout_s: float = 10.0
-    signature_tolerance_s: int = 300
+    signature_tolerance_s: int = Field(300, description="replay window receivers should allow")
     redact: bool = True
     max_text_chars: int = 500
+    poll_interval_s: float = Field(1.0, gt=0, description="how often the dispatcher polls")
+    concurrency: int = Field(16, ge=1, description="deliveries in flight at once")
+    lease_s: float = Field(60.0, description="a claimed notification is retried after this")
+    run_in_worker: bool = Field(True, description="run the dispatcher inside `genmon worker`")
 
 
 class Settings(BaseSettings):

@@ -15,7 +15,7 @@ import hashlib
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 #: The wire version every event carries; readers reject versions they do not know.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
 MAX_TEXT_CHARS = 32_768
@@ -48,11 +48,11 @@ def _check_attributes(value: dict[str, str]) -> dict[str, str]:
         raise ValueError(f"at most {MAX_ATTRIBUTES} segment attributes, got {len(value)}")
     for key, item in value.items():
         if not 0 < len(key) <= MAX_ATTRIBUTE_KEY_CHARS:
-            raise ValueError(f"attribute key {key[:20]!r} must be 1-{MAX_ATTRIBUTE_KEY_CHARS} chars")
-        if len(item) > MAX_ATTRIBUTE_VALUE_CHARS:
             raise ValueError(
-                f"attribute {key!r} is longer than {MAX_ATTRIBUTE_VALUE_CHARS} chars"
+                f"attribute key {key[:20]!r} must be 1-{MAX_ATTRIBUTE_KEY_CHARS} chars"
             )
+        if len(item) > MAX_ATTRIBUTE_VALUE_CHARS:
+            raise ValueError(f"attribute {key!r} is longer than {MAX_ATTRIBUTE_VALUE_CHARS} chars")
     return value
 
 
@@ -63,8 +63,23 @@ def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Segment attributes (locale, user group, ...): a bounded map of short strings.
-Attributes = Annotated[dict[str, str], AfterValidator(_check_attributes)]
-Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+#: The JSON Schema keywords repeat the validators' limits for producers in other languages.
+Attributes = Annotated[
+    dict[str, str],
+    AfterValidator(_check_attributes),
+    Field(
+        json_schema_extra={
+            "maxProperties": MAX_ATTRIBUTES,
+            "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY_CHARS},
+            "additionalProperties": {"type": "string", "maxLength": MAX_ATTRIBUTE_VALUE_CHARS},
+        }
+    ),
+]
+Metadata = Annotated[
+    dict[str, Any],
+    AfterValidator(_check_metadata),
+    Field(json_schema_extra={"maxProperties": MAX_METADATA_KEYS}),
+]
 
 
 def utcnow() -> datetime:
@@ -166,6 +181,15 @@ class InferenceEvent(_Event):
 class FeedbackEvent(_Event):
     """A user's judgement of one response, joined to its inference by ``request_id``."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                for name in ("score", "thumbs", "label", "correction", "comment")
+            ]
+        }
+    )
+
     feedback_id: Identifier = Field(default_factory=new_id)
     request_id: Identifier
     model_id: Identifier
@@ -181,7 +205,9 @@ class FeedbackEvent(_Event):
     @model_validator(mode="after")
     def _says_something(self) -> FeedbackEvent:
         if (self.score, self.thumbs, self.label, self.correction, self.comment) == (None,) * 5:
-            raise ValueError("feedback needs at least one of score, thumbs, label, correction, comment")
+            raise ValueError(
+                "feedback needs at least one of score, thumbs, label, correction, comment"
+            )
         return self
 
     @property

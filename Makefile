@@ -1,0 +1,12 @@
+# Everything runs through scripts under infra/ so CI and people use the same steps.
+.PHONY: test demo bootstrap
+
+# Extra pytest arguments: make test PYTEST_ARGS="-x tests/test_compose.py"
+test:
+	infra/test.sh $(PYTEST_ARGS)
+
+demo:
+	infra/demo.sh
+
+bootstrap:
+	infra/bootstrap.sh

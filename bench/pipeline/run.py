@@ -1,0 +1,235 @@
+"""Pipeline throughput on the real broker: genmon worker vs. a bare JSON-decoding consumer.
+
+    .venv/bin/python bench/pipeline/run.py --events 200000      # the recorded run
+    .venv/bin/python bench/pipeline/run.py --events 1000000     # the documented full run
+
+One run, one broker, one machine, printed as one table:
+
+(a) ceiling: a bare aiokafka consumer that only ``json.loads`` every message of the
+    inference topic (no validation, no state);
+(b) genmon: a real ``genmon worker`` subprocess (ingest validation + dead-letter check,
+    windowed aggregates with sketches and quality signals, the feedback-join table write
+    per inference, window closing, detectors) reading the same pre-produced topic;
+(c) genmon with embedding sampling on: filled in by the embedding stage (``--embeddings``
+    is refused until that stage registers itself).
+
+Throughput is measured from the first to the last event processed, so worker start-up
+and recovery are excluded. Also printed: p99 of window close -> finding published (every
+window fires the latency detector: ``slow_latency_ms`` is set below the scripted
+latencies), and the worker's RSS when it became ready and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import psutil
+from aiokafka import AIOKafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer
+
+from genmon.infra.kafka import KafkaBroker
+from genmon.settings import Settings
+
+MODELS = [f"bench-model-{k}" for k in range(8)]
+LOCALES = ["en", "fr", "de", "es"]
+TIERS = ["free", "pro"]
+
+
+def produce(settings: Settings, n: int, span_s: float) -> None:
+    """N inference events over ``span_s`` seconds of event time ending a minute ago."""
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=20,
+        batch_size=256 * 1024, compression_type=None, acks=1,
+    )
+    rng = random.Random(1)
+    start = time.time() - 60 - span_s
+    topic = settings.topic("inference")
+    for i in range(n):
+        model = MODELS[i % len(MODELS)]
+        started = datetime.fromtimestamp(start + span_s * i / n, UTC).isoformat()
+        status = "error" if rng.random() < 0.01 else "ok"
+        value = (
+            f'{{"request_id":"b{i}","model_id":"{model}","model_version":"v1",'
+            f'"started_at":"{started}","prompt":"What is the weather like today in Paris?",'
+            f'"response":"The weather in Paris is mild with light rain in the afternoon.",'
+            f'"latency_ms":{rng.lognormvariate(6.0, 0.5):.1f},'
+            f'"time_to_first_token_ms":{rng.lognormvariate(4.0, 0.5):.1f},'
+            f'"prompt_tokens":{rng.randint(5, 200)},"completion_tokens":{rng.randint(5, 400)},'
+            f'"status":"{status}","segment":{{"locale":"{LOCALES[i % 4]}",'
+            f'"tier":"{TIERS[i % 2]}"}}}}'
+        )
+        producer.send(topic, key=model.encode(), value=value.encode())
+    producer.flush()
+    producer.close()
+
+
+async def bare_consumer(settings: Settings, n: int) -> float:
+    """Events/s of a consumer that only decodes JSON (first message -> n-th message)."""
+    consumer = AIOKafkaConsumer(
+        settings.topic("inference"), bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest", group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False, max_poll_records=1000,
+    )
+    await consumer.start()
+    seen, first = 0, 0.0
+    try:
+        while seen < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
+            for records in batches.values():
+                for record in records:
+                    json.loads(record.value)
+                    if seen == 0:
+                        first = time.perf_counter()
+                    seen += 1
+        return n / (time.perf_counter() - first)
+    finally:
+        await consumer.stop()
+
+
+def stats(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as reply:
+        return json.loads(reply.read())["metrics"]
+
+
+def processed(port: int) -> int:
+    try:
+        return int(stats(port).get("genmon_pipeline_events_total", {}).get("kind=inference", 0))
+    except OSError:
+        return 0
+
+
+def run_worker(settings: Settings, env: dict[str, str], port: int, n: int, log: Path
+               ) -> tuple[float, float, float]:
+    """(events/s, RSS MiB when ready, RSS MiB at the end) of one genmon worker."""
+    genmon = str(Path(sys.executable).parent / "genmon")
+    with log.open("wb") as handle:
+        proc = subprocess.Popen([genmon, "worker"], env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while "[^Worker]: Ready" not in log.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise SystemExit(f"worker died:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        rss_start = psutil.Process(proc.pid).memory_info().rss / 2**20
+        first_seen = None
+        while True:
+            done = processed(port)
+            now = time.perf_counter()
+            if done and first_seen is None:
+                first_seen, first_count = now, done
+            if done >= n:
+                break
+            time.sleep(0.05)
+        assert first_seen is not None
+        rate = (n - first_count) / (now - first_seen)
+        time.sleep(env_float(env, "GENMON_WINDOWS__IDLE_TIMEOUT_S") + 4)  # last windows close
+        rss_end = psutil.Process(proc.pid).memory_info().rss / 2**20
+        return rate, rss_start, rss_end
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+
+def env_float(env: dict[str, str], name: str) -> float:
+    return float(env[name])
+
+
+def close_to_finding_p99(settings: Settings) -> tuple[float, int]:
+    """p99 seconds from a window's close to its latency finding, over every window."""
+    consumer = KafkaConsumer(
+        settings.topic("windows"), settings.topic("findings"),
+        bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest",
+        consumer_timeout_ms=3000,
+    )
+    closed: dict[tuple[str, str], float] = {}
+    found: dict[tuple[str, str], float] = {}
+    for message in consumer:
+        value = json.loads(message.value)
+        if message.topic.endswith(".windows"):
+            if value["kind"] == "tumbling":
+                key = (value["model_id"], datetime.fromisoformat(value["window_end"]).isoformat())
+                closed.setdefault(key, datetime.fromisoformat(value["closed_at"]).timestamp())
+        elif value["detector"] == "threshold" and value["signal"] == "latency_p99":
+            key = (value["model_id"], datetime.fromisoformat(value["window_end"]).isoformat())
+            found.setdefault(key, datetime.fromisoformat(value["emitted_at"]).timestamp())
+    consumer.close()
+    delays = [found[k] - closed[k] for k in found if k in closed]
+    return (float(np.percentile(delays, 99)) if delays else float("nan")), len(delays)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--span-s", type=float, default=120.0,
+                        help="event-time span of the scripted stream")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also run (c); needs the embedding stage")
+    args = parser.parse_args()
+    if args.embeddings:
+        raise SystemExit("(c) needs the embedding stage, which is not installed yet")
+
+    base = Settings()
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    settings = Settings(kafka={"bootstrap_servers": base.kafka.bootstrap_servers,
+                               "topic_prefix": prefix})
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    home = Path(tempfile.mkdtemp(prefix="genmon-bench-"))
+    print(f"producing {args.events:,} events to {settings.topic('inference')} ...", flush=True)
+    started = time.perf_counter()
+    produce(settings, args.events, args.span_s)
+    print(f"  produced in {time.perf_counter() - started:.1f} s", flush=True)
+
+    ceiling = asyncio.run(bare_consumer(settings, args.events))
+
+    port = 17000 + random.randint(0, 999)
+    env = {
+        **os.environ,
+        "GENMON_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "GENMON_KAFKA__TOPIC_PREFIX": prefix,
+        "GENMON_WORKER__APP_ID": prefix,
+        "GENMON_WORKER__WEB_PORT": str(port),
+        "GENMON_WORKER__LOGLEVEL": "warning",
+        "GENMON_HOME": str(home),
+        "GENMON_DATABASE__URL": f"sqlite:///{home / 'genmon.sqlite'}",
+        "GENMON_WINDOWS__TUMBLING_S": "10",
+        "GENMON_WINDOWS__HOPPING_SIZE_S": "30",
+        "GENMON_WINDOWS__HOPPING_STEP_S": "10",
+        "GENMON_WINDOWS__ALLOWED_LATENESS_S": "2",
+        "GENMON_WINDOWS__IDLE_TIMEOUT_S": "2",
+        "GENMON_WINDOWS__EXPIRES_S": "600",
+        "GENMON_WINDOWS__SLOW_LATENCY_MS": "1",
+        "GENMON_FEEDBACK__JOIN_TTL_S": "60",
+        "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
+    }
+    rate, rss_start, rss_end = run_worker(settings, env, port, args.events,
+                                          home / "worker.log")
+    p99, n_windows = close_to_finding_p99(settings)
+
+    print()
+    print(f"events: {args.events:,}   partitions: {settings.kafka.partitions}   "
+          f"models: {len(MODELS)}   cpus: {os.cpu_count()}")
+    print(f"{'(a) bare aiokafka + json.loads (ceiling)':<52}{ceiling:>12,.0f} events/s")
+    print(f"{'(b) genmon worker: ingest + aggregates + join':<52}{rate:>12,.0f} events/s")
+    print(f"{'(c) (b) + embedding sampling':<52}{'n/a':>12} (embedding stage not built)")
+    print(f"{'ratio (b)/(a)':<52}{rate / ceiling:>12.2f}")
+    print(f"{'p99 window close -> finding published':<52}{p99 * 1000:>12.1f} ms "
+          f"({n_windows} windows)")
+    print(f"{'worker RSS at ready / at end':<52}{rss_start:>8.0f} / {rss_end:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-time (and idempotent) setup of a checkout: the virtualenv with genmon and its dev
+# tools, the Kafka jars, and PostgreSQL's server binaries. Cheap when nothing changed.
+#   PYTHON=python3.12 infra/bootstrap.sh   # another interpreter for a new .venv
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+python=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv with $python"
+  "$python" -m venv .venv
+fi
+
+# pip is only asked again when pyproject.toml changed since the last install.
+stamp=.venv/.genmon-pyproject.sha256
+wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || ! .venv/bin/python -c 'import genmon.cli' 2>/dev/null; then
+  echo "bootstrap: installing genmon and its dev dependencies into .venv"
+  .venv/bin/python -m pip install --quiet -e '.[dev]'
+  echo "$wanted" > "$stamp"
+fi
+
+.venv/bin/genmon infra prepare --postgres

@@ -1,0 +1,139 @@
+"""The Faust app of ``genmon worker``, built by :func:`create_app` (no import-time app).
+
+Extension points for the streaming pipeline:
+
+* an *installer* is a function ``install(app: GenmonApp) -> None`` that adds agents,
+  tables, timers, sinks or web views; :data:`DEFAULT_INSTALLERS` lists the ones
+  ``genmon worker`` runs, as ``"module:function"`` strings imported on use;
+* ``app.genmon`` (:class:`WorkerContext`) holds the settings, the declared topics,
+  the metrics and the ingest sinks every installer shares.
+
+>>> from genmon.settings import Settings
+>>> app = create_app(Settings(), installers=())
+>>> sorted(app.genmon.topics)
+['deadletter', 'feedback', 'findings', 'incidents', 'inference', 'retrain']
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import faust
+from faust.web import Request, Response, View
+
+from genmon.settings import Settings, get_settings
+from genmon.streams.exceptions import StreamError
+from genmon.streams.ingest import IngestSinks
+from genmon.streams.metrics import PROMETHEUS_CONTENT_TYPE, WorkerMetrics
+from genmon.streams.topics import GenmonTopics, declare_topics
+
+if TYPE_CHECKING:
+    from genmon.streams.ingest import Ingestor
+
+Installer = Callable[["GenmonApp"], None]
+
+#: Installers ``genmon worker`` applies, in order: ingest first, then the pipeline.
+DEFAULT_INSTALLERS: tuple[str, ...] = (
+    "genmon.streams.ingest:install",
+    "genmon.streams.pipeline:install",
+    "genmon.streams.incidents.agent:install",
+)
+
+
+@dataclass
+class WorkerContext:
+    """What the installers of one app share."""
+
+    settings: Settings
+    topics: GenmonTopics
+    metrics: WorkerMetrics
+    sinks: IngestSinks = field(default_factory=IngestSinks)
+    ingestor: Ingestor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Objects an installer publishes for later installers or tests, by name."""
+
+
+class GenmonApp(faust.App):
+    """A Faust app carrying genmon's shared worker context as ``app.genmon``."""
+
+    genmon: WorkerContext
+
+    async def on_first_start(self) -> None:
+        # Faust creates only the last level of its data directory.
+        self.conf.datadir.parent.mkdir(parents=True, exist_ok=True)
+        await super().on_first_start()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    installers: Iterable[Installer | str] | None = None,
+) -> GenmonApp:
+    """Build the worker app: broker, store, web server, topics, then the installers."""
+    settings = settings or get_settings()
+    worker = settings.worker
+    app = GenmonApp(
+        worker.app_id,
+        broker=[
+            f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")
+        ],
+        store=worker.store,
+        datadir=str(settings.home / "worker" / "{conf.name}"),
+        web_port=worker.web_port,
+        web_bind=worker.web_host,
+        web_host=worker.web_host,
+        topic_partitions=settings.kafka.partitions,
+        topic_replication_factor=1,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        autodiscover=False,
+    )
+    app.genmon = WorkerContext(
+        settings=settings, topics=declare_topics(app, settings), metrics=WorkerMetrics()
+    )
+    _add_views(app)
+    for installer in DEFAULT_INSTALLERS if installers is None else installers:
+        _resolve(installer)(app)
+    return app
+
+
+def _add_views(app: GenmonApp) -> None:
+    metrics = app.genmon.metrics
+
+    @app.page("/metrics")
+    async def prometheus(self: View, request: Request) -> Response:
+        return self.bytes(
+            metrics.prometheus_text(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE}
+        )
+
+    @app.page("/stats")
+    async def stats(self: View, request: Request) -> Response:
+        return self.json(metrics.snapshot())
+
+
+def _resolve(installer: Installer | str) -> Installer:
+    if callable(installer):
+        return installer
+    module_name, _, attribute = installer.partition(":")
+    try:
+        found: Installer = getattr(importlib.import_module(module_name), attribute or "install")
+    except (ImportError, AttributeError) as exc:
+        raise StreamError(
+            f"cannot load worker installer {installer!r} ({exc}); "
+            "give it as 'package.module:function'"
+        ) from exc
+    return found
+
+
+def run_worker(settings: Settings | None = None, *, loglevel: str | None = None) -> None:
+    """Create the topics if needed, build the app and run it until a signal stops it."""
+    from genmon.infra.kafka import KafkaBroker
+
+    settings = settings or get_settings()
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=loglevel or settings.worker.loglevel)
+    worker.execute_from_commandline()

@@ -1,0 +1,608 @@
+"""Findings -> incidents, idempotently, with every notification queued in the same transaction.
+
+One problem is one *fingerprint*: sha256 over model id, detector, signal and segment
+(:attr:`genmon.schemas.Finding.fingerprint`). The database, not memory, guarantees:
+
+- a finding is applied once: its ``dedup_key`` (fingerprint + window end) goes into
+  ``finding_seen`` in the same transaction, so a replay after a restart changes nothing;
+- a fingerprint has at most one open incident: the partial unique index
+  ``uq_incident_open_fingerprint``; a race between workers ends in an IntegrityError and
+  the loser retries against the winner's row;
+- exactly one trigger per incident opening: notification rows are written with the
+  incident change and carry unique idempotency keys.
+
+Life of an incident: ``open`` -> ``acknowledged`` -> ``resolved`` (by a person, or
+automatically after ``auto_resolve_quiet_windows`` clear windows in a row: the pipeline
+publishes ``detected=False`` findings for clear windows). A fingerprint seen again within
+``reopen_cooldown_s`` of its resolution reopens the same incident (same id, so the same
+PagerDuty dedup key) instead of opening a new one. After ``flap_max_reopens`` such
+reopenings the incident is *flapping* and only auto-resolves once it has also been quiet
+for a whole cool-down, so a flapping signal pages at most a bounded number of times.
+
+A new incident of a model that already has an open top-level incident opened within
+``group_window_s`` is grouped under it: it links to its parent, does not page on its own
+and the parent's destinations get an update instead. When the parent resolves, children
+that are still open page on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from genmon.db import session_scope
+from genmon.schemas.events import Finding, IncidentStatus, Severity, utcnow
+from genmon.schemas.incidents import (
+    FindingSeen,
+    Incident,
+    IncidentTransition,
+    Notification,
+    NotificationEvent,
+    NotificationStatus,
+    Silence,
+    Transition,
+)
+from genmon.settings import (
+    IncidentSettings,
+    NotifySettings,
+    RunbookSettings,
+    Settings,
+    get_settings,
+)
+from genmon.streams.incidents.exceptions import IncidentNotFoundError, InvalidTransitionError
+from genmon.streams.incidents.redact import Redactor
+from genmon.streams.incidents.routing import Router, incident_labels, matches, parse_matchers
+
+log = logging.getLogger(__name__)
+
+SEVERITY_ORDER = (Severity.INFO, Severity.WARNING, Severity.ERROR, Severity.CRITICAL)
+_RANK = {severity: rank for rank, severity in enumerate(SEVERITY_ORDER)}
+NOTIFICATION_CHART_POINTS = 10
+_RACE_RETRIES = 3
+
+
+def severity_for(finding: Finding, settings: IncidentSettings) -> Severity:
+    """The worse of the severities from score/threshold and from |effect size| bands.
+
+    A detected finding is at least a warning, whatever its bands say.
+    """
+
+    def band(value: float, bands: dict[str, float]) -> Severity:
+        best = Severity.INFO
+        for name, least in bands.items():
+            severity = Severity(name)
+            if value >= least and _RANK[severity] > _RANK[best]:
+                best = severity
+        return best
+
+    ratio = finding.score / finding.threshold if finding.threshold > 0 else 0.0
+    severity = band(ratio, settings.severity_score_ratio_bands)
+    if finding.effect_size is not None:
+        by_effect = band(abs(finding.effect_size), settings.severity_effect_size_bands)
+        severity = max(severity, by_effect, key=_RANK.__getitem__)
+    if finding.detected and severity is Severity.INFO:
+        return Severity.WARNING
+    return severity
+
+
+def title_for(finding: Finding) -> str:
+    segment = f" [{finding.segment}]" if finding.segment else ""
+    title = f"{finding.kind.value} on {finding.model_id}: {finding.detector} flagged "
+    return f"{title}{finding.signal}{segment}"[:512]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What applying one finding did."""
+
+    action: str  # duplicate, ignored, opened, grouped, updated, quiet, resolved, reopened
+    incident_id: str | None = None
+    notifications: int = 0
+
+
+class IncidentManager:
+    """Applies findings and people's actions to incidents, one transaction each."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings | None = None,
+        *,
+        router: Router | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings or get_settings()
+        self.config: IncidentSettings = self.settings.incidents
+        notify: NotifySettings = self.settings.notify
+        self.router = router or Router(notify)
+        self.redactor = Redactor(enabled=notify.redact, max_text_chars=notify.max_text_chars)
+        self.clock = clock
+
+    # --- findings ------------------------------------------------------------------------
+
+    def process(self, finding: Finding) -> Outcome:
+        """Apply ``finding``; applying it again (a replay) changes nothing."""
+        for attempt in range(_RACE_RETRIES):
+            try:
+                with session_scope(self.engine) as session:
+                    return self._apply(session, finding)
+            except IntegrityError:
+                # Another worker opened this fingerprint's incident (or applied this very
+                # finding) between our read and our write; the retry sees its row.
+                if attempt == _RACE_RETRIES - 1:
+                    raise
+                log.debug("retrying finding %s after a concurrent write", finding.dedup_key)
+        raise AssertionError("unreachable")
+
+    def process_many(self, findings: Sequence[Finding]) -> list[Outcome]:
+        """Apply a batch in one transaction (one commit, one fsync); same result as one by one.
+
+        A conflict with another worker rolls the batch back and applies it one by one.
+        """
+        if len(findings) <= 1:
+            return [self.process(finding) for finding in findings]
+        try:
+            with session_scope(self.engine) as session:
+                return [self._apply(session, finding) for finding in findings]
+        except IntegrityError:
+            log.debug("batch of %d conflicted with another worker; one by one", len(findings))
+            return [self.process(finding) for finding in findings]
+
+    def _apply(self, session: Session, finding: Finding) -> Outcome:
+        key = finding.dedup_key
+        if session.get(FindingSeen, key) is not None:
+            return Outcome("duplicate")
+        if not finding.detected and self._open_incident(session, finding.fingerprint) is None:
+            return Outcome("ignored")  # the common case: a clear window of a healthy signal
+        now = self.clock()
+        session.add(FindingSeen(dedup_key=key, fingerprint=finding.fingerprint, seen_at=now))
+        # Write first: a concurrent duplicate fails here, and on SQLite the write lock is
+        # taken before the incident is read, so two workers cannot lose each other's update.
+        session.flush()
+        incident = self._open_incident(session, finding.fingerprint)
+        if not finding.detected:
+            if incident is None:
+                return Outcome("ignored")
+            return self._quiet_window(session, incident, finding, now)
+        if incident is not None:
+            return self._update(session, incident, finding, now)
+        recent = self._recently_resolved(session, finding.fingerprint, now)
+        if recent is not None:
+            return self._reopen(session, recent, finding, now)
+        return self._open(session, finding, now)
+
+    def _open_incident(self, session: Session, fingerprint: str) -> Incident | None:
+        query = (
+            select(Incident)
+            .where(Incident.fingerprint == fingerprint)
+            .where(Incident.status != IncidentStatus.RESOLVED)
+            .with_for_update()
+        )
+        return session.exec(query).first()
+
+    def _recently_resolved(
+        self, session: Session, fingerprint: str, now: datetime
+    ) -> Incident | None:
+        since = now - timedelta(seconds=self.config.reopen_cooldown_s)
+        query = (
+            select(Incident)
+            .where(Incident.fingerprint == fingerprint)
+            .where(Incident.status == IncidentStatus.RESOLVED)
+            .where(Incident.resolved_at >= since)
+            .order_by(Incident.resolved_at.desc())
+            .with_for_update()
+        )
+        return session.exec(query).first()
+
+    def _open(self, session: Session, finding: Finding, now: datetime) -> Outcome:
+        runbook = self._runbook(finding)
+        incident = Incident(
+            fingerprint=finding.fingerprint,
+            model_id=finding.model_id,
+            model_version=finding.model_version,
+            detector=finding.detector,
+            kind=finding.kind,
+            signal=finding.signal,
+            segment=finding.segment,
+            severity=severity_for(finding, self.config),
+            title=title_for(finding),
+            runbook_url=runbook.url if runbook else None,
+            remediation=list(runbook.remediation) if runbook else [],
+            first_seen_at=now,
+            opened_at=now,
+            updated_at=now,
+        )
+        self._observe(incident, finding, now)
+        parent = self._group_parent(session, incident, now)
+        session.add(incident)
+        if parent is not None:
+            incident.parent_id = parent.id
+            session.flush()
+            self._record(
+                session, incident, Transition.OPENED, None, reason=f"grouped under {parent.id}"
+            )
+            sent = self._notify(
+                session, parent, NotificationEvent.UPDATE, f"related incident {incident.id} opened"
+            )
+            return Outcome("grouped", incident.id, sent)
+        session.flush()
+        self._record(session, incident, Transition.OPENED, None, reason=self._why(finding))
+        sent = self._notify(session, incident, NotificationEvent.TRIGGER, self._why(finding))
+        return Outcome("opened", incident.id, sent)
+
+    def _group_parent(self, session: Session, incident: Incident, now: datetime) -> Incident | None:
+        if self.config.group_window_s <= 0:
+            return None
+        since = now - timedelta(seconds=self.config.group_window_s)
+        query = (
+            select(Incident)
+            .where(Incident.model_id == incident.model_id)
+            .where(Incident.status != IncidentStatus.RESOLVED)
+            .where(Incident.parent_id.is_(None))
+            .where(Incident.fingerprint != incident.fingerprint)
+            .where(Incident.opened_at >= since)
+            .order_by(Incident.opened_at)
+        )
+        return session.exec(query).first()
+
+    def _update(
+        self, session: Session, incident: Incident, finding: Finding, now: datetime
+    ) -> Outcome:
+        before = incident.severity
+        self._observe(incident, finding, now)
+        severity = severity_for(finding, self.config)
+        if _RANK[severity] > _RANK[before]:
+            incident.severity = severity
+            self._record(
+                session,
+                incident,
+                Transition.ESCALATED,
+                incident.status,
+                reason=f"severity {before.value} -> {severity.value}: {self._why(finding)}",
+            )
+            sent = self._notify(
+                session, incident, NotificationEvent.UPDATE, f"escalated to {severity.value}"
+            )
+            return Outcome("updated", incident.id, sent)
+        return Outcome("updated", incident.id)
+
+    def _reopen(
+        self, session: Session, incident: Incident, finding: Finding, now: datetime
+    ) -> Outcome:
+        incident.status = IncidentStatus.OPEN
+        incident.resolved_at = None
+        incident.acknowledged_at = None
+        incident.opened_at = now
+        incident.reopen_count += 1
+        incident.flapping = (
+            incident.reopen_count >= self.config.flap_max_reopens > 0 or incident.flapping
+        )
+        incident.severity = max(
+            incident.severity, severity_for(finding, self.config), key=_RANK.__getitem__
+        )
+        self._observe(incident, finding, now)
+        # Flush the status change first: the partial unique index rejects it here if
+        # another worker already opened a fresh incident for this fingerprint.
+        session.flush()
+        reason = f"seen again within the {self.config.reopen_cooldown_s:g} s cool-down"
+        if incident.flapping:
+            reason += f"; flapping ({incident.reopen_count} reopenings)"
+        self._record(session, incident, Transition.REOPENED, IncidentStatus.RESOLVED, reason=reason)
+        sent = self._notify(session, incident, NotificationEvent.TRIGGER, f"reopened: {reason}")
+        return Outcome("reopened", incident.id, sent)
+
+    def _quiet_window(
+        self, session: Session, incident: Incident, finding: Finding, now: datetime
+    ) -> Outcome:
+        incident.quiet_windows += 1
+        incident.last_seen_at = now
+        incident.updated_at = now
+        incident.chart = self._chart_with(incident, finding)
+        if incident.quiet_windows < self.config.auto_resolve_quiet_windows:
+            return Outcome("quiet", incident.id)
+        if incident.flapping:
+            quiet_for = (now - incident.last_detected_at).total_seconds()
+            if quiet_for < self.config.reopen_cooldown_s:
+                return Outcome("quiet", incident.id)
+        sent = self._resolve(
+            session,
+            incident,
+            actor="genmon",
+            reason=f"auto-resolved after {incident.quiet_windows} clear windows",
+            now=now,
+        )
+        return Outcome("resolved", incident.id, sent)
+
+    def _observe(self, incident: Incident, finding: Finding, now: datetime) -> None:
+        incident.finding_count += 1
+        incident.last_seen_at = now
+        incident.last_detected_at = now
+        incident.updated_at = now
+        incident.quiet_windows = 0
+        incident.last_score = finding.score
+        incident.peak_score = (
+            max(incident.peak_score, finding.score) if incident.finding_count > 1 else finding.score
+        )
+        incident.threshold = finding.threshold
+        incident.effect_size = finding.effect_size
+        incident.p_value = finding.p_value
+        incident.model_version = finding.model_version or incident.model_version
+        incident.evidence = self._evidence(finding)
+        incident.chart = self._chart_with(incident, finding)
+
+    def _evidence(self, finding: Finding) -> dict[str, Any]:
+        snapshot: dict[str, Any] = {
+            "finding_id": finding.finding_id,
+            "detector": finding.detector,
+            "window_start": finding.window_start.isoformat() if finding.window_start else None,
+            "window_end": finding.window_end.isoformat() if finding.window_end else None,
+            "score": finding.score,
+            "threshold": finding.threshold,
+            "p_value": finding.p_value,
+            "effect_size": finding.effect_size,
+            "n_seen": finding.n_seen,
+            "details": finding.evidence,
+        }
+        encoded = json.dumps(snapshot, default=str)
+        if len(encoded) > self.config.evidence_max_bytes:
+            snapshot["details"] = {
+                "truncated": True,
+                "original_bytes": len(encoded),
+                "excerpt": encoded[: self.config.evidence_max_bytes // 2],
+            }
+        return json.loads(json.dumps(snapshot, default=str))
+
+    def _chart_with(self, incident: Incident, finding: Finding) -> list[dict[str, Any]]:
+        at = finding.window_end or finding.emitted_at
+        point = {"at": at.isoformat(), "score": finding.score, "detected": finding.detected}
+        return [*incident.chart, point][-self.config.chart_points :]
+
+    def _runbook(self, finding: Finding) -> RunbookSettings | None:
+        runbooks = self.config.runbooks
+        return runbooks.get(finding.detector) or runbooks.get(finding.kind.value)
+
+    @staticmethod
+    def _why(finding: Finding) -> str:
+        return (
+            f"{finding.detector} score {finding.score:.4g} vs threshold {finding.threshold:.4g}"
+            + (
+                f", effect size {finding.effect_size:.3g}"
+                if finding.effect_size is not None
+                else ""
+            )
+            + (f", p={finding.p_value:.3g}" if finding.p_value is not None else "")
+        )
+
+    # --- people's actions ----------------------------------------------------------------
+
+    def acknowledge(self, incident_id: str, actor: str, reason: str = "") -> Incident:
+        with session_scope(self.engine) as session:
+            incident = self._get(session, incident_id)
+            if incident.status is not IncidentStatus.OPEN:
+                raise InvalidTransitionError(
+                    f"incident {incident_id} is {incident.status.value}; only open incidents "
+                    "can be acknowledged"
+                )
+            now = self.clock()
+            incident.status = IncidentStatus.ACKNOWLEDGED
+            incident.acknowledged_at = now
+            incident.updated_at = now
+            self._record(
+                session, incident, Transition.ACKNOWLEDGED, IncidentStatus.OPEN, actor, reason
+            )
+            self._notify(
+                session, incident, NotificationEvent.ACKNOWLEDGE, f"acknowledged by {actor}"
+            )
+            return incident
+
+    def resolve(self, incident_id: str, actor: str, reason: str = "") -> Incident:
+        with session_scope(self.engine) as session:
+            incident = self._get(session, incident_id)
+            if incident.status is IncidentStatus.RESOLVED:
+                raise InvalidTransitionError(f"incident {incident_id} is already resolved")
+            self._resolve(
+                session,
+                incident,
+                actor=actor,
+                reason=reason or f"resolved by {actor}",
+                now=self.clock(),
+            )
+            return incident
+
+    def add_note(self, incident_id: str, actor: str, text: str) -> Incident:
+        with session_scope(self.engine) as session:
+            incident = self._get(session, incident_id)
+            now = self.clock()
+            stamp = f"[{now.isoformat(timespec='seconds')} {actor}] {text.strip()}"
+            incident.notes = f"{incident.notes}\n{stamp}" if incident.notes else stamp
+            incident.updated_at = now
+            self._record(session, incident, Transition.NOTED, incident.status, actor, text[:200])
+            return incident
+
+    def _get(self, session: Session, incident_id: str) -> Incident:
+        # Touch the row first: that takes the write lock on SQLite (a row lock on
+        # PostgreSQL) before reading, so a concurrent finding cannot be overwritten.
+        touched = session.exec(
+            sa.update(Incident).where(Incident.id == incident_id).values(updated_at=self.clock())
+        )
+        incident = session.get(Incident, incident_id, populate_existing=True)
+        if not touched.rowcount or incident is None:
+            raise IncidentNotFoundError(
+                f"no incident {incident_id!r}; `genmon incidents list` shows their ids"
+            )
+        return incident
+
+    def _resolve(
+        self, session: Session, incident: Incident, *, actor: str, reason: str, now: datetime
+    ) -> int:
+        before = incident.status
+        incident.status = IncidentStatus.RESOLVED
+        incident.resolved_at = now
+        incident.updated_at = now
+        self._record(session, incident, Transition.RESOLVED, before, actor, reason)
+        sent = self._notify(session, incident, NotificationEvent.RESOLVE, reason)
+        children = session.exec(
+            select(Incident)
+            .where(Incident.parent_id == incident.id)
+            .where(Incident.status != IncidentStatus.RESOLVED)
+        ).all()
+        for child in children:
+            # The parent's page is over; a child that is still a problem pages on its own.
+            sent += self._notify(
+                session,
+                child,
+                NotificationEvent.TRIGGER,
+                f"still open after parent {incident.id} resolved",
+            )
+        return sent
+
+    def _record(
+        self,
+        session: Session,
+        incident: Incident,
+        transition: Transition,
+        from_status: IncidentStatus | None,
+        actor: str = "genmon",
+        reason: str = "",
+    ) -> None:
+        session.add(
+            IncidentTransition(
+                incident_id=incident.id,
+                transition=transition,
+                from_status=from_status,
+                to_status=incident.status,
+                actor=actor,
+                reason=reason,
+                at=self.clock(),
+            )
+        )
+
+    # --- the outbox ----------------------------------------------------------------------
+
+    def _notify(
+        self, session: Session, incident: Incident, event: NotificationEvent, reason: str
+    ) -> int:
+        """Queue ``event`` for each routed destination, in the caller's transaction."""
+        if event is not NotificationEvent.TRIGGER and not self._has_paged(session, incident):
+            # Nothing was announced (a grouped child): no ack/update/resolve to follow up.
+            return 0
+        labels = incident_labels(incident)
+        targets = self.router.route(labels)
+        if not targets:
+            return 0
+        now = self.clock()
+        silence = self._silence_for(session, labels, now)
+        incident.notify_seq += 1
+        payload = self._payload(session, incident, event, reason, labels, now)
+        for target in targets:
+            runbook = target.runbook
+            route_runbook = (
+                {"url": runbook.url, "remediation": list(runbook.remediation)} if runbook else None
+            )
+            session.add(
+                Notification(
+                    incident_id=incident.id,
+                    destination=target.destination,
+                    event=event,
+                    idempotency_key=f"{incident.id}.{incident.notify_seq}.{event.value}.{target.destination}",
+                    status=NotificationStatus.SUPPRESSED if silence else NotificationStatus.PENDING,
+                    silenced_by=silence.id if silence else None,
+                    payload={**payload, "route_runbook": route_runbook},
+                    created_at=now,
+                    next_attempt_at=now,
+                )
+            )
+        return 0 if silence else len(targets)
+
+    def _has_paged(self, session: Session, incident: Incident) -> bool:
+        query = (
+            select(Notification.id)
+            .where(Notification.incident_id == incident.id)
+            .where(Notification.event == NotificationEvent.TRIGGER)
+            .limit(1)
+        )
+        return session.exec(query).first() is not None
+
+    def _silence_for(
+        self, session: Session, labels: dict[str, str], now: datetime
+    ) -> Silence | None:
+        active = session.exec(
+            select(Silence).where(Silence.starts_at <= now).where(Silence.ends_at > now)
+        ).all()
+        for silence in active:
+            if matches(parse_matchers(silence.matchers), labels):
+                return silence
+        return None
+
+    def _payload(
+        self,
+        session: Session,
+        incident: Incident,
+        event: NotificationEvent,
+        reason: str,
+        labels: dict[str, str],
+        now: datetime,
+    ) -> dict[str, Any]:
+        scrub = self.redactor.scrub
+        related = session.exec(select(Incident.id).where(Incident.parent_id == incident.id)).all()
+        return {
+            "event": event.value,
+            "sequence": incident.notify_seq,
+            "reason": scrub(reason),
+            "created_at": now.isoformat(),
+            "labels": labels,
+            "incident": {
+                "id": incident.id,
+                "fingerprint": incident.fingerprint,
+                "title": scrub(incident.title),
+                "status": incident.status.value,
+                "severity": incident.severity.value,
+                "model_id": incident.model_id,
+                "model_version": incident.model_version,
+                "detector": incident.detector,
+                "kind": incident.kind.value,
+                "signal": incident.signal,
+                "segment": scrub(incident.segment) if incident.segment else None,
+                "opened_at": incident.opened_at.isoformat(),
+                "first_seen_at": incident.first_seen_at.isoformat(),
+                "last_seen_at": incident.last_seen_at.isoformat(),
+                "acknowledged_at": _iso(incident.acknowledged_at),
+                "resolved_at": _iso(incident.resolved_at),
+                "finding_count": incident.finding_count,
+                "peak_score": incident.peak_score,
+                "last_score": incident.last_score,
+                "threshold": incident.threshold,
+                "effect_size": incident.effect_size,
+                "p_value": incident.p_value,
+                "reopen_count": incident.reopen_count,
+                "flapping": incident.flapping,
+                "parent_id": incident.parent_id,
+                "related": list(related),
+                "evidence": scrub(incident.evidence),
+                "chart": incident.chart[-NOTIFICATION_CHART_POINTS:],
+            },
+            "runbook": {"url": incident.runbook_url, "remediation": list(incident.remediation)},
+        }
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    def prune_seen(self) -> int:
+        """Forget dedup keys older than ``finding_dedup_retention_s``; returns how many."""
+        cutoff = self.clock() - timedelta(seconds=self.config.finding_dedup_retention_s)
+        with session_scope(self.engine) as session:
+            result = session.exec(sa.delete(FindingSeen).where(FindingSeen.seen_at < cutoff))
+            return int(result.rowcount or 0)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

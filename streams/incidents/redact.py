@@ -1,0 +1,114 @@
+"""Keep personal data and credentials out of notifications.
+
+Texts are cut to ``max_text_chars`` and, when enabled, emails, phone numbers,
+card-like numbers (only those passing the Luhn check) and API-key-like strings are
+replaced by ``[REDACTED:<what>]``. Redaction runs when a notification is queued, so
+the outbox never stores the raw text either.
+
+>>> r = Redactor(max_text_chars=80)
+>>> r.text("mail bob@example.com, card 4111 1111 1111 1111, key sk-abcdefghijklmnopqrstuvwx")
+'mail [REDACTED:email], card [REDACTED:card], key [REDACTED:api_key]'
+>>> r.text("order 1234 5678 9012 3456")  # fails Luhn: not a card
+'order 1234 5678 9012 3456'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){2,4}(?!\w)"
+)
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_API_KEY = re.compile(
+    r"\b(?:"
+    r"sk-[A-Za-z0-9_-]{16,}"  # OpenAI-style
+    r"|AKIA[0-9A-Z]{16}"  # AWS access key id
+    r"|gh[pousr]_[A-Za-z0-9]{30,}"  # GitHub tokens
+    r"|xox[abprs]-[A-Za-z0-9-]{10,}"  # Slack tokens
+    r"|AIza[0-9A-Za-z_-]{35}"  # Google API keys
+    r"|(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{32,}"  # long mixed tokens
+    r")"
+)
+_MAX_DEPTH = 8
+_MAX_ITEMS = 200
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum every payment card number satisfies."""
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = int(char)
+        if index % 2 == 1:
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+    return total % 10 == 0
+
+
+def _card(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group())
+    return "[REDACTED:card]" if 13 <= len(digits) <= 19 and luhn_valid(digits) else match.group()
+
+
+def _phone(match: re.Match[str]) -> str:
+    if _DATE.fullmatch(match.group()):
+        return match.group()
+    digits = re.sub(r"\D", "", match.group())
+    return "[REDACTED:phone]" if 7 <= len(digits) <= 15 else match.group()
+
+
+_RULES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str] | str], ...] = (
+    (_EMAIL, "[REDACTED:email]"),
+    (_API_KEY, "[REDACTED:api_key]"),
+    (_CARD, _card),
+    (_PHONE, _phone),
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with emails, API keys, Luhn-valid card numbers and phone numbers replaced."""
+    for pattern, replacement in _RULES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def truncate(text: str, max_chars: int) -> str:
+    """``text`` cut to ``max_chars`` characters, saying how much was cut."""
+    if len(text) <= max_chars:
+        return text
+    return f"{text[:max_chars]}…[+{len(text) - max_chars} chars]"
+
+
+class Redactor:
+    """Truncates (always) and redacts (when ``enabled``) every string in a JSON value."""
+
+    def __init__(self, *, enabled: bool = True, max_text_chars: int = 500) -> None:
+        if max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be >= 1, got {max_text_chars}")
+        self.enabled = enabled
+        self.max_text_chars = max_text_chars
+
+    def text(self, value: str) -> str:
+        # Redact before cutting so a secret straddling the cut is still caught.
+        if self.enabled:
+            value = redact(value)
+        return truncate(value, self.max_text_chars)
+
+    def scrub(self, value: Any, _depth: int = 0) -> Any:
+        """A copy of ``value`` (JSON-like) with every string passed through :meth:`text`."""
+        if isinstance(value, str):
+            return self.text(value)
+        if _depth >= _MAX_DEPTH:
+            return "[truncated: too deep]"
+        if isinstance(value, dict):
+            items = list(value.items())[:_MAX_ITEMS]
+            return {str(k): self.scrub(v, _depth + 1) for k, v in items}
+        if isinstance(value, list | tuple):
+            return [self.scrub(v, _depth + 1) for v in list(value)[:_MAX_ITEMS]]
+        return value

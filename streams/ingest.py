@@ -1,0 +1,366 @@
+"""Ingest agents: validate raw inference/feedback messages, dead-letter the bad ones.
+
+Each agent takes batches (``settings.worker.batch_size`` within
+``settings.worker.batch_within_s``) from its topic and, per batch:
+
+1. decodes every message with :func:`genmon.streams.codec.decode`; a message that
+   fails becomes a :class:`~genmon.schemas.events.DeadLetter` (reason code, error
+   text, source topic/partition/offset, original bytes) keyed by the source key;
+2. follows the SDK's ``genmon-producer``/``genmon-seq`` headers to count events
+   lost (``gaps``), arriving late (``out_of_order``) or twice (``duplicates``);
+3. writes the dead letters, then waits for the broker to accept them, so a batch is
+   acknowledged only after its rejects are safe;
+4. hands the valid events, as one list, to each registered sink in order.
+
+Sinks are the extension point of the streaming pipeline::
+
+    def install_pipeline(app: GenmonApp) -> None:
+        async def count_latency(events: list[InferenceEvent]) -> None: ...
+        app.genmon.sinks.add_inference_sink(count_latency)
+
+While a sink runs, :data:`SOURCE_POSITIONS` holds the source ``(partition, offset)`` of
+each event in its list. A sink must not mutate the list. A sink that raises is logged and counted
+(``genmon_sink_errors_total``); the other sinks still run and the worker goes on.
+Nothing in a batch is awaited per event except the in-memory hand-over of dead
+letters to the Kafka producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
+
+from genmon.exceptions import SchemaError
+from genmon.schemas.events import DeadLetter, FeedbackEvent, InferenceEvent
+from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ, dead_letter, decode, encode
+from genmon.streams.metrics import WorkerMetrics
+from genmon.streams.topics import INPUT_KINDS
+
+if TYPE_CHECKING:
+    from faust import Stream
+    from faust.types import TP
+
+    from genmon.settings import Settings
+    from genmon.streams.app import GenmonApp
+
+log = logging.getLogger(__name__)
+
+#: Header on a dead-letter record repeating its reason, for consumers that filter on it.
+HEADER_REASON = "genmon-reason"
+
+#: While sinks run: ``(partition, offset)`` of each delivered event, aligned with the list
+#: (the streaming pipeline keys its state by source partition and skips redelivered offsets).
+SOURCE_POSITIONS: contextvars.ContextVar[list[tuple[int, int]] | None] = contextvars.ContextVar(
+    "genmon_source_positions", default=None
+)
+
+E = TypeVar("E", InferenceEvent, FeedbackEvent)
+InferenceSink = Callable[[list[InferenceEvent]], Awaitable[None]]
+FeedbackSink = Callable[[list[FeedbackEvent]], Awaitable[None]]
+
+
+class SourceMessage(Protocol):
+    """What ingest reads of a Kafka message (a ``faust.types.Message`` fits)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Any: ...
+
+
+@dataclass
+class _Registered(Generic[E]):
+    name: str
+    sink: Callable[[list[E]], Awaitable[None]]
+
+
+class IngestSinks:
+    """Who receives each batch of valid events."""
+
+    def __init__(self) -> None:
+        self._inference: list[_Registered[InferenceEvent]] = []
+        self._feedback: list[_Registered[FeedbackEvent]] = []
+
+    def add_inference_sink(self, sink: InferenceSink, *, name: str | None = None) -> InferenceSink:
+        """Call ``await sink(events)`` once per batch of valid inferences. Usable as decorator."""
+        self._inference.append(_Registered(name or _name_of(sink), sink))
+        return sink
+
+    def add_feedback_sink(self, sink: FeedbackSink, *, name: str | None = None) -> FeedbackSink:
+        """Call ``await sink(events)`` once per batch of valid feedback. Usable as decorator."""
+        self._feedback.append(_Registered(name or _name_of(sink), sink))
+        return sink
+
+    def names(self, kind: str) -> list[str]:
+        """Names of the sinks of ``kind`` ("inference" or "feedback"), in call order."""
+        registered = self._inference if kind == "inference" else self._feedback
+        return [entry.name for entry in registered]
+
+    async def deliver_inference(self, events: list[InferenceEvent], metrics: WorkerMetrics) -> None:
+        await _deliver("inference", self._inference, events, metrics)
+
+    async def deliver_feedback(self, events: list[FeedbackEvent], metrics: WorkerMetrics) -> None:
+        await _deliver("feedback", self._feedback, events, metrics)
+
+
+async def _deliver(
+    kind: str, registered: Sequence[_Registered[E]], events: list[E], metrics: WorkerMetrics
+) -> None:
+    if not events:
+        return
+    for entry in registered:
+        try:
+            await entry.sink(events)
+        except Exception:
+            metrics.sink_errors.labels(kind, entry.name).inc()
+            log.exception(
+                "ingest sink %s failed on a batch of %d %s events", entry.name, len(events), kind
+            )
+
+
+def _name_of(sink: Callable[..., Any]) -> str:
+    return getattr(sink, "__qualname__", None) or repr(sink)
+
+
+class SequenceCheck(NamedTuple):
+    """What one event's producer sequence number says about delivery."""
+
+    missing: int = 0
+    out_of_order: bool = False
+    duplicate: bool = False
+
+
+class SequenceTracker:
+    """Last sequence number per (topic, producer, model key), in a bounded LRU.
+
+    The first number seen for a key is taken as the start (the worker may join a
+    stream in the middle). A producer that falls out of the LRU starts afresh.
+
+    >>> tracker = SequenceTracker()
+    >>> [tracker.observe("t", 0, b"p", b"m", seq).missing for seq in (0, 1, 4)]
+    [0, 0, 2]
+    >>> tracker.observe("t", 0, b"p", b"m", 3).out_of_order
+    True
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._last: OrderedDict[tuple[str, bytes, bytes], tuple[int, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def observe(
+        self, topic: str, partition: int, producer: bytes, key: bytes, seq: int
+    ) -> SequenceCheck:
+        entry = (topic, producer, key)
+        previous = self._last.get(entry)
+        if previous is None:
+            self._last[entry] = (seq, partition)
+            if len(self._last) > self.max_entries:
+                self._last.popitem(last=False)
+            return SequenceCheck()
+        self._last.move_to_end(entry)
+        last = previous[0]
+        if seq == last:
+            return SequenceCheck(duplicate=True)
+        if seq < last:
+            return SequenceCheck(out_of_order=True)
+        self._last[entry] = (seq, partition)
+        return SequenceCheck(missing=seq - last - 1)
+
+    def forget(self, partitions: Iterable[TP]) -> None:
+        """Drop what was learnt from ``partitions`` (after they moved to another worker)."""
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        for entry in [e for e, (_, p) in self._last.items() if (e[0], p) in gone]:
+            del self._last[entry]
+
+
+@dataclass
+class BatchResult(Generic[E]):
+    """Outcome of validating one batch.
+
+    ``positions[i]`` is the source ``(partition, offset)`` of ``valid[i]``; ``dead`` pairs
+    each dead letter with the key of the message it replaces.
+    """
+
+    valid: list[E]
+    dead: list[tuple[bytes | None, DeadLetter]]
+    positions: list[tuple[int, int]]
+
+
+class Ingestor:
+    """Validation, dead-lettering and sequence checks shared by both ingest agents."""
+
+    def __init__(self, app: GenmonApp) -> None:
+        self.settings = app.genmon.settings
+        self.metrics = app.genmon.metrics
+        self.sinks = app.genmon.sinks
+        self.deadletter = app.genmon.topics.deadletter
+        self.sequences = SequenceTracker()
+
+    def validate(self, model: type[E], messages: Sequence[SourceMessage]) -> BatchResult[E]:
+        """Decode a batch and update the counters; no I/O."""
+        valid: list[E] = []
+        positions: list[tuple[int, int]] = []
+        dead: list[tuple[bytes | None, DeadLetter]] = []
+        valid_by_topic: Counter[str] = Counter()
+        invalid: Counter[tuple[str, str]] = Counter()
+        gaps: Counter[str] = Counter()
+        late: Counter[str] = Counter()
+        twice: Counter[str] = Counter()
+        max_payload = self.settings.worker.dlq_max_payload_bytes
+        for message in messages:
+            topic = message.topic
+            check = self._check_sequence(message)
+            if check is not None:
+                gaps[topic] += check.missing
+                late[topic] += check.out_of_order
+                twice[topic] += check.duplicate
+            try:
+                event = decode(message.value, model)
+            except SchemaError as exc:
+                invalid[(topic, exc.reason)] += 1
+                record = dead_letter(
+                    message.value,
+                    reason=exc.reason,
+                    error=str(exc),
+                    source_topic=topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    max_payload_bytes=max_payload,
+                )
+                dead.append((message.key, record))
+                continue
+            valid.append(event)
+            positions.append((message.partition, message.offset))
+            valid_by_topic[topic] += 1
+        metrics = self.metrics
+        for topic, count in valid_by_topic.items():
+            metrics.ingest_valid.labels(topic).inc(count)
+        for (topic, reason), count in invalid.items():
+            metrics.ingest_invalid.labels(topic, reason).inc(count)
+        for counter, metric in (
+            (gaps, metrics.sequence_gaps),
+            (late, metrics.out_of_order),
+            (twice, metrics.duplicates),
+        ):
+            for topic, count in counter.items():
+                if count:
+                    metric.labels(topic).inc(count)
+        return BatchResult(valid, dead, positions)
+
+    def _check_sequence(self, message: SourceMessage) -> SequenceCheck | None:
+        producer, seq = _producer_headers(message.headers)
+        if producer is None or seq is None:
+            return None
+        return self.sequences.observe(
+            message.topic, message.partition, producer, message.key or b"", seq
+        )
+
+    async def send_dead_letters(self, dead: Sequence[tuple[bytes | None, DeadLetter]]) -> None:
+        """Write dead letters and wait until the broker has them; count failures."""
+        if not dead:
+            return
+        try:
+            pending = [
+                await self.deadletter.send(
+                    key=key,
+                    value=encode(record),
+                    headers=[(HEADER_REASON, record.reason.encode())],
+                )
+                for key, record in dead
+            ]
+            results = await asyncio.gather(*pending, return_exceptions=True)
+        except Exception as exc:
+            self.metrics.deadletter_failed.inc(len(dead))
+            log.error("could not write %d dead letters: %r", len(dead), exc)
+            return
+        failures = [result for result in results if isinstance(result, BaseException)]
+        self.metrics.deadletter_sent.inc(len(results) - len(failures))
+        if failures:
+            self.metrics.deadletter_failed.inc(len(failures))
+            log.error("could not write %d dead letters: %r", len(failures), failures[0])
+
+    async def handle_inference(self, messages: Sequence[SourceMessage]) -> None:
+        started = time.perf_counter()
+        batch = self.validate(InferenceEvent, messages)
+        await self.send_dead_letters(batch.dead)
+        token = SOURCE_POSITIONS.set(batch.positions)
+        try:
+            await self.sinks.deliver_inference(batch.valid, self.metrics)
+        finally:
+            SOURCE_POSITIONS.reset(token)
+        self.metrics.batch_seconds.labels("inference").observe(time.perf_counter() - started)
+
+    async def handle_feedback(self, messages: Sequence[SourceMessage]) -> None:
+        started = time.perf_counter()
+        batch = self.validate(FeedbackEvent, messages)
+        await self.send_dead_letters(batch.dead)
+        token = SOURCE_POSITIONS.set(batch.positions)
+        try:
+            await self.sinks.deliver_feedback(batch.valid, self.metrics)
+        finally:
+            SOURCE_POSITIONS.reset(token)
+        self.metrics.batch_seconds.labels("feedback").observe(time.perf_counter() - started)
+
+
+def _producer_headers(headers: Any) -> tuple[bytes | None, int | None]:
+    if not headers:
+        return None, None
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    producer = seq = None
+    for name, value in items:
+        if name == HEADER_PRODUCER:
+            producer = value
+        elif name == HEADER_SEQ:
+            try:
+                seq = int(value)
+            except (TypeError, ValueError):
+                return None, None
+    return producer, seq
+
+
+def install(app: GenmonApp) -> None:
+    """Register the inference and feedback ingest agents on ``app``."""
+    ingestor = Ingestor(app)
+    app.genmon.ingestor = ingestor
+    handlers = {"inference": ingestor.handle_inference, "feedback": ingestor.handle_feedback}
+    for kind in INPUT_KINDS:
+        agent = _batch_agent(kind, handlers[kind], app.genmon.settings)
+        app.agent(app.genmon.topics[kind], name=f"genmon.ingest.{kind}")(agent)
+
+    @app.on_partitions_revoked.connect
+    async def forget_sequences(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        ingestor.sequences.forget(revoked)
+
+
+def _batch_agent(
+    kind: str, handle: Callable[[Sequence[SourceMessage]], Awaitable[None]], settings: Settings
+) -> Callable[[Stream[bytes]], Awaitable[None]]:
+    size, within = settings.worker.batch_size, settings.worker.batch_within_s
+
+    async def agent(stream: Stream[bytes]) -> None:
+        async for events in stream.take_events(size, within=within):
+            try:
+                await handle([event.message for event in events])
+            except Exception:
+                # Acknowledge anyway: a batch that crashed the agent would crash it again.
+                log.exception("ingest of a %s batch of %d failed", kind, len(events))
+
+    agent.__name__ = agent.__qualname__ = f"ingest_{kind}"
+    return agent

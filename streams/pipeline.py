@@ -1,0 +1,401 @@
+"""The streaming pipeline in the worker: aggregates, feedback join, window closing, detectors.
+
+:func:`install` (an app installer, see :mod:`genmon.streams.app`) wires the pure cores
+(:mod:`~genmon.streams.pipeline_core`, :mod:`~genmon.streams.runner`) to Faust:
+
+- ingest sinks hand each validated batch, grouped by source partition, to
+  :class:`~genmon.streams.pipeline_core.PipelineCore`; joined pairs become
+  ``labelled_example`` rows (one batch insert per batch, ``ON CONFLICT DO NOTHING`` on
+  ``(model_id, request_id)``, so redelivery never duplicates a row);
+- a timer (``windows.close_interval_s``) closes due windows and expires join entries,
+  and sends each closed window to ``<prefix>.windows`` keyed by model id, on the same
+  partition number as its source;
+- an agent on ``<prefix>.windows`` runs :class:`~genmon.streams.runner.DetectorRunner`
+  and publishes :class:`~genmon.schemas.events.Finding` records to ``<prefix>.findings``
+  keyed by model id;
+- :meth:`Pipeline.submit_embeddings` is the hook of the embedding stage.
+
+State lives in two Faust tables written to explicit changelog partitions (a take()
+batch mixes partitions, so the "current event" partition Faust would pick is wrong):
+``pipeline-state`` (panes, join entries, marks) and ``detector-state`` (per model: every
+detector's JSON ``state_dict``). Both are recovered from their changelogs on restart or
+rebalance.
+
+**Delivery guarantees.** Aggregates and joins are effectively-once per partition when
+ingest reports source offsets (redelivered events at or below the checkpointed offset are
+skipped). Closed windows and findings are at-least-once: a crash after sending but before
+the checkpoint re-sends them; the runner skips windows it has applied and the incident
+manager drops findings whose ``dedup_key`` (fingerprint + window end) it has seen.
+Producers must key inference and feedback by model id (the SDK does), so a model's
+events, its feedback and its windows share one partition number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from aiokafka.partitioner import murmur2
+from prometheus_client import Counter, Gauge, Histogram
+
+from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent
+from genmon.settings import Settings
+from genmon.streams.codec import encode
+from genmon.streams.pipeline_core import PipelineCore
+from genmon.streams.runner import DetectorRunner
+
+if TYPE_CHECKING:
+    from faust.types import TP
+
+    from genmon.streams.app import GenmonApp
+
+log = logging.getLogger(__name__)
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2) gives ``key``, as the SDK sends."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+class TableStore:
+    """:class:`~genmon.streams.pipeline_core.StateStore` over a Faust table.
+
+    Writes go to ``table.data`` and to the changelog partition given by the caller.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: str) -> Any | None:
+        return self.table.data.get(key)
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        self.table.data[key] = value
+        self.table.send_changelog(partition, key, value)
+
+    def delete(self, partition: int, key: str) -> None:
+        self.table.data.pop(key, None)
+        self.table.send_changelog(partition, key, None, value_serializer="raw")
+
+    def all_keys(self) -> Iterable[str]:
+        return list(self.table.data.keys())
+
+
+class PipelineMetrics:
+    """Operational signals of the pipeline, on the worker's Prometheus registry."""
+
+    def __init__(self, registry: Any) -> None:
+        r = registry
+        self.events = Counter("genmon_pipeline_events", "Events aggregated", ["kind"], registry=r)
+        self.events_per_s = Gauge(
+            "genmon_pipeline_events_per_second",
+            "Inference events aggregated per second (last interval)",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            "genmon_pipeline_consumer_lag",
+            "Messages behind the end of each owned source partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.late = Counter(
+            "genmon_pipeline_late_events",
+            "Events whose windows had all closed",
+            ["kind"],
+            registry=r,
+        )
+        self.skew = Counter(
+            "genmon_pipeline_future_events",
+            "Events dropped for timestamps beyond windows.max_future_skew_s",
+            registry=r,
+        )
+        self.redelivered = Counter(
+            "genmon_pipeline_redelivered_skipped",
+            "Redelivered events skipped (already aggregated)",
+            registry=r,
+        )
+        self.windows_closed = Counter(
+            "genmon_pipeline_windows_closed", "Closed windows emitted", ["kind"], registry=r
+        )
+        self.joined = Counter("genmon_join_joined", "Feedback joined to its inference", registry=r)
+        self.orphaned = Counter(
+            "genmon_join_orphaned", "Feedback dropped at the TTL without its inference", registry=r
+        )
+        self.pending = Gauge(
+            "genmon_join_pending",
+            "Join entries holding feedback that waits for its inference",
+            registry=r,
+        )
+        self.examples = Counter(
+            "genmon_join_examples_written",
+            "Labelled examples inserted (duplicates excluded)",
+            registry=r,
+        )
+        self.example_errors = Counter(
+            "genmon_join_example_errors", "Batches of labelled examples that failed", registry=r
+        )
+        self.findings = Counter(
+            "genmon_findings_published", "Findings published", ["detected"], registry=r
+        )
+        self.close_to_finding = Histogram(
+            "genmon_window_close_to_finding_seconds",
+            "From closing a window to publishing its findings",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self._last: dict[str, int] = {}
+        self._last_tick = time.monotonic()
+        self._last_events = 0
+
+    def sync(self, core: PipelineCore) -> None:
+        """Carry the core's counters over (they only grow) and refresh the gauges."""
+        c = core.counters
+        for name, value, metric in (
+            ("inference", c.inference_events, self.events.labels("inference")),
+            ("feedback", c.feedback_events, self.events.labels("feedback")),
+            ("late", c.late_events, self.late.labels("inference")),
+            ("late_feedback", c.late_feedback, self.late.labels("feedback")),
+            ("skew", c.skew_dropped, self.skew),
+            ("redelivered", c.redelivered_skipped, self.redelivered),
+            ("joined", c.joined, self.joined),
+            ("orphaned", c.orphaned, self.orphaned),
+        ):
+            delta = value - self._last.get(name, 0)
+            if delta:
+                metric.inc(delta)
+            self._last[name] = value
+        self.pending.set(core.pending_feedback)
+        now = time.monotonic()
+        if now - self._last_tick >= 1.0:
+            self.events_per_s.set(
+                (c.inference_events - self._last_events) / (now - self._last_tick)
+            )
+            self._last_tick, self._last_events = now, c.inference_events
+
+
+class Pipeline:
+    """The installed pipeline of one app (``app.genmon.extras["pipeline"]``)."""
+
+    def __init__(self, app: GenmonApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        n = settings.kafka.partitions
+        self.partitions = n
+        # Keys are str and values JSON-able dicts: Faust's default json codec for both.
+        self.state_table = app.Table("pipeline-state", default=None, partitions=n)
+        self.detector_table = app.Table("detector-state", default=None, partitions=n)
+        self.windows_topic = app.topic(
+            settings.topic("windows"),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=n,
+            internal=True,
+        )
+        self.core = PipelineCore(settings, TableStore(self.state_table))
+        self.runner = DetectorRunner(settings)
+        self.detector_store = TableStore(self.detector_table)
+        self.metrics = PipelineMetrics(app.genmon.metrics.registry)
+        self.inference_topic = settings.topic("inference")
+        self.feedback_topic = settings.topic("feedback")
+        self._engine: Any = None
+        self._lock = asyncio.Lock()
+
+    # -- ingest sinks ---------------------------------------------------------------------
+    async def on_inferences(self, events: list[InferenceEvent]) -> None:
+        async with self._lock:
+            for partition, items in self._by_partition(events).items():
+                out = self.core.on_inferences(partition, items, checkpoint=False)
+                await self._persist(out.examples)
+                self.core.checkpoint(partition)
+            self.metrics.sync(self.core)
+
+    async def on_feedback(self, events: list[FeedbackEvent]) -> None:
+        async with self._lock:
+            for partition, items in self._by_partition(events).items():
+                out = self.core.on_feedback(partition, items, checkpoint=False)
+                await self._persist(out.examples)
+                self.core.checkpoint(partition)
+            self.metrics.sync(self.core)
+
+    def _by_partition(self, events: Sequence[Any]) -> dict[int, list[tuple[int | None, Any]]]:
+        from genmon.streams import ingest
+
+        positions = getattr(ingest, "SOURCE_POSITIONS", None)
+        known = positions.get() if positions is not None else None
+        grouped: dict[int, list[tuple[int | None, Any]]] = defaultdict(list)
+        if known is not None and len(known) == len(events):
+            for (partition, offset), event in zip(known, events, strict=True):
+                grouped[partition].append((offset, event))
+        else:
+            for event in events:
+                grouped[partition_for(event.model_id, self.partitions)].append((None, event))
+        return grouped
+
+    async def _persist(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        try:
+            inserted = await asyncio.to_thread(self._insert_examples, rows)
+        except Exception:
+            self.metrics.example_errors.inc()
+            log.exception("could not store %d labelled examples", len(rows))
+            return
+        self.metrics.examples.inc(inserted)
+
+    def _insert_examples(self, rows: list[dict[str, Any]]) -> int:
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        from genmon.db import make_engine, session_scope
+        from genmon.schemas.tables import LabelledExample
+
+        if self._engine is None:
+            self._engine = make_engine(self.settings.database.url)
+        dialect = self._engine.dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        statement = insert(LabelledExample.__table__).on_conflict_do_nothing(
+            index_elements=["model_id", "request_id"]
+        )
+        with session_scope(self._engine) as session:
+            result = session.execute(statement, rows)
+            return max(int(getattr(result, "rowcount", 0) or 0), 0)
+
+    # -- timer: closing windows -------------------------------------------------------------
+    def owned_partitions(self) -> list[int]:
+        assignment = self.app.assignor.assigned_actives()
+        return sorted(tp.partition for tp in assignment if tp.topic == self.inference_topic)
+
+    async def close_windows(self) -> int:
+        """Close due windows of every owned partition; return how many were emitted."""
+        if self.app.rebalancing:
+            return 0
+        sent = 0
+        async with self._lock:
+            for partition in self.owned_partitions():
+                windows = self.core.due_windows(partition)
+                acks = [
+                    await self.windows_topic.send(
+                        key=window["model_id"].encode(),
+                        value=json.dumps(window).encode(),
+                        partition=partition,
+                    )
+                    for window in windows
+                ]
+                # Only after the broker has them are they marked closed and their panes dropped.
+                await asyncio.gather(*acks)
+                self.core.windows_sent(partition, windows)
+                for window in windows:
+                    self.metrics.windows_closed.labels(window["kind"]).inc()
+                sent += len(windows)
+            self.metrics.sync(self.core)
+        self._update_lag()
+        return sent
+
+    def _update_lag(self) -> None:
+        consumer = getattr(self.app, "_consumer", None)
+        if consumer is None:
+            return
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic not in (self.inference_topic, self.feedback_topic):
+                continue
+            highwater = consumer.highwater(tp)
+            position = consumer._read_offset.get(tp)
+            if highwater is not None and position is not None:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                    max(highwater - position - 1, 0)
+                )
+
+    # -- runner -----------------------------------------------------------------------------
+    async def on_window(self, partition: int, window: dict[str, Any]) -> list[Finding]:
+        model_id = window["model_id"]
+        state = self.detector_store.get(model_id)
+        new_state, findings = self.runner.on_window(state, window)
+        # Findings first, acknowledged: a crash before the state write re-runs the window
+        # from the old state and re-sends the same findings (same dedup keys).
+        await self._publish(findings)
+        if new_state != state:
+            self.detector_store.put(partition, model_id, new_state)
+        if findings:
+            closed = datetime.fromisoformat(window["closed_at"]).timestamp()
+            self.metrics.close_to_finding.observe(max(time.time() - closed, 0.0))
+        return findings
+
+    async def submit_embeddings(
+        self,
+        model_id: str,
+        model_version: str,
+        field: str,
+        window_end: datetime,
+        array: np.ndarray,
+    ) -> list[Finding]:
+        """Run the embedding drift detector of ``(model, version, field)`` on one sample.
+
+        The embedding stage calls this once per window with the sampled embeddings
+        (``array``: n x d). State is kept with the model's other detectors; findings are
+        published like window findings (signal ``embedding_<field>``).
+        """
+        partition = partition_for(model_id, self.partitions)
+        state = self.detector_store.get(model_id)
+        new_state, findings = self.runner.on_embeddings(
+            state, model_id, model_version, field, window_end, np.asarray(array)
+        )
+        await self._publish(findings)
+        self.detector_store.put(partition, model_id, new_state)
+        return findings
+
+    async def _publish(self, findings: list[Finding]) -> None:
+        topic = self.app.genmon.topics.findings
+        acks = [
+            await topic.send(key=finding.model_id.encode(), value=encode(finding))
+            for finding in findings
+        ]
+        await asyncio.gather(*acks)
+        for finding in findings:
+            self.metrics.findings.labels(str(finding.detected).lower()).inc()
+
+    # -- rebalancing -------------------------------------------------------------------------
+    async def on_recovered(self) -> None:
+        self.core.restore(self.owned_partitions())
+
+    def on_revoked(self, revoked: set[TP]) -> None:
+        self.core.forget(tp.partition for tp in revoked if tp.topic == self.inference_topic)
+
+
+def install_pipeline(app: GenmonApp, settings: Settings | None = None) -> Pipeline:
+    """Add the pipeline's tables, timer, sinks and runner agent to ``app``."""
+    settings = settings or app.genmon.settings
+    pipeline = Pipeline(app, settings)
+    app.genmon.extras["pipeline"] = pipeline
+    app.genmon.sinks.add_inference_sink(pipeline.on_inferences, name="pipeline.aggregates")
+    app.genmon.sinks.add_feedback_sink(pipeline.on_feedback, name="pipeline.join")
+    pipeline.state_table.on_recover(pipeline.on_recovered)
+
+    @app.on_partitions_revoked.connect
+    async def forget(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        pipeline.on_revoked(revoked)
+
+    @app.timer(interval=settings.windows.close_interval_s, name="genmon.pipeline.close")
+    async def close_windows() -> None:
+        await pipeline.close_windows()
+
+    async def run_detectors(stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                await pipeline.on_window(event.message.partition, json.loads(event.value))
+            except Exception:
+                log.exception("detector runner failed on a closed window")
+
+    app.agent(pipeline.windows_topic, name="genmon.pipeline.detectors")(run_detectors)
+    return pipeline
+
+
+def install(app: GenmonApp) -> None:
+    """Installer for :data:`genmon.streams.app.DEFAULT_INSTALLERS`."""
+    install_pipeline(app)

@@ -1,0 +1,538 @@
+"""The per-partition state machine of the pipeline: aggregates, join, window closing.
+
+Pure Python over a small key-value store interface, so it runs unchanged in unit tests
+(a dict) and in the worker (a Faust table, see :mod:`genmon.streams.pipeline`).
+
+All state of partition ``p`` lives under keys that start with ``"<p>\\x1f"`` and is
+written to changelog partition ``p``:
+
+- ``<p> P <model> <version> <segment> <pane_start>``: a pane's :class:`WindowStats`;
+- ``<p> J <model> <request_id>``: a join entry (:mod:`genmon.streams.join`);
+- ``<p> M``: the partition's mark: per model, its watermark and the last closed window
+  end per window family; and the last applied source offset per topic.
+
+Event time is tracked per model (the Kafka key, so its events are ordered): one model's
+producer running behind does not make another model's events late. A model's watermark
+is the largest event time seen; when the model has been idle for
+``windows.idle_timeout_s`` it advances with the wall clock, so its last windows close.
+
+The mark is written *after* the batch's panes and join entries, to the same changelog
+partition, so after a crash the recovered mark never claims more than the recovered
+panes contain; source events at or below the marked offset are skipped on redelivery.
+That makes the aggregates effectively-once per partition when the caller passes offsets.
+Closed windows are emitted at least once: a crash between emitting and writing the mark
+re-emits them, and consumers deduplicate on ``(model_id, kind, window_end)``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from genmon.schemas.events import FeedbackEvent, InferenceEvent
+from genmon.settings import Settings
+from genmon.streams.aggregates import (
+    PaneKey,
+    WindowPlan,
+    WindowStats,
+    aggregate_inferences,
+    event_time_ms,
+    segments_of,
+)
+from genmon.streams.join import FeedbackJoiner, JoinedPair
+from genmon.streams.quality_signals import QualitySignals
+
+SEP = "\x1f"
+
+
+class StateStore(Protocol):
+    """What the core needs from a table: reads, and writes to a given partition."""
+
+    def get(self, key: str) -> Any | None: ...
+
+    def put(self, partition: int, key: str, value: Any) -> None: ...
+
+    def delete(self, partition: int, key: str) -> None: ...
+
+    def all_keys(self) -> Iterable[str]: ...
+
+
+class DictStore:
+    """A :class:`StateStore` in a dict, recording writes per partition (for tests)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.writes = 0
+
+    def get(self, key: str) -> Any | None:
+        return self.data.get(key)
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        self.writes += 1
+        self.data[key] = value
+
+    def delete(self, partition: int, key: str) -> None:
+        self.writes += 1
+        self.data.pop(key, None)
+
+    def all_keys(self) -> Iterable[str]:
+        return list(self.data)
+
+
+@dataclass
+class Counters:
+    """Monotonic counters the metrics layer exports (summed over partitions)."""
+
+    inference_events: int = 0
+    feedback_events: int = 0
+    late_events: int = 0
+    skew_dropped: int = 0
+    redelivered_skipped: int = 0
+    windows_closed: int = 0
+    joined: int = 0
+    orphaned: int = 0
+    late_feedback: int = 0
+
+
+@dataclass
+class Output:
+    """What one call produced for the I/O layer to send or persist."""
+
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Clock:
+    """Event-time progress of one model in one partition."""
+
+    watermark: int
+    last_advance_wall: float
+    closed: dict[str, int] = field(default_factory=dict)
+    due_wm: int | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        return {"wm": self.watermark, "closed": self.closed}
+
+
+@dataclass
+class _Partition:
+    clocks: dict[str, _Clock] = field(default_factory=dict)
+    offsets: dict[str, int] = field(default_factory=dict)
+    panes: set[PaneKey] = field(default_factory=set)
+    join_heaps: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    pending: set[str] = field(default_factory=set)
+    dirty: bool = False
+
+    def mark(self) -> dict[str, Any]:
+        return {"models": {m: c.to_state() for m, c in self.clocks.items()}, "off": self.offsets}
+
+    def watermark(self, model_id: str) -> int | None:
+        clock = self.clocks.get(model_id)
+        return None if clock is None else clock.watermark
+
+
+class PipelineCore:
+    """Aggregates, joins and closes windows for the partitions this worker owns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        quality: QualitySignals | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        w = settings.windows
+        self.plan = WindowPlan(
+            w.tumbling_s, w.hopping_size_s, w.hopping_step_s, w.allowed_lateness_s, w.expires_s
+        )
+        self.alpha = w.sketch_relative_accuracy
+        self.idle_s = w.idle_timeout_s
+        self.skew_ms = round(w.max_future_skew_s * 1000)
+        self.joiner = FeedbackJoiner(
+            round(settings.feedback.join_ttl_s * 1000), settings.feedback.join_max_text_chars
+        )
+        self.negative_below = settings.feedback.negative_score_below
+        self.quality = quality or QualitySignals.from_file(w.refusal_phrases_file)
+        self.store = store
+        self.clock = clock
+        self.counters = Counters()
+        self._parts: dict[int, _Partition] = {}
+
+    # -- partition lifecycle ----------------------------------------------------------
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._parts)
+
+    @property
+    def pending_feedback(self) -> int:
+        """Join entries holding feedback that has not met its inference yet."""
+        return sum(len(part.pending) for part in self._parts.values())
+
+    def restore(self, partitions: Iterable[int]) -> None:
+        """(Re)build in-memory indexes of ``partitions`` from the store (after recovery)."""
+        wanted = set(partitions)
+        now = self.clock()
+        for p in wanted:
+            self._parts[p] = _Partition()
+        for key in self.store.all_keys():
+            p_text, _, rest = key.partition(SEP)
+            if not p_text.isdigit() or int(p_text) not in wanted:
+                continue
+            part = self._parts[int(p_text)]
+            kind = rest[:1]
+            if kind == "P":
+                model, version, segment, start = rest[2:].split(SEP)
+                part.panes.add(PaneKey(model, version, segment, int(start)))
+            elif kind == "J":
+                entry = self.store.get(key)
+                if entry is not None:
+                    model = rest[2:].split(SEP, 1)[0]
+                    part.join_heaps.setdefault(model, []).append((entry["exp"], key))
+                    if entry["fb"]:
+                        part.pending.add(key)
+            elif kind == "M":
+                mark = self.store.get(key) or {}
+                part.offsets = dict(mark.get("off", {}))
+                for model, clock in mark.get("models", {}).items():
+                    part.clocks[model] = _Clock(clock["wm"], now, dict(clock["closed"]))
+        for p in wanted:
+            for heap in self._parts[p].join_heaps.values():
+                heapq.heapify(heap)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Drop in-memory indexes of revoked partitions (their state stays in the table)."""
+        for p in partitions:
+            self._parts.pop(p, None)
+
+    def _part(self, p: int) -> _Partition:
+        part = self._parts.get(p)
+        if part is None:
+            self.restore([p])
+            part = self._parts[p]
+        return part
+
+    # -- inference ----------------------------------------------------------------------
+    def on_inferences(
+        self,
+        partition: int,
+        events: Sequence[tuple[int | None, InferenceEvent]],
+        *,
+        checkpoint: bool = True,
+    ) -> Output:
+        """Aggregate a batch from one partition (offsets may be None when unknown).
+
+        With ``checkpoint=False`` the caller writes the mark with :meth:`checkpoint` once
+        it has persisted ``Output.examples``, so a crash in between replays the batch.
+        """
+        part = self._part(partition)
+        fresh = self._fresh(part, "inference", events)
+        self.counters.inference_events += len(fresh)
+        now_ms = int(self.clock() * 1000)
+        accepted: list[tuple[int | None, InferenceEvent]] = []
+        newest: dict[str, int] = {}
+        for offset, event in fresh:
+            t = event_time_ms(event)
+            if t > now_ms + self.skew_ms:
+                self.counters.skew_dropped += 1
+                continue
+            model = event.model_id
+            newest[model] = max(t, newest.get(model, t))
+            watermark = part.watermark(model)
+            if watermark is not None and self._too_late(t, watermark):
+                self.counters.late_events += 1
+            else:
+                accepted.append((offset, event))
+        out = Output()
+        aggregated = aggregate_inferences(
+            accepted,
+            self.plan.pane_ms,
+            self.quality,
+            self.alpha,
+            applied=lambda key: self._applied(partition, key, "inference"),
+        )
+        for key, stats in aggregated.items():
+            self._merge_pane(partition, part, key, stats)
+        pairs: list[tuple[int | None, JoinedPair]] = []
+        for offset, event in fresh:
+            jkey = self._join_key(partition, event.model_id, event.request_id)
+            entry, joined = self.joiner.on_inference(self.store.get(jkey), event)
+            self._put_join(partition, part, event.model_id, jkey, entry)
+            pairs += [(offset, pair) for pair in joined]
+        # Its own offset channel: the pane's "inference" offset already covers this batch.
+        self._joined(partition, part, "join:inference", pairs, out)
+        self._advance(part, newest)
+        self._offsets(part, "inference", events)
+        if checkpoint:
+            self.checkpoint(partition)
+        return out
+
+    # -- feedback -----------------------------------------------------------------------
+    def on_feedback(
+        self,
+        partition: int,
+        events: Sequence[tuple[int | None, FeedbackEvent]],
+        *,
+        checkpoint: bool = True,
+    ) -> Output:
+        part = self._part(partition)
+        fresh = self._fresh(part, "feedback", events)
+        self.counters.feedback_events += len(fresh)
+        out = Output()
+        pairs: list[tuple[int | None, JoinedPair]] = []
+        for offset, event in fresh:
+            jkey = self._join_key(partition, event.model_id, event.request_id)
+            entry, joined = self.joiner.on_feedback(self.store.get(jkey), event)
+            self._put_join(partition, part, event.model_id, jkey, entry)
+            pairs += [(offset, pair) for pair in joined]
+        self._joined(partition, part, "feedback", pairs, out)
+        # Feedback keeps a model's clock awake but does not move it. A model first seen
+        # through feedback starts its clock one longest window (plus lateness) before the
+        # feedback time, so inferences arriving next are not judged late because of it.
+        now = self.clock()
+        for _, event in fresh:
+            clock = part.clocks.get(event.model_id)
+            if clock is None:
+                t = int(event.created_at.timestamp() * 1000) - self.plan.longest_ms
+                part.clocks[event.model_id] = _Clock(t, now)
+            else:
+                clock.last_advance_wall = now
+        self._offsets(part, "feedback", events)
+        if checkpoint:
+            self.checkpoint(partition)
+        return out
+
+    def checkpoint(self, partition: int) -> None:
+        """Write the partition's mark (watermarks, closed windows, applied offsets)."""
+        part = self._part(partition)
+        self.store.put(partition, self._mark_key(partition), part.mark())
+        part.dirty = False
+
+    def _joined(
+        self,
+        partition: int,
+        part: _Partition,
+        topic: str,
+        pairs: list[tuple[int | None, JoinedPair]],
+        out: Output,
+    ) -> None:
+        touched: dict[PaneKey, WindowStats] = {}
+        for offset, pair in pairs:
+            self.counters.joined += 1
+            out.examples.append(pair.example_row())
+            t = pair.join_time_ms
+            watermark = part.watermark(pair.model_id)
+            if watermark is not None and self._too_late(t, watermark):
+                self.counters.late_feedback += 1
+                continue
+            pane = t - t % self.plan.pane_ms
+            for segment in segments_of(pair.segment):
+                key = PaneKey(pair.model_id, pair.inference["version"], segment, pane)
+                if offset is not None and offset <= self._applied(partition, key, topic):
+                    continue
+                stats = touched.get(key)
+                if stats is None:
+                    stats = touched[key] = WindowStats(self.alpha)
+                stats.add_feedback(pair.feedback["score"], self.negative_below)
+                stats.saw(topic, offset)
+        for key, stats in touched.items():
+            self._merge_pane(partition, part, key, stats)
+
+    # -- closing windows and expiring joins (the timer) ------------------------------------
+    def tick(self, partition: int) -> Output:
+        """Close due windows and expire join entries in one step (see :meth:`due_windows`)."""
+        out = Output(windows=self.due_windows(partition))
+        self.windows_sent(partition, out.windows)
+        return out
+
+    def due_windows(self, partition: int) -> list[dict[str, Any]]:
+        """Advance idle models' watermarks and build the windows that are due.
+
+        Nothing is marked closed or deleted until :meth:`windows_sent`, so a crash while
+        sending them re-emits them after restart instead of losing them.
+        """
+        part = self._part(partition)
+        now = self.clock()
+        for clock in part.clocks.values():
+            if now - clock.last_advance_wall >= self.idle_s:
+                clock.watermark += int((now - clock.last_advance_wall) * 1000)
+                clock.last_advance_wall = now
+                part.dirty = True
+            clock.due_wm = clock.watermark
+        due: set[tuple[str, str, int, int]] = set()
+        for pane in part.panes:
+            clock = part.clocks.get(pane.model_id)
+            if clock is None:
+                continue
+            for kind, start, end in self.plan.windows_of_pane(pane.pane_start_ms):
+                if self.plan.closable(end, clock.watermark) and end > clock.closed.get(
+                    kind, -(2**62)
+                ):
+                    due.add((pane.model_id, kind, start, end))
+        windows: list[dict[str, Any]] = []
+        for model, kind, start, end in sorted(due, key=lambda w: (w[3], w[1], w[0])):
+            windows.append(self._close(partition, part, model, kind, start, end))
+        return windows
+
+    def windows_sent(self, partition: int, windows: list[dict[str, Any]]) -> None:
+        """Mark ``windows`` closed, drop finished panes and expired join entries, checkpoint."""
+        part = self._part(partition)
+        for window in windows:
+            closed = part.clocks[window["model_id"]].closed
+            closed[window["kind"]] = max(closed.get(window["kind"], -(2**62)), window["end_ms"])
+        self.counters.windows_closed += len(windows)
+        for pane in list(part.panes):
+            clock = part.clocks.get(pane.model_id)
+            wm = None if clock is None else clock.due_wm
+            if wm is not None and self.plan.pane_done(pane.pane_start_ms, wm):
+                part.panes.discard(pane)
+                self.store.delete(partition, self._pane_key(partition, pane))
+        swept = self._sweep_joins(partition, part)
+        self._forget_idle_models(part)
+        if windows or swept or part.dirty:
+            self.checkpoint(partition)
+
+    def _close(
+        self, partition: int, part: _Partition, model: str, kind: str, start: int, end: int
+    ) -> dict[str, Any]:
+        series: dict[tuple[str, str], WindowStats] = {}
+        for pane in part.panes:
+            if pane.model_id == model and start <= pane.pane_start_ms < end:
+                state = self.store.get(self._pane_key(partition, pane))
+                if state is None:
+                    continue
+                stats = series.get((pane.model_version, pane.segment))
+                pane_stats = WindowStats.from_state(state)
+                if stats is None:
+                    series[(pane.model_version, pane.segment)] = pane_stats
+                else:
+                    stats.merge(pane_stats)
+        return {
+            "model_id": model,
+            "kind": kind,
+            "window_start": _iso(start),
+            "window_end": _iso(end),
+            "start_ms": start,
+            "end_ms": end,
+            "partition": partition,
+            "closed_at": datetime.now(UTC).isoformat(),
+            "series": [
+                {"model_version": version, "segment": segment, **stats.summary()}
+                for (version, segment), stats in sorted(series.items())
+            ],
+        }
+
+    def _sweep_joins(self, partition: int, part: _Partition) -> int:
+        swept = 0
+        for model, heap in part.join_heaps.items():
+            clock = part.clocks.get(model)
+            if clock is None or clock.due_wm is None:
+                continue
+            wm = clock.due_wm
+            while heap and heap[0][0] <= wm:
+                _, key = heapq.heappop(heap)
+                entry = self.store.get(key)
+                if entry is None:
+                    continue
+                if entry["exp"] > wm:  # refreshed since it was pushed
+                    heapq.heappush(heap, (entry["exp"], key))
+                    continue
+                self.counters.orphaned += self.joiner.orphans(entry)
+                part.pending.discard(key)
+                self.store.delete(partition, key)
+                swept += 1
+        return swept
+
+    def _forget_idle_models(self, part: _Partition) -> None:
+        """Drop clocks of models without panes or join entries, idle for windows.expires_s."""
+        now = self.clock()
+        busy = {pane.model_id for pane in part.panes}
+        busy |= {model for model, heap in part.join_heaps.items() if heap}
+        for model in [m for m in part.join_heaps if not part.join_heaps[m]]:
+            del part.join_heaps[model]
+        for model, clock in list(part.clocks.items()):
+            if model not in busy and now - clock.last_advance_wall > self.plan.expires_ms / 1000:
+                del part.clocks[model]
+                part.dirty = True
+
+    # -- helpers --------------------------------------------------------------------------
+    def _too_late(self, t: int, watermark: int) -> bool:
+        pane = t - t % self.plan.pane_ms
+        return self.plan.pane_done(pane, watermark)
+
+    def _applied(self, partition: int, key: PaneKey, topic: str) -> int:
+        state = self.store.get(self._pane_key(partition, key))
+        return -1 if state is None else int(state.get("off", {}).get(topic, -1))
+
+    def _merge_pane(
+        self, partition: int, part: _Partition, key: PaneKey, stats: WindowStats
+    ) -> None:
+        skey = self._pane_key(partition, key)
+        state = self.store.get(skey)
+        if state is not None:
+            stats = WindowStats.from_state(state).merge(stats)
+        self.store.put(partition, skey, stats.to_state())
+        part.panes.add(key)
+
+    def _put_join(
+        self, partition: int, part: _Partition, model: str, key: str, entry: dict[str, Any]
+    ) -> None:
+        self.store.put(partition, key, entry)
+        heapq.heappush(part.join_heaps.setdefault(model, []), (entry["exp"], key))
+        if entry["fb"]:
+            part.pending.add(key)
+        else:
+            part.pending.discard(key)
+
+    def _fresh(
+        self, part: _Partition, topic: str, events: Sequence[tuple[int | None, Any]]
+    ) -> list[tuple[int | None, Any]]:
+        done = part.offsets.get(topic, -1)
+        fresh = [(offset, event) for offset, event in events if offset is None or offset > done]
+        self.counters.redelivered_skipped += len(events) - len(fresh)
+        return fresh
+
+    @staticmethod
+    def _offsets(part: _Partition, topic: str, events: Sequence[tuple[int | None, Any]]) -> None:
+        offsets = [offset for offset, _ in events if offset is not None]
+        if offsets:
+            part.offsets[topic] = max(part.offsets.get(topic, -1), *offsets)
+
+    def _advance(self, part: _Partition, newest: dict[str, int]) -> None:
+        now = self.clock()
+        for model, t in newest.items():
+            clock = part.clocks.get(model)
+            if clock is None:
+                part.clocks[model] = _Clock(t, now)
+            else:
+                clock.watermark = max(clock.watermark, t)
+                clock.last_advance_wall = now
+
+    @staticmethod
+    def _pane_key(partition: int, key: PaneKey) -> str:
+        return SEP.join(
+            (
+                str(partition),
+                "P",
+                key.model_id,
+                key.model_version,
+                key.segment,
+                str(key.pane_start_ms),
+            )
+        )
+
+    @staticmethod
+    def _join_key(partition: int, model_id: str, request_id: str) -> str:
+        return SEP.join((str(partition), "J", model_id, request_id))
+
+    @staticmethod
+    def _mark_key(partition: int) -> str:
+        return f"{partition}{SEP}M"
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()

@@ -1,0 +1,152 @@
+"""A mergeable quantile sketch (DDSketch) whose state is plain JSON.
+
+The bucket mapping is DDSketch's :class:`ddsketch.mapping.LogarithmicMapping`
+(Masson, Rim & Lee, "DDSketch: A Fast and Fully-Mergeable Quantile Sketch with
+Relative-Error Guarantees", VLDB 2019): every quantile it returns is within
+``relative_accuracy`` (default 1 %) of the exact value of some observation of the same
+rank. Only non-negative values are kept (latencies, token counts); values too small to
+index count as zero, like DDSketch's zero bucket.
+
+Two things differ from ``ddsketch.DDSketch``, on purpose:
+
+- ``add_many`` maps a whole numpy batch to bucket keys at once (the pure-python
+  ``DDSketch.add`` costs ~1 µs per value, too much at 10k events/s and several series
+  per event);
+- the store is a sparse ``{key: count}`` map, so :meth:`to_state` is small JSON a Faust
+  table can hold (no pickle, no protobuf).
+
+>>> s = QuantileSketch()
+>>> s.add_many([10.0, 20.0, 30.0, 40.0, 1000.0])
+>>> round(s.quantile(0.5), 1)
+30.0
+>>> QuantileSketch.from_state(s.to_state()).count
+5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from ddsketch.mapping import LogarithmicMapping
+
+DEFAULT_RELATIVE_ACCURACY = 0.01
+
+
+class QuantileSketch:
+    """DDSketch over non-negative values with a sparse, JSON-serialisable store."""
+
+    __slots__ = ("_mapping", "bins", "count", "max", "min", "relative_accuracy", "sum", "zeros")
+
+    def __init__(self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
+        self.relative_accuracy = float(relative_accuracy)
+        self._mapping = _mapping(self.relative_accuracy)
+        self.bins: dict[int, int] = {}
+        self.zeros = 0
+        self.count = 0
+        self.sum = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add_many(self, values: Iterable[float] | np.ndarray) -> None:
+        """Add a batch of non-negative values (negative values are clipped to zero)."""
+        arr = np.asarray(values, dtype=float).ravel()
+        if arr.size == 0:
+            return
+        arr = np.clip(arr, 0.0, None)
+        self.count += int(arr.size)
+        self.sum += float(arr.sum())
+        self.min = min(self.min, float(arr.min()))
+        self.max = max(self.max, float(arr.max()))
+        positive = arr[arr > self._mapping.min_possible]
+        self.zeros += int(arr.size - positive.size)
+        if positive.size == 0:
+            return
+        # Same formula as LogarithmicMapping.key, vectorised.
+        keys = np.ceil(np.log2(positive) * self._mapping._multiplier + self._mapping._offset)
+        uniq, counts = np.unique(keys.astype(np.int64), return_counts=True)
+        bins = self.bins
+        for key, n in zip(uniq.tolist(), counts.tolist(), strict=True):
+            bins[key] = bins.get(key, 0) + n
+
+    def merge(self, other: QuantileSketch) -> None:
+        """Add ``other``'s observations to this sketch (both must share the accuracy)."""
+        if other.relative_accuracy != self.relative_accuracy:
+            raise ValueError(
+                f"cannot merge sketches of relative accuracy {other.relative_accuracy} and "
+                f"{self.relative_accuracy}; configure one accuracy for the whole pipeline"
+            )
+        if other.count == 0:
+            return
+        for key, n in other.bins.items():
+            self.bins[key] = self.bins.get(key, 0) + n
+        self.zeros += other.zeros
+        self.count += other.count
+        self.sum += other.sum
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+    def quantile(self, q: float) -> float | None:
+        """The value at quantile ``q`` in [0, 1] (DDSketch's rank rule), None when empty."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile {q!r} must be in [0, 1]")
+        if self.count == 0:
+            return None
+        if q == 1.0:
+            return self.max
+        if q == 0.0:
+            return self.min
+        rank = q * (self.count - 1)
+        if rank < self.zeros:
+            return 0.0
+        running = float(self.zeros)
+        for key in sorted(self.bins):
+            running += self.bins[key]
+            if running > rank:
+                # The true value lies in [min, max], so clamping only reduces the error.
+                return min(max(self._mapping.value(key), self.min), self.max)
+        return self.max
+
+    def quantiles(self, qs: Iterable[float]) -> dict[str, float | None]:
+        """``{"p50": ..., "p90": ...}`` for the given quantiles."""
+        return {f"p{round(q * 100):d}": self.quantile(q) for q in qs}
+
+    @property
+    def mean(self) -> float | None:
+        return self.sum / self.count if self.count else None
+
+    def to_state(self) -> dict[str, Any]:
+        """JSON-safe state; bins as ``[[key, count], ...]`` because JSON keys are strings."""
+        return {
+            "alpha": self.relative_accuracy,
+            "bins": [[k, n] for k, n in self.bins.items()],
+            "zeros": self.zeros,
+            "count": self.count,
+            "sum": self.sum,
+            "min": self.min if self.count else None,
+            "max": self.max if self.count else None,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> QuantileSketch:
+        sketch = cls(state["alpha"])
+        sketch.bins = {int(k): int(n) for k, n in state["bins"]}
+        sketch.zeros = int(state["zeros"])
+        sketch.count = int(state["count"])
+        sketch.sum = float(state["sum"])
+        if sketch.count:
+            sketch.min = float(state["min"])
+            sketch.max = float(state["max"])
+        return sketch
+
+
+_MAPPINGS: dict[float, LogarithmicMapping] = {}
+
+
+def _mapping(relative_accuracy: float) -> LogarithmicMapping:
+    mapping = _MAPPINGS.get(relative_accuracy)
+    if mapping is None:
+        mapping = _MAPPINGS[relative_accuracy] = LogarithmicMapping(relative_accuracy)
+    return mapping

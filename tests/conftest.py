@@ -1,0 +1,105 @@
+"""Shared fixtures.
+
+Real services only: ``kafka_settings`` and ``postgres_url`` make sure the local broker /
+cluster started by ``genmon infra up`` is running (starting it when needed and stopping
+at the end of the session only what the session started). Nothing here is autouse, so a
+test that asks for neither never touches Kafka or PostgreSQL.
+
+Tests sharing the broker must not collide: use ``unique_name`` for topics and consumer
+groups.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from genmon.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """Settings read from the environment (GENMON_...), as the services would."""
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(settings: Settings) -> Iterator[Settings]:
+    """Settings whose ``kafka.bootstrap_servers`` answers, with genmon's topics created.
+
+    A broker that already answers there (ours from `genmon infra up`, or one given with
+    GENMON_KAFKA__BOOTSTRAP_SERVERS) is reused and left running.
+    """
+    from genmon.infra.kafka import KafkaBroker
+
+    broker = KafkaBroker(settings)
+    if _kafka_answers(settings.kafka.bootstrap_servers):
+        broker.ensure_topics(settings.kafka.bootstrap_servers)
+        yield settings
+        return
+    broker.up()
+    try:
+        yield settings
+    finally:
+        broker.down()
+
+
+def _kafka_answers(bootstrap: str) -> bool:
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from genmon.infra._process import port_answers
+
+    addresses = [address.rsplit(":", 1) for address in bootstrap.split(",")]
+    # kafka-python needs ~30 s to give up on a closed port; a TCP probe needs none.
+    if not any(port_answers(host, int(port)) for host, port in addresses):
+        return False
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    except KafkaError:
+        return False
+    try:
+        admin.describe_cluster()
+        return True
+    except KafkaError:
+        return False
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(settings: Settings) -> Iterator[str]:
+    """SQLAlchemy URL of the genmon database on the local PostgreSQL cluster."""
+    from genmon.infra.postgres import PostgresCluster
+
+    cluster = PostgresCluster(settings)
+    started_here = not cluster.status().running
+    cluster.up()
+    try:
+        yield cluster.url
+    finally:
+        if started_here:
+            cluster.down()
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A name no other test uses (topics, consumer groups, model ids)."""
+    test = "".join(ch if ch.isalnum() else "-" for ch in request.node.name)[:40]
+    return f"t-{test}-{uuid.uuid4().hex[:12]}"
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Call it for each port you need: ``port = free_port()``."""
+    return find_free_port

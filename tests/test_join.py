@@ -1,0 +1,93 @@
+"""Unit tests of the feedback join (pure core): order, redelivery, TTL and orphans."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from genmon.schemas.events import FeedbackEvent, InferenceEvent
+from genmon.settings import Settings
+from genmon.streams.pipeline_core import DictStore, PipelineCore
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def inf(rid: str, t_s: float, **kw) -> InferenceEvent:
+    return InferenceEvent(
+        request_id=rid,
+        model_id="chat",
+        model_version="v2",
+        latency_ms=10.0,
+        prompt="p" * 50,
+        response="r" * 50,
+        started_at=T0 + timedelta(seconds=t_s),
+        **kw,
+    )
+
+
+def fb(rid: str, t_s: float, fid: str, **kw) -> FeedbackEvent:
+    kw.setdefault("thumbs", "down")
+    return FeedbackEvent(
+        feedback_id=fid,
+        request_id=rid,
+        model_id="chat",
+        created_at=T0 + timedelta(seconds=t_s),
+        **kw,
+    )
+
+
+def make_core(now):
+    settings = Settings(
+        windows={
+            "tumbling_s": 10,
+            "hopping_size_s": 10,
+            "hopping_step_s": 10,
+            "allowed_lateness_s": 1,
+            "idle_timeout_s": 1000,
+        },
+        feedback={"join_ttl_s": 30, "join_max_text_chars": 20},
+    )
+    return PipelineCore(settings, DictStore(), clock=lambda: now[0])
+
+
+def test_feedback_before_and_after_inference_joins_once_each_and_redelivery_is_ignored():
+    now = [T0.timestamp() + 3600]
+    core = make_core(now)
+    assert core.on_feedback(0, [(0, fb("early", 1, "f1", score=0.9))]).examples == []
+    assert core.pending_feedback == 1
+    out = core.on_inferences(
+        0, [(0, inf("early", 2, segment={"tier": "free"})), (1, inf("late", 3))]
+    )
+    assert [row["request_id"] for row in out.examples] == ["early"]
+    row = out.examples[0]
+    assert row["score"] == 0.9 and row["model_version"] == "v2" and len(row["prompt"]) == 20
+    assert core.pending_feedback == 0
+    out = core.on_feedback(0, [(1, fb("late", 5, "f2")), (2, fb("late", 5, "f2"))])
+    assert [row["request_id"] for row in out.examples] == ["late"]  # f2 twice -> one join
+    assert core.counters.joined == 2
+    core.on_inferences(0, [(2, inf("x", 15))])
+    window = next(w for w in core.tick(0).windows if w["kind"] == "tumbling")
+    by_seg = {s["segment"]: s["feedback"] for s in window["series"]}
+    assert by_seg["*"]["n"] == 2 and by_seg["*"]["negative"] == 1
+    assert by_seg["*"]["mean_score"] == 0.45
+    assert by_seg["tier=free"] == {
+        "n": 1,
+        "positive": 1,
+        "negative": 0,
+        "negative_rate": 0.0,
+        "mean_score": 0.9,
+    }
+
+
+def test_unjoined_feedback_is_orphaned_after_the_ttl_and_entries_are_dropped():
+    now = [T0.timestamp() + 3600]
+    core = make_core(now)
+    core.on_feedback(0, [(0, fb("ghost", 1, "g1")), (1, fb("ghost", 2, "g2"))])
+    core.on_inferences(0, [(0, inf("solo", 1))])
+    core.on_inferences(0, [(1, inf("tick", 31))])  # watermark 31 s: ghost expires at 32 s
+    core.tick(0)
+    assert core.counters.orphaned == 0 and core.pending_feedback == 1
+    core.on_inferences(0, [(2, inf("tick2", 40))])
+    core.tick(0)
+    assert core.counters.orphaned == 2 and core.pending_feedback == 0
+    join_keys = [k for k in core.store.data if k.split("\x1f")[1] == "J"]
+    assert sorted(k.split("\x1f")[-1] for k in join_keys) == ["tick", "tick2"]

@@ -1,0 +1,248 @@
+"""Destination payloads, validated against JSON Schemas written from the vendors' docs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from incident_support import FakeClock, finding, migrated_engine, settings_with, sqlite_url
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from genmon.db import session_scope
+from genmon.schemas.incidents import Incident, Silence
+from genmon.settings import DestinationSettings, RouteSettings, RunbookSettings, Settings
+from genmon.streams.incidents.dispatcher import Dispatcher
+from genmon.streams.incidents.manager import IncidentManager
+from genmon.streams.incidents.receiver import Received, WebhookReceiver
+from genmon.streams.incidents.routing import Router
+
+SCHEMAS = Path(__file__).parent / "schemas"
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"  # PagerDuty keys are 32 characters
+
+
+def _schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((SCHEMAS / name).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+PAGERDUTY = _schema("pagerduty_events_v2.schema.json")
+ALERTMANAGER = _schema("alertmanager_webhook_v4.schema.json")
+SLACK = _schema("slack_message.schema.json")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = migrated_engine(sqlite_url(tmp_path))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as running:
+        yield running
+
+
+def _destinations(receiver: WebhookReceiver) -> list[DestinationSettings]:
+    base = f"http://{receiver.host}:{receiver.port}"
+
+    def destination(name: str, kind: str, **extra: Any) -> DestinationSettings:
+        return DestinationSettings.model_validate(
+            {"name": name, "type": kind, "url": f"{base}/{name}", **extra}
+        )
+
+    return [
+        destination("pd", "pagerduty", routing_key=ROUTING_KEY),
+        destination("am", "alertmanager"),
+        destination("slack", "slack"),
+        destination("hook", "webhook"),
+    ]
+
+
+def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
+    route = RouteSettings(
+        destinations=["pd", "am", "slack", "hook"],
+        runbook=RunbookSettings(url="https://runbooks.example/route", remediation=["page ML"]),
+    )
+    return settings_with(
+        *_destinations(receiver),
+        incidents={
+            "auto_resolve_quiet_windows": 2,
+            "runbooks": {
+                "anomaly": RunbookSettings(
+                    url="https://runbooks.example/anomaly", remediation=["check the deploy log"]
+                )
+            },
+            **incidents,
+        },
+        notify={"routes": [route]},
+    )
+
+
+def _deliver(engine: Engine, settings: Settings, clock: FakeClock) -> None:
+    report = asyncio.run(Dispatcher(engine, settings, clock=clock).drain(timeout_s=10))
+    assert report.dead == 0 and report.retried == 0
+
+
+def _by_path(receiver: WebhookReceiver, path: str) -> list[Received]:
+    return [r for r in receiver.requests if r.path == f"/{path}"]
+
+
+def test_auto_resolve_sends_pagerduty_resolve_with_the_same_dedup_key(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = manager.process(finding(0, score=5.0)).incident_id
+    manager.process(finding(1, detected=False))
+    manager.process(finding(2, detected=False))
+    _deliver(engine, settings, clock)
+
+    events = [r.json for r in _by_path(receiver, "pd")]
+    for event in events:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [e["event_action"] for e in events] == ["trigger", "resolve"]
+    assert {e["dedup_key"] for e in events} == {incident_id}
+    trigger = events[0]
+    assert trigger["payload"]["severity"] == "critical"
+    assert trigger["payload"]["custom_details"]["idempotency_key"]
+    assert {link["href"] for link in trigger["links"]} == {
+        "https://runbooks.example/anomaly",
+        "https://runbooks.example/route",
+    }
+    keys = [r.idempotency_key for r in _by_path(receiver, "pd")]
+    assert len(set(keys)) == 2 and None not in keys
+
+
+def test_pagerduty_acknowledge_validates(engine: Engine, receiver: WebhookReceiver) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0)).incident_id)
+    manager.acknowledge(incident_id, actor="alice")
+    _deliver(engine, settings, clock)
+    events = [r.json for r in _by_path(receiver, "pd")]
+    for event in events:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [e["event_action"] for e in events] == ["trigger", "acknowledge"]
+
+
+def test_alertmanager_payloads_validate_firing_then_resolved(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0, segment="locale=de")).incident_id)
+    clock.advance(300)
+    manager.resolve(incident_id, actor="alice")
+    _deliver(engine, settings, clock)
+    firing, resolved = (r.json for r in _by_path(receiver, "am"))
+    for payload in (firing, resolved):
+        jsonschema.validate(payload, ALERTMANAGER)
+    assert (firing["status"], resolved["status"]) == ("firing", "resolved")
+    assert firing["alerts"][0]["endsAt"] == "0001-01-01T00:00:00Z"
+    assert resolved["alerts"][0]["endsAt"] > firing["alerts"][0]["startsAt"]
+    assert firing["groupKey"] == resolved["groupKey"]
+    assert firing["alerts"][0]["fingerprint"] == resolved["alerts"][0]["fingerprint"]
+    labels = firing["alerts"][0]["labels"]
+    assert labels["model"] == "chat" and labels["segment"] == "locale=de"
+    annotations = firing["alerts"][0]["annotations"]
+    assert annotations["runbook_url"] == "https://runbooks.example/anomaly"
+    assert annotations["idempotency_key"] == _by_path(receiver, "am")[0].idempotency_key
+
+
+def test_slack_and_webhook_carry_the_runbooks(engine: Engine, receiver: WebhookReceiver) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    IncidentManager(engine, settings, clock=clock).process(finding(0))
+    _deliver(engine, settings, clock)
+    (slack,) = (r.json for r in _by_path(receiver, "slack"))
+    jsonschema.validate(slack, SLACK)
+    text = json.dumps(slack)
+    assert "https://runbooks.example/anomaly" in text and "check the deploy log" in text
+    assert "page ML" in text
+    (hook,) = _by_path(receiver, "hook")
+    body = hook.json
+    assert body["schema"] == "genmon.notification/v1"
+    assert body["idempotency_key"] == hook.idempotency_key
+    assert [r["url"] for r in body["runbooks"]] == [
+        "https://runbooks.example/anomaly",
+        "https://runbooks.example/route",
+    ]
+    assert body["incident"]["chart"][0]["score"] == 2.0
+
+
+def test_silence_suppresses_pages_but_keeps_the_incident(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    with session_scope(engine) as session:
+        session.add(
+            Silence(
+                matchers=['model=~"ch.*"', "kind!=drift"],
+                starts_at=clock.now,
+                ends_at=clock.now + timedelta(hours=1),
+                created_by="alice",
+                comment="maintenance",
+            )
+        )
+    manager = IncidentManager(engine, settings, clock=clock)
+    manager.process(finding(0))
+    manager.process(finding(1, detected=False))
+    manager.process(finding(2, detected=False))
+    _deliver(engine, settings, clock)
+    assert receiver.requests == []
+    with Session(engine) as session:
+        (incident,) = session.exec(select(Incident)).all()
+    assert incident.finding_count == 1 and incident.resolved_at is not None
+
+
+def test_routes_by_severity_and_model() -> None:
+    destinations = [
+        DestinationSettings(name="pd", type="pagerduty", url="http://x/pd", routing_key="k" * 32),
+        DestinationSettings(name="team", url="http://x/team"),
+        DestinationSettings(name="all", url="http://x/all"),
+    ]
+    routes = [
+        RouteSettings(
+            destinations=["pd"], matchers=['severity=~"error|critical"'], **{"continue": True}
+        ),
+        RouteSettings(destinations=["team"], matchers=["model=search"]),
+        RouteSettings(destinations=["all"]),
+    ]
+    router = Router(settings_with(*destinations, notify={"routes": routes}).notify)
+
+    def names(**labels: str) -> list[str]:
+        return [target.destination for target in router.route(labels)]
+
+    assert names(severity="critical", model="search") == ["pd", "team"]
+    assert names(severity="warning", model="search") == ["team"]
+    assert names(severity="warning", model="chat") == ["all"]
+
+
+def test_destinations_and_routes_load_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "destinations.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - {name: pd, type: pagerduty, url: 'https://events.pagerduty.com/v2/enqueue',"
+        " routing_key: SECRETKEY}\n"
+        "routes:\n"
+        "  - {destinations: [pd], matchers: ['kind=drift'], continue: false}\n"
+    )
+    settings = settings_with(notify={"destinations_file": path})
+    router = Router(settings.notify)
+    assert list(router.destinations) == ["pd"]
+    assert [t.destination for t in router.route({"kind": "drift"})] == ["pd"]
+    assert router.route({"kind": "bias"}) == []
+    assert "SECRETKEY" not in repr(router.destinations)

@@ -1,0 +1,370 @@
+"""The streaming pipeline on the real broker, with real `genmon worker` processes.
+
+Every test gets its own topic prefix, app id (consumer group), web port, home and SQLite
+database, and small windows (2 s tumbling, 4 s / 2 s hopping, 1 s allowed lateness) so
+windows close within seconds. Event times are set a little in the past and aligned to
+the 2 s grid so the expected window contents are known exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from kafka import KafkaConsumer, KafkaProducer
+
+from genmon.db import make_engine, upgrade
+from genmon.infra.kafka import KafkaBroker
+from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent, InferenceStatus
+from genmon.settings import Settings
+
+pytestmark = pytest.mark.kafka
+
+GENMON = str(Path(sys.executable).parent / "genmon")
+
+
+class WorkerProcess:
+    """One `genmon worker` subprocess with its own log file."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env, self.log = env, log
+        self.port = int(env["GENMON_WORKER__WEB_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        handle = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [GENMON, "worker"], env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        handle.close()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            if "[^Worker]: Ready" in self.log.read_text(errors="replace"):
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"worker not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as reply:
+            return json.loads(reply.read())["metrics"]
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+class Harness:
+    """Settings, producer, output readers and workers of one test."""
+
+    def __init__(self, kafka_settings: Settings, name: str, tmp: Path,
+                 free_port: Callable[[], int], **extra_env: str) -> None:
+        self.name, self.tmp, self.free_port = name, tmp, free_port
+        self.db_url = f"sqlite:///{tmp / 'genmon.sqlite'}"
+        self.env = {
+            **os.environ,
+            "GENMON_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.kafka.bootstrap_servers,
+            "GENMON_KAFKA__TOPIC_PREFIX": name,
+            "GENMON_WORKER__APP_ID": name,
+            "GENMON_HOME": str(tmp / "home"),
+            "GENMON_DATABASE__URL": self.db_url,
+            "GENMON_WORKER__BATCH_WITHIN_S": "0.2",
+            "GENMON_WINDOWS__TUMBLING_S": "2",
+            "GENMON_WINDOWS__HOPPING_SIZE_S": "4",
+            "GENMON_WINDOWS__HOPPING_STEP_S": "2",
+            "GENMON_WINDOWS__ALLOWED_LATENESS_S": "1",
+            "GENMON_WINDOWS__IDLE_TIMEOUT_S": "2",
+            "GENMON_WINDOWS__EXPIRES_S": "120",
+            "GENMON_WINDOWS__CLOSE_INTERVAL_S": "0.5",
+            "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
+            # Faust reads these itself: a killed worker leaves the group in 6 s, not 60 s.
+            "BROKER_SESSION_TIMEOUT": "6",
+            "BROKER_HEARTBEAT_INTERVAL": "1",
+            **extra_env,
+        }
+        self.settings = Settings(
+            kafka={"bootstrap_servers": kafka_settings.kafka.bootstrap_servers,
+                   "topic_prefix": name}
+        )
+        KafkaBroker(self.settings).ensure_topics(self.settings.kafka.bootstrap_servers)
+        upgrade(self.db_url)
+        self.producer = KafkaProducer(bootstrap_servers=kafka_settings.kafka.bootstrap_servers,
+                                      linger_ms=5)
+        self.workers: list[WorkerProcess] = []
+        self._consumer = KafkaConsumer(
+            self.settings.topic("windows"), self.settings.topic("findings"),
+            bootstrap_servers=kafka_settings.kafka.bootstrap_servers,
+            auto_offset_reset="earliest", consumer_timeout_ms=500,
+            group_id=f"{name}-reader",
+        )
+        self.windows: list[dict[str, Any]] = []
+        self.findings: list[Finding] = []
+
+    def worker(self) -> WorkerProcess:
+        env = {**self.env, "GENMON_WORKER__WEB_PORT": str(self.free_port())}
+        worker = WorkerProcess(env, self.tmp / f"worker-{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def send(self, event: InferenceEvent | FeedbackEvent) -> None:
+        kind = "inference" if isinstance(event, InferenceEvent) else "feedback"
+        self.producer.send(self.settings.topic(kind), key=event.model_id.encode(),
+                           value=event.model_dump_json().encode())
+
+    def poll(self) -> None:
+        for message in self._consumer:
+            if message.topic.endswith(".windows"):
+                self.windows.append(json.loads(message.value))
+            else:
+                self.findings.append(Finding.model_validate_json(message.value))
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        self.producer.flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            if condition():
+                return
+        logs = "\n".join(w.log.read_text()[-2000:] for w in self.workers)
+        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+    def window(self, model: str, kind: str, start_ms: int) -> dict[str, Any] | None:
+        return next((w for w in self.windows if w["model_id"] == model and w["kind"] == kind
+                     and w["start_ms"] == start_ms), None)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.producer.close()
+        self._consumer.close()
+
+
+@pytest.fixture
+def harness(kafka_settings: Settings, unique_name: str, tmp_path: Path,
+            free_port: Callable[[], int]) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(**extra_env: str) -> Harness:
+        made.append(Harness(kafka_settings, unique_name, tmp_path, free_port, **extra_env))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def grid_start(seconds_ago: float = 30.0) -> datetime:
+    """A 2 s-aligned instant a little in the past."""
+    t = int(time.time() - seconds_ago)
+    return datetime.fromtimestamp(t - t % 2, UTC)
+
+
+def ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def series(window: dict[str, Any], segment: str = "*") -> dict[str, Any]:
+    return next(s for s in window["series"] if s["segment"] == segment)
+
+
+def test_windows_from_a_scripted_stream_have_the_expected_counts_and_quantiles(harness):
+    h = harness()
+    h.worker().start().wait_ready()
+    t0 = grid_start()
+    events = []
+    for i in range(100):  # window [t0, t0+2): latencies 1..100 ms, known errors and signals
+        status = InferenceStatus.ERROR if i < 10 else InferenceStatus.OK
+        response = ("I'm sorry, but I can't help with that." if 10 <= i < 15
+                    else "" if 15 <= i < 20 else "The answer is that the cat is here.")
+        events.append(InferenceEvent(
+            request_id=f"a{i}", model_id="m-agg", model_version="v1", latency_ms=float(i + 1),
+            time_to_first_token_ms=float(i + 1) / 2, started_at=t0 + timedelta(milliseconds=19 * i),
+            status=status, error_code=("E503" if i < 6 else "E500") if i < 10 else None,
+            prompt_tokens=10, completion_tokens=i, response=response,
+            segment={"locale": "fr" if i % 4 == 0 else "en"}))
+    for i in range(50):  # window [t0+2, t0+4): 50 x 1000 ms
+        events.append(InferenceEvent(
+            request_id=f"b{i}", model_id="m-agg", model_version="v1", latency_ms=1000.0,
+            started_at=t0 + timedelta(seconds=2, milliseconds=30 * i), response="Fine."))
+    for i in range(30):  # a second model, so more than one partition is involved
+        events.append(InferenceEvent(
+            request_id=f"c{i}", model_id="m-other", latency_ms=5.0,
+            started_at=t0 + timedelta(milliseconds=50 * i)))
+    first, second = events[:100], events[100:]
+    random.Random(3).shuffle(first)  # out of order within the allowed lateness
+    for event in first + second:
+        h.send(event)
+    h.wait_for(lambda: h.window("m-agg", "tumbling", ms(t0) + 2000) is not None
+               and h.window("m-other", "tumbling", ms(t0)) is not None, 60, "both windows")
+
+    w1 = series(h.window("m-agg", "tumbling", ms(t0)))
+    assert w1["requests"] == 100 and w1["errors"] == 10
+    assert w1["by_error_code"] == {"E503": 6, "E500": 4}
+    assert (w1["refusal"], w1["empty"]) == (5, 5)
+    assert w1["completion_tokens"]["sum"] == sum(range(100))
+    assert w1["completion_tokens"]["max"] == 99
+    alpha = w1["sketch_relative_accuracy"]
+    for q, exact in (("p50", 50.0), ("p90", 90.0), ("p99", 99.0)):  # DDSketch's lower rank
+        assert abs(w1["latency_ms"][q] - exact) <= alpha * exact
+    assert abs(w1["ttft_ms"]["p50"] - 25.0) <= alpha * 25.0
+    assert series(h.window("m-agg", "tumbling", ms(t0)), "locale=fr")["requests"] == 25
+    w2 = series(h.window("m-agg", "tumbling", ms(t0) + 2000))
+    assert w2["requests"] == 50 and abs(w2["latency_ms"]["p99"] - 1000.0) <= alpha * 1000
+    h.wait_for(lambda: h.window("m-agg", "hopping", ms(t0)) is not None, 30, "hopping window")
+    assert series(h.window("m-agg", "hopping", ms(t0)))["requests"] == 150
+    assert series(h.window("m-other", "tumbling", ms(t0)))["requests"] == 30
+    keys = [(w["model_id"], w["kind"], w["end_ms"]) for w in h.windows]
+    assert len(keys) == len(set(keys))  # each window emitted once
+    slow = [f for f in h.findings if f.signal == "latency_p99" and f.detector == "threshold"]
+    h.wait_for(lambda: any(f.detected for f in h.findings if f.signal == "error_rate"), 30,
+               "error-rate finding")
+    assert not slow  # p99 of 99 ms and 1000 ms stay under the 2000 ms default
+
+
+def test_feedback_join_out_of_order_late_redelivered_and_orphaned(harness):
+    h = harness(GENMON_FEEDBACK__JOIN_TTL_S="12")
+    worker = h.worker().start()
+    worker.wait_ready()
+    t0 = grid_start()
+
+    def fb(rid: str, at: float, fid: str | None = None, thumbs: str = "down") -> FeedbackEvent:
+        return FeedbackEvent(feedback_id=fid or f"f-{rid}", request_id=rid, model_id="m-join",
+                             thumbs=thumbs, created_at=t0 + timedelta(seconds=at))
+
+    for i in range(10):  # before their inference
+        h.send(fb(f"r{i}", 1.5, thumbs="up" if i < 4 else "down"))
+    for i in range(5):  # never get an inference
+        h.send(fb(f"ghost{i}", 1.0))
+    inferences = [
+        InferenceEvent(request_id=f"r{i}", model_id="m-join", latency_ms=10.0,
+                       prompt=f"question {i}", response=f"answer {i}",
+                       segment={"tier": "pro" if i < 5 else "free"},
+                       started_at=t0 + timedelta(milliseconds=60 * i))
+        for i in range(30)
+    ]
+    for event in inferences:
+        h.send(event)
+    for i in range(10, 20):  # after their inference, same window
+        h.send(fb(f"r{i}", 1.8))
+    h.send(fb("r10", 1.8))  # redelivered feedback (same feedback id)
+    h.send(inferences[0])  # redelivered inference
+    h.wait_for(lambda: h.window("m-join", "tumbling", ms(t0)) is not None, 60, "window 1")
+    for i in range(20, 25):  # long after their inference: that window has closed
+        h.send(fb(f"r{i}", 6.0))
+    h.wait_for(lambda: worker.stats().get("genmon_join_orphaned_total") == 5, 60, "orphans")
+
+    stats = worker.stats()
+    assert stats["genmon_join_joined_total"] == 25
+    assert stats["genmon_join_pending"] == 0
+    w1 = h.window("m-join", "tumbling", ms(t0))
+    fb1 = series(w1)["feedback"]
+    assert fb1 == {"n": 20, "positive": 4, "negative": 16, "negative_rate": 0.8,
+                   "mean_score": 0.2}
+    assert series(w1, "tier=pro")["feedback"]["n"] == 5
+    later = sum(series(w)["feedback"]["n"] for w in h.windows
+                if w["model_id"] == "m-join" and w["kind"] == "tumbling" and w is not w1)
+    late = stats.get("genmon_pipeline_late_events_total", {}).get("kind=feedback", 0)
+    assert later + late == 5  # every late join counted once, in a window or as late
+    with make_engine(h.db_url).connect() as conn:
+        rows = conn.execute(sa.text(
+            "select request_id, score, prompt from labelled_example where model_id='m-join'"
+        )).all()
+    assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(25))
+    assert dict((r[0], r[2]) for r in rows)["r3"] == "question 3"
+
+
+def test_restart_after_kill9_continues_aggregates_and_detector_state(harness):
+    h = harness(GENMON_WINDOWS__SLOW_LATENCY_MS="100")
+    first = h.worker().start()
+    first.wait_ready()
+    t0 = grid_start(40)
+    events = [InferenceEvent(request_id=f"k{i}", model_id="m-restart", latency_ms=500.0,
+                             started_at=t0 + timedelta(milliseconds=10 * i))
+              for i in range(1200)]  # 12 s of event time: six 2 s windows, all slow
+    for event in events[:700]:
+        h.send(event)
+    h.producer.flush()
+    h.wait_for(lambda: first.stats().get("genmon_pipeline_events_total", {})
+               .get("kind=inference", 0) >= 300, 30, "first events processed")
+    first.kill9()  # mid-stream: some windows closed and judged, others open
+    for event in events[700:]:
+        h.send(event)
+    second = h.worker().start()
+    second.wait_ready()
+    h.wait_for(lambda: all(h.window("m-restart", "tumbling", ms(t0) + 2000 * k) is not None
+                           for k in range(6)), 80, "all six windows")
+
+    counts: dict[int, set[int]] = {}
+    for w in h.windows:
+        if w["model_id"] == "m-restart" and w["kind"] == "tumbling":
+            counts.setdefault(w["start_ms"], set()).add(series(w)["requests"])
+    # Re-emitted windows (crash between send and checkpoint) carry the same numbers, and
+    # redelivered events were not counted twice: effectively once.
+    assert counts == {ms(t0) + 2000 * k: {200} for k in range(6)}
+    h.wait_for(lambda: len({f.dedup_key for f in h.findings
+                            if f.detector == "threshold" and f.signal == "latency_p99"}) == 6,
+               30, "six latency findings")
+    by_key: dict[str, Finding] = {}
+    for f in h.findings:
+        if f.detector == "threshold" and f.signal == "latency_p99":
+            assert by_key.setdefault(f.dedup_key, f).n_seen == f.n_seen  # duplicates identical
+    seen = [f.n_seen for f in sorted(by_key.values(), key=lambda f: f.window_end)]
+    assert seen == [1, 2, 3, 4, 5, 6]  # detector state survived the kill: no reset to 1
+
+
+def test_two_workers_split_partitions_and_each_window_finding_is_emitted_once(harness):
+    h = harness(GENMON_WINDOWS__SLOW_LATENCY_MS="100")
+    a, b = h.worker().start(), h.worker().start()
+    a.wait_ready()
+    b.wait_ready()
+    t0 = grid_start()
+    models = [f"model-{k}" for k in range(8)]
+    for k, model in enumerate(models):
+        for i in range(200):  # 4 s of event time per model: two tumbling windows
+            h.send(InferenceEvent(request_id=f"{model}-{i}", model_id=model, latency_ms=300.0,
+                                  started_at=t0 + timedelta(milliseconds=20 * i + k)))
+
+    def all_windows() -> bool:
+        return all(h.window(m, "tumbling", ms(t0) + 2000 * j) is not None
+                   for m in models for j in range(2))
+
+    h.wait_for(all_windows, 80, "windows of every model")
+    for model in models:
+        got = {series(w)["requests"] for w in h.windows
+               if w["model_id"] == model and w["kind"] == "tumbling"}
+        assert got == {100}
+    h.wait_for(lambda: len({f.dedup_key for f in h.findings if f.signal == "latency_p99"
+                            and f.detector == "threshold"}) == 16, 30, "16 findings")
+    unique = {f.dedup_key for f in h.findings
+              if f.signal == "latency_p99" and f.detector == "threshold"}
+    assert len(unique) == len(models) * 2  # one per (model, window) after dedup
+    processed = [w.stats().get("genmon_pipeline_events_total", {}).get("kind=inference", 0)
+                 for w in (a, b)]
+    assert all(n > 0 for n in processed), processed  # both workers owned partitions

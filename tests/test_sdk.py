@@ -1,0 +1,184 @@
+"""The producer SDK: validation, buffering without a broker, and what lands in Kafka."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer
+
+from genmon import Monitor
+from genmon.exceptions import ConfigurationError, SchemaError
+from genmon.infra.kafka import KafkaBroker
+from genmon.schemas.events import FeedbackEvent, InferenceEvent
+from genmon.settings import Settings, get_settings
+from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ
+
+
+@pytest.fixture
+def offline(free_port: Callable[[], int]) -> Iterator[Callable[..., Monitor]]:
+    """Monitors pointed at a port where no broker listens; closed at the end."""
+    made: list[Monitor] = []
+
+    def make(**options: object) -> Monitor:
+        monitor = Monitor(f"127.0.0.1:{free_port()}", **options)  # type: ignore[arg-type]
+        made.append(monitor)
+        return monitor
+
+    yield make
+    for monitor in made:
+        monitor.close(timeout=0)
+
+
+def test_invalid_fields_raise_schema_error_with_a_reason(offline: Callable[..., Monitor]) -> None:
+    monitor = offline()
+    with pytest.raises(SchemaError) as missing:
+        monitor.log_inference(prompt="hi", latency_ms=3)
+    with pytest.raises(SchemaError) as wrong:
+        monitor.log_inference(model_id="chat", latency_ms="fast")
+    with pytest.raises(SchemaError) as empty:
+        monitor.log_feedback(request_id="r1", model_id="chat")
+    assert (missing.value.reason, wrong.value.reason, empty.value.reason) == (
+        "missing_field", "wrong_type", "invalid_value",
+    )  # fmt: skip
+    assert "model_id" in str(missing.value)
+    stats = monitor.stats
+    assert (stats.invalid, stats.buffered, stats.dropped) == (3, 0, 0)
+
+
+def test_count_mode_returns_false_instead_of_raising(offline: Callable[..., Monitor]) -> None:
+    monitor = offline(on_invalid="count")
+    assert monitor.log_inference(model_id="chat", latency_ms=-5) is False
+    assert monitor.log_inference(model_id="chat", latency_ms=5) is True
+    assert (monitor.stats.invalid, monitor.stats.buffered) == (1, 1)
+
+
+def test_event_objects_and_mappings_are_accepted(offline: Callable[..., Monitor]) -> None:
+    monitor = offline()
+    event = InferenceEvent(model_id="chat", latency_ms=1)
+    assert monitor.log_inference(event)
+    assert monitor.log_inference({"model_id": "chat", "latency_ms": 2}, prompt="p")
+    assert monitor.log_feedback(FeedbackEvent(request_id="r", model_id="chat", score=1))
+    with pytest.raises(TypeError, match="not both"):
+        monitor.log_inference(event, prompt="p")
+    with pytest.raises(TypeError, match="FeedbackEvent"):
+        monitor.log_feedback(event)
+    assert monitor.stats.buffered == 3
+
+
+def test_long_texts_are_cut_not_rejected(offline: Callable[..., Monitor]) -> None:
+    monitor = offline()
+    limit = get_settings().sdk.max_text_chars
+    assert monitor.log_inference(model_id="chat", latency_ms=1, prompt="x" * (limit + 10))
+    assert monitor.log_feedback(request_id="r", model_id="chat", comment="y" * (limit * 2))
+    assert monitor.stats.truncated == 2
+    assert monitor.stats.buffered == 2
+
+
+def test_without_a_broker_events_are_buffered_to_the_limit_then_dropped(
+    offline: Callable[..., Monitor],
+) -> None:
+    monitor = offline(buffer_max_events=100)
+    accepted = [monitor.log_inference(model_id=f"m{i % 3}", latency_ms=i) for i in range(150)]
+    assert accepted == [True] * 100 + [False] * 50
+    stats = monitor.stats
+    assert (stats.buffered, stats.dropped, stats.sent) == (100, 50, 0)
+    assert monitor.flush(timeout=0.2) is False
+
+    monitor.close(timeout=0.2)
+    stats = monitor.stats
+    assert (stats.buffered, stats.dropped, stats.sent) == (0, 150, 0)
+    assert monitor.log_inference(model_id="m", latency_ms=1) is False
+    assert monitor.stats.dropped == 151
+
+
+def test_bad_configuration_is_refused_up_front() -> None:
+    with pytest.raises(ConfigurationError, match="compression"):
+        Monitor("127.0.0.1:1", compression="brotli")
+    with pytest.raises(ConfigurationError, match="buffer_max_events"):
+        Monitor("127.0.0.1:1", buffer_max_events=0)
+
+
+def _consume(
+    settings: Settings, topics: list[str], expected: int, timeout_s: float = 60.0
+) -> list[Any]:
+    consumer = KafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+    )
+    records: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            records.extend(consumer)
+    finally:
+        consumer.close()
+    return records
+
+
+@pytest.mark.kafka
+def test_events_are_keyed_by_model_with_ordered_sequence_headers(
+    kafka_settings: Settings, unique_name: str
+) -> None:
+    settings = kafka_settings.model_copy(
+        update={"kafka": kafka_settings.kafka.model_copy(update={"topic_prefix": unique_name})}
+    )
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    models = ["chat", "summarize", "translate"]
+    with Monitor(settings=settings) as monitor:
+        for i in range(300):
+            assert monitor.log_inference(
+                model_id=models[i % 3], latency_ms=i, request_id=f"r{i}", prompt=f"p{i}"
+            )
+        for i in range(30):
+            assert monitor.log_feedback(request_id=f"r{i}", model_id=models[i % 3], score=0.5)
+        assert monitor.flush(timeout=60)
+        assert monitor.stats.sent == 330
+
+    topics = [settings.topic("inference"), settings.topic("feedback")]
+    records = _consume(settings, topics, expected=330)
+    assert len(records) == 330
+    seqs: dict[tuple[str, bytes], list[int]] = defaultdict(list)
+    partitions: dict[bytes, set[int]] = defaultdict(set)
+    for record in sorted(records, key=lambda r: (r.topic, r.partition, r.offset)):
+        headers = dict(record.headers)
+        assert headers[HEADER_PRODUCER] == monitor.producer_id.encode()
+        model = InferenceEvent if record.topic == topics[0] else FeedbackEvent
+        assert model.model_validate_json(record.value).model_id.encode() == record.key
+        seqs[(record.topic, record.key)].append(int(headers[HEADER_SEQ]))
+        partitions[record.key].add(record.partition)
+    assert all(len(found) == 1 for found in partitions.values())
+    for (topic, _), found in seqs.items():
+        assert found == list(range(100 if topic == topics[0] else 10))
+
+
+@pytest.mark.kafka
+def test_a_monitor_left_open_delivers_at_interpreter_exit(
+    kafka_settings: Settings, unique_name: str
+) -> None:
+    settings = kafka_settings.model_copy(
+        update={"kafka": kafka_settings.kafka.model_copy(update={"topic_prefix": unique_name})}
+    )
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    script = (
+        "from genmon import Monitor\n"
+        "monitor = Monitor()\n"
+        "for i in range(50):\n"
+        "    monitor.log_inference(model_id='chat', latency_ms=i)\n"
+    )
+    env = {
+        **os.environ,
+        "GENMON_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "GENMON_KAFKA__TOPIC_PREFIX": unique_name,
+    }
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    assert len(_consume(settings, [settings.topic("inference")], expected=50)) == 50

@@ -1,0 +1,142 @@
+"""The SDK against a broker that is down: never blocks, buffers to its limit, delivers later.
+
+Uses a private broker (own home, own ports) that the test stops and starts; the shared
+broker of the other tests is never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer
+
+from genmon import Monitor
+from genmon.infra.kafka import KafkaBroker
+from genmon.settings import Settings
+from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+BUFFER = 500
+MODELS = ("chat", "search", "code")
+#: A call that waited for the broker would take the SDK's connect timeout (seconds).
+NON_BLOCKING_S = 0.05
+
+
+@pytest.fixture
+def private_broker(kafka_settings: Settings, free_port: Callable[[], int]) -> Iterator[KafkaBroker]:
+    """A broker this test may stop; not started yet."""
+    # Not tmp_path: concurrent pytest sessions prune each other's numbered basetemp folders.
+    home = Path(tempfile.mkdtemp(prefix="genmon-sdk-outage-"))
+    port, controller_port = free_port(), free_port()
+    while controller_port == port:
+        controller_port = free_port()
+    settings = Settings.model_validate(
+        {
+            "home": home,
+            "kafka": {
+                "version": kafka_settings.kafka.version,
+                "port": port,
+                "controller_port": controller_port,
+                "heap": "256m",
+                "partitions": 2,
+            },
+        }
+    )
+    broker = KafkaBroker(settings)
+    # Share the jar cache of the main broker instead of resolving it again.
+    broker.libs_dir.parent.mkdir(parents=True, exist_ok=True)
+    broker.libs_dir.symlink_to(KafkaBroker(kafka_settings).ensure_jars(), target_is_directory=True)
+    try:
+        yield broker
+    finally:
+        broker.down()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _log_timed(monitor: Monitor, count: int, calls: dict[str, int]) -> tuple[list[bool], list]:
+    """Log ``count`` events round-robin over MODELS; return acceptance and (model, seq)."""
+    accepted, sent = [], []
+    durations = []
+    for i in range(count):
+        model = MODELS[i % len(MODELS)]
+        started = time.perf_counter()
+        ok = monitor.log_inference(model_id=model, latency_ms=float(i), prompt=f"p{i}")
+        durations.append(time.perf_counter() - started)
+        accepted.append(ok)
+        if ok:
+            sent.append((model, calls[model]))
+        calls[model] += 1
+    p99 = statistics.quantiles(durations, n=100)[98]
+    assert p99 < NON_BLOCKING_S, f"log_inference blocked: p99 {p99 * 1000:.1f} ms"
+    assert max(durations) < 1.0, f"log_inference blocked: max {max(durations):.2f} s"
+    return accepted, sent
+
+
+def test_events_wait_for_a_broker_that_is_down_and_arrive_when_it_is_up(
+    private_broker: KafkaBroker,
+) -> None:
+    settings = private_broker.settings
+    calls: dict[str, int] = defaultdict(int)
+    monitor = Monitor(settings=settings, buffer_max_events=BUFFER, linger_ms=5)
+    try:
+        # 1. No broker at all: the producer cannot even be constructed yet.
+        accepted, expected = _log_timed(monitor, BUFFER + 200, calls)
+        assert accepted == [True] * BUFFER + [False] * 200
+        stats = monitor.stats
+        assert (stats.buffered, stats.dropped, stats.sent) == (BUFFER, 200, 0)
+
+        private_broker.up()
+        assert monitor.flush(timeout=120), monitor.stats
+        assert (monitor.stats.sent, monitor.stats.buffered) == (BUFFER, 0)
+
+        # 2. The broker goes away under a live producer.
+        private_broker.down()
+        accepted, more = _log_timed(monitor, 300, calls)
+        assert all(accepted)
+        assert monitor.stats.buffered == 300
+        private_broker.up()
+        assert monitor.flush(timeout=120), monitor.stats
+        expected += more
+        stats = monitor.stats
+        assert (stats.sent, stats.dropped, stats.failed) == (BUFFER + 300, 200, 0)
+    finally:
+        monitor.close(timeout=10)
+
+    # Every accepted event arrived once, each model's in the order it was logged.
+    records = _consume(settings, settings.topic("inference"), expected=len(expected))
+    assert len(records) == len(expected)
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        headers = dict(record.headers)
+        assert headers[HEADER_PRODUCER] == monitor.producer_id.encode()
+        by_model[record.key.decode()].append(int(headers[HEADER_SEQ]))
+    want: dict[str, list[int]] = defaultdict(list)
+    for model, seq in expected:
+        want[model].append(seq)
+    assert by_model == want
+
+
+def _consume(settings: Settings, topic: str, expected: int, timeout_s: float = 60.0) -> list:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=1000,
+    )
+    records: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(records) < expected and time.monotonic() < deadline:
+            records.extend(consumer)
+    finally:
+        consumer.close()
+    return records
