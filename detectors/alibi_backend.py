@@ -41,6 +41,7 @@ from genmon.detectors.drift._common import (
     encode_array,
 )
 from genmon.detectors.drift._windowed import WindowedDrift, embedding_example
+from genmon.detectors.exceptions import InvalidParameterError
 from genmon.exceptions import ConfigurationError
 
 
@@ -63,6 +64,16 @@ def _seeded(seed: int, fn: Any) -> Any:
         return fn()
 
 
+def _configure(seed: int, build: Any) -> Any:
+    try:
+        return _seeded(seed, lambda: build(_alibi_cd()))
+    except (ValueError, ZeroDivisionError, RuntimeError) as exc:
+        raise InvalidParameterError(
+            f"alibi-detect cannot be configured on this reference ({exc}); the usual cause "
+            "is a reference without spread (repeated rows): use a more varied reference"
+        ) from exc
+
+
 def _sigma_array(sigma: float | None) -> np.ndarray | None:
     return None if sigma is None else np.array([sigma], dtype=np.float32)
 
@@ -77,7 +88,7 @@ class _AlibiWindowed(WindowedDrift):
         return as_matrix(values, None if reference is None else reference.shape[1], what)
 
     def _prepare(self) -> None:
-        self._alibi = _seeded(self.seed, lambda: self._build(_alibi_cd()))
+        self._alibi = _configure(self.seed, self._build)
 
     def _build(self, cd: Any) -> Any:
         raise NotImplementedError
@@ -201,7 +212,7 @@ class _AlibiOnline(Detector):
         check_param("n_bootstraps", self.n_bootstraps, low=int(np.ceil(2 * self.ert)))
         self.sigma, self.seed = check_sigma(sigma), int(seed)
         self.reference = as_reference(reference, min_rows=3 * self.window_size)
-        self._alibi = _seeded(self.seed, lambda: self._build(_alibi_cd()))
+        self._alibi = _configure(self.seed, self._build)
         self.reset()
 
     def _build(self, cd: Any) -> Any:
@@ -269,7 +280,7 @@ class _AlibiOnline(Detector):
             return stream(rng, n) + 3.0
 
         reference = stream(np.random.default_rng(1), 60)
-        detector = cls(reference, window_size=8, ert=50, n_bootstraps=200, sigma=1.0)
+        detector = cls(reference, window_size=8, ert=50, n_bootstraps=200)
         # alibi starts with a full window taken from the reference: no warm-up.
         return ContractExample(detector, stream, shifted, 0, ({"window_size": 1},))
 

@@ -138,15 +138,51 @@ class EmbeddingSettings(BaseModel):
     """Sampling and encoding of texts for drift detection."""
 
     enabled: bool = True
-    fields: list[str] = Field(default_factory=lambda: ["prompt", "response"])
-    sample_rate: float = Field(0.1, ge=0.0, le=1.0)
-    min_sample_rate: float = 0.005
-    reservoir_per_window: int = 512
-    batch_size: int = 64
-    batch_within_s: float = 1.0
+    fields: list[Literal["prompt", "response"]] = Field(
+        default_factory=lambda: ["prompt", "response"], description="texts embedded per inference"
+    )
+    sample_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="share of texts sampled while the encoder keeps up"
+    )
+    min_sample_rate: float = Field(
+        0.005, ge=0.0, le=1.0, description="floor of the sample rate under encoder backlog"
+    )
+    reservoir_per_window: int = Field(
+        512, ge=1, description="most sampled texts per model, version, field and window"
+    )
+    batch_size: int = Field(64, ge=1, description="texts the encoder takes and encodes at once")
+    batch_within_s: float = Field(1.0, gt=0, description="longest wait to fill an encoder batch")
     device: str = Field("cpu", description="cpu, cuda or auto")
-    backend: str = Field("auto", description="torch, onnx or auto (onnx int8 when it agrees)")
+    backend: str = Field(
+        "auto", description="torch, onnx or auto (onnx int8 when it agrees with fp32)"
+    )
     cache_dir: Path = Field(DEFAULT_HOME / "models", description="where exported ONNX models live")
+    threads: int = Field(1, ge=1, description="torch/onnxruntime threads of the encoder process")
+    max_text_chars: int = Field(
+        2048, ge=1, description="texts are cut to this before sampling (the model reads 256 tokens)"
+    )
+    run_encoder: bool = Field(
+        True,
+        description="encode inside `genmon worker`; false: run `genmon worker --role embed`",
+    )
+    max_backlog: int = Field(
+        2048, ge=1, description="texts waiting for the encoder above which the sample rate halves"
+    )
+    backlog_check_interval_s: float = Field(
+        2.0, gt=0, description="how often the sampler reads the encoder's backlog"
+    )
+    group_timeout_s: float = Field(
+        30.0, gt=0, description="a window's sample missing texts this long is encoded as it is"
+    )
+
+    @model_validator(mode="after")
+    def _rates_in_order(self) -> EmbeddingSettings:
+        if self.min_sample_rate > self.sample_rate:
+            raise ValueError(
+                f"embedding.min_sample_rate ({self.min_sample_rate}) is above "
+                f"embedding.sample_rate ({self.sample_rate}); lower it"
+            )
+        return self
 
 
 class DetectorSettings(BaseModel):

@@ -134,6 +134,14 @@ def process_exists(pid: int) -> bool:
     return False
 
 
+def has_exited(pid: int) -> bool:
+    """Whether ``pid`` has ended; authoritative (exit status) for processes we started."""
+    process = _started.get(pid)
+    if process is not None:
+        return process.poll() is not None
+    return not process_exists(pid)
+
+
 def exit_description(pid: int) -> str:
     """How a process we started ended ("exit code 1", "signal 9"), or why that is unknown."""
     process = _started.get(pid)

@@ -72,17 +72,31 @@ def _kafka_answers(bootstrap: str) -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_url(settings: Settings) -> Iterator[str]:
-    """SQLAlchemy URL of the genmon database on the local PostgreSQL cluster."""
+    """SQLAlchemy URL of the genmon database on the local PostgreSQL cluster.
+
+    A server that already accepts the configured role there is reused and left running.
+    """
     from genmon.infra.postgres import PostgresCluster
 
     cluster = PostgresCluster(settings)
-    started_here = not cluster.status().running
+    if _postgres_answers(cluster.url):
+        yield cluster.url
+        return
     cluster.up()
     try:
         yield cluster.url
     finally:
-        if started_here:
-            cluster.down()
+        cluster.down()
+
+
+def _postgres_answers(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1)):
+            return True
+    except psycopg.OperationalError:
+        return False
 
 
 @pytest.fixture

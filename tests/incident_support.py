@@ -70,7 +70,7 @@ def webhook(name: str, url: str, **extra: Any) -> DestinationSettings:
 
 def settings_with(*destinations: DestinationSettings, **sections: dict[str, Any]) -> Settings:
     """Settings with these destinations; ``incidents={...}``/``notify={...}`` override fields."""
-    settings = Settings()
+    settings = Settings.model_validate({})
     notify = settings.notify.model_copy(
         update={"destinations": list(destinations), **sections.get("notify", {})}
     )

@@ -160,7 +160,7 @@ def test_quiet_windows_auto_resolve_with_hysteresis(engine: Engine) -> None:
     with Session(engine) as session:
         events = session.exec(select(Notification.event).order_by(Notification.id)).all()
         last = session.exec(
-            select(IncidentTransition).order_by(IncidentTransition.id.desc())  # type: ignore[union-attr]
+            select(IncidentTransition).order_by(IncidentTransition.id.desc())
         ).first()
     assert events == [NotificationEvent.TRIGGER, NotificationEvent.RESOLVE]
     assert last is not None and last.actor == "genmon" and "3 clear windows" in last.reason
@@ -288,9 +288,7 @@ def test_lifecycle_and_audit_trail(engine: Engine) -> None:
         manager.acknowledge("nope", actor="alice")
     with Session(engine) as session:
         incident = session.get(Incident, incident_id)
-        trail = session.exec(
-            select(IncidentTransition).order_by(IncidentTransition.id)  # type: ignore[arg-type]
-        ).all()
+        trail = session.exec(select(IncidentTransition).order_by(IncidentTransition.id)).all()
         events = session.exec(select(Notification.event).order_by(Notification.id)).all()
     assert incident is not None and "rolled back the prompt template" in incident.notes
     assert [(t.transition, t.actor) for t in trail] == [
@@ -326,9 +324,7 @@ def test_silence_suppresses_notifications_not_incidents(engine: Engine) -> None:
     assert silenced.notifications == 0 and loud.notifications == 1
     assert len(_incidents(engine)) == 2
     with Session(engine) as session:
-        statuses = dict(
-            session.exec(select(Notification.incident_id, Notification.status)).all()  # type: ignore[arg-type]
-        )
+        statuses = dict(session.exec(select(Notification.incident_id, Notification.status)).all())
     assert statuses[silenced.incident_id] is NotificationStatus.SUPPRESSED
     assert statuses[loud.incident_id] is NotificationStatus.PENDING
     # After the silence ends, notifications flow again.

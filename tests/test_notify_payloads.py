@@ -68,9 +68,11 @@ def _destinations(receiver: WebhookReceiver) -> list[DestinationSettings]:
 
 
 def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
-    route = RouteSettings(
-        destinations=["pd", "am", "slack", "hook"],
-        runbook=RunbookSettings(url="https://runbooks.example/route", remediation=["page ML"]),
+    route = RouteSettings.model_validate(
+        {
+            "destinations": ["pd", "am", "slack", "hook"],
+            "runbook": {"url": "https://runbooks.example/route", "remediation": ["page ML"]},
+        }
     )
     return settings_with(
         *_destinations(receiver),
@@ -210,16 +212,20 @@ def test_silence_suppresses_pages_but_keeps_the_incident(
 
 def test_routes_by_severity_and_model() -> None:
     destinations = [
-        DestinationSettings(name="pd", type="pagerduty", url="http://x/pd", routing_key="k" * 32),
-        DestinationSettings(name="team", url="http://x/team"),
-        DestinationSettings(name="all", url="http://x/all"),
+        DestinationSettings.model_validate(d)
+        for d in (
+            {"name": "pd", "type": "pagerduty", "url": "http://x/pd", "routing_key": "k" * 32},
+            {"name": "team", "url": "http://x/team"},
+            {"name": "all", "url": "http://x/all"},
+        )
     ]
     routes = [
-        RouteSettings(
-            destinations=["pd"], matchers=['severity=~"error|critical"'], **{"continue": True}
-        ),
-        RouteSettings(destinations=["team"], matchers=["model=search"]),
-        RouteSettings(destinations=["all"]),
+        RouteSettings.model_validate(r)
+        for r in (
+            {"destinations": ["pd"], "matchers": ['severity=~"error|critical"'], "continue": True},
+            {"destinations": ["team"], "matchers": ["model=search"]},
+            {"destinations": ["all"]},
+        )
     ]
     router = Router(settings_with(*destinations, notify={"routes": routes}).notify)
 

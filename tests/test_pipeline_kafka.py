@@ -46,7 +46,10 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         handle = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [GENMON, "worker"], env=self.env, stdout=handle, stderr=subprocess.STDOUT,
+            [GENMON, "worker"],
+            env=self.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         handle.close()
@@ -84,8 +87,14 @@ class WorkerProcess:
 class Harness:
     """Settings, producer, output readers and workers of one test."""
 
-    def __init__(self, kafka_settings: Settings, name: str, tmp: Path,
-                 free_port: Callable[[], int], **extra_env: str) -> None:
+    def __init__(
+        self,
+        kafka_settings: Settings,
+        name: str,
+        tmp: Path,
+        free_port: Callable[[], int],
+        **extra_env: str,
+    ) -> None:
         self.name, self.tmp, self.free_port = name, tmp, free_port
         self.db_url = f"sqlite:///{tmp / 'genmon.sqlite'}"
         self.env = {
@@ -110,18 +119,23 @@ class Harness:
             **extra_env,
         }
         self.settings = Settings(
-            kafka={"bootstrap_servers": kafka_settings.kafka.bootstrap_servers,
-                   "topic_prefix": name}
+            kafka={
+                "bootstrap_servers": kafka_settings.kafka.bootstrap_servers,
+                "topic_prefix": name,
+            }
         )
         KafkaBroker(self.settings).ensure_topics(self.settings.kafka.bootstrap_servers)
         upgrade(self.db_url)
-        self.producer = KafkaProducer(bootstrap_servers=kafka_settings.kafka.bootstrap_servers,
-                                      linger_ms=5)
+        self.producer = KafkaProducer(
+            bootstrap_servers=kafka_settings.kafka.bootstrap_servers, linger_ms=5
+        )
         self.workers: list[WorkerProcess] = []
         self._consumer = KafkaConsumer(
-            self.settings.topic("windows"), self.settings.topic("findings"),
+            self.settings.topic("windows"),
+            self.settings.topic("findings"),
             bootstrap_servers=kafka_settings.kafka.bootstrap_servers,
-            auto_offset_reset="earliest", consumer_timeout_ms=500,
+            auto_offset_reset="earliest",
+            consumer_timeout_ms=500,
             group_id=f"{name}-reader",
         )
         self.windows: list[dict[str, Any]] = []
@@ -135,8 +149,11 @@ class Harness:
 
     def send(self, event: InferenceEvent | FeedbackEvent) -> None:
         kind = "inference" if isinstance(event, InferenceEvent) else "feedback"
-        self.producer.send(self.settings.topic(kind), key=event.model_id.encode(),
-                           value=event.model_dump_json().encode())
+        self.producer.send(
+            self.settings.topic(kind),
+            key=event.model_id.encode(),
+            value=event.model_dump_json().encode(),
+        )
 
     def poll(self) -> None:
         for message in self._consumer:
@@ -156,8 +173,14 @@ class Harness:
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
     def window(self, model: str, kind: str, start_ms: int) -> dict[str, Any] | None:
-        return next((w for w in self.windows if w["model_id"] == model and w["kind"] == kind
-                     and w["start_ms"] == start_ms), None)
+        return next(
+            (
+                w
+                for w in self.windows
+                if w["model_id"] == model and w["kind"] == kind and w["start_ms"] == start_ms
+            ),
+            None,
+        )
 
     def close(self) -> None:
         for worker in self.workers:
@@ -167,8 +190,9 @@ class Harness:
 
 
 @pytest.fixture
-def harness(kafka_settings: Settings, unique_name: str, tmp_path: Path,
-            free_port: Callable[[], int]) -> Iterator[Callable[..., Harness]]:
+def harness(
+    kafka_settings: Settings, unique_name: str, tmp_path: Path, free_port: Callable[[], int]
+) -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
     def make(**extra_env: str) -> Harness:
@@ -201,28 +225,61 @@ def test_windows_from_a_scripted_stream_have_the_expected_counts_and_quantiles(h
     events = []
     for i in range(100):  # window [t0, t0+2): latencies 1..100 ms, known errors and signals
         status = InferenceStatus.ERROR if i < 10 else InferenceStatus.OK
-        response = ("I'm sorry, but I can't help with that." if 10 <= i < 15
-                    else "" if 15 <= i < 20 else "The answer is that the cat is here.")
-        events.append(InferenceEvent(
-            request_id=f"a{i}", model_id="m-agg", model_version="v1", latency_ms=float(i + 1),
-            time_to_first_token_ms=float(i + 1) / 2, started_at=t0 + timedelta(milliseconds=19 * i),
-            status=status, error_code=("E503" if i < 6 else "E500") if i < 10 else None,
-            prompt_tokens=10, completion_tokens=i, response=response,
-            segment={"locale": "fr" if i % 4 == 0 else "en"}))
+        response = (
+            "I'm sorry, but I can't help with that."
+            if 10 <= i < 15
+            else ""
+            if 15 <= i < 20
+            else "The answer is that the cat is here."
+        )
+        events.append(
+            InferenceEvent(
+                request_id=f"a{i}",
+                model_id="m-agg",
+                model_version="v1",
+                latency_ms=float(i + 1),
+                time_to_first_token_ms=float(i + 1) / 2,
+                started_at=t0 + timedelta(milliseconds=19 * i),
+                status=status,
+                error_code=("E503" if i < 6 else "E500") if i < 10 else None,
+                prompt_tokens=10,
+                completion_tokens=i,
+                response=response,
+                segment={"locale": "fr" if i % 4 == 0 else "en"},
+            )
+        )
     for i in range(50):  # window [t0+2, t0+4): 50 x 1000 ms
-        events.append(InferenceEvent(
-            request_id=f"b{i}", model_id="m-agg", model_version="v1", latency_ms=1000.0,
-            started_at=t0 + timedelta(seconds=2, milliseconds=30 * i), response="Fine."))
+        events.append(
+            InferenceEvent(
+                request_id=f"b{i}",
+                model_id="m-agg",
+                model_version="v1",
+                latency_ms=1000.0,
+                started_at=t0 + timedelta(seconds=2, milliseconds=30 * i),
+                response="Fine.",
+            )
+        )
     for i in range(30):  # a second model, so more than one partition is involved
-        events.append(InferenceEvent(
-            request_id=f"c{i}", model_id="m-other", latency_ms=5.0,
-            started_at=t0 + timedelta(milliseconds=50 * i)))
+        events.append(
+            InferenceEvent(
+                request_id=f"c{i}",
+                model_id="m-other",
+                latency_ms=5.0,
+                started_at=t0 + timedelta(milliseconds=50 * i),
+            )
+        )
     first, second = events[:100], events[100:]
     random.Random(3).shuffle(first)  # out of order within the allowed lateness
     for event in first + second:
         h.send(event)
-    h.wait_for(lambda: h.window("m-agg", "tumbling", ms(t0) + 2000) is not None
-               and h.window("m-other", "tumbling", ms(t0)) is not None, 60, "both windows")
+    h.wait_for(
+        lambda: (
+            h.window("m-agg", "tumbling", ms(t0) + 2000) is not None
+            and h.window("m-other", "tumbling", ms(t0)) is not None
+        ),
+        60,
+        "both windows",
+    )
 
     w1 = series(h.window("m-agg", "tumbling", ms(t0)))
     assert w1["requests"] == 100 and w1["errors"] == 10
@@ -243,8 +300,11 @@ def test_windows_from_a_scripted_stream_have_the_expected_counts_and_quantiles(h
     keys = [(w["model_id"], w["kind"], w["end_ms"]) for w in h.windows]
     assert len(keys) == len(set(keys))  # each window emitted once
     slow = [f for f in h.findings if f.signal == "latency_p99" and f.detector == "threshold"]
-    h.wait_for(lambda: any(f.detected for f in h.findings if f.signal == "error_rate"), 30,
-               "error-rate finding")
+    h.wait_for(
+        lambda: any(f.detected for f in h.findings if f.signal == "error_rate"),
+        30,
+        "error-rate finding",
+    )
     assert not slow  # p99 of 99 ms and 1000 ms stay under the 2000 ms default
 
 
@@ -255,18 +315,28 @@ def test_feedback_join_out_of_order_late_redelivered_and_orphaned(harness):
     t0 = grid_start()
 
     def fb(rid: str, at: float, fid: str | None = None, thumbs: str = "down") -> FeedbackEvent:
-        return FeedbackEvent(feedback_id=fid or f"f-{rid}", request_id=rid, model_id="m-join",
-                             thumbs=thumbs, created_at=t0 + timedelta(seconds=at))
+        return FeedbackEvent(
+            feedback_id=fid or f"f-{rid}",
+            request_id=rid,
+            model_id="m-join",
+            thumbs=thumbs,
+            created_at=t0 + timedelta(seconds=at),
+        )
 
     for i in range(10):  # before their inference
         h.send(fb(f"r{i}", 1.5, thumbs="up" if i < 4 else "down"))
     for i in range(5):  # never get an inference
         h.send(fb(f"ghost{i}", 1.0))
     inferences = [
-        InferenceEvent(request_id=f"r{i}", model_id="m-join", latency_ms=10.0,
-                       prompt=f"question {i}", response=f"answer {i}",
-                       segment={"tier": "pro" if i < 5 else "free"},
-                       started_at=t0 + timedelta(milliseconds=60 * i))
+        InferenceEvent(
+            request_id=f"r{i}",
+            model_id="m-join",
+            latency_ms=10.0,
+            prompt=f"question {i}",
+            response=f"answer {i}",
+            segment={"tier": "pro" if i < 5 else "free"},
+            started_at=t0 + timedelta(milliseconds=60 * i),
+        )
         for i in range(30)
     ]
     for event in inferences:
@@ -285,17 +355,21 @@ def test_feedback_join_out_of_order_late_redelivered_and_orphaned(harness):
     assert stats["genmon_join_pending"] == 0
     w1 = h.window("m-join", "tumbling", ms(t0))
     fb1 = series(w1)["feedback"]
-    assert fb1 == {"n": 20, "positive": 4, "negative": 16, "negative_rate": 0.8,
-                   "mean_score": 0.2}
+    assert fb1 == {"n": 20, "positive": 4, "negative": 16, "negative_rate": 0.8, "mean_score": 0.2}
     assert series(w1, "tier=pro")["feedback"]["n"] == 5
-    later = sum(series(w)["feedback"]["n"] for w in h.windows
-                if w["model_id"] == "m-join" and w["kind"] == "tumbling" and w is not w1)
+    later = sum(
+        series(w)["feedback"]["n"]
+        for w in h.windows
+        if w["model_id"] == "m-join" and w["kind"] == "tumbling" and w is not w1
+    )
     late = stats.get("genmon_pipeline_late_events_total", {}).get("kind=feedback", 0)
     assert later + late == 5  # every late join counted once, in a window or as late
     with make_engine(h.db_url).connect() as conn:
-        rows = conn.execute(sa.text(
-            "select request_id, score, prompt from labelled_example where model_id='m-join'"
-        )).all()
+        rows = conn.execute(
+            sa.text(
+                "select request_id, score, prompt from labelled_example where model_id='m-join'"
+            )
+        ).all()
     assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(25))
     assert dict((r[0], r[2]) for r in rows)["r3"] == "question 3"
 
@@ -305,21 +379,37 @@ def test_restart_after_kill9_continues_aggregates_and_detector_state(harness):
     first = h.worker().start()
     first.wait_ready()
     t0 = grid_start(40)
-    events = [InferenceEvent(request_id=f"k{i}", model_id="m-restart", latency_ms=500.0,
-                             started_at=t0 + timedelta(milliseconds=10 * i))
-              for i in range(1200)]  # 12 s of event time: six 2 s windows, all slow
+    events = [
+        InferenceEvent(
+            request_id=f"k{i}",
+            model_id="m-restart",
+            latency_ms=500.0,
+            started_at=t0 + timedelta(milliseconds=10 * i),
+        )
+        for i in range(1200)
+    ]  # 12 s of event time: six 2 s windows, all slow
     for event in events[:700]:
         h.send(event)
     h.producer.flush()
-    h.wait_for(lambda: first.stats().get("genmon_pipeline_events_total", {})
-               .get("kind=inference", 0) >= 300, 30, "first events processed")
+    h.wait_for(
+        lambda: (
+            first.stats().get("genmon_pipeline_events_total", {}).get("kind=inference", 0) >= 300
+        ),
+        30,
+        "first events processed",
+    )
     first.kill9()  # mid-stream: some windows closed and judged, others open
     for event in events[700:]:
         h.send(event)
     second = h.worker().start()
     second.wait_ready()
-    h.wait_for(lambda: all(h.window("m-restart", "tumbling", ms(t0) + 2000 * k) is not None
-                           for k in range(6)), 80, "all six windows")
+    h.wait_for(
+        lambda: all(
+            h.window("m-restart", "tumbling", ms(t0) + 2000 * k) is not None for k in range(6)
+        ),
+        80,
+        "all six windows",
+    )
 
     counts: dict[int, set[int]] = {}
     for w in h.windows:
@@ -328,9 +418,20 @@ def test_restart_after_kill9_continues_aggregates_and_detector_state(harness):
     # Re-emitted windows (crash between send and checkpoint) carry the same numbers, and
     # redelivered events were not counted twice: effectively once.
     assert counts == {ms(t0) + 2000 * k: {200} for k in range(6)}
-    h.wait_for(lambda: len({f.dedup_key for f in h.findings
-                            if f.detector == "threshold" and f.signal == "latency_p99"}) == 6,
-               30, "six latency findings")
+    h.wait_for(
+        lambda: (
+            len(
+                {
+                    f.dedup_key
+                    for f in h.findings
+                    if f.detector == "threshold" and f.signal == "latency_p99"
+                }
+            )
+            == 6
+        ),
+        30,
+        "six latency findings",
+    )
     by_key: dict[str, Finding] = {}
     for f in h.findings:
         if f.detector == "threshold" and f.signal == "latency_p99":
@@ -348,23 +449,47 @@ def test_two_workers_split_partitions_and_each_window_finding_is_emitted_once(ha
     models = [f"model-{k}" for k in range(8)]
     for k, model in enumerate(models):
         for i in range(200):  # 4 s of event time per model: two tumbling windows
-            h.send(InferenceEvent(request_id=f"{model}-{i}", model_id=model, latency_ms=300.0,
-                                  started_at=t0 + timedelta(milliseconds=20 * i + k)))
+            h.send(
+                InferenceEvent(
+                    request_id=f"{model}-{i}",
+                    model_id=model,
+                    latency_ms=300.0,
+                    started_at=t0 + timedelta(milliseconds=20 * i + k),
+                )
+            )
 
     def all_windows() -> bool:
-        return all(h.window(m, "tumbling", ms(t0) + 2000 * j) is not None
-                   for m in models for j in range(2))
+        return all(
+            h.window(m, "tumbling", ms(t0) + 2000 * j) is not None for m in models for j in range(2)
+        )
 
     h.wait_for(all_windows, 80, "windows of every model")
     for model in models:
-        got = {series(w)["requests"] for w in h.windows
-               if w["model_id"] == model and w["kind"] == "tumbling"}
+        got = {
+            series(w)["requests"]
+            for w in h.windows
+            if w["model_id"] == model and w["kind"] == "tumbling"
+        }
         assert got == {100}
-    h.wait_for(lambda: len({f.dedup_key for f in h.findings if f.signal == "latency_p99"
-                            and f.detector == "threshold"}) == 16, 30, "16 findings")
-    unique = {f.dedup_key for f in h.findings
-              if f.signal == "latency_p99" and f.detector == "threshold"}
+    h.wait_for(
+        lambda: (
+            len(
+                {
+                    f.dedup_key
+                    for f in h.findings
+                    if f.signal == "latency_p99" and f.detector == "threshold"
+                }
+            )
+            == 16
+        ),
+        30,
+        "16 findings",
+    )
+    unique = {
+        f.dedup_key for f in h.findings if f.signal == "latency_p99" and f.detector == "threshold"
+    }
     assert len(unique) == len(models) * 2  # one per (model, window) after dedup
-    processed = [w.stats().get("genmon_pipeline_events_total", {}).get("kind=inference", 0)
-                 for w in (a, b)]
+    processed = [
+        w.stats().get("genmon_pipeline_events_total", {}).get("kind=inference", 0) for w in (a, b)
+    ]
     assert all(n > 0 for n in processed), processed  # both workers owned partitions

@@ -99,9 +99,9 @@ def free_port() -> int:
 
 
 def settings_for(receiver: WebhookReceiver) -> Settings:
-    settings = Settings()
-    hook = DestinationSettings(
-        name="hook", url=receiver.url, secret=SECRET, rate_per_s=100_000, burst=100_000
+    settings = Settings.model_validate({})
+    hook = DestinationSettings.model_validate(
+        {"name": "hook", "url": receiver.url, "secret": SECRET, "rate_per_s": 1e5, "burst": 100_000}
     )
     return settings.model_copy(
         update={
@@ -170,7 +170,7 @@ def run_kafka(count: int, rate: float, workdir: Path, bootstrap: str) -> dict[st
                 }
             )
         )
-        base = Settings()
+        base = Settings.model_validate({})
         settings = base.model_copy(
             update={
                 "kafka": base.kafka.model_copy(
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--findings", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=200.0, help="findings per second")
     parser.add_argument("--mode", choices=["both", "inprocess", "kafka"], default="both")
-    parser.add_argument("--bootstrap", default=Settings().kafka.bootstrap_servers)
+    parser.add_argument("--bootstrap", default=Settings.model_validate({}).kafka.bootstrap_servers)
     args = parser.parse_args()
     results: dict[str, object] = {"findings": args.findings, "rate_per_s": args.rate}
     with tempfile.TemporaryDirectory(prefix="genmon-bench-") as tmp:

@@ -52,8 +52,11 @@ TIERS = ["free", "pro"]
 def produce(settings: Settings, n: int, span_s: float) -> None:
     """N inference events over ``span_s`` seconds of event time ending a minute ago."""
     producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=20,
-        batch_size=256 * 1024, compression_type=None, acks=1,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        linger_ms=20,
+        batch_size=256 * 1024,
+        compression_type=None,
+        acks=1,
     )
     rng = random.Random(1)
     start = time.time() - 60 - span_s
@@ -80,9 +83,12 @@ def produce(settings: Settings, n: int, span_s: float) -> None:
 async def bare_consumer(settings: Settings, n: int) -> float:
     """Events/s of a consumer that only decodes JSON (first message -> n-th message)."""
     consumer = AIOKafkaConsumer(
-        settings.topic("inference"), bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest", group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
-        enable_auto_commit=False, max_poll_records=1000,
+        settings.topic("inference"),
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False,
+        max_poll_records=1000,
     )
     await consumer.start()
     seen, first = 0, 0.0
@@ -112,13 +118,19 @@ def processed(port: int) -> int:
         return 0
 
 
-def run_worker(settings: Settings, env: dict[str, str], port: int, n: int, log: Path
-               ) -> tuple[float, float, float]:
+def run_worker(
+    settings: Settings, env: dict[str, str], port: int, n: int, log: Path
+) -> tuple[float, float, float]:
     """(events/s, RSS MiB when ready, RSS MiB at the end) of one genmon worker."""
     genmon = str(Path(sys.executable).parent / "genmon")
     with log.open("wb") as handle:
-        proc = subprocess.Popen([genmon, "worker"], env=env, stdout=handle,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [genmon, "worker"],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         while "[^Worker]: Ready" not in log.read_text(errors="replace"):
             if proc.poll() is not None:
@@ -151,8 +163,10 @@ def env_float(env: dict[str, str], name: str) -> float:
 def close_to_finding_p99(settings: Settings) -> tuple[float, int]:
     """p99 seconds from a window's close to its latency finding, over every window."""
     consumer = KafkaConsumer(
-        settings.topic("windows"), settings.topic("findings"),
-        bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest",
+        settings.topic("windows"),
+        settings.topic("findings"),
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
         consumer_timeout_ms=3000,
     )
     closed: dict[tuple[str, str], float] = {}
@@ -174,18 +188,21 @@ def close_to_finding_p99(settings: Settings) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--span-s", type=float, default=120.0,
-                        help="event-time span of the scripted stream")
-    parser.add_argument("--embeddings", action="store_true",
-                        help="also run (c); needs the embedding stage")
+    parser.add_argument(
+        "--span-s", type=float, default=120.0, help="event-time span of the scripted stream"
+    )
+    parser.add_argument(
+        "--embeddings", action="store_true", help="also run (c); needs the embedding stage"
+    )
     args = parser.parse_args()
     if args.embeddings:
         raise SystemExit("(c) needs the embedding stage, which is not installed yet")
 
     base = Settings()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    settings = Settings(kafka={"bootstrap_servers": base.kafka.bootstrap_servers,
-                               "topic_prefix": prefix})
+    settings = Settings(
+        kafka={"bootstrap_servers": base.kafka.bootstrap_servers, "topic_prefix": prefix}
+    )
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     home = Path(tempfile.mkdtemp(prefix="genmon-bench-"))
     print(f"producing {args.events:,} events to {settings.topic('inference')} ...", flush=True)
@@ -215,19 +232,21 @@ def main() -> None:
         "GENMON_FEEDBACK__JOIN_TTL_S": "60",
         "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
     }
-    rate, rss_start, rss_end = run_worker(settings, env, port, args.events,
-                                          home / "worker.log")
+    rate, rss_start, rss_end = run_worker(settings, env, port, args.events, home / "worker.log")
     p99, n_windows = close_to_finding_p99(settings)
 
     print()
-    print(f"events: {args.events:,}   partitions: {settings.kafka.partitions}   "
-          f"models: {len(MODELS)}   cpus: {os.cpu_count()}")
+    print(
+        f"events: {args.events:,}   partitions: {settings.kafka.partitions}   "
+        f"models: {len(MODELS)}   cpus: {os.cpu_count()}"
+    )
     print(f"{'(a) bare aiokafka + json.loads (ceiling)':<52}{ceiling:>12,.0f} events/s")
     print(f"{'(b) genmon worker: ingest + aggregates + join':<52}{rate:>12,.0f} events/s")
     print(f"{'(c) (b) + embedding sampling':<52}{'n/a':>12} (embedding stage not built)")
     print(f"{'ratio (b)/(a)':<52}{rate / ceiling:>12.2f}")
-    print(f"{'p99 window close -> finding published':<52}{p99 * 1000:>12.1f} ms "
-          f"({n_windows} windows)")
+    print(
+        f"{'p99 window close -> finding published':<52}{p99 * 1000:>12.1f} ms ({n_windows} windows)"
+    )
     print(f"{'worker RSS at ready / at end':<52}{rss_start:>8.0f} / {rss_end:.0f} MiB")
 
 

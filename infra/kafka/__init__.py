@@ -29,6 +29,7 @@ from genmon.exceptions import KafkaInfraError
 from genmon.infra._process import (
     cmdline_contains,
     exit_description,
+    has_exited,
     live_process,
     port_answers,
     port_owner,
@@ -276,7 +277,7 @@ class KafkaBroker:
         deadline = time.monotonic() + self.config.start_timeout_s
         last_error = "no answer yet"
         while time.monotonic() < deadline:
-            if not self._is_our_broker(pid):
+            if has_exited(pid):
                 raise KafkaInfraError(
                     f"the Kafka broker (pid {pid}) stopped while starting "
                     f"({exit_description(pid)}); see {self.log_path} "

@@ -38,6 +38,7 @@ from sqlalchemy.orm import aliased
 from sqlmodel import select
 
 from genmon.db import session_scope
+from genmon.exceptions import DatabaseError
 from genmon.schemas.events import utcnow
 from genmon.schemas.incidents import DeliveryAttempt, Notification, NotificationStatus
 from genmon.settings import NotifySettings, Settings, get_settings
@@ -188,7 +189,12 @@ class Dispatcher:
         async with self._client() as client:
             while not stop.is_set():
                 self._wake.clear()
-                report = await self.dispatch_once(client)
+                try:
+                    report = await self.dispatch_once(client)
+                except DatabaseError as exc:
+                    # The database is away (restart, failover): rows stay in the outbox.
+                    log.warning("outbox unavailable, retrying: %s", exc)
+                    report = DispatchReport(wait_s=self.config.poll_interval_s)
                 if report.claimed:
                     continue
                 timeout = self.config.poll_interval_s
@@ -298,10 +304,10 @@ class Dispatcher:
     def _claim(self, report: DispatchReport) -> tuple[list[_Claimed], float | None]:
         now = self.clock()
         lease = now + timedelta(seconds=self.config.lease_s + self.config.timeout_s)
-        claimed: list[_Claimed] = []
         rate_wait: float | None = None
         with session_scope(self.engine) as session:
             candidates = session.execute(self._due_query(now)).scalars().all()
+            allowed: list[Notification] = []
             for row in candidates:
                 bucket = self.buckets.get(row.destination)
                 if bucket is not None and not bucket.try_take():
@@ -309,36 +315,43 @@ class Dispatcher:
                     wait = bucket.wait_s()
                     rate_wait = wait if rate_wait is None else min(rate_wait, wait)
                     continue
-                taken = session.exec(
-                    sa.update(Notification)
-                    .where(Notification.id == row.id)
-                    .where(
-                        sa.or_(
-                            Notification.status == NotificationStatus.PENDING,
-                            Notification.lease_until < now,
-                        )
-                    )
-                    .where(Notification.status.in_(_ACTIVE))
-                    .values(
-                        status=NotificationStatus.DELIVERING,
-                        lease_until=lease,
-                        attempts=Notification.attempts + 1,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                if taken.rowcount != 1:
-                    continue  # another dispatcher took it
-                claimed.append(
-                    _Claimed(
-                        id=row.id,
-                        incident_id=row.incident_id,
-                        destination=row.destination,
-                        event=row.event.value,
-                        idempotency_key=row.idempotency_key,
-                        payload=row.payload,
-                        attempt=row.attempts + 1,
+                allowed.append(row)
+            if not allowed:
+                return [], rate_wait
+            # One conditional UPDATE for the round; RETURNING says which rows are ours
+            # (another dispatcher may have claimed some since the SELECT).
+            taken = session.execute(
+                sa.update(Notification)
+                .where(Notification.id.in_([row.id for row in allowed]))
+                .where(Notification.status.in_(_ACTIVE))
+                .where(
+                    sa.or_(
+                        Notification.status == NotificationStatus.PENDING,
+                        Notification.lease_until < now,
                     )
                 )
+                .values(
+                    status=NotificationStatus.DELIVERING,
+                    lease_until=lease,
+                    attempts=Notification.attempts + 1,
+                )
+                .returning(Notification.id, Notification.attempts)
+                .execution_options(synchronize_session=False)
+            ).all()
+            attempts = {row_id: attempt for row_id, attempt in taken}
+            claimed = [
+                _Claimed(
+                    id=row.id,
+                    incident_id=row.incident_id,
+                    destination=row.destination,
+                    event=row.event.value,
+                    idempotency_key=row.idempotency_key,
+                    payload=row.payload,
+                    attempt=attempts[row.id],
+                )
+                for row in allowed
+                if row.id in attempts
+            ]
         return claimed, rate_wait
 
     def _next_due_s(self, rate_wait: float | None) -> float | None:

@@ -81,3 +81,18 @@ def test_bad_inputs() -> None:
         detector.update(rng.normal(size=(3, 5)))
     with pytest.raises(InvalidParameterError, match="more than k"):
         EmbeddingOutlierDetector(rng.normal(size=(5, 4)), k=5)
+
+
+def test_off_topic_share_rising_mid_stream_is_caught_at_once() -> None:
+    rng = np.random.default_rng(6)
+    detector = EmbeddingOutlierDetector(_clusters(rng, 800), method="knn", metric="cosine")
+    stable = [detector.update(_clusters(rng, 40)).detected for _ in range(20)]
+    assert sum(stable) <= 1
+    # From batch 20 on, 15% of answers land in an unrelated topic (a new direction).
+    changed = [
+        detector.update(
+            np.vstack([_clusters(rng, 34), rng.normal(size=(6, 16)) + np.eye(16)[9] * 6])
+        )
+        for _ in range(3)
+    ]
+    assert changed[0].detected and changed[0].evidence.value("n_outliers") >= 6

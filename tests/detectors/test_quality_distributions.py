@@ -134,3 +134,13 @@ def test_language_labels_stationary_mix_rarely_alarms() -> None:
         detector.update(labels[rng.choice(3, 200, p=probs)].tolist()).detected for _ in range(200)
     )
     assert fired <= 6
+
+
+def test_relevance_false_alarm_rate_on_a_stationary_stream() -> None:
+    rng = np.random.default_rng(7)
+    detector = RelevanceDetector(reference_size=500, window_size=100, min_samples=100, min_drop=0.0)
+    detector.update(np.clip(rng.normal(0.5, 0.15, 500), -1, 1))
+    fired = sum(
+        detector.update(np.clip(rng.normal(0.5, 0.15, 100), -1, 1)).detected for _ in range(300)
+    )
+    assert fired <= 9  # one-sided alpha = 1% of 300 windows is 3

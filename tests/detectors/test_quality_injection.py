@@ -64,3 +64,14 @@ def test_probing_campaign_is_detected_with_marker_counts() -> None:
     assert result.detected
     counted = sum(v for k, v in result.evidence.values if k.startswith("marker:"))
     assert counted >= 5
+
+
+def test_stationary_attack_rate_rarely_alarms() -> None:
+    rng = np.random.default_rng(1)
+    detector = InjectionRateDetector(baseline_rate=0.02, window_size=200, min_samples=200)
+    attack = next(iter(ATTACKS))
+    fired = sum(
+        detector.update([attack if u < 0.02 else BENIGN[0] for u in rng.random(200)]).detected
+        for _ in range(150)
+    )
+    assert fired <= 5  # alpha = 1% of 150 non-overlapping windows is 1.5

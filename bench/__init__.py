@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): ``python -m bench.<area>``; results go to BENCHMARKS.md."""

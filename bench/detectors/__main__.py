@@ -1,0 +1,3 @@
+from bench.detectors.run import main
+
+raise SystemExit(main())
