@@ -264,6 +264,29 @@ def _add_incident_commands() -> None:
 
 _add_incident_commands()
 
+# --- config and demo -------------------------------------------------------------------
+
+
+@main.command("config")
+@click.option("--markdown", is_flag=True, help="Print the README's table of every setting.")
+def config(markdown: bool) -> None:
+    """Show the settings in effect (from GENMON_ variables and .env), secrets masked."""
+    if markdown:
+        from genmon.config_doc import settings_markdown
+
+        click.echo(settings_markdown())
+        return
+    click.echo(get_settings().model_dump_json(indent=2))
+
+
+def _add_demo_command() -> None:
+    from genmon.demo import demo
+
+    main.add_command(demo)
+
+
+_add_demo_command()
+
 
 if __name__ == "__main__":
     main()

@@ -183,32 +183,79 @@ class Dispatcher:
             self._wake.set()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Deliver until ``stop`` is set (or forever)."""
+        """Deliver until ``stop`` is set (or forever).
+
+        A pipeline rather than rounds: claiming, HTTP delivery and recording overlap, so
+        a notification waits neither for a slow delivery of another incident nor for the
+        previous round's bookkeeping. Rows in flight are leased, which keeps each
+        incident's later notifications behind them.
+        """
         stop = stop or asyncio.Event()
         self._wake = asyncio.Event()
-        async with self._client() as client:
-            while not stop.is_set():
-                self._wake.clear()
+        wake = self._wake
+        outcomes: asyncio.Queue[tuple[_Claimed, _Result]] = asyncio.Queue()
+        in_flight: set[asyncio.Task[None]] = set()
+        semaphore = asyncio.Semaphore(self.config.concurrency)
+        most_in_flight = self.config.concurrency * 4
+
+        async def deliver(client: httpx.AsyncClient, item: _Claimed) -> None:
+            async with semaphore:
+                result = await self._deliver(client, item)
+            outcomes.put_nowait((item, result))
+
+        async def record_outcomes() -> None:
+            while True:
+                batch = [await outcomes.get()]
+                while not outcomes.empty():
+                    batch.append(outcomes.get_nowait())
                 try:
-                    report = await self.dispatch_once(client)
+                    await asyncio.to_thread(self._record, batch)
                 except DatabaseError as exc:
-                    # The database is away (restart, failover): rows stay in the outbox.
-                    log.warning("outbox unavailable, retrying: %s", exc)
-                    report = DispatchReport(wait_s=self.config.poll_interval_s)
-                if report.claimed:
-                    continue
-                timeout = self.config.poll_interval_s
-                if report.wait_s is not None:
-                    timeout = min(timeout, max(report.wait_s, 0.01))
-                waiters = {
-                    asyncio.ensure_future(self._wake.wait()),
-                    asyncio.ensure_future(stop.wait()),
-                }
-                _, pending = await asyncio.wait(
-                    waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for waiter in pending:
-                    waiter.cancel()
+                    # Not recorded: the leases expire and the rows are sent again, with
+                    # the same idempotency keys.
+                    log.warning("could not record %d deliveries: %s", len(batch), exc)
+                for _ in batch:
+                    outcomes.task_done()
+                wake.set()  # the next notifications of these incidents are due now
+
+        async with self._client() as client:
+            recorder = asyncio.create_task(record_outcomes())
+            try:
+                while not stop.is_set():
+                    wake.clear()
+                    timeout = self.config.poll_interval_s
+                    room = most_in_flight - len(in_flight)
+                    if room > 0:
+                        try:
+                            report = DispatchReport()
+                            claimed, rate_wait = await asyncio.to_thread(self._claim, report, room)
+                            for item in claimed:
+                                task = asyncio.create_task(deliver(client, item))
+                                in_flight.add(task)
+                                task.add_done_callback(in_flight.discard)
+                            if claimed:
+                                continue
+                            due = await asyncio.to_thread(self._next_due_s, rate_wait)
+                            if due is not None:
+                                timeout = min(timeout, max(due, 0.01))
+                        except DatabaseError as exc:
+                            # The database is away (restart, failover): rows stay queued.
+                            log.warning("outbox unavailable, retrying: %s", exc)
+                    await self._sleep(wake, stop, timeout)
+            finally:
+                if in_flight:
+                    await asyncio.gather(*in_flight, return_exceptions=True)
+                await outcomes.join()
+                recorder.cancel()
+
+    @staticmethod
+    async def _sleep(wake: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:
+        waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())}
+        _, pending = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            waiter.cancel()
 
     async def drain(self, timeout_s: float = 30.0) -> DispatchReport:
         """Deliver until nothing is due (retries scheduled later are left); for the CLI."""
@@ -284,7 +331,7 @@ class Dispatcher:
             else_=row.next_attempt_at,
         )
 
-    def _due_query(self, now: datetime) -> sa.Select:
+    def _due_query(self, now: datetime, limit: int) -> sa.Select:
         row = aliased(Notification)
         return (
             select(row)
@@ -298,15 +345,18 @@ class Dispatcher:
             )
             .where(self._is_head(row))
             .order_by(row.id)
-            .limit(self.batch_size)
+            .limit(limit)
         )
 
-    def _claim(self, report: DispatchReport) -> tuple[list[_Claimed], float | None]:
+    def _claim(
+        self, report: DispatchReport, limit: int | None = None
+    ) -> tuple[list[_Claimed], float | None]:
         now = self.clock()
         lease = now + timedelta(seconds=self.config.lease_s + self.config.timeout_s)
         rate_wait: float | None = None
         with session_scope(self.engine) as session:
-            candidates = session.execute(self._due_query(now)).scalars().all()
+            query = self._due_query(now, min(limit or self.batch_size, self.batch_size))
+            candidates = session.execute(query).scalars().all()
             allowed: list[Notification] = []
             for row in candidates:
                 bucket = self.buckets.get(row.destination)
