@@ -278,13 +278,12 @@ def register(cls: D) -> D:
 
 def load_state(state: dict[str, Any] | str | bytes) -> Detector:
     """Rebuild any registered detector from its ``state_dict``."""
-    if isinstance(state, str | bytes):
-        state = json.loads(state)
+    data: dict[str, Any] = json.loads(state) if isinstance(state, str | bytes) else state
     try:
-        cls = REGISTRY[state["detector"]]
+        cls = REGISTRY[data["detector"]]
     except KeyError as exc:
         raise StateError(
-            f"no registered detector named {state.get('detector')!r}; "
+            f"no registered detector named {data.get('detector')!r}; "
             "import the module that defines it before loading its state"
         ) from exc
-    return cls.from_state(state)
+    return cls.from_state(data)

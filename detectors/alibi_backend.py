@@ -20,6 +20,7 @@ per-step history lists are not kept).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,7 +48,10 @@ from genmon.exceptions import ConfigurationError
 
 def _alibi_cd() -> Any:
     try:
-        import alibi_detect.cd as cd
+        with warnings.catch_warnings():
+            # alibi-detect 0.13 uses torch.jit.script at import time, which torch deprecates.
+            warnings.simplefilter("ignore", FutureWarning)
+            import alibi_detect.cd as cd
     except ImportError as exc:
         raise ConfigurationError(
             f"the alibi-detect backend needs alibi-detect ({exc}); install it with "
@@ -64,7 +68,12 @@ def _seeded(seed: int, fn: Any) -> Any:
         return fn()
 
 
-def _configure(seed: int, build: Any) -> Any:
+def _configure(seed: int, build: Any, reference: np.ndarray) -> Any:
+    if len(np.unique(reference, axis=0)) < 2:
+        raise InvalidParameterError(
+            "alibi-detect cannot be configured on a reference whose rows are all equal; "
+            "use a more varied reference"
+        )
     try:
         return _seeded(seed, lambda: build(_alibi_cd()))
     except (ValueError, ZeroDivisionError, RuntimeError) as exc:
@@ -88,7 +97,7 @@ class _AlibiWindowed(WindowedDrift):
         return as_matrix(values, None if reference is None else reference.shape[1], what)
 
     def _prepare(self) -> None:
-        self._alibi = _configure(self.seed, self._build)
+        self._alibi = _configure(self.seed, self._build, self.reference)
 
     def _build(self, cd: Any) -> Any:
         raise NotImplementedError
@@ -212,7 +221,7 @@ class _AlibiOnline(Detector):
         check_param("n_bootstraps", self.n_bootstraps, low=int(np.ceil(2 * self.ert)))
         self.sigma, self.seed = check_sigma(sigma), int(seed)
         self.reference = as_reference(reference, min_rows=3 * self.window_size)
-        self._alibi = _configure(self.seed, self._build)
+        self._alibi = _configure(self.seed, self._build, self.reference)
         self.reset()
 
     def _build(self, cd: Any) -> Any:

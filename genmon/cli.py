@@ -240,16 +240,24 @@ def schemas_export(out: Path) -> None:
     default=None,
     help="Port of /metrics and /stats; default settings.worker.web_port.",
 )
-def worker(loglevel: str | None, web_port: int | None) -> None:
+@click.option(
+    "--role",
+    type=click.Choice(["all", "embed"]),
+    default="all",
+    show_default=True,
+    help="embed: run only the text encoder (see genmon.streams.embedding).",
+)
+def worker(loglevel: str | None, web_port: int | None, role: str) -> None:
     """Run the stream worker (ingest, dead letters, pipeline) until Ctrl-C or SIGTERM."""
     from genmon.streams.app import run_worker
+    from genmon.streams.embedding import run_embed_worker
 
     settings = get_settings()
     if web_port is not None:
         settings = settings.model_copy(
             update={"worker": settings.worker.model_copy(update={"web_port": web_port})}
         )
-    run_worker(settings, loglevel=loglevel)
+    (run_embed_worker if role == "embed" else run_worker)(settings, loglevel=loglevel)
 
 
 # --- incidents, silences, notify: on-call (genmon.streams.incidents.commands) ------------

@@ -134,12 +134,16 @@ class FeedbackSettings(BaseModel):
     )
 
 
+EmbeddedField = Literal["prompt", "response"]
+EMBEDDED_FIELDS: tuple[EmbeddedField, ...] = ("prompt", "response")
+
+
 class EmbeddingSettings(BaseModel):
     """Sampling and encoding of texts for drift detection."""
 
     enabled: bool = True
-    fields: list[Literal["prompt", "response"]] = Field(
-        default_factory=lambda: ["prompt", "response"], description="texts embedded per inference"
+    fields: list[EmbeddedField] = Field(
+        default_factory=lambda: list(EMBEDDED_FIELDS), description="texts embedded per inference"
     )
     sample_rate: float = Field(
         0.1, ge=0.0, le=1.0, description="share of texts sampled while the encoder keeps up"

@@ -39,6 +39,7 @@ Installer = Callable[["GenmonApp"], None]
 DEFAULT_INSTALLERS: tuple[str, ...] = (
     "genmon.streams.ingest:install",
     "genmon.streams.pipeline:install",
+    "genmon.streams.embedding:install",
     "genmon.streams.incidents.agent:install",
 )
 

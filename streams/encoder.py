@@ -5,10 +5,11 @@ installed package; nothing is downloaded). Two backends give the same 384-d,
 L2-normalised float32 embeddings (mean pooling over tokens, as the model was trained):
 
 * ``torch``: the sentence-transformers model in fp32, on CPU or CUDA;
-* ``onnx``: an int8 ONNX graph exported locally from the same weights (tokenizer,
-  transformer, mean pooling and normalisation in one graph), dynamically quantised
-  with onnxruntime, CPU only. The export runs once and is cached under
-  ``embedding.cache_dir``, keyed by the weights and the export recipe.
+* ``onnx``: an int8 ONNX graph exported locally from the same weights (transformer,
+  mean pooling and normalisation in one graph; int8 weights and int8 block-wise
+  activations in every weight matrix product), run by onnxruntime on CPU. The export
+  runs once and is cached under ``embedding.cache_dir``, keyed by the weights and the
+  export recipe.
 
 ``backend="auto"`` takes ``onnx`` when its embeddings agree with fp32 on a fixed probe
 set (least cosine similarity >= :data:`AGREEMENT_MIN_COSINE`, checked at load), else
@@ -25,7 +26,6 @@ True
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -50,7 +50,7 @@ MAX_TOKENS = 256
 #: Least cosine similarity between int8 and fp32 embeddings of the probe set for ``auto``.
 AGREEMENT_MIN_COSINE = 0.99
 #: Bump when the export or quantisation recipe changes, so cached graphs are rebuilt.
-EXPORT_RECIPE = "minilm-meanpool-int8-v1"
+EXPORT_RECIPE = "minilm-meanpool-matmulnbits8-b64-v1"
 
 #: Fixed sentences the int8 graph must reproduce: short and long, several domains.
 PROBE_TEXTS: tuple[str, ...] = (
@@ -175,6 +175,7 @@ class TextEncoder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
+        _quiet_transformers()
         torch.set_num_threads(self.threads)
         self._torch_model = SentenceTransformer(str(self.model_path), device=self.device)
         self._torch_model.max_seq_length = MAX_TOKENS
@@ -197,7 +198,14 @@ class TextEncoder:
 
     def _choose_by_agreement(self) -> str:
         self._load_torch()
-        self._load_onnx()
+        try:
+            self._load_onnx()
+        except ImportError as exc:
+            log.warning(
+                "int8 ONNX encoder unavailable (%s; install genmon[onnx]); encoding with torch",
+                exc,
+            )
+            return "torch"
         fp32 = self._encode_torch(list(PROBE_TEXTS))
         int8 = self._encode_onnx(list(PROBE_TEXTS))
         self.agreement = float(np.min(np.sum(fp32 * int8, axis=1)))
@@ -248,6 +256,13 @@ class TextEncoder:
         return out
 
 
+def _quiet_transformers() -> None:
+    # Its weight-loading progress bar lands in the worker's log as a warning.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 # -- export ----------------------------------------------------------------------------------
 def export_int8_onnx(model_path: Path, cache_dir: Path) -> Path:
     """The cached int8 ONNX graph of the model at ``model_path``; export it if missing.
@@ -264,7 +279,7 @@ def export_int8_onnx(model_path: Path, cache_dir: Path) -> Path:
         fp32 = Path(work) / "fp32.onnx"
         int8 = Path(work) / "int8.onnx"
         _export_fp32(model_path, fp32)
-        _quantize(fp32, int8, _intermediate_size(model_path))
+        _quantize(fp32, int8)
         os.replace(int8, target)
     return target
 
@@ -292,9 +307,7 @@ def _export_fp32(model_path: Path, out: Path) -> None:
             super().__init__()
             self.transformer = transformer
 
-        def forward(
-            self, input_ids: Any, attention_mask: Any, token_type_ids: Any
-        ) -> torch.Tensor:
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> torch.Tensor:
             tokens = self.transformer(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             ).last_hidden_state
@@ -303,6 +316,7 @@ def _export_fp32(model_path: Path, out: Path) -> None:
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _quiet_transformers()
     module = MeanPooled(AutoModel.from_pretrained(str(model_path))).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     # A padded two-row example, so the traced graph keeps the masking path.
@@ -327,31 +341,34 @@ def _export_fp32(model_path: Path, out: Path) -> None:
         )
 
 
-def _intermediate_size(model_path: Path) -> int:
-    config = json.loads((model_path / "config.json").read_text())
-    return int(config["intermediate_size"])
-
-
-def _quantize(fp32: Path, out: Path, intermediate: int) -> None:
+def _quantize(fp32: Path, out: Path) -> None:
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    graph = onnx.load(str(fp32)).graph
-    weights = {init.name: tuple(init.dims) for init in graph.initializer}
-    # The feed-forward down-projections read GELU outputs with large outliers: quantised
-    # per tensor at run time they cost ~0.03 cosine, so they stay fp32 (measured in
-    # BENCHMARKS.md); every other weight MatMul is int8 per output channel.
-    keep_fp32 = [
-        node.name
-        for node in graph.node
-        if node.op_type == "MatMul"
-        and any(weights.get(name, (0,))[0] == intermediate for name in node.input[1:])
-    ]
-    quantize_dynamic(
-        str(fp32),
-        str(out),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=keep_fp32,
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
     )
+
+    # Weights int8 in blocks of 64 along the input dimension, and at run time activations
+    # int8 per block too (accuracy level 4: int8 dot products). Plain dynamic quantisation
+    # scales each activation tensor as a whole; BERT's outlier features then cost up to
+    # 0.03 cosine on short texts, which the agreement check refuses (BENCHMARKS.md).
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=64, is_symmetric=True, accuracy_level=4, bits=8
+    )
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32)),
+        bits=8,
+        block_size=64,
+        is_symmetric=True,
+        accuracy_level=4,
+        algo_config=config,
+    )
+    # The quantizer logs a line per graph node at INFO.
+    chatter = logging.getLogger("onnxruntime.quantization")
+    level = chatter.level
+    chatter.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        chatter.setLevel(level)
+    quantizer.model.save_model_to_file(str(out))

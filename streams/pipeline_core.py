@@ -7,7 +7,11 @@ All state of partition ``p`` lives under keys that start with ``"<p>\\x1f"`` and
 written to changelog partition ``p``:
 
 - ``<p> P <model> <version> <segment> <pane_start>``: a pane's :class:`WindowStats`;
-- ``<p> J <model> <request_id>``: a join entry (:mod:`genmon.streams.join`);
+- ``<p> S <seq>``: a *join segment*: the join entries (:mod:`genmon.streams.join`) changed
+  in one batch, keyed by ``model, request_id``. Entries live in memory; a segment record
+  is deleted once none of its entries is current (superseded by a later segment or
+  expired). One record per batch instead of one per event keeps the changelog traffic
+  per event small (each table write is one Kafka message through Faust's producer);
 - ``<p> M``: the partition's mark: per model, its watermark and the last closed window
   end per window family; and the last applied source offset per topic.
 
@@ -43,10 +47,12 @@ from genmon.streams.aggregates import (
     event_time_ms,
     segments_of,
 )
-from genmon.streams.join import FeedbackJoiner, JoinedPair
+from genmon.streams.join import FeedbackJoiner, JoinedPair, join_key
 from genmon.streams.quality_signals import QualitySignals
 
 SEP = "\x1f"
+#: Approximate size at which changed join entries are split into another record.
+SEGMENT_BYTES = 256 * 1024
 
 
 class StateStore(Protocol):
@@ -127,6 +133,13 @@ class _Partition:
     join_heaps: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
     dirty: bool = False
+    #: Live join entries by join key, the segment record holding each, live entries per
+    #: segment, and entries changed since the last checkpoint (written as new segments).
+    joins: dict[str, dict[str, Any]] = field(default_factory=dict)
+    join_segment: dict[str, int] = field(default_factory=dict)
+    segment_live: dict[int, int] = field(default_factory=dict)
+    unwritten: dict[str, dict[str, Any]] = field(default_factory=dict)
+    next_segment: int = 0
 
     def mark(self) -> dict[str, Any]:
         return {"models": {m: c.to_state() for m, c in self.clocks.items()}, "off": self.offsets}
@@ -177,6 +190,7 @@ class PipelineCore:
         """(Re)build in-memory indexes of ``partitions`` from the store (after recovery)."""
         wanted = set(partitions)
         now = self.clock()
+        segments: dict[int, list[tuple[int, str]]] = {}
         for p in wanted:
             self._parts[p] = _Partition()
         for key in self.store.all_keys():
@@ -188,21 +202,40 @@ class PipelineCore:
             if kind == "P":
                 model, version, segment, start = rest[2:].split(SEP)
                 part.panes.add(PaneKey(model, version, segment, int(start)))
-            elif kind == "J":
-                entry = self.store.get(key)
-                if entry is not None:
-                    model = rest[2:].split(SEP, 1)[0]
-                    part.join_heaps.setdefault(model, []).append((entry["exp"], key))
-                    if entry["fb"]:
-                        part.pending.add(key)
+            elif kind == "S":
+                segments.setdefault(int(p_text), []).append((int(rest[2:]), key))
             elif kind == "M":
                 mark = self.store.get(key) or {}
                 part.offsets = dict(mark.get("off", {}))
                 for model, clock in mark.get("models", {}).items():
                     part.clocks[model] = _Clock(clock["wm"], now, dict(clock["closed"]))
+        for p, found in segments.items():
+            self._restore_joins(p, self._parts[p], sorted(found))
         for p in wanted:
             for heap in self._parts[p].join_heaps.values():
                 heapq.heapify(heap)
+
+    def _restore_joins(self, p: int, part: _Partition, segments: list[tuple[int, str]]) -> None:
+        # Later segments hold newer versions of an entry; expired ones stay dropped.
+        for seq, key in segments:
+            for jkey, entry in (self.store.get(key) or {}).get("e", {}).items():
+                part.joins[jkey] = entry
+                part.join_segment[jkey] = seq
+            part.next_segment = seq + 1
+        for jkey, entry in list(part.joins.items()):
+            model = jkey.split(SEP, 1)[0]
+            watermark = part.watermark(model)
+            if watermark is not None and entry["exp"] <= watermark:
+                del part.joins[jkey], part.join_segment[jkey]
+                continue
+            seq = part.join_segment[jkey]
+            part.segment_live[seq] = part.segment_live.get(seq, 0) + 1
+            part.join_heaps.setdefault(model, []).append((entry["exp"], jkey))
+            if entry["fb"]:
+                part.pending.add(jkey)
+        for seq, key in segments:
+            if seq not in part.segment_live:
+                self.store.delete(p, key)
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop in-memory indexes of revoked partitions (their state stays in the table)."""
@@ -259,9 +292,9 @@ class PipelineCore:
             self._merge_pane(partition, part, key, stats)
         pairs: list[tuple[int | None, JoinedPair]] = []
         for offset, event in fresh:
-            jkey = self._join_key(partition, event.model_id, event.request_id)
-            entry, joined = self.joiner.on_inference(self.store.get(jkey), event)
-            self._put_join(partition, part, event.model_id, jkey, entry)
+            jkey = join_key(event.model_id, event.request_id)
+            entry, joined = self.joiner.on_inference(part.joins.get(jkey), event)
+            self._put_join(part, event.model_id, jkey, entry)
             pairs += [(offset, pair) for pair in joined]
         # Its own offset channel: the pane's "inference" offset already covers this batch.
         self._joined(partition, part, "join:inference", pairs, out)
@@ -285,9 +318,9 @@ class PipelineCore:
         out = Output()
         pairs: list[tuple[int | None, JoinedPair]] = []
         for offset, event in fresh:
-            jkey = self._join_key(partition, event.model_id, event.request_id)
-            entry, joined = self.joiner.on_feedback(self.store.get(jkey), event)
-            self._put_join(partition, part, event.model_id, jkey, entry)
+            jkey = join_key(event.model_id, event.request_id)
+            entry, joined = self.joiner.on_feedback(part.joins.get(jkey), event)
+            self._put_join(part, event.model_id, jkey, entry)
             pairs += [(offset, pair) for pair in joined]
         self._joined(partition, part, "feedback", pairs, out)
         # Feedback keeps a model's clock awake but does not move it. A model first seen
@@ -307,10 +340,52 @@ class PipelineCore:
         return out
 
     def checkpoint(self, partition: int) -> None:
-        """Write the partition's mark (watermarks, closed windows, applied offsets)."""
+        """Write changed join entries, then the mark (watermarks, closed windows, offsets).
+
+        Join entries are written here, not as they change, so the caller can store the
+        batch's labelled examples first: a crash before that replays the batch and joins
+        again instead of finding the feedback already marked as joined.
+        """
         part = self._part(partition)
+        self._write_segments(partition, part)
         self.store.put(partition, self._mark_key(partition), part.mark())
         part.dirty = False
+
+    def _write_segments(self, partition: int, part: _Partition) -> None:
+        """Changed join entries as few records as possible (one changelog message each)."""
+        chunk: dict[str, dict[str, Any]] = {}
+        size = 0
+        for jkey, entry in part.unwritten.items():
+            chunk[jkey] = entry
+            inference = entry["inf"]
+            size += 256 * (1 + len(entry["fb"]))
+            if inference is not None:
+                size += len(inference["prompt"]) + len(inference["response"])
+            if size >= SEGMENT_BYTES:
+                self._write_segment(partition, part, chunk)
+                chunk, size = {}, 0
+        if chunk:
+            self._write_segment(partition, part, chunk)
+        part.unwritten = {}
+
+    def _write_segment(self, partition: int, part: _Partition, chunk: dict[str, Any]) -> None:
+        seq = part.next_segment
+        part.next_segment += 1
+        self.store.put(partition, self._segment_key(partition, seq), {"e": chunk})
+        part.segment_live[seq] = len(chunk)
+        for jkey in chunk:
+            old = part.join_segment.get(jkey)
+            part.join_segment[jkey] = seq
+            if old is not None:
+                self._release(partition, part, old)
+
+    def _release(self, partition: int, part: _Partition, seq: int) -> None:
+        left = part.segment_live[seq] - 1
+        if left:
+            part.segment_live[seq] = left
+        else:
+            del part.segment_live[seq]
+            self.store.delete(partition, self._segment_key(partition, seq))
 
     def _joined(
         self,
@@ -365,11 +440,12 @@ class PipelineCore:
             clock.due_wm = clock.watermark
         due: set[tuple[str, str, int, int]] = set()
         for pane in part.panes:
-            clock = part.clocks.get(pane.model_id)
-            if clock is None:
+            pane_clock = part.clocks.get(pane.model_id)
+            if pane_clock is None:
                 continue
+            closed = pane_clock.closed
             for kind, start, end in self.plan.windows_of_pane(pane.pane_start_ms):
-                if self.plan.closable(end, clock.watermark) and end > clock.closed.get(
+                if self.plan.closable(end, pane_clock.watermark) and end > closed.get(
                     kind, -(2**62)
                 ):
                     due.add((pane.model_id, kind, start, end))
@@ -435,7 +511,7 @@ class PipelineCore:
             wm = clock.due_wm
             while heap and heap[0][0] <= wm:
                 _, key = heapq.heappop(heap)
-                entry = self.store.get(key)
+                entry = part.joins.get(key)
                 if entry is None:
                     continue
                 if entry["exp"] > wm:  # refreshed since it was pushed
@@ -443,7 +519,11 @@ class PipelineCore:
                     continue
                 self.counters.orphaned += self.joiner.orphans(entry)
                 part.pending.discard(key)
-                self.store.delete(partition, key)
+                del part.joins[key]
+                part.unwritten.pop(key, None)
+                seq = part.join_segment.pop(key, None)
+                if seq is not None:
+                    self._release(partition, part, seq)
                 swept += 1
         return swept
 
@@ -478,11 +558,13 @@ class PipelineCore:
         self.store.put(partition, skey, stats.to_state())
         part.panes.add(key)
 
-    def _put_join(
-        self, partition: int, part: _Partition, model: str, key: str, entry: dict[str, Any]
-    ) -> None:
-        self.store.put(partition, key, entry)
-        heapq.heappush(part.join_heaps.setdefault(model, []), (entry["exp"], key))
+    @staticmethod
+    def _put_join(part: _Partition, model: str, key: str, entry: dict[str, Any]) -> None:
+        previous = part.joins.get(key)
+        part.joins[key] = entry
+        part.unwritten[key] = entry
+        if previous is None or previous["exp"] != entry["exp"]:
+            heapq.heappush(part.join_heaps.setdefault(model, []), (entry["exp"], key))
         if entry["fb"]:
             part.pending.add(key)
         else:
@@ -526,8 +608,8 @@ class PipelineCore:
         )
 
     @staticmethod
-    def _join_key(partition: int, model_id: str, request_id: str) -> str:
-        return SEP.join((str(partition), "J", model_id, request_id))
+    def _segment_key(partition: int, seq: int) -> str:
+        return SEP.join((str(partition), "S", f"{seq:012d}"))
 
     @staticmethod
     def _mark_key(partition: int) -> str:

@@ -55,6 +55,12 @@ _WORD_LISTS = {
 }
 _FUNCTION_WORDS = {lang: frozenset(words.split()) for lang, words in _WORD_LISTS.items()}
 _AMBIGUITY_ORDER = ("en", "es", "fr", "de", "pt", "it")
+_LANGUAGES_OF_WORD: dict[str, tuple[str, ...]] = {}
+for _lang in _AMBIGUITY_ORDER:
+    for _word in _FUNCTION_WORDS[_lang]:
+        _LANGUAGES_OF_WORD[_word] = (*_LANGUAGES_OF_WORD.get(_word, ()), _lang)
+_ASCII_LETTERS = re.compile(r"[A-Za-z]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def _script(code: int) -> str | None:
@@ -85,11 +91,17 @@ def _script(code: int) -> str | None:
 def detect_language(text: str) -> str:
     """A language label for ``text`` (see the module docstring for the heuristic)."""
     head = text[:LANGUAGE_SCAN_CHARS]
+    # Only non-ASCII characters need the per-character script lookup; ASCII letters are
+    # counted by one regex pass (most traffic is ASCII, and this runs for every event).
     counts: dict[str, int] = {}
-    for char in head:
-        script = _script(ord(char))
-        if script is not None:
-            counts[script] = counts.get(script, 0) + 1
+    latin = len(_ASCII_LETTERS.findall(head))
+    if latin:
+        counts["latin"] = latin
+    if not head.isascii():
+        for char in _NON_ASCII.findall(head):
+            script = _script(ord(char))
+            if script is not None:
+                counts[script] = counts.get(script, 0) + 1
     if not counts:
         return "none"
     if "ja" in counts:
@@ -101,9 +113,8 @@ def detect_language(text: str) -> str:
         return best
     hits = dict.fromkeys(_AMBIGUITY_ORDER, 0)
     for word in _WORD.findall(head.lower()):
-        for lang, words in _FUNCTION_WORDS.items():
-            if word in words:
-                hits[lang] += 1
+        for lang in _LANGUAGES_OF_WORD.get(word, ()):
+            hits[lang] += 1
     top = max(_AMBIGUITY_ORDER, key=hits.__getitem__)
     return top if hits[top] else "latin"
 

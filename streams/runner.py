@@ -39,6 +39,7 @@ Finding ``segment`` is ``model_version=<v>`` for whole-version signals and
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -261,6 +262,11 @@ class DetectorRunner:
         state = _copy_state(state)
         factory = self._embedding_factory()
         skey = f"embedding:{field}\x1f{model_version}\x1f{ALL}"
+        if skey not in state["series"] and _needs_reference(factory):
+            # The first sample of the series is its reference (H9's embedding stage edit).
+            build: Callable[..., Detector] = factory
+            self._save(state, skey, build(array, **_embedding_params(build, self.settings)))
+            return state, []
         det = self._detector(state, skey, factory)
         try:
             result = det.update(array)
@@ -356,6 +362,16 @@ class DetectorRunner:
                 evidence=evidence,
             )
         ]
+
+
+def _needs_reference(factory: Callable[..., Detector]) -> bool:
+    return "reference" in inspect.signature(factory).parameters
+
+
+def _embedding_params(factory: Callable[..., Detector], settings: Settings) -> dict[str, Any]:
+    wanted = {"window_size": settings.detectors.drift_window, "ert": settings.detectors.ert}
+    accepted = inspect.signature(factory).parameters
+    return {name: value for name, value in wanted.items() if name in accepted}
 
 
 class _WindowContext:

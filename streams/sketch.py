@@ -17,8 +17,8 @@ Two things differ from ``ddsketch.DDSketch``, on purpose:
 
 >>> s = QuantileSketch()
 >>> s.add_many([10.0, 20.0, 30.0, 40.0, 1000.0])
->>> round(s.quantile(0.5), 1)
-30.0
+>>> abs(s.quantile(0.5) - 30.0) <= 0.01 * 30.0  # within the relative accuracy
+True
 >>> QuantileSketch.from_state(s.to_state()).count
 5
 """

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from incident_support import finding, migrated_engine, sqlite_url
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from sqlmodel import Session, func, select
 
 from genmon.infra.kafka import KafkaBroker
+from genmon.schemas import IncidentEvent
 from genmon.schemas.incidents import Incident, Notification, NotificationEvent
 from genmon.settings import Settings
 from genmon.streams.codec import encode
@@ -143,6 +144,15 @@ def test_identical_findings_and_a_replay_after_restart_page_once(
             .where(Notification.event == NotificationEvent.TRIGGER)
         ).one()
     assert len(incidents) == 1 and incidents[0].finding_count == 1
+    consumer = KafkaConsumer(
+        f"{prefix}.incidents",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    announced = [IncidentEvent.model_validate_json(record.value) for record in consumer]
+    consumer.close()
+    assert [(e.incident_id, e.transition) for e in announced] == [(incidents[0].id, "opened")]
     assert triggers == 1
     assert len(receiver.requests) == 1 and receiver.rejected == 0
     assert receiver.requests[0].json["event"] == "trigger"

@@ -412,3 +412,16 @@ def test_a_batch_in_one_transaction_equals_one_by_one(engine: Engine) -> None:
     with Session(engine) as session:
         events = session.exec(select(Notification.event).order_by(Notification.id)).all()
     assert events == [NotificationEvent.TRIGGER, NotificationEvent.RESOLVE]
+
+
+def test_outcomes_carry_incident_events_for_the_incidents_topic(engine: Engine) -> None:
+    manager = IncidentManager(
+        engine, settings_with(HOOK, incidents={"auto_resolve_quiet_windows": 1})
+    )
+    opened = manager.process(finding(0))
+    assert [(e.transition, e.status) for e in opened.events] == [("opened", IncidentStatus.OPEN)]
+    assert opened.events[0].incident_id == opened.incident_id
+    assert manager.process(finding(0)).events == ()  # a replay announces nothing
+    (update, resolve) = manager.process_many([finding(1), finding(2, detected=False)])
+    assert update.events == ()
+    assert [e.transition for e in resolve.events] == ["resolved"]

@@ -89,5 +89,38 @@ def test_unjoined_feedback_is_orphaned_after_the_ttl_and_entries_are_dropped():
     core.on_inferences(0, [(2, inf("tick2", 40))])
     core.tick(0)
     assert core.counters.orphaned == 2 and core.pending_feedback == 0
-    join_keys = [k for k in core.store.data if k.split("\x1f")[1] == "J"]
-    assert sorted(k.split("\x1f")[-1] for k in join_keys) == ["tick", "tick2"]
+    stored = [key for value in segments(core).values() for key in value["e"]]
+    assert sorted(key.split("\x1f")[-1] for key in stored) == ["tick", "tick2"]
+
+
+def segments(core: PipelineCore) -> dict[str, dict]:
+    return {k: v for k, v in core.store.data.items() if k.split("\x1f")[1] == "S"}
+
+
+def test_join_state_survives_a_restart_and_segments_are_compacted():
+    now = [T0.timestamp() + 3600]
+    core = make_core(now)
+    core.on_feedback(0, [(0, fb("a", 1, "fa"))])
+    core.on_inferences(0, [(i, inf(f"r{i}", 1)) for i in range(50)])
+    core.on_feedback(0, [(1, fb(f"r{i}", 2, f"f{i}")) for i in range(50)])
+    assert len(segments(core)) == 2  # the first batches' segments are fully superseded
+    restarted = PipelineCore(
+        Settings(
+            windows={
+                "tumbling_s": 10,
+                "hopping_size_s": 10,
+                "hopping_step_s": 10,
+                "allowed_lateness_s": 1,
+                "idle_timeout_s": 1000,
+            },
+            feedback={"join_ttl_s": 30, "join_max_text_chars": 20},
+        ),
+        core.store,
+        clock=lambda: now[0],
+    )
+    restarted.restore([0])
+    assert restarted.pending_feedback == 1
+    out = restarted.on_inferences(0, [(50, inf("a", 3))])
+    assert [row["request_id"] for row in out.examples] == ["a"]
+    again = restarted.on_feedback(0, [(2, fb("r7", 2, "f7"))])  # already joined before restart
+    assert again.examples == []

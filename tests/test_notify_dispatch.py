@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from incident_support import (
     FakeClock,
     finding,
@@ -266,3 +267,22 @@ def test_parse_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("Thu, 01 Jan 2026 00:01:00 GMT", T0) == 60.0
     assert parse_retry_after("soon", T0) is None
     assert parse_retry_after(None, T0) is None
+
+
+def test_row_for_a_removed_destination_is_dead_with_a_hint(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    IncidentManager(engine, _settings(receiver), clock=clock).process(finding(0))
+    report = _once(Dispatcher(engine, settings_with(), clock=clock))
+    assert report.dead == 1
+    (row,) = _rows(engine)
+    assert row.last_error is not None and "not configured any more" in row.last_error
+
+
+def test_pagerduty_without_routing_key_is_a_configuration_error() -> None:
+    from genmon.exceptions import ConfigurationError
+
+    pagerduty = webhook("pd", "https://events.pagerduty.com/v2/enqueue", type="pagerduty")
+    with pytest.raises(ConfigurationError, match="routing_key"):
+        Dispatcher(sa.create_engine("sqlite://"), settings_with(pagerduty))

@@ -113,6 +113,8 @@ class Harness:
             "GENMON_WINDOWS__EXPIRES_S": "120",
             "GENMON_WINDOWS__CLOSE_INTERVAL_S": "0.5",
             "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
+            # The embedding stage has its own tests; here it would only load a model.
+            "GENMON_EMBEDDING__ENABLED": "false",
             # Faust reads these itself: a killed worker leaves the group in 6 s, not 60 s.
             "BROKER_SESSION_TIMEOUT": "6",
             "BROKER_HEARTBEAT_INTERVAL": "1",

@@ -1,4 +1,5 @@
-"""Online embedding drift: genmon OnlineMMDDrift vs alibi-detect MMDDriftOnline / LSDDDriftOnline.
+"""Online embedding drift: genmon OnlineMMDDrift / OnlineLSDDDrift vs alibi-detect
+MMDDriftOnline / LSDDDriftOnline.
 
 Every detector runs at the same ERT, window and bootstrap count, single-threaded, in its
 own process (``_drift_worker``), on two streams:
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".build" / "bench"
 ALIBI_PYTHON = ROOT / ".build" / "alibi-venv" / "bin" / "python"
 DATASETS = Path(os.environ.get("GENMON_DATASETS", ROOT.parent / "shared" / "datasets"))
-DETECTORS = ("online_mmd", "alibi_mmd_online", "alibi_lsdd_online")
+DETECTORS = ("online_mmd", "online_lsdd", "alibi_mmd_online", "alibi_lsdd_online")
 
 
 def _gaussian(quick: bool) -> Path:

@@ -10,7 +10,7 @@ Two paths, measured in the same run so the ratio is meaningful on any machine:
 - ``kafka``: a real ``genmon worker`` subprocess consuming the findings topic, with the
   dispatcher running inside the worker (``notify.run_in_worker``).
 
-    .venv/bin/python bench/incidents/bench_latency.py --findings 10000 --rate 200
+    .venv/bin/python bench/incidents/bench_latency.py --findings 10000 --rate 50
 
 Needs the local broker (`genmon infra up`) for the kafka path.
 """
@@ -236,7 +236,7 @@ def run_kafka(count: int, rate: float, workdir: Path, bootstrap: str) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--findings", type=int, default=10_000)
-    parser.add_argument("--rate", type=float, default=200.0, help="findings per second")
+    parser.add_argument("--rate", type=float, default=50.0, help="findings per second")
     parser.add_argument("--mode", choices=["both", "inprocess", "kafka"], default="both")
     parser.add_argument("--bootstrap", default=Settings.model_validate({}).kafka.bootstrap_servers)
     args = parser.parse_args()

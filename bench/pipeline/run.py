@@ -10,8 +10,11 @@ One run, one broker, one machine, printed as one table:
 (b) genmon: a real ``genmon worker`` subprocess (ingest validation + dead-letter check,
     windowed aggregates with sketches and quality signals, the feedback-join table write
     per inference, window closing, detectors) reading the same pre-produced topic;
-(c) genmon with embedding sampling on: filled in by the embedding stage (``--embeddings``
-    is refused until that stage registers itself).
+(c) the same worker with the embedding stage on (its default settings: sampling plus the
+    sentence-transformers encoder on the CPU); ``--no-embeddings`` skips it.
+
+(a2) is the worker with only the ingest installer, so (b)/(a2) is the cost of the pipeline
+over genmon's own validation; (b) runs with ``GENMON_EMBEDDING__ENABLED=false``.
 
 Throughput is measured from the first to the last event processed, so worker start-up
 and recovery are excluded. Also printed: p99 of window close -> finding published (every
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -111,25 +115,33 @@ def stats(port: int) -> dict:
         return json.loads(reply.read())["metrics"]
 
 
-def processed(port: int) -> int:
+def processed(port: int, ingest_only: bool) -> int:
     try:
-        return int(stats(port).get("genmon_pipeline_events_total", {}).get("kind=inference", 0))
+        metrics = stats(port)
     except OSError:
         return 0
+    if ingest_only:
+        return int(sum(metrics.get("genmon_ingest_valid_total", {}).values()))
+    return int(metrics.get("genmon_pipeline_events_total", {}).get("kind=inference", 0))
+
+
+#: A worker with only the ingest installer: validation and dead letters, no pipeline.
+INGEST_ONLY = (
+    "import faust; from genmon.streams.app import create_app; "
+    "faust.Worker(create_app(installers=['genmon.streams.ingest:install']), loglevel='info'"
+    ").execute_from_commandline()"
+)
 
 
 def run_worker(
-    settings: Settings, env: dict[str, str], port: int, n: int, log: Path
+    env: dict[str, str], port: int, n: int, log: Path, *, ingest_only: bool = False
 ) -> tuple[float, float, float]:
     """(events/s, RSS MiB when ready, RSS MiB at the end) of one genmon worker."""
     genmon = str(Path(sys.executable).parent / "genmon")
+    command = [sys.executable, "-c", INGEST_ONLY] if ingest_only else [genmon, "worker"]
     with log.open("wb") as handle:
         proc = subprocess.Popen(
-            [genmon, "worker"],
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         while "[^Worker]: Ready" not in log.read_text(errors="replace"):
@@ -139,7 +151,7 @@ def run_worker(
         rss_start = psutil.Process(proc.pid).memory_info().rss / 2**20
         first_seen = None
         while True:
-            done = processed(port)
+            done = processed(port, ingest_only)
             now = time.perf_counter()
             if done and first_seen is None:
                 first_seen, first_count = now, done
@@ -148,12 +160,17 @@ def run_worker(
             time.sleep(0.05)
         assert first_seen is not None
         rate = (n - first_count) / (now - first_seen)
-        time.sleep(env_float(env, "GENMON_WINDOWS__IDLE_TIMEOUT_S") + 4)  # last windows close
+        if not ingest_only:
+            time.sleep(env_float(env, "GENMON_WINDOWS__IDLE_TIMEOUT_S") + 4)  # last windows
         rss_end = psutil.Process(proc.pid).memory_info().rss / 2**20
         return rate, rss_start, rss_end
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def env_float(env: dict[str, str], name: str) -> float:
@@ -192,11 +209,9 @@ def main() -> None:
         "--span-s", type=float, default=120.0, help="event-time span of the scripted stream"
     )
     parser.add_argument(
-        "--embeddings", action="store_true", help="also run (c); needs the embedding stage"
+        "--no-embeddings", action="store_true", help="skip (c), the embedding stage"
     )
     args = parser.parse_args()
-    if args.embeddings:
-        raise SystemExit("(c) needs the embedding stage, which is not installed yet")
 
     base = Settings()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -211,6 +226,7 @@ def main() -> None:
     print(f"  produced in {time.perf_counter() - started:.1f} s", flush=True)
 
     ceiling = asyncio.run(bare_consumer(settings, args.events))
+    print(f"  (a) done: {ceiling:,.0f} events/s; starting genmon worker ...", flush=True)
 
     port = 17000 + random.randint(0, 999)
     env = {
@@ -219,7 +235,6 @@ def main() -> None:
         "GENMON_KAFKA__TOPIC_PREFIX": prefix,
         "GENMON_WORKER__APP_ID": prefix,
         "GENMON_WORKER__WEB_PORT": str(port),
-        "GENMON_WORKER__LOGLEVEL": "warning",
         "GENMON_HOME": str(home),
         "GENMON_DATABASE__URL": f"sqlite:///{home / 'genmon.sqlite'}",
         "GENMON_WINDOWS__TUMBLING_S": "10",
@@ -232,8 +247,21 @@ def main() -> None:
         "GENMON_FEEDBACK__JOIN_TTL_S": "60",
         "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
     }
-    rate, rss_start, rss_end = run_worker(settings, env, port, args.events, home / "worker.log")
+    ingest_env = {**env, "GENMON_WORKER__APP_ID": f"{prefix}-ingest"}
+    ingest_rate, _, _ = run_worker(
+        ingest_env, port, args.events, home / "ingest.log", ingest_only=True
+    )
+    print(f"  ingest only: {ingest_rate:,.0f} events/s; starting the full worker ...", flush=True)
+    rate, rss_start, rss_end = run_worker(
+        {**env, "GENMON_EMBEDDING__ENABLED": "false"}, port, args.events, home / "worker.log"
+    )
+    print(f"  (b) done: {rate:,.0f} events/s; reading windows and findings ...", flush=True)
     p99, n_windows = close_to_finding_p99(settings)
+    embed_rate: float | None = None
+    if not args.no_embeddings:
+        embed_env = {**env, "GENMON_WORKER__APP_ID": f"{prefix}-embed"}
+        embed_rate, *embed_rss = run_worker(embed_env, port, args.events, home / "embed.log")
+        print(f"  (c) done: {embed_rate:,.0f} events/s", flush=True)
 
     print()
     print(
@@ -241,9 +269,17 @@ def main() -> None:
         f"models: {len(MODELS)}   cpus: {os.cpu_count()}"
     )
     print(f"{'(a) bare aiokafka + json.loads (ceiling)':<52}{ceiling:>12,.0f} events/s")
+    print(f"{'(a2) genmon worker, ingest only (validate + DLQ)':<52}{ingest_rate:>12,.0f} events/s")
     print(f"{'(b) genmon worker: ingest + aggregates + join':<52}{rate:>12,.0f} events/s")
-    print(f"{'(c) (b) + embedding sampling':<52}{'n/a':>12} (embedding stage not built)")
+    if embed_rate is None:
+        print(f"{'(c) (b) + embedding stage':<52}{'skipped':>12}")
+    else:
+        print(
+            f"{'(c) (b) + embedding stage (sampling + encoder)':<52}{embed_rate:>12,.0f} "
+            f"events/s, RSS {embed_rss[0]:.0f} / {embed_rss[1]:.0f} MiB"
+        )
     print(f"{'ratio (b)/(a)':<52}{rate / ceiling:>12.2f}")
+    print(f"{'ratio (b)/(a2): the pipeline over bare ingest':<52}{rate / ingest_rate:>12.2f}")
     print(
         f"{'p99 window close -> finding published':<52}{p99 * 1000:>12.1f} ms ({n_windows} windows)"
     )

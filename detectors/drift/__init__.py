@@ -5,6 +5,7 @@ from genmon.detectors.drift.cvm import CramerVonMisesDrift
 from genmon.detectors.drift.ks import KSDrift
 from genmon.detectors.drift.ks_embedding import EmbeddingKSDrift
 from genmon.detectors.drift.mmd import MMDDrift
+from genmon.detectors.drift.online_lsdd import OnlineLSDDDrift
 from genmon.detectors.drift.online_mmd import OnlineMMDDrift
 from genmon.detectors.drift.psi import PSIDrift
 from genmon.detectors.drift.wasserstein import WassersteinDrift
@@ -15,6 +16,7 @@ __all__ = [
     "EmbeddingKSDrift",
     "KSDrift",
     "MMDDrift",
+    "OnlineLSDDDrift",
     "OnlineMMDDrift",
     "PSIDrift",
     "WassersteinDrift",

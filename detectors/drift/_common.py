@@ -104,3 +104,34 @@ def check_sigma(sigma: float | None) -> float | None:
     if not np.isfinite(sigma) or sigma <= 0:
         raise InvalidParameterError(f"sigma={sigma!r} must be a positive kernel bandwidth or None")
     return sigma
+
+
+def needed_bootstraps(ert: float, window_size: int) -> int:
+    """Fewest bootstrap trajectories for the online calibration (see :func:`ert_thresholds`).
+
+    Each conditional quantile needs about ``ert`` surviving trajectories to be estimable;
+    twice that keeps two expected exceedances per step after ``window_size`` steps.
+    """
+    return int(np.ceil(2.0 * ert / (1.0 - 1.0 / ert) ** window_size))
+
+
+def ert_thresholds(trajectories: np.ndarray, ert: float) -> np.ndarray:
+    """Per-step thresholds giving an expected run time ``ert`` (Cobb et al., 2022).
+
+    ``trajectories`` is (bootstraps x steps) of stationary statistics for the first
+    overlapping windows; step ``k``'s threshold is the ``1 - 1/ert`` quantile among the
+    trajectories that stayed below every earlier threshold.
+    """
+    alive = np.ones(len(trajectories), dtype=bool)
+    thresholds = np.empty(trajectories.shape[1])
+    for step in range(trajectories.shape[1]):
+        thresholds[step] = np.quantile(trajectories[alive, step], 1.0 - 1.0 / ert)
+        alive &= trajectories[:, step] <= thresholds[step]
+    return thresholds
+
+
+def random_subsets(rng: np.random.Generator, n: int, size: int, count: int) -> np.ndarray:
+    """``count`` random ordered subsets of ``range(n)`` of ``size`` each, as rows."""
+    keys = rng.random((count, n))
+    pick = np.argpartition(keys, size, axis=1)[:, :size]
+    return np.take_along_axis(pick, np.argsort(np.take_along_axis(keys, pick, 1), 1), 1)

@@ -6,31 +6,22 @@ from typing import Any
 
 import numpy as np
 
-from genmon.detectors._base import (
-    ContractExample,
-    Detector,
-    DetectorKind,
-    DetectorResult,
-    Evidence,
-    check_param,
-    register,
-)
+from genmon.detectors._base import ContractExample, register
 from genmon.detectors.drift._common import (
-    as_matrix,
-    as_reference,
-    check_sigma,
     decode_array,
     encode_array,
+    ert_thresholds,
     median_sigma,
+    random_subsets,
     rbf,
 )
+from genmon.detectors.drift._online import OnlineKernelDrift
 
-_CHUNK = 512  # rows per vectorised step: bounds the (chunk x (window + chunk)) kernel block
 _BOOT_CHUNK = 128  # bootstraps per vectorised step: bounds the (b x 2W x 2W) gather
 
 
 @register
-class OnlineMMDDrift(Detector):
+class OnlineMMDDrift(OnlineKernelDrift):
     """Sliding-window kernel two-sample test against a fixed reference, one test per embedding.
 
     After each new embedding the squared MMD (unbiased, Gaussian kernel) between the
@@ -69,7 +60,6 @@ class OnlineMMDDrift(Detector):
     """
 
     name = "online_mmd"
-    kind = DetectorKind.DRIFT
 
     def __init__(
         self,
@@ -80,30 +70,7 @@ class OnlineMMDDrift(Detector):
         sigma: float | None = None,
         seed: int = 0,
     ) -> None:
-        self.window_size = int(window_size)
-        check_param("window_size", self.window_size, low=2)
-        self.ert = float(ert)
-        check_param("ert", self.ert, low=1.0, low_open=True)
-        # Each conditional quantile needs about ert surviving splits to be estimable;
-        # twice that keeps two expected exceedances per step after w steps of pruning.
-        needed = int(np.ceil(2.0 * self.ert / (1.0 - 1.0 / self.ert) ** self.window_size))
-        self.n_bootstraps = max(1000, needed) if n_bootstraps is None else int(n_bootstraps)
-        check_param("n_bootstraps", self.n_bootstraps, low=needed)
-        self.sigma = check_sigma(sigma)
-        self.seed = int(seed)
-        self.reference = as_reference(reference, min_rows=3 * self.window_size)
-        self._calibrate()
-        self.reset()
-
-    def set_reference(self, reference: Any) -> None:
-        """Replace the reference (e.g. last week's embeddings), recalibrate and reset."""
-        self.reference = as_reference(reference, min_rows=3 * self.window_size)
-        self._calibrate()
-        self.reset()
-
-    def get_params(self) -> dict[str, Any]:
-        params = {k: getattr(self, k) for k in ("window_size", "ert", "n_bootstraps", "sigma")}
-        return {"reference": encode_array(self.reference), **params, "seed": self.seed}
+        self._init_online(reference, window_size, ert, n_bootstraps, sigma, seed)
 
     def _calibrate(self) -> None:
         # Centring (in float64, exact for a constant reference) keeps float32 distances precise.
@@ -120,9 +87,7 @@ class OnlineMMDDrift(Detector):
         mmd = np.empty((self.n_bootstraps, w))
         for lo in range(0, self.n_bootstraps, _BOOT_CHUNK):
             b = min(_BOOT_CHUNK, self.n_bootstraps - lo)
-            keys = rng.random((b, n))
-            pick = np.argpartition(keys, ext, axis=1)[:, :ext]
-            y = np.take_along_axis(pick, np.argsort(np.take_along_axis(keys, pick, 1), 1), 1)
+            y = random_subsets(rng, n, ext, b)
             g = k[y[:, :, None], y[:, None, :]]
             cum = np.zeros((b, ext, ext + 1))
             g.cumsum(2, dtype=np.float64, out=cum[:, :, 1:])
@@ -141,20 +106,10 @@ class OnlineMMDDrift(Detector):
             cross_cum = np.concatenate([np.zeros((b, 1)), cross.cumsum(1)], 1)
             kxy = cross_cum[:, e] - cross_cum[:, s]
             mmd[lo : lo + b] = kxx[:, None] + kyy / (w * (w - 1)) - 2.0 * kxy / (m * w)
-        alive = np.ones(self.n_bootstraps, dtype=bool)
-        thresholds = np.empty(w)
-        for step in range(w):
-            thresholds[step] = np.quantile(mmd[alive, step], 1.0 - 1.0 / self.ert)
-            alive &= mmd[:, step] <= thresholds[step]
-        self._thresholds = thresholds
+        self._thresholds = ert_thresholds(mmd, self.ert)
         live = rng.permutation(n)[:m]
         self._ref_sub = np.ascontiguousarray(ref[live])
         self._kxx = float(k[np.ix_(live, live)].sum(dtype=np.float64) / (m * (m - 1)))
-
-    def reset(self) -> None:
-        self._clear_window()
-        self._n_seen = 0
-        self._n_detections = 0
 
     def _clear_window(self) -> None:
         self._window = np.empty((0, self.reference.shape[1]), dtype=np.float32)
@@ -164,50 +119,20 @@ class OnlineMMDDrift(Detector):
         self._cross_sum = 0.0
         self._tested = 0  # full windows tested since the last (re)start
 
-    def update(self, batch: Any) -> DetectorResult:
-        x = as_matrix(batch, self.reference.shape[1], "OnlineMMDDrift batch")
-        x = x - self._center
-        score, threshold, detections, first = float("nan"), float(self._thresholds[0]), 0, -1
-        first_score, first_threshold = score, threshold
-        start = 0
-        while start < len(x):
-            chunk = x[start : start + _CHUNK]
-            hit, stat, thr = self._consume(chunk)
-            if stat is not None:
-                score, threshold = stat, thr
-            if hit < 0:
-                start += len(chunk)
-                continue
-            detections += 1
-            first = start + hit if first < 0 else first
-            self._n_seen += hit + 1
-            self._n_detections += 1
-            self._clear_window()
-            start += hit + 1
-            if detections == 1:
-                first_score, first_threshold = score, threshold
-        if detections:
-            score, threshold = first_score, first_threshold
-        m = len(self._ref_sub)
-        return self._result(
-            score=score,
-            threshold=threshold,
-            detected=detections > 0,
-            n_seen=self._n_seen,
-            evidence=Evidence(
-                test="online_mmd",
-                values=(
-                    ("detections", float(detections)),
-                    ("first_detection_index", float(first)),
-                    ("window_fill", float(len(self._window))),
-                    ("reference_size", float(m)),
-                    ("sigma", self._sigma),
-                ),
-            ),
-        )
+    def _window_fill(self) -> int:
+        return len(self._window)
 
-    def _consume(self, chunk: np.ndarray) -> tuple[int, float | None, float]:
-        """Advance over ``chunk``; return (index of first detection or -1, last stat, threshold)."""
+    def _evidence_values(self) -> tuple[tuple[str, float], ...]:
+        return (("reference_size", float(len(self._ref_sub))), ("sigma", self._sigma))
+
+    def _reference_terms(self, chunk: np.ndarray) -> np.ndarray:
+        centred = chunk - self._center
+        return rbf(centred, self._ref_sub, self._sigma).sum(1, dtype=np.float64)
+
+    def _consume(
+        self, chunk: np.ndarray, reference_terms: np.ndarray
+    ) -> tuple[int, float | None, float]:
+        chunk = chunk - self._center
         w, n_old, b = self.window_size, len(self._window), len(chunk)
         seq = np.concatenate([self._window, chunk])
         t = np.arange(n_old, n_old + b)
@@ -224,8 +149,7 @@ class OnlineMMDDrift(Detector):
             block *= (offset >= 1) & (offset <= w - 1)
             bands[r0:r1] = block.sum(1, dtype=np.float64)
             forward[c0:c1] += block.sum(0, dtype=np.float64)
-        to_ref = rbf(chunk, self._ref_sub, self._sigma).sum(1, dtype=np.float64)
-        cross = np.concatenate([self._cross, to_ref])
+        cross = np.concatenate([self._cross, reference_terms])
         leaving = t - w
         has_leaver = leaving >= 0
         drop_f = np.where(has_leaver, forward[np.maximum(leaving, 0)], 0.0)
@@ -233,10 +157,9 @@ class OnlineMMDDrift(Detector):
         pairs = self._pairs + np.cumsum(bands - drop_f)
         cross_sum = self._cross_sum + np.cumsum(cross[n_old:] - drop_c)
         full = t >= w - 1
-        steps = self._tested + np.cumsum(full) - 1
         m = len(self._ref_sub)
         stat = self._kxx + 2.0 * pairs / (w * (w - 1)) - 2.0 * cross_sum / (m * w)
-        thr = self._thresholds[np.clip(steps, 0, w - 1)]
+        thr = self._step_thresholds(full)
         hits = np.flatnonzero(full & (stat > thr))
         last = hits[0] if hits.size else b - 1
         last_stat = float(stat[last]) if full[last] else None
@@ -250,25 +173,20 @@ class OnlineMMDDrift(Detector):
         self._n_seen += b
         return -1, last_stat, float(thr[last])
 
-    def _get_state(self) -> dict[str, Any]:
+    def _window_state(self) -> dict[str, Any]:
         return {
             "window": encode_array(self._window),
             "cross": encode_array(self._cross),
             "forward": encode_array(self._forward),
             "pairs": self._pairs,
             "cross_sum": self._cross_sum,
-            "tested": self._tested,
-            "n_seen": self._n_seen,
-            "n_detections": self._n_detections,
         }
 
-    def _set_state(self, state: dict[str, Any]) -> None:
+    def _set_window_state(self, state: dict[str, Any]) -> None:
         self._window = decode_array(state["window"])
         self._cross = decode_array(state["cross"])
         self._forward = decode_array(state["forward"])
         self._pairs, self._cross_sum = float(state["pairs"]), float(state["cross_sum"])
-        self._tested, self._n_seen = int(state["tested"]), int(state["n_seen"])
-        self._n_detections = int(state["n_detections"])
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:

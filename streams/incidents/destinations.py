@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from genmon.exceptions import ConfigurationError
 from genmon.settings import DestinationSettings
-from genmon.streams.incidents.exceptions import DeliveryError
 from genmon.streams.incidents.signing import signed_headers
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -185,7 +185,7 @@ class PagerDutyDestination(Destination):
     def __init__(self, settings: DestinationSettings) -> None:
         super().__init__(settings)
         if settings.routing_key is None:
-            raise DeliveryError(
+            raise ConfigurationError(
                 f"pagerduty destination {settings.name!r} has no routing_key; add the "
                 "integration key of its PagerDuty service"
             )

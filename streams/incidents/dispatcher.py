@@ -42,13 +42,13 @@ from genmon.exceptions import DatabaseError
 from genmon.schemas.events import utcnow
 from genmon.schemas.incidents import DeliveryAttempt, Notification, NotificationStatus
 from genmon.settings import NotifySettings, Settings, get_settings
+from genmon.streams.incidents._txn import write_transaction
 from genmon.streams.incidents.destinations import (
     Destination,
     Message,
     build_destination,
     scrub_secrets,
 )
-from genmon.streams.incidents.exceptions import DeliveryError
 from genmon.streams.incidents.routing import Router
 
 log = logging.getLogger(__name__)
@@ -354,7 +354,7 @@ class Dispatcher:
         now = self.clock()
         lease = now + timedelta(seconds=self.config.lease_s + self.config.timeout_s)
         rate_wait: float | None = None
-        with session_scope(self.engine) as session:
+        with write_transaction(self.engine) as session:
             query = self._due_query(now, min(limit or self.batch_size, self.batch_size))
             candidates = session.execute(query).scalars().all()
             allowed: list[Notification] = []
@@ -446,8 +446,6 @@ class Dispatcher:
             response = await client.post(
                 request.url, content=request.body, headers=request.headers, timeout=timeout
             )
-        except DeliveryError as exc:
-            return _Result("dead", None, str(exc), _ms(started))
         except httpx.HTTPError as exc:
             secrets = destination.secrets()
             message = scrub_secrets(f"{type(exc).__name__}: {exc}", secrets)
@@ -470,7 +468,7 @@ class Dispatcher:
         """Write a round's outcomes and delivery log in one transaction."""
         now = self.clock()
         statuses = []
-        with session_scope(self.engine) as session:
+        with write_transaction(self.engine) as session:
             for item, result in outcomes:
                 status, values = self._next_state(item, result, now)
                 statuses.append(status)

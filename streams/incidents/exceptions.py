@@ -15,7 +15,3 @@ class IncidentNotFoundError(IncidentError, LookupError):
 
 class InvalidTransitionError(IncidentError, ValueError):
     """The incident's status does not allow the requested change."""
-
-
-class DeliveryError(IncidentError):
-    """A notification could not be rendered for its destination."""

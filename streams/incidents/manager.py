@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -39,8 +39,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from genmon.db import session_scope
-from genmon.schemas.events import Finding, IncidentStatus, Severity, utcnow
+from genmon.schemas.events import Finding, IncidentEvent, IncidentStatus, Severity, utcnow
 from genmon.schemas.incidents import (
     FindingSeen,
     Incident,
@@ -58,6 +57,7 @@ from genmon.settings import (
     Settings,
     get_settings,
 )
+from genmon.streams.incidents._txn import write_transaction
 from genmon.streams.incidents.exceptions import IncidentNotFoundError, InvalidTransitionError
 from genmon.streams.incidents.redact import Redactor
 from genmon.streams.incidents.routing import Router, incident_labels, matches, parse_matchers
@@ -68,6 +68,7 @@ SEVERITY_ORDER = (Severity.INFO, Severity.WARNING, Severity.ERROR, Severity.CRIT
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITY_ORDER)}
 NOTIFICATION_CHART_POINTS = 10
 _RACE_RETRIES = 3
+_EVENTS = "genmon_incident_events"
 
 
 def severity_for(finding: Finding, settings: IncidentSettings) -> Severity:
@@ -107,6 +108,8 @@ class Outcome:
     action: str  # duplicate, ignored, opened, grouped, updated, quiet, resolved, reopened
     incident_id: str | None = None
     notifications: int = 0
+    events: tuple[IncidentEvent, ...] = ()
+    """Transitions it caused, for the incidents topic (published after the commit)."""
 
 
 class IncidentManager:
@@ -134,8 +137,8 @@ class IncidentManager:
         """Apply ``finding``; applying it again (a replay) changes nothing."""
         for attempt in range(_RACE_RETRIES):
             try:
-                with session_scope(self.engine) as session:
-                    return self._apply(session, finding)
+                with write_transaction(self.engine) as session:
+                    return self._apply_with_events(session, finding)
             except IntegrityError:
                 # Another worker opened this fingerprint's incident (or applied this very
                 # finding) between our read and our write; the retry sees its row.
@@ -152,11 +155,17 @@ class IncidentManager:
         if len(findings) <= 1:
             return [self.process(finding) for finding in findings]
         try:
-            with session_scope(self.engine) as session:
-                return [self._apply(session, finding) for finding in findings]
+            with write_transaction(self.engine) as session:
+                return [self._apply_with_events(session, finding) for finding in findings]
         except IntegrityError:
             log.debug("batch of %d conflicted with another worker; one by one", len(findings))
             return [self.process(finding) for finding in findings]
+
+    def _apply_with_events(self, session: Session, finding: Finding) -> Outcome:
+        events: list[IncidentEvent] = session.info.setdefault(_EVENTS, [])
+        before = len(events)
+        outcome = self._apply(session, finding)
+        return replace(outcome, events=tuple(events[before:]))
 
     def _apply(self, session: Session, finding: Finding) -> Outcome:
         key = finding.dedup_key
@@ -284,9 +293,9 @@ class IncidentManager:
         incident.acknowledged_at = None
         incident.opened_at = now
         incident.reopen_count += 1
-        incident.flapping = (
-            incident.reopen_count >= self.config.flap_max_reopens > 0 or incident.flapping
-        )
+        limit = self.config.flap_max_reopens
+        if limit and incident.reopen_count >= limit:
+            incident.flapping = True
         incident.severity = max(
             incident.severity, severity_for(finding, self.config), key=_RANK.__getitem__
         )
@@ -386,7 +395,7 @@ class IncidentManager:
     # --- people's actions ----------------------------------------------------------------
 
     def acknowledge(self, incident_id: str, actor: str, reason: str = "") -> Incident:
-        with session_scope(self.engine) as session:
+        with write_transaction(self.engine) as session:
             incident = self._get(session, incident_id)
             if incident.status is not IncidentStatus.OPEN:
                 raise InvalidTransitionError(
@@ -406,7 +415,7 @@ class IncidentManager:
             return incident
 
     def resolve(self, incident_id: str, actor: str, reason: str = "") -> Incident:
-        with session_scope(self.engine) as session:
+        with write_transaction(self.engine) as session:
             incident = self._get(session, incident_id)
             if incident.status is IncidentStatus.RESOLVED:
                 raise InvalidTransitionError(f"incident {incident_id} is already resolved")
@@ -420,7 +429,7 @@ class IncidentManager:
             return incident
 
     def add_note(self, incident_id: str, actor: str, text: str) -> Incident:
-        with session_scope(self.engine) as session:
+        with write_transaction(self.engine) as session:
             incident = self._get(session, incident_id)
             now = self.clock()
             stamp = f"[{now.isoformat(timespec='seconds')} {actor}] {text.strip()}"
@@ -486,6 +495,20 @@ class IncidentManager:
                 at=self.clock(),
             )
         )
+        if transition is not Transition.NOTED:
+            session.info.setdefault(_EVENTS, []).append(
+                IncidentEvent(
+                    incident_id=incident.id,
+                    fingerprint=incident.fingerprint,
+                    model_id=incident.model_id,
+                    status=incident.status,
+                    severity=incident.severity,
+                    title=incident.title,
+                    transition=transition.value,
+                    actor=actor,
+                    at=self.clock(),
+                )
+            )
 
     # --- the outbox ----------------------------------------------------------------------
 
@@ -536,11 +559,16 @@ class IncidentManager:
     def _silence_for(
         self, session: Session, labels: dict[str, str], now: datetime
     ) -> Silence | None:
-        active = session.exec(
-            select(Silence).where(Silence.starts_at <= now).where(Silence.ends_at > now)
-        ).all()
-        for silence in active:
-            if matches(parse_matchers(silence.matchers), labels):
+        # Loaded once per transaction: a batch of findings shares one view of silences.
+        active = session.info.get("genmon_silences")
+        if active is None:
+            rows = session.exec(
+                select(Silence).where(Silence.starts_at <= now).where(Silence.ends_at > now)
+            ).all()
+            active = [(silence, parse_matchers(silence.matchers)) for silence in rows]
+            session.info["genmon_silences"] = active
+        for silence, matchers in active:
+            if silence.starts_at <= now < silence.ends_at and matches(matchers, labels):
                 return silence
         return None
 
@@ -554,7 +582,12 @@ class IncidentManager:
         now: datetime,
     ) -> dict[str, Any]:
         scrub = self.redactor.scrub
-        related = session.exec(select(Incident.id).where(Incident.parent_id == incident.id)).all()
+        # Only a top-level incident that has been around can have grouped children.
+        related = (
+            session.exec(select(Incident.id).where(Incident.parent_id == incident.id)).all()
+            if incident.parent_id is None and incident.notify_seq > 1
+            else []
+        )
         return {
             "event": event.value,
             "sequence": incident.notify_seq,
@@ -599,7 +632,7 @@ class IncidentManager:
     def prune_seen(self) -> int:
         """Forget dedup keys older than ``finding_dedup_retention_s``; returns how many."""
         cutoff = self.clock() - timedelta(seconds=self.config.finding_dedup_retention_s)
-        with session_scope(self.engine) as session:
+        with write_transaction(self.engine) as session:
             result = session.exec(sa.delete(FindingSeen).where(FindingSeen.seen_at < cutoff))
             return int(result.rowcount or 0)
 

@@ -29,9 +29,9 @@ def test_missing_alibi_raises_configuration_error_with_install_hint() -> None:
 def test_alibi_online_mmd_detects_known_change_point() -> None:
     rng = np.random.default_rng(4)
     detector = AlibiMMDDriftOnline(
-        rng.normal(size=(300, 8)), window_size=16, ert=200, n_bootstraps=1000, seed=1
+        rng.normal(size=(300, 8)), window_size=16, ert=500, n_bootstraps=1000, seed=1
     )
-    before = detector.update(rng.normal(size=(100, 8)))
+    before = detector.update(rng.normal(size=(30, 8)))
     after = detector.update(rng.normal(1.0, 1.0, size=(100, 8)))
     assert not before.detected
     assert after.detected and after.evidence.value("first_detection_index") <= 16

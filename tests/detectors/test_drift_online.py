@@ -1,4 +1,4 @@
-"""OnlineMMDDrift: detection delay at a known change point, calibrated false-alarm rate."""
+"""Online embedding drift (MMD, LSDD): delay at a known change point, calibrated ERT."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from genmon.detectors import InputError, InvalidParameterError, OnlineMMDDrift, load_state
+from genmon.detectors import (
+    InputError,
+    InvalidParameterError,
+    OnlineLSDDDrift,
+    OnlineMMDDrift,
+    load_state,
+)
+
+ONLINE = pytest.mark.parametrize("cls", [OnlineMMDDrift, OnlineLSDDDrift], ids=["mmd", "lsdd"])
 
 
 def _stream_with_change(rng: np.random.Generator, before: int, after: int, dim: int) -> np.ndarray:
@@ -16,11 +24,12 @@ def _stream_with_change(rng: np.random.Generator, before: int, after: int, dim: 
     return np.concatenate([rng.normal(size=(before, dim)), shifted]).astype(np.float32)
 
 
+@ONLINE
 @pytest.mark.parametrize("batch", [1, 37, 1000])
-def test_detects_known_change_point_within_delay_bound(batch: int) -> None:
+def test_detects_known_change_point_within_delay_bound(cls, batch: int) -> None:
     rng = np.random.default_rng(42)
     window, change = 32, 400
-    detector = OnlineMMDDrift(rng.normal(size=(600, 16)), window_size=window, ert=2000, seed=3)
+    detector = cls(rng.normal(size=(600, 16)), window_size=window, ert=2000, seed=3)
     stream = _stream_with_change(rng, change, 400, 16)
     alarms = []
     for start in range(0, len(stream), batch):
@@ -32,12 +41,13 @@ def test_detects_known_change_point_within_delay_bound(batch: int) -> None:
     assert alarms[0] - change <= window, f"delay {alarms[0] - change} exceeds one window"
 
 
-def test_stationary_run_length_matches_configured_ert() -> None:
+@ONLINE
+def test_stationary_run_length_matches_configured_ert(cls) -> None:
     # Pooled over three references: mean tested updates between false alarms ~ ert.
     window, ert, total, alarms = 20, 100, 0, 0
     for seed in range(3):
         rng = np.random.default_rng(seed)
-        detector = OnlineMMDDrift(rng.normal(size=(600, 8)), window_size=window, ert=ert, seed=seed)
+        detector = cls(rng.normal(size=(600, 8)), window_size=window, ert=ert, seed=seed)
         for _ in range(30):
             result = detector.update(rng.normal(size=(1000, 8)))
             alarms += int(result.evidence.value("detections"))
@@ -47,11 +57,12 @@ def test_stationary_run_length_matches_configured_ert() -> None:
     assert 0.7 * ert <= mean_run <= 1.4 * ert, f"mean run length {mean_run:.1f} vs ert {ert}"
 
 
-def test_batched_and_single_updates_agree() -> None:
+@ONLINE
+def test_batched_and_single_updates_agree(cls) -> None:
     rng = np.random.default_rng(5)
     reference = rng.normal(size=(200, 6))
-    batched = OnlineMMDDrift(reference, window_size=15, ert=50, seed=1)
-    single = OnlineMMDDrift(reference, window_size=15, ert=50, seed=1)
+    batched = cls(reference, window_size=15, ert=50, seed=1)
+    single = cls(reference, window_size=15, ert=50, seed=1)
     stream = _stream_with_change(rng, 150, 150, 6)
     batched_alarms = batched.update(stream).evidence.value("detections")
     single_alarms = sum(single.update(row).detected for row in stream)
@@ -59,9 +70,10 @@ def test_batched_and_single_updates_agree() -> None:
     assert batched.state_dict()["state"]["n_seen"] == single.state_dict()["state"]["n_seen"] == 300
 
 
-def test_no_test_until_window_full_and_restart_after_alarm() -> None:
+@ONLINE
+def test_no_test_until_window_full_and_restart_after_alarm(cls) -> None:
     rng = np.random.default_rng(1)
-    detector = OnlineMMDDrift(rng.normal(size=(200, 4)), window_size=10, ert=100, seed=0)
+    detector = cls(rng.normal(size=(200, 4)), window_size=10, ert=100, seed=0)
     far = rng.normal(5.0, 1.0, size=(9, 4))
     result = detector.update(far)
     assert not result.detected and np.isnan(result.score)
@@ -71,9 +83,10 @@ def test_no_test_until_window_full_and_restart_after_alarm() -> None:
     assert not detector.update(rng.normal(5.0, 1.0, size=(9, 4))).detected
 
 
-def test_set_reference_recalibrates_and_resets() -> None:
+@ONLINE
+def test_set_reference_recalibrates_and_resets(cls) -> None:
     rng = np.random.default_rng(2)
-    detector = OnlineMMDDrift(rng.normal(size=(200, 4)), window_size=10, ert=100, seed=0)
+    detector = cls(rng.normal(size=(200, 4)), window_size=10, ert=100, seed=0)
     new_regime = rng.normal(3.0, 1.0, size=(200, 4))
     assert detector.update(rng.normal(3.0, 1.0, size=(30, 4))).detected
     detector.set_reference(new_regime)
@@ -83,21 +96,23 @@ def test_set_reference_recalibrates_and_resets() -> None:
     assert np.array_equal(restored.reference, detector.reference)
 
 
-def test_state_is_compact() -> None:
+@ONLINE
+def test_state_is_compact(cls) -> None:
     reference = np.random.default_rng(0).normal(size=(1000, 384)).astype(np.float32)
-    detector = OnlineMMDDrift(reference, window_size=32, ert=200)
+    detector = cls(reference, window_size=32, ert=200)
     size = len(json.dumps(detector.state_dict()))
     assert size < 1.4 * reference.nbytes  # base64 float32, not a JSON list of floats
 
 
-def test_bad_input_and_parameters() -> None:
+@ONLINE
+def test_bad_input_and_parameters(cls) -> None:
     rng = np.random.default_rng(0)
-    detector = OnlineMMDDrift(rng.normal(size=(100, 4)), window_size=10, ert=50)
+    detector = cls(rng.normal(size=(100, 4)), window_size=10, ert=50)
     with pytest.raises(InputError, match="dimensions"):
         detector.update(np.zeros((3, 5)))
     with pytest.raises(InputError, match="NaN"):
         detector.update(np.full((3, 4), np.nan))
-    with pytest.raises(InvalidParameterError, match="at least 30"):
-        OnlineMMDDrift(rng.normal(size=(20, 4)), window_size=10)
+    with pytest.raises(InvalidParameterError, match="at least"):
+        cls(rng.normal(size=(20, 4)), window_size=10)
     with pytest.raises(InvalidParameterError, match="n_bootstraps"):
-        OnlineMMDDrift(rng.normal(size=(100, 4)), window_size=10, ert=500, n_bootstraps=100)
+        cls(rng.normal(size=(100, 4)), window_size=10, ert=500, n_bootstraps=100)

@@ -1,0 +1,774 @@
+"""The embedding stage: sample texts, encode them off the hot path, feed embedding drift.
+
+Flow (``<prefix>`` is ``kafka.topic_prefix``)::
+
+    ingest sink ──► Sampler ──(window closed)──► <prefix>.embed-requests ──► encoder agent
+    (in memory,     Bernoulli(rate) + one        one text per message,      take(batch_size,
+     no I/O)        reservoir per model,         keyed by model id          within=...) ->
+                    version, field, window                                  TextEncoder ->
+                                                                            submit_embeddings
+
+* **Sampling.** Each ``prompt``/``response`` (``embedding.fields``) of a valid inference is
+  kept with probability ``rate`` and then offered to a reservoir (Vitter's algorithm R)
+  of ``embedding.reservoir_per_window`` texts per model, version, field and tumbling
+  window (``windows.tumbling_s``, by the event's ``started_at``). A window closes like the
+  pipeline's: when the model's newest event time passes its end plus
+  ``windows.allowed_lateness_s``, or when the model has been idle
+  ``windows.idle_timeout_s`` and the wall clock passes it. Its reservoir is then written
+  to the request topic, one message per text, each carrying the sample's id, index and
+  size. Later events of a closed window are dropped and counted (``late``).
+* **Encoding.** The encoder agent takes batches from the request topic, encodes them in a
+  dedicated thread (the event loop, and with it ingest and aggregates, never waits for
+  the model), reassembles each window's sample and hands it to the embedding drift
+  detector through the pipeline's hook
+  (:meth:`genmon.streams.pipeline.Pipeline.submit_embeddings`). A sample missing texts
+  after ``embedding.group_timeout_s`` (its producer or encoder restarted mid-sample) is
+  submitted as it is; a sample seen again after a redelivery is skipped.
+* **Backpressure.** Every ``embedding.backlog_check_interval_s`` the sampler reads the
+  encoder's backlog: messages on the request topic beyond its consumer group's committed
+  offsets. Above ``embedding.max_backlog`` the sample rate halves (down to
+  ``embedding.min_sample_rate``); once the backlog is at most one encoder batch it grows
+  back by a tenth of ``embedding.sample_rate`` per check (AIMD).
+
+**Where the encoder runs.** With ``embedding.run_encoder`` (default) the encoder agent
+runs inside ``genmon worker``. To give the model its own process (or machine, or GPU)
+set ``GENMON_EMBEDDING__RUN_ENCODER=false`` for the workers and run
+``genmon worker --role embed --web-port 6067``: a Faust app with id
+``<worker.app_id>-embed`` that consumes only the request topic, keeps the embedding
+detectors' state in its own table and publishes findings to ``<prefix>.findings``.
+
+Metrics (on the worker's ``/metrics`` and ``/stats``): ``genmon_embedding_sample_rate``,
+``genmon_embedding_backlog``, ``genmon_embedding_backlog_errors_total``,
+``genmon_embedding_texts_queued_total``,
+``genmon_embedding_dropped_total{reason=rate|reservoir|late|future}``,
+``genmon_embedding_encoded_total``, ``genmon_embedding_sentences_per_second``,
+``genmon_embedding_encode_seconds``, ``genmon_embedding_samples_submitted_total{complete}``,
+``genmon_embedding_submit_errors_total``, ``genmon_embedding_bad_requests_total``,
+``genmon_embedding_encoder_info{backend,device}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter as Tally
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import numpy as np
+from prometheus_client import Counter, Gauge, Histogram
+
+from genmon.exceptions import ConfigurationError, GenmonError
+from genmon.schemas.events import InferenceEvent
+from genmon.settings import Settings
+
+if TYPE_CHECKING:
+    from faust.types import TopicT
+
+    from genmon.streams.app import GenmonApp
+    from genmon.streams.encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+#: Kind of the internal topic: ``<prefix>.embed-requests``.
+REQUESTS_KIND = "embed-requests"
+#: Additive increase per backlog check, as a share of ``embedding.sample_rate``.
+RATE_INCREASE_SHARE = 0.1
+#: Multiplicative decrease when the backlog is too long.
+RATE_DECREASE_FACTOR = 0.5
+#: Sample ids remembered so that a redelivered sample is not submitted twice.
+SUBMITTED_MEMORY = 10_000
+
+Submit = Callable[[str, str, str, datetime, np.ndarray], Awaitable[Any]]
+T = TypeVar("T")
+
+
+# -- wire format -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbedRequest:
+    """One sampled text of one window's sample, as written to the request topic."""
+
+    sample_id: str
+    model_id: str
+    model_version: str
+    field: str
+    window_start: datetime
+    window_end: datetime
+    index: int
+    count: int
+    text: str
+
+    def to_bytes(self) -> bytes:
+        document = {
+            **self.__dict__,
+            "window_start": self.window_start.isoformat(),
+            "window_end": self.window_end.isoformat(),
+        }
+        return json.dumps(document, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> EmbedRequest:
+        """Decode one message; ``ValueError`` says what is wrong with it."""
+        try:
+            document = json.loads(raw or b"")
+            request = cls(
+                **{
+                    **document,
+                    "window_start": datetime.fromisoformat(document["window_start"]),
+                    "window_end": datetime.fromisoformat(document["window_end"]),
+                }
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"not an embedding request: {exc}") from exc
+        if not 0 <= request.index < request.count:
+            raise ValueError(f"index {request.index} outside a sample of {request.count}")
+        return request
+
+
+# -- sampling ----------------------------------------------------------------------------------
+class Reservoir(Generic[T]):
+    """A uniform random sample of at most ``capacity`` items of a stream (algorithm R).
+
+    After ``n`` offers every offered item is in the sample with probability
+    ``min(1, capacity / n)``, in O(capacity) memory.
+
+    >>> reservoir = Reservoir(3, random.Random(0))
+    >>> for item in range(100):
+    ...     reservoir.offer(item)
+    >>> len(reservoir.items), reservoir.seen
+    (3, 100)
+    """
+
+    def __init__(self, capacity: int, rng: random.Random) -> None:
+        if capacity < 1:
+            raise ConfigurationError(f"a reservoir needs capacity >= 1, got {capacity}")
+        self.capacity = capacity
+        self.items: list[T] = []
+        self.seen = 0
+        self._rng = rng
+
+    def offer(self, item: T) -> None:
+        self.seen += 1
+        if len(self.items) < self.capacity:
+            self.items.append(item)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < self.capacity:
+            self.items[slot] = item
+
+
+class RateController:
+    """Sample rate under encoder backpressure: additive increase, multiplicative decrease.
+
+    >>> control = RateController(max_rate=0.4, min_rate=0.01, max_backlog=100, caught_up=10)
+    >>> [round(control.observe(b), 2) for b in (500, 500, 50, 0, 0)]
+    [0.2, 0.1, 0.1, 0.14, 0.18]
+    """
+
+    def __init__(
+        self,
+        max_rate: float,
+        min_rate: float,
+        max_backlog: int,
+        caught_up: int,
+        increase: float | None = None,
+        decrease: float = RATE_DECREASE_FACTOR,
+    ) -> None:
+        if not 0.0 <= min_rate <= max_rate <= 1.0:
+            raise ConfigurationError(
+                f"sample rates must satisfy 0 <= min ({min_rate}) <= max ({max_rate}) <= 1"
+            )
+        if not 0.0 < decrease < 1.0:
+            raise ConfigurationError(f"rate decrease factor must be in (0, 1), got {decrease}")
+        self.max_rate, self.min_rate = max_rate, min_rate
+        self.max_backlog, self.caught_up = max_backlog, caught_up
+        self.increase = max_rate * RATE_INCREASE_SHARE if increase is None else increase
+        self.decrease = decrease
+        self.rate = max_rate
+
+    def observe(self, backlog: int) -> float:
+        """Adjust the rate to the encoder's current backlog (texts waiting) and return it."""
+        if backlog > self.max_backlog:
+            self.rate = max(self.min_rate, self.rate * self.decrease)
+        elif backlog <= self.caught_up:
+            self.rate = min(self.max_rate, self.rate + self.increase)
+        return self.rate
+
+
+@dataclass
+class _ModelWindows:
+    watermark: float = -math.inf
+    last_arrival: float = -math.inf
+    closed_until: float = -math.inf
+    reservoirs: dict[tuple[str, str, float], Reservoir[str]] = field(default_factory=dict)
+
+
+class Sampler:
+    """Bernoulli sampling then one bounded reservoir per model, version, field and window.
+
+    Pure logic and no I/O: :meth:`offer` takes valid inferences, :meth:`due` returns the
+    requests of the windows that closed. ``rate`` may be changed at any time.
+    ``dropped`` counts texts left out, by reason (``rate``, ``reservoir``, ``late``,
+    ``future``); ``queued`` counts texts returned by :meth:`due`.
+    """
+
+    def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
+        embedding, windows = settings.embedding, settings.windows
+        self.fields = list(embedding.fields)
+        self.capacity = embedding.reservoir_per_window
+        self.max_chars = embedding.max_text_chars
+        self.size = windows.tumbling_s
+        self.lateness = windows.allowed_lateness_s
+        self.idle = windows.idle_timeout_s
+        self.max_skew = windows.max_future_skew_s
+        self.forget_after = windows.expires_s
+        self.rate = embedding.sample_rate
+        self.dropped: Tally[str] = Tally()
+        self.queued = 0
+        self._rng = rng or random.Random()
+        self._models: dict[str, _ModelWindows] = {}
+
+    def offer(self, events: Iterable[InferenceEvent], now: float) -> None:
+        """Sample the texts of ``events`` (``now``: wall clock, epoch seconds)."""
+        for event in events:
+            texts = [(f, getattr(event, f)) for f in self.fields if getattr(event, f)]
+            if not texts:
+                continue
+            at = event.started_at.timestamp()
+            if at > now + self.max_skew:
+                self.dropped["future"] += len(texts)
+                continue
+            state = self._models.setdefault(event.model_id, _ModelWindows())
+            state.last_arrival = now
+            state.watermark = max(state.watermark, at)
+            start = math.floor(at / self.size) * self.size
+            if start + self.size <= state.closed_until:
+                self.dropped["late"] += len(texts)
+                continue
+            for name, text in texts:
+                if self._rng.random() >= self.rate:
+                    self.dropped["rate"] += 1
+                    continue
+                key = (event.model_version, name, start)
+                reservoir = state.reservoirs.get(key)
+                if reservoir is None:
+                    reservoir = state.reservoirs[key] = Reservoir(self.capacity, self._rng)
+                reservoir.offer(text[: self.max_chars])
+
+    def due(self, now: float) -> list[EmbedRequest]:
+        """Requests of every window that has closed by ``now``, oldest window first."""
+        requests: list[EmbedRequest] = []
+        for model_id in list(self._models):
+            state = self._models[model_id]
+            watermark = state.watermark
+            if now - state.last_arrival >= self.idle:
+                watermark = max(watermark, now)
+            closing = sorted(
+                (
+                    key
+                    for key in state.reservoirs
+                    if key[2] + self.size + self.lateness <= watermark
+                ),
+                key=lambda key: (key[2], key[0], key[1]),
+            )
+            for key in closing:
+                reservoir = state.reservoirs.pop(key)
+                requests += self._requests(model_id, key, reservoir)
+                state.closed_until = max(state.closed_until, key[2] + self.size)
+            if not state.reservoirs and now - state.last_arrival > self.forget_after:
+                del self._models[model_id]
+        self.queued += len(requests)
+        return requests
+
+    def _requests(
+        self, model_id: str, key: tuple[str, str, float], reservoir: Reservoir[str]
+    ) -> list[EmbedRequest]:
+        version, name, start = key
+        self.dropped["reservoir"] += reservoir.seen - len(reservoir.items)
+        sample_id = uuid.uuid4().hex
+        window_start = datetime.fromtimestamp(start, UTC)
+        window_end = datetime.fromtimestamp(start + self.size, UTC)
+        count = len(reservoir.items)
+        return [
+            EmbedRequest(
+                sample_id, model_id, version, name, window_start, window_end, i, count, text
+            )
+            for i, text in enumerate(reservoir.items)
+        ]
+
+    @property
+    def open_reservoirs(self) -> int:
+        return sum(len(state.reservoirs) for state in self._models.values())
+
+
+# -- reassembly on the encoder side ------------------------------------------------------------
+@dataclass(frozen=True)
+class WindowSample:
+    """The embeddings of one window's sample, ready for the drift detector."""
+
+    model_id: str
+    model_version: str
+    field: str
+    window_start: datetime
+    window_end: datetime
+    embeddings: np.ndarray
+    complete: bool
+
+
+@dataclass
+class _Partial:
+    first: EmbedRequest
+    arrived: float
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class SampleAssembler:
+    """Collects encoded texts until each window's sample is whole (or waited too long)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._partial: dict[str, _Partial] = {}
+        self._submitted: OrderedDict[str, None] = OrderedDict()
+
+    def add(
+        self, requests: Sequence[EmbedRequest], vectors: np.ndarray, now: float
+    ) -> list[WindowSample]:
+        """Add encoded ``requests`` (row ``i`` of ``vectors`` is request ``i``)."""
+        done: list[WindowSample] = []
+        for request, vector in zip(requests, vectors, strict=True):
+            if request.sample_id in self._submitted:
+                continue
+            partial = self._partial.get(request.sample_id)
+            if partial is None:
+                partial = self._partial[request.sample_id] = _Partial(request, now)
+            partial.rows[request.index] = vector
+            if len(partial.rows) == request.count:
+                done.append(self._finish(request.sample_id, complete=True))
+        return done
+
+    def expired(self, now: float) -> list[WindowSample]:
+        """Samples that waited ``timeout_s`` for missing texts, as they are."""
+        late = [sid for sid, p in self._partial.items() if now - p.arrived >= self.timeout_s]
+        return [self._finish(sid, complete=False) for sid in late]
+
+    @property
+    def pending(self) -> int:
+        return len(self._partial)
+
+    def _finish(self, sample_id: str, *, complete: bool) -> WindowSample:
+        partial = self._partial.pop(sample_id)
+        self._submitted[sample_id] = None
+        if len(self._submitted) > SUBMITTED_MEMORY:
+            self._submitted.popitem(last=False)
+        first = partial.first
+        rows = [partial.rows[i] for i in sorted(partial.rows)]
+        return WindowSample(
+            first.model_id,
+            first.model_version,
+            first.field,
+            first.window_start,
+            first.window_end,
+            np.stack(rows).astype(np.float32, copy=False),
+            complete,
+        )
+
+
+# -- backlog -----------------------------------------------------------------------------------
+class BacklogProbe:
+    """Messages on the request topic beyond the encoder group's committed offsets (blocking).
+
+    Reads offsets only: its client never joins the group or commits.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, group_id: str) -> None:
+        self.bootstrap_servers, self.topic, self.group_id = bootstrap_servers, topic, group_id
+        self._client: Any = None
+
+    def read(self) -> int:
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self._client is None:
+            self._client = KafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+            )
+        client = self._client
+        partitions = client.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        if not tps:
+            return 0
+        ends, starts = client.end_offsets(tps), client.beginning_offsets(tps)
+        backlog = 0
+        for tp in tps:
+            # Nothing committed yet: the encoder starts from the earliest offset.
+            done = client.committed(tp)
+            backlog += max(ends[tp] - (starts[tp] if done is None else done), 0)
+        return backlog
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+# -- metrics -----------------------------------------------------------------------------------
+class EmbeddingMetrics:
+    """The embedding stage's signals, on the worker's Prometheus registry."""
+
+    def __init__(self, registry: Any) -> None:
+        r = registry
+        self.sample_rate = Gauge(
+            "genmon_embedding_sample_rate", "Share of texts the sampler keeps now", registry=r
+        )
+        self.backlog = Gauge(
+            "genmon_embedding_backlog",
+            "Texts on the request topic the encoder has not committed yet",
+            registry=r,
+        )
+        self.backlog_errors = Counter(
+            "genmon_embedding_backlog_errors",
+            "Backlog reads that failed (the sample rate stayed as it was)",
+            registry=r,
+        )
+        self.queued = Counter(
+            "genmon_embedding_texts_queued", "Sampled texts written for encoding", registry=r
+        )
+        self.dropped = Counter(
+            "genmon_embedding_dropped",
+            "Texts left out of the samples, by reason (rate, reservoir, late, future)",
+            ["reason"],
+            registry=r,
+        )
+        self.encoded = Counter("genmon_embedding_encoded", "Texts encoded", registry=r)
+        self.sentences_per_second = Gauge(
+            "genmon_embedding_sentences_per_second",
+            "Encoder throughput over its last batch",
+            registry=r,
+        )
+        self.encode_seconds = Histogram(
+            "genmon_embedding_encode_seconds",
+            "Time to encode one batch",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.submitted = Counter(
+            "genmon_embedding_samples_submitted",
+            "Window samples handed to the embedding drift detector",
+            ["complete"],
+            registry=r,
+        )
+        self.submit_errors = Counter(
+            "genmon_embedding_submit_errors",
+            "Window samples the drift detector hook raised on",
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            "genmon_embedding_bad_requests",
+            "Undecodable messages on the request topic (skipped)",
+            registry=r,
+        )
+        self.encoder_info = Gauge(
+            "genmon_embedding_encoder_info",
+            "The encoder in use (value 1)",
+            ["backend", "device"],
+            registry=r,
+        )
+        self._dropped_seen: Tally[str] = Tally()
+        self._queued_seen = 0
+
+    def sync_sampler(self, sampler: Sampler) -> None:
+        """Carry the sampler's counters over (they only grow)."""
+        for reason, total in sampler.dropped.items():
+            delta = total - self._dropped_seen[reason]
+            if delta:
+                self.dropped.labels(reason).inc(delta)
+                self._dropped_seen[reason] = total
+        if sampler.queued > self._queued_seen:
+            self.queued.inc(sampler.queued - self._queued_seen)
+            self._queued_seen = sampler.queued
+        self.sample_rate.set(sampler.rate)
+
+
+# -- Faust wiring ------------------------------------------------------------------------------
+def requests_topic(app: GenmonApp, settings: Settings) -> TopicT:
+    """The internal ``<prefix>.embed-requests`` topic, keyed by model id."""
+    return app.topic(
+        settings.topic(REQUESTS_KIND),
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.kafka.partitions,
+        retention=settings.kafka.retention_ms / 1000.0,
+        internal=True,
+    )
+
+
+def embed_app_id(settings: Settings) -> str:
+    """App id (and consumer group) of ``genmon worker --role embed``."""
+    return f"{settings.worker.app_id}-embed"
+
+
+def encoder_group_id(settings: Settings) -> str:
+    """Consumer group of whoever runs the encoder agent (the app id of its worker)."""
+    return settings.worker.app_id if settings.embedding.run_encoder else embed_app_id(settings)
+
+
+class SamplerStage:
+    """The sampler in a worker: ingest sink, window-closing timer, backlog control."""
+
+    def __init__(self, app: GenmonApp, settings: Settings, metrics: EmbeddingMetrics) -> None:
+        embedding = settings.embedding
+        self.settings = settings
+        self.metrics = metrics
+        self.topic = requests_topic(app, settings)
+        self.sampler = Sampler(settings)
+        self.control = RateController(
+            max_rate=embedding.sample_rate,
+            min_rate=embedding.min_sample_rate,
+            max_backlog=embedding.max_backlog,
+            caught_up=embedding.batch_size,
+        )
+        self.probe = BacklogProbe(
+            settings.kafka.bootstrap_servers,
+            self.topic.get_topic_name(),
+            encoder_group_id(settings),
+        )
+        self._declared = False
+        metrics.sync_sampler(self.sampler)
+
+    async def on_inferences(self, events: list[InferenceEvent]) -> None:
+        self.sampler.offer(events, time.time())
+
+    async def flush(self) -> int:
+        """Write the requests of closed windows; return how many."""
+        requests = self.sampler.due(time.time())
+        if requests and not self._declared:
+            await self.topic.maybe_declare()
+            self._declared = True
+        for i, request in enumerate(requests):
+            # Only enqueued in the producer's buffer: nothing here waits for the broker.
+            await self.topic.send(key=request.model_id.encode(), value=request.to_bytes())
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # a big flush must not hold up the ingest agents
+        self.metrics.sync_sampler(self.sampler)
+        return len(requests)
+
+    async def check_backlog(self) -> None:
+        try:
+            backlog = await asyncio.to_thread(self.probe.read)
+        except Exception as exc:
+            self.metrics.backlog_errors.inc()
+            log.warning("could not read the encoder backlog (%r); sample rate unchanged", exc)
+            self.probe.close()
+            return
+        self.sampler.rate = self.control.observe(backlog)
+        self.metrics.backlog.set(backlog)
+        self.metrics.sync_sampler(self.sampler)
+
+
+class EncoderStage:
+    """The encoder agent's work: decode, encode in a thread, reassemble, submit."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: EmbeddingMetrics,
+        submit: Submit,
+        encoder_factory: Callable[[], TextEncoder] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.submit = submit
+        self.assembler = SampleAssembler(settings.embedding.group_timeout_s)
+        self._factory = encoder_factory or self._default_factory
+        self._encoder: TextEncoder | None = None
+        # One thread: encodes run one at a time and never on the event loop.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="genmon-encoder")
+
+    def _default_factory(self) -> TextEncoder:
+        from genmon.streams.encoder import TextEncoder
+
+        return TextEncoder.from_settings(self.settings.embedding)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            encoder = await self._run(self._factory)
+            self.metrics.encoder_info.labels(encoder.backend, encoder.device).set(1)
+            log.info(
+                "embedding encoder ready: backend=%s device=%s agreement=%s",
+                encoder.backend,
+                encoder.device,
+                encoder.agreement,
+            )
+            self._encoder = encoder
+        return self._encoder
+
+    async def handle(self, values: Sequence[bytes | None]) -> None:
+        requests: list[EmbedRequest] = []
+        for value in values:
+            try:
+                requests.append(EmbedRequest.from_bytes(value))
+            except ValueError as exc:
+                self.metrics.bad_requests.inc()
+                log.warning("skipping a message on the embedding request topic: %s", exc)
+        if requests:
+            encoder = await self.encoder()
+            started = time.perf_counter()
+            vectors = await self._run(encoder.encode, [r.text for r in requests])
+            took = time.perf_counter() - started
+            self.metrics.encoded.inc(len(requests))
+            self.metrics.encode_seconds.observe(took)
+            self.metrics.sentences_per_second.set(len(requests) / max(took, 1e-9))
+            for sample in self.assembler.add(requests, vectors, time.monotonic()):
+                await self._submit(sample)
+        await self.submit_expired()
+
+    async def submit_expired(self) -> None:
+        for sample in self.assembler.expired(time.monotonic()):
+            await self._submit(sample)
+
+    async def _submit(self, sample: WindowSample) -> None:
+        try:
+            await self.submit(
+                sample.model_id,
+                sample.model_version,
+                sample.field,
+                sample.window_end,
+                sample.embeddings,
+            )
+        except GenmonError as exc:
+            # Refusals with a reason (e.g. a sample too small to be a reference): no traceback.
+            self.metrics.submit_errors.inc()
+            log.warning(
+                "embedding drift detector refused %d %s embeddings of %s/%s: %s",
+                len(sample.embeddings),
+                sample.field,
+                sample.model_id,
+                sample.model_version,
+                exc,
+            )
+            return
+        except Exception:
+            self.metrics.submit_errors.inc()
+            log.exception(
+                "embedding drift hook failed on %d %s embeddings of %s/%s",
+                len(sample.embeddings),
+                sample.field,
+                sample.model_id,
+                sample.model_version,
+            )
+            return
+        self.metrics.submitted.labels(str(sample.complete).lower()).inc()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def install(app: GenmonApp) -> None:
+    """Installer for :data:`genmon.streams.app.DEFAULT_INSTALLERS` (after the pipeline)."""
+    settings = app.genmon.settings
+    if not settings.embedding.enabled:
+        return
+    metrics = EmbeddingMetrics(app.genmon.metrics.registry)
+    install_sampler(app, settings, metrics)
+    if settings.embedding.run_encoder:
+
+        async def submit(*args: Any) -> Any:
+            return await app.genmon.extras["pipeline"].submit_embeddings(*args)
+
+        install_encoder(app, settings, metrics, submit)
+
+
+def install_sampler(app: GenmonApp, settings: Settings, metrics: EmbeddingMetrics) -> SamplerStage:
+    stage = SamplerStage(app, settings, metrics)
+    app.genmon.extras["embedding_sampler"] = stage
+    app.genmon.sinks.add_inference_sink(stage.on_inferences, name="embedding.sampler")
+
+    @app.timer(interval=settings.windows.close_interval_s, name="genmon.embedding.flush")
+    async def flush_samples() -> None:
+        try:
+            await stage.flush()
+        except Exception:
+            log.exception("could not write embedding requests")
+
+    @app.timer(
+        interval=settings.embedding.backlog_check_interval_s, name="genmon.embedding.backlog"
+    )
+    async def check_backlog() -> None:
+        await stage.check_backlog()
+
+    return stage
+
+
+def install_encoder(
+    app: GenmonApp, settings: Settings, metrics: EmbeddingMetrics, submit: Submit
+) -> EncoderStage:
+    stage = EncoderStage(settings, metrics, submit)
+    app.genmon.extras["embedding_encoder"] = stage
+    topic = requests_topic(app, settings)
+    size, within = settings.embedding.batch_size, settings.embedding.batch_within_s
+
+    async def encode_requests(stream: Any) -> None:
+        await stage.encoder()  # load (and export, the first time) before taking messages
+        async for values in stream.take(size, within=within):
+            try:
+                await stage.handle(values)
+            except Exception:
+                # Acknowledge anyway: a batch that crashed the encoder would crash it again.
+                log.exception("encoding a batch of %d embedding requests failed", len(values))
+
+    app.agent(topic, name="genmon.embedding.encoder")(encode_requests)
+
+    @app.timer(interval=settings.windows.close_interval_s, name="genmon.embedding.expire")
+    async def submit_expired() -> None:
+        await stage.submit_expired()
+
+    return stage
+
+
+def install_embed_role(app: GenmonApp) -> None:
+    """Installer of ``genmon worker --role embed``: only the encoder, with its own detectors."""
+    from genmon.streams.pipeline import Pipeline
+
+    settings = app.genmon.settings
+    metrics = EmbeddingMetrics(app.genmon.metrics.registry)
+    # Only the pipeline's tables and hook are used here: no sinks, timers or agents of its own.
+    pipeline = Pipeline(app, settings)
+    app.genmon.extras["pipeline"] = pipeline
+    install_encoder(app, settings, metrics, pipeline.submit_embeddings)
+
+
+def embed_role_settings(settings: Settings) -> Settings:
+    """The settings of an ``--role embed`` worker: its own app id (consumer group)."""
+    worker = settings.worker.model_copy(update={"app_id": embed_app_id(settings)})
+    return settings.model_copy(update={"worker": worker})
+
+
+def run_embed_worker(settings: Settings, *, loglevel: str | None = None) -> None:
+    """``genmon worker --role embed``: run only the encoder agent until a signal stops it."""
+    import faust
+
+    from genmon.infra.kafka import KafkaBroker
+    from genmon.streams.app import create_app
+
+    if settings.embedding.run_encoder:
+        log.warning(
+            "embedding.run_encoder is true: the main workers encode too; set "
+            "GENMON_EMBEDDING__RUN_ENCODER=false for them so the sampler watches this "
+            "worker's backlog"
+        )
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    app = create_app(embed_role_settings(settings), installers=(install_embed_role,))
+    faust.Worker(app, loglevel=loglevel or settings.worker.loglevel).execute_from_commandline()
