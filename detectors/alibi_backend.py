@@ -39,9 +39,10 @@ from genmon.detectors.drift._common import (
     as_reference,
     check_sigma,
     decode_array,
+    embedding_streams,
     encode_array,
 )
-from genmon.detectors.drift._windowed import WindowedDrift, embedding_example
+from genmon.detectors.drift._windowed import EmbeddingDrift, embedding_example
 from genmon.detectors.exceptions import InvalidParameterError
 from genmon.exceptions import ConfigurationError
 
@@ -87,14 +88,10 @@ def _sigma_array(sigma: float | None) -> np.ndarray | None:
     return None if sigma is None else np.array([sigma], dtype=np.float32)
 
 
-class _AlibiWindowed(WindowedDrift):
+class _AlibiWindowed(EmbeddingDrift):
     """An alibi offline detector run on the last ``window_size`` embeddings."""
 
     requires: ClassVar[str] = "alibi_detect"
-
-    def _read(self, values: Any, what: str) -> np.ndarray:
-        reference = getattr(self, "reference", None)
-        return as_matrix(values, None if reference is None else reference.shape[1], what)
 
     def _prepare(self) -> None:
         self._alibi = _configure(self.seed, self._build, self.reference)
@@ -115,64 +112,49 @@ class _AlibiWindowed(WindowedDrift):
         return embedding_example(cls, constant, window_size=40, min_samples=30, alpha=0.01)
 
 
+class _AlibiPermutation(_AlibiWindowed):
+    """An alibi two-sample test whose p-value comes from ``n_permutations`` relabellings."""
+
+    _alibi_class: ClassVar[str]
+
+    def __init__(
+        self,
+        reference: Any,
+        window_size: int = 500,
+        min_samples: int = 50,
+        alpha: float = 0.01,
+        n_permutations: int = 200,
+        seed: int = 0,
+    ) -> None:
+        self._set_alpha(alpha)
+        self.n_permutations, self.seed = int(n_permutations), int(seed)
+        check_param("n_permutations", self.n_permutations, low=int(np.ceil(1 / self.alpha)))
+        self._init_window(reference, window_size, min_samples)
+
+    def _build(self, cd: Any) -> Any:
+        return getattr(cd, self._alibi_class)(
+            self.reference,
+            backend="pytorch",
+            p_val=self.alpha,
+            n_permutations=self.n_permutations,
+            device="cpu",
+        )
+
+
 @register
-class AlibiMMDDrift(_AlibiWindowed):
+class AlibiMMDDrift(_AlibiPermutation):
     """alibi-detect ``MMDDrift`` (permutation test) on a window; see :class:`MMDDrift`."""
 
     name = "alibi_mmd"
-
-    def __init__(
-        self,
-        reference: Any,
-        window_size: int = 500,
-        min_samples: int = 50,
-        alpha: float = 0.01,
-        n_permutations: int = 200,
-        seed: int = 0,
-    ) -> None:
-        self.alpha, self.n_permutations, self.seed = float(alpha), int(n_permutations), int(seed)
-        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
-        check_param("n_permutations", self.n_permutations, low=int(np.ceil(1 / self.alpha)))
-        self._init_window(reference, window_size, min_samples)
-
-    def _build(self, cd: Any) -> Any:
-        return cd.MMDDrift(
-            self.reference,
-            backend="pytorch",
-            p_val=self.alpha,
-            n_permutations=self.n_permutations,
-            device="cpu",
-        )
+    _alibi_class = "MMDDrift"
 
 
 @register
-class AlibiLSDDDrift(_AlibiWindowed):
+class AlibiLSDDDrift(_AlibiPermutation):
     """alibi-detect ``LSDDDrift`` (least-squares density difference, permutation test)."""
 
     name = "alibi_lsdd"
-
-    def __init__(
-        self,
-        reference: Any,
-        window_size: int = 500,
-        min_samples: int = 50,
-        alpha: float = 0.01,
-        n_permutations: int = 200,
-        seed: int = 0,
-    ) -> None:
-        self.alpha, self.n_permutations, self.seed = float(alpha), int(n_permutations), int(seed)
-        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
-        check_param("n_permutations", self.n_permutations, low=int(np.ceil(1 / self.alpha)))
-        self._init_window(reference, window_size, min_samples)
-
-    def _build(self, cd: Any) -> Any:
-        return cd.LSDDDrift(
-            self.reference,
-            backend="pytorch",
-            p_val=self.alpha,
-            n_permutations=self.n_permutations,
-            device="cpu",
-        )
+    _alibi_class = "LSDDDrift"
 
 
 @register
@@ -189,8 +171,8 @@ class AlibiKSDrift(_AlibiWindowed):
         alpha: float = 0.01,
         seed: int = 0,
     ) -> None:
-        self.alpha, self.seed = float(alpha), int(seed)
-        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        self._set_alpha(alpha)
+        self.seed = int(seed)
         self._init_window(reference, window_size, min_samples)
 
     def _build(self, cd: Any) -> Any:
@@ -202,6 +184,7 @@ class _AlibiOnline(Detector):
 
     kind = DetectorKind.DRIFT
     requires: ClassVar[str] = "alibi_detect"
+    _alibi_class: ClassVar[str]
     _kernel_state: ClassVar[str]
 
     def __init__(
@@ -225,7 +208,16 @@ class _AlibiOnline(Detector):
         self.reset()
 
     def _build(self, cd: Any) -> Any:
-        raise NotImplementedError
+        return getattr(cd, self._alibi_class)(
+            self.reference,
+            ert=self.ert,
+            window_size=self.window_size,
+            backend="pytorch",
+            n_bootstraps=self.n_bootstraps,
+            sigma=_sigma_array(self.sigma),
+            device="cpu",
+            verbose=False,
+        )
 
     def get_params(self) -> dict[str, Any]:
         params = {k: getattr(self, k) for k in ("window_size", "ert", "n_bootstraps", "sigma")}
@@ -280,14 +272,7 @@ class _AlibiOnline(Detector):
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            if constant is not None:
-                return np.full((n, 3), constant, dtype=np.float32)
-            return rng.normal(size=(n, 3)).astype(np.float32)
-
-        def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
-            return stream(rng, n) + 3.0
-
+        stream, shifted = embedding_streams(constant, 3.0)
         reference = stream(np.random.default_rng(1), 60)
         detector = cls(reference, window_size=8, ert=50, n_bootstraps=200)
         # alibi starts with a full window taken from the reference: no warm-up.
@@ -299,19 +284,8 @@ class AlibiMMDDriftOnline(_AlibiOnline):
     """alibi-detect ``MMDDriftOnline``; compare :class:`OnlineMMDDrift`."""
 
     name = "alibi_mmd_online"
+    _alibi_class = "MMDDriftOnline"
     _kernel_state = "k_xy"
-
-    def _build(self, cd: Any) -> Any:
-        return cd.MMDDriftOnline(
-            self.reference,
-            ert=self.ert,
-            window_size=self.window_size,
-            backend="pytorch",
-            n_bootstraps=self.n_bootstraps,
-            sigma=_sigma_array(self.sigma),
-            device="cpu",
-            verbose=False,
-        )
 
 
 @register
@@ -319,16 +293,5 @@ class AlibiLSDDDriftOnline(_AlibiOnline):
     """alibi-detect ``LSDDDriftOnline`` (least-squares density difference, online)."""
 
     name = "alibi_lsdd_online"
+    _alibi_class = "LSDDDriftOnline"
     _kernel_state = "k_xtc"
-
-    def _build(self, cd: Any) -> Any:
-        return cd.LSDDDriftOnline(
-            self.reference,
-            ert=self.ert,
-            window_size=self.window_size,
-            backend="pytorch",
-            n_bootstraps=self.n_bootstraps,
-            sigma=_sigma_array(self.sigma),
-            device="cpu",
-            verbose=False,
-        )

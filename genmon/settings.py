@@ -141,7 +141,7 @@ EMBEDDED_FIELDS: tuple[EmbeddedField, ...] = ("prompt", "response")
 class EmbeddingSettings(BaseModel):
     """Sampling and encoding of texts for drift detection."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="sample and embed texts for embedding drift")
     fields: list[EmbeddedField] = Field(
         default_factory=lambda: list(EMBEDDED_FIELDS), description="texts embedded per inference"
     )
@@ -241,6 +241,9 @@ class IncidentSettings(BaseModel):
         default_factory=lambda: {"warning": 0.2, "error": 0.5, "critical": 0.8},
         description="least |effect size| for each severity (Cohen's small/medium/large)",
     )
+    batch_size: int = Field(
+        200, ge=1, description="findings applied per database transaction by the agent"
+    )
     batch_within_s: float = Field(
         0.05, gt=0, description="longest wait to fill a batch of findings (adds to page latency)"
     )
@@ -285,18 +288,20 @@ class NotifySettings(BaseModel):
     """Delivering notifications from the outbox."""
 
     destinations_file: Path | None = Field(None, description="YAML file of destinations/routes")
-    destinations: list[DestinationSettings] = Field(default_factory=list)
+    destinations: list[DestinationSettings] = Field(
+        default_factory=list, description="webhook/slack/pagerduty/alertmanager endpoints"
+    )
     routes: list[RouteSettings] = Field(
         default_factory=list, description="empty: every destination gets every notification"
     )
     max_attempts: int = Field(8, ge=1, description="attempts before a notification is dead")
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 300.0
+    backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay (doubles each time)")
+    backoff_max_s: float = Field(300.0, gt=0, description="longest retry delay")
     retry_after_max_s: float = Field(3600.0, description="longest Retry-After honoured")
-    timeout_s: float = 10.0
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery")
     signature_tolerance_s: int = Field(300, description="replay window receivers should allow")
-    redact: bool = True
-    max_text_chars: int = 500
+    redact: bool = Field(True, description="redact emails, phones, cards, API keys in payloads")
+    max_text_chars: int = Field(500, ge=1, description="texts in notifications are cut to this")
     poll_interval_s: float = Field(1.0, gt=0, description="how often the dispatcher polls")
     concurrency: int = Field(16, ge=1, description="deliveries in flight at once")
     lease_s: float = Field(60.0, description="a claimed notification is retried after this")

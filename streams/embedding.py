@@ -764,10 +764,10 @@ def run_embed_worker(settings: Settings, *, loglevel: str | None = None) -> None
     from genmon.streams.app import create_app
 
     if settings.embedding.run_encoder:
-        log.warning(
-            "embedding.run_encoder is true: the main workers encode too; set "
-            "GENMON_EMBEDDING__RUN_ENCODER=false for them so the sampler watches this "
-            "worker's backlog"
+        # Both would consume the request topic (in different groups): every sample twice.
+        raise ConfigurationError(
+            "genmon worker --role embed needs embedding.run_encoder=false, for this worker "
+            "and the main workers alike: set GENMON_EMBEDDING__RUN_ENCODER=false"
         )
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     app = create_app(embed_role_settings(settings), installers=(install_embed_role,))

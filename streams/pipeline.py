@@ -21,6 +21,17 @@ batch mixes partitions, so the "current event" partition Faust would pick is wro
 detector's JSON ``state_dict``). Both are recovered from their changelogs on restart or
 rebalance.
 
+**The window record** (JSON, ``<prefix>.windows``, key = model id): ``model_id``,
+``kind`` (``tumbling`` or ``hopping``), ``window_start``/``window_end`` (ISO 8601, UTC),
+``start_ms``/``end_ms``, ``partition``, ``closed_at``, and ``series``: one entry per
+``(model_version, segment)`` with ``requests``, ``errors``, ``error_rate``, ``by_status``,
+``by_error_code``, ``latency_ms`` and ``ttft_ms`` (``p50``/``p90``/``p99`` from DDSketch,
+within ``sketch_relative_accuracy``), ``prompt_tokens``/``completion_tokens``/
+``response_chars`` (``n``, ``sum``, ``mean``, ``max``), ``empty``/``truncated``/``refusal``
+counts and rates, ``languages`` (label -> count) and ``feedback`` (``n``, ``positive``,
+``negative``, ``negative_rate``, ``mean_score``). Segment ``"*"`` is all traffic of the
+version; ``"key=value"`` one segment attribute.
+
 **Delivery guarantees.** Aggregates and joins are effectively-once per partition when
 ingest reports source offsets (redelivered events at or below the checkpointed offset are
 skipped). Closed windows and findings are at-least-once: a crash after sending but before
@@ -62,6 +73,26 @@ log = logging.getLogger(__name__)
 def partition_for(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2) gives ``key``, as the SDK sends."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def insert_examples(engine: Any, rows: list[dict[str, Any]]) -> int:
+    """Insert ``labelled_example`` rows in one statement; existing (model, request) are kept.
+
+    Returns how many rows were new where the driver reports it (SQLite, PostgreSQL).
+    """
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    from genmon.db import session_scope
+    from genmon.schemas.tables import LabelledExample
+
+    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    statement = insert(LabelledExample.__table__).on_conflict_do_nothing(
+        index_elements=["model_id", "request_id"]
+    )
+    with session_scope(engine) as session:
+        result = session.execute(statement, rows)
+        return max(int(getattr(result, "rowcount", 0) or 0), 0)
 
 
 class TableStore:
@@ -206,6 +237,7 @@ class Pipeline:
         self.feedback_topic = settings.topic("feedback")
         self._engine: Any = None
         self._lock = asyncio.Lock()
+        self._runner_lock = asyncio.Lock()
 
     # -- ingest sinks ---------------------------------------------------------------------
     async def on_inferences(self, events: list[InferenceEvent]) -> None:
@@ -250,22 +282,11 @@ class Pipeline:
         self.metrics.examples.inc(inserted)
 
     def _insert_examples(self, rows: list[dict[str, Any]]) -> int:
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        from genmon.db import make_engine, session_scope
-        from genmon.schemas.tables import LabelledExample
+        from genmon.db import make_engine
 
         if self._engine is None:
             self._engine = make_engine(self.settings.database.url)
-        dialect = self._engine.dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
-        statement = insert(LabelledExample.__table__).on_conflict_do_nothing(
-            index_elements=["model_id", "request_id"]
-        )
-        with session_scope(self._engine) as session:
-            result = session.execute(statement, rows)
-            return max(int(getattr(result, "rowcount", 0) or 0), 0)
+        return insert_examples(self._engine, rows)
 
     # -- timer: closing windows -------------------------------------------------------------
     def owned_partitions(self) -> list[int]:
@@ -293,6 +314,10 @@ class Pipeline:
                 self.core.windows_sent(partition, windows)
                 for window in windows:
                     self.metrics.windows_closed.labels(window["kind"]).inc()
+                    # Judged here, at once, by the owner of the partition; the agent on the
+                    # windows topic then finds them applied (it judges windows whose worker
+                    # died after sending them).
+                    await self.on_window(partition, window)
                 sent += len(windows)
             self.metrics.sync(self.core)
         self._update_lag()
@@ -315,13 +340,14 @@ class Pipeline:
     # -- runner -----------------------------------------------------------------------------
     async def on_window(self, partition: int, window: dict[str, Any]) -> list[Finding]:
         model_id = window["model_id"]
-        state = self.detector_store.get(model_id)
-        new_state, findings = self.runner.on_window(state, window)
-        # Findings first, acknowledged: a crash before the state write re-runs the window
-        # from the old state and re-sends the same findings (same dedup keys).
-        await self._publish(findings)
-        if new_state != state:
-            self.detector_store.put(partition, model_id, new_state)
+        async with self._runner_lock:
+            state = self.detector_store.get(model_id)
+            new_state, findings = self.runner.on_window(state, window)
+            # Findings first, acknowledged: a crash before the state write re-runs the window
+            # from the old state and re-sends the same findings (same dedup keys).
+            await self._publish(findings)
+            if new_state != state:
+                self.detector_store.put(partition, model_id, new_state)
         if findings:
             closed = datetime.fromisoformat(window["closed_at"]).timestamp()
             self.metrics.close_to_finding.observe(max(time.time() - closed, 0.0))
@@ -338,16 +364,21 @@ class Pipeline:
         """Run the embedding drift detector of ``(model, version, field)`` on one sample.
 
         The embedding stage calls this once per window with the sampled embeddings
-        (``array``: n x d). State is kept with the model's other detectors; findings are
-        published like window findings (signal ``embedding_<field>``).
+        (``array``: n x d). State is kept in the detector table under
+        ``<model>\x1fembedding:<field>``; findings are published like window findings
+        (signal ``embedding_<field>``).
         """
         partition = partition_for(model_id, self.partitions)
-        state = self.detector_store.get(model_id)
-        new_state, findings = self.runner.on_embeddings(
-            state, model_id, model_version, field, window_end, np.asarray(array)
-        )
-        await self._publish(findings)
-        self.detector_store.put(partition, model_id, new_state)
+        # A key of its own: an embedding reference is large, and window updates of the
+        # model's other detectors should not rewrite it to the changelog every window.
+        key = f"{model_id}\x1fembedding:{field}"
+        async with self._runner_lock:
+            state = self.detector_store.get(key)
+            new_state, findings = self.runner.on_embeddings(
+                state, model_id, model_version, field, window_end, np.asarray(array)
+            )
+            await self._publish(findings)
+            self.detector_store.put(partition, key, new_state)
         return findings
 
     async def _publish(self, findings: list[Finding]) -> None:

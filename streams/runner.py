@@ -23,10 +23,12 @@ Windows with fewer than ``detectors.min_window_requests`` requests (or, for feed
 ``detectors.min_segment_size`` scored feedback) are not judged.
 
 **What is published.** Every *detected* result becomes a :class:`Finding`. After a
-detection, the next ``incidents.auto_resolve_quiet_windows`` evaluations of the same
-fingerprint are published too, with ``detected=False`` ("clear" signals), so the incident
-manager can count quiet windows and auto-resolve; after that the fingerprint goes quiet
-until it fires again. Never-firing series publish nothing.
+detection, the evaluations of the same fingerprint keep being published with
+``detected=False`` ("clear" signals) for at least ``incidents.auto_resolve_quiet_windows``
+windows and until ``incidents.reopen_cooldown_s`` of event time has passed since the last
+detection, so the incident manager can count quiet windows and auto-resolve (a flapping
+incident also needs a quiet cool-down); after that the fingerprint goes quiet until it
+fires again. Never-firing series publish nothing.
 
 **Duplicates.** A window is applied once per model and window family: the state remembers
 the last window end applied and skips older or equal ones (re-emitted after a worker
@@ -131,6 +133,7 @@ class DetectorRunner:
         self.min_requests = settings.detectors.min_window_requests
         self.min_feedback = settings.detectors.min_segment_size
         self.clear_windows = settings.incidents.auto_resolve_quiet_windows
+        self.clear_for_ms = round(settings.incidents.reopen_cooldown_s * 1000)
         bias = REGISTRY.get("segment_rate_bias")
         self._bias_factory: Callable[[], Detector] | None = (
             (
@@ -335,10 +338,16 @@ class DetectorRunner:
         n: int,
     ) -> list[Finding]:
         entry = state["series"].setdefault(skey, {"clears": 0})
+        end_ms = ctx.end_ms
         if result.detected:
             entry["clears"] = self.clear_windows
-        elif entry.get("clears", 0) > 0:
-            entry["clears"] -= 1
+            entry["fired_ms"] = end_ms
+        elif entry.get("clears", 0) > 0 or (
+            "fired_ms" in entry
+            and end_ms is not None
+            and end_ms - entry["fired_ms"] < self.clear_for_ms
+        ):
+            entry["clears"] = max(entry.get("clears", 0) - 1, 0)
         else:
             return []
         evidence = result.to_dict()["evidence"]
@@ -379,6 +388,10 @@ class _WindowContext:
         self.model_id: str = window["model_id"]
         self.window_start = window.get("window_start")
         self.window_end = window.get("window_end")
+        end = window.get("end_ms")
+        if end is None and self.window_end is not None:
+            end = datetime.fromisoformat(str(self.window_end)).timestamp() * 1000
+        self.end_ms: int | None = None if end is None else int(end)
 
 
 def _with_detected(result: DetectorResult, detected: bool) -> DetectorResult:

@@ -238,12 +238,15 @@ def test_encoder_stage_encodes_reassembles_and_submits_each_window_sample() -> N
         submitted.append((model, version, field, end, array))
         if version == "broken":
             raise RuntimeError("detector exploded")
+        if version == "small":
+            raise ConfigurationError("reference needs at least 192 rows")
 
     stage = EncoderStage(
         settings, metrics, submit, encoder_factory=lambda: TextEncoder(backend="torch")
     )
     messages = [r.to_bytes() for r in requests_for("c", 3)]
     messages += [b"garbage", *(r.to_bytes() for r in requests_for("d", 2, version="broken"))]
+    messages += [r.to_bytes() for r in requests_for("e", 1, version="small")]
 
     async def run() -> None:
         await stage.handle(messages[:2])
@@ -252,13 +255,24 @@ def test_encoder_stage_encodes_reassembles_and_submits_each_window_sample() -> N
 
     asyncio.run(run())
     stage.close()
-    assert [(s[1], s[4].shape) for s in submitted] == [("v1", (3, 384)), ("broken", (2, 384))]
+    assert [(s[1], s[4].shape) for s in submitted] == [
+        ("v1", (3, 384)),
+        ("broken", (2, 384)),
+        ("small", (1, 384)),
+    ]
     expected = TextEncoder(backend="torch").encode(["c text 0", "c text 1", "c text 2"])
     np.testing.assert_allclose(submitted[0][4], expected, atol=1e-5)
     value = registry.get_sample_value
-    assert value("genmon_embedding_encoded_total") == 5
+    assert value("genmon_embedding_encoded_total") == 6
     assert value("genmon_embedding_bad_requests_total") == 1
     assert value("genmon_embedding_samples_submitted_total", {"complete": "true"}) == 1
-    assert value("genmon_embedding_submit_errors_total") == 1
-    assert value("genmon_embedding_sentences_per_second") > 0
+    assert value("genmon_embedding_submit_errors_total") == 2
+    assert (value("genmon_embedding_sentences_per_second") or 0) > 0
     assert value("genmon_embedding_encoder_info", {"backend": "torch", "device": "cpu"}) == 1
+
+
+def test_the_embed_role_refuses_to_run_beside_in_worker_encoders() -> None:
+    from genmon.streams.embedding import run_embed_worker
+
+    with pytest.raises(ConfigurationError, match="RUN_ENCODER=false"):
+        run_embed_worker(Settings(embedding={"run_encoder": True}))

@@ -17,7 +17,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from sqlmodel import Session, func, select
 
 from genmon.infra.kafka import KafkaBroker
-from genmon.schemas import IncidentEvent
+from genmon.schemas import DeadLetter, IncidentEvent
 from genmon.schemas.incidents import Incident, Notification, NotificationEvent
 from genmon.settings import Settings
 from genmon.streams.codec import encode
@@ -55,7 +55,7 @@ class Worker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"worker exited with {self.process.returncode}")
-            if _committed(bootstrap, group, topic) >= FINDINGS:
+            if _committed(bootstrap, group, topic) >= FINDINGS + 1:
                 return
             time.sleep(1)
         raise AssertionError(f"worker did not consume {FINDINGS} findings in {timeout_s} s")
@@ -108,6 +108,7 @@ def test_identical_findings_and_a_replay_after_restart_page_once(
         producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
         for _ in range(FINDINGS):
             producer.send(topic, key=same.fingerprint.encode(), value=payload)
+        producer.send(topic, key=b"garbage", value=b"{not json")
         producer.flush()
         producer.close()
 
@@ -153,6 +154,17 @@ def test_identical_findings_and_a_replay_after_restart_page_once(
     announced = [IncidentEvent.model_validate_json(record.value) for record in consumer]
     consumer.close()
     assert [(e.incident_id, e.transition) for e in announced] == [(incidents[0].id, "opened")]
+    # The unparsable message was dead-lettered with its reason (once per consumer group).
+    consumer = KafkaConsumer(
+        f"{prefix}.deadletter",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    dead = [DeadLetter.model_validate_json(record.value) for record in consumer]
+    consumer.close()
+    assert len(dead) == 2
+    assert {(d.source_topic, d.reason) for d in dead} == {(topic, "bad_json")}
     assert triggers == 1
     assert len(receiver.requests) == 1 and receiver.rejected == 0
     assert receiver.requests[0].json["event"] == "trigger"

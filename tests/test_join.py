@@ -124,3 +124,26 @@ def test_join_state_survives_a_restart_and_segments_are_compacted():
     assert [row["request_id"] for row in out.examples] == ["a"]
     again = restarted.on_feedback(0, [(2, fb("r7", 2, "f7"))])  # already joined before restart
     assert again.examples == []
+
+
+def test_labelled_examples_are_inserted_once_per_model_and_request(tmp_path):
+    import sqlalchemy as sa
+
+    from genmon.db import make_engine, upgrade
+    from genmon.streams.pipeline import insert_examples
+
+    url = f"sqlite:///{tmp_path / 'g.sqlite'}"
+    upgrade(url)
+    engine = make_engine(url)
+    now = [T0.timestamp() + 3600]
+    core = make_core(now)
+    core.on_inferences(0, [(0, inf("a", 1)), (1, inf("b", 1))])
+    rows = core.on_feedback(0, [(0, fb("a", 2, "fa")), (1, fb("b", 2, "fb", score=1.0))]).examples
+    insert_examples(engine, rows)
+    insert_examples(engine, rows)  # redelivered batch
+    insert_examples(engine, [{**rows[0], "score": 0.5, "label": "other"}])  # later feedback
+    with engine.connect() as conn:
+        got = conn.execute(
+            sa.text("select request_id, score from labelled_example order by request_id")
+        ).all()
+    assert got == [("a", 0.0), ("b", 1.0)]

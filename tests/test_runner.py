@@ -46,7 +46,7 @@ def window(end_s: int, p99: float, error_rate: float = 0.0, feedback=None) -> di
 
 
 def test_latency_alarm_then_exactly_n_clears_and_duplicate_windows_are_skipped():
-    settings = Settings(incidents={"auto_resolve_quiet_windows": 2})
+    settings = Settings(incidents={"auto_resolve_quiet_windows": 2, "reopen_cooldown_s": 120})
     runner = DetectorRunner(settings)
     state = None
     state, findings = runner.on_window(state, window(60, 100.0))
@@ -81,3 +81,14 @@ def test_negative_feedback_bias_flags_the_bad_segment_only():
     flagged = [f for f in findings if f.signal == "negative_feedback" and f.detected]
     assert [f.segment for f in flagged] == ["model_version=v1,locale=fr"]
     assert flagged[0].kind == "bias"
+
+
+def test_clears_continue_through_the_reopen_cool_down_so_flapping_incidents_can_resolve():
+    settings = Settings(incidents={"auto_resolve_quiet_windows": 1, "reopen_cooldown_s": 200})
+    runner = DetectorRunner(settings)
+    state, _ = runner.on_window(None, window(60, 5000.0))
+    published = []
+    for end in (120, 180, 240, 300):
+        state, findings = runner.on_window(state, window(end, 100.0))
+        published.append(len([f for f in findings if f.detector == "threshold"]))
+    assert published == [1, 1, 1, 0]  # 60 s + 200 s cool-down covers the ends up to 240 s

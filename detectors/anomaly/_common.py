@@ -1,4 +1,5 @@
-"""Input checks and small numeric helpers shared by the anomaly detectors."""
+"""Shared by the anomaly detectors: input checks, numeric helpers, the z-score result
+(:class:`ZScoreDetector`) and the streams of their contract examples."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from genmon.detectors._base import Detector, DetectorKind, DetectorResult, Evidence
 from genmon.detectors.exceptions import InputError, InvalidParameterError
 
 #: Which side of the baseline may alarm.
@@ -61,6 +63,95 @@ def beyond(z: np.ndarray, threshold: float, direction: str) -> np.ndarray:
     return np.abs(z) > threshold
 
 
+def watched_side(z: np.ndarray, direction: str) -> np.ndarray:
+    """Standardised values signed so that larger means further out on the watched side(s)."""
+    return {"both": np.abs(z), "up": z, "down": -z}[direction]
+
+
+def alarm_values(
+    count: int, first_index: int = -1, first_up: bool = False
+) -> tuple[tuple[str, float], ...]:
+    """Evidence of a batch's alarms: the first one's index and side (+1 up, -1 down), and how
+    many; without alarms the index is -1 and the side 0."""
+    return (
+        ("alarm_index", float(first_index) if count else -1.0),
+        ("n_alarms", float(count)),
+        ("direction", (1.0 if first_up else -1.0) if count else 0.0),
+    )
+
+
+def poisson_z(
+    counts: np.ndarray, means: np.ndarray, variances: np.ndarray, ready: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(z, spread, relative change)`` of counts against their baselines (z is 0 where not
+    ``ready``).
+
+    The spread is the baseline's standard deviation but never below ``sqrt(mean)``: arrivals
+    are at least Poisson-noisy, so a flat history must not make a one-request wobble look
+    like 1000 sigmas. Means below one count as one.
+    """
+    spread = np.sqrt(np.maximum(variances, np.maximum(means, 1.0)))
+    z = np.where(ready, (counts - means) / spread, 0.0)
+    relative = np.abs(counts - means) / np.maximum(means, 1.0)
+    return z, spread, relative
+
+
+def first_crossing(
+    up: np.ndarray | None,
+    down: np.ndarray | None,
+    threshold: float,
+    eligible: np.ndarray | None = None,
+) -> tuple[int, float, bool]:
+    """The first position where a watched path (None: not watched) passes ``threshold``.
+
+    Returns its index (-1: none; only ``eligible`` positions count), the peak of the watched
+    paths up to and including it (the whole paths when none), and whether the upward path
+    is the one that crossed there.
+    """
+    paths = [path for path in (up, down) if path is not None]
+    crossed = np.any([path > threshold for path in paths], axis=0)
+    if eligible is not None:
+        crossed &= eligible
+    hit = int(np.argmax(crossed)) if crossed.any() else -1
+    stop = hit + 1 if hit >= 0 else crossed.size
+    peak = max(float(path[:stop].max()) for path in paths)
+    return hit, peak, bool(hit >= 0 and up is not None and up[hit] > threshold)
+
+
+class ZScoreDetector(Detector):
+    """Base of the detectors that standardise each value and alarm past ``threshold``."""
+
+    kind = DetectorKind.ANOMALY
+    threshold: float
+    direction: str
+    _n_seen: int
+
+    def _z_report(
+        self,
+        z: np.ndarray,
+        alarms: np.ndarray,
+        values: tuple[tuple[str, float], ...],
+        test: str,
+        offset: int = 0,
+        notes: tuple[str, ...] = (),
+    ) -> DetectorResult:
+        """The result of a batch: ``values`` first, then :func:`alarm_values` (the first alarm
+        index counted from ``offset``); the score is the largest z on the watched side."""
+        hits = np.flatnonzero(alarms)
+        if hits.size:
+            first_up = bool(z[hits[0]] > 0)
+            values += alarm_values(hits.size, offset + int(hits[0]), first_up)
+        else:
+            values += alarm_values(0)
+        return self._result(
+            score=float(watched_side(z, self.direction).max()) if z.size else 0.0,
+            threshold=self.threshold,
+            detected=bool(hits.size),
+            n_seen=self._n_seen,
+            evidence=Evidence(test=test, values=values, notes=notes),
+        )
+
+
 def lindley(start: float, increments: np.ndarray) -> np.ndarray:
     """``s_t = max(0, s_{t-1} + increments_t)`` from ``s_0 = start >= 0``, without a Python loop.
 
@@ -69,6 +160,37 @@ def lindley(start: float, increments: np.ndarray) -> np.ndarray:
     """
     walk = start + np.cumsum(increments)
     return walk - np.minimum(np.minimum.accumulate(walk), 0.0)
+
+
+Stream = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def normal_streams(constant: float | None, shift: float) -> tuple[Stream, Stream]:
+    """Contract-example streams: unit normal noise around 0 (exactly ``constant`` when given),
+    and the same noise ``shift`` higher."""
+    level = 0.0 if constant is None else float(constant)
+
+    def stream(rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.full(n, level) if constant is not None else rng.normal(level, 1.0, n)
+
+    def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.normal(level + shift, 1.0, n)
+
+    return stream, shifted
+
+
+def count_streams(constant: float | None) -> tuple[Stream, Stream]:
+    """Contract-example streams of counts per bucket: Poisson(100) (exactly ``|constant|``
+    when given), and a spike to over three times that."""
+    level = 100.0 if constant is None else abs(float(constant))
+
+    def stream(rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.full(n, level) if constant is not None else rng.poisson(level, n) * 1.0
+
+    def spiked(rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.poisson(3 * level + 50, n) * 1.0
+
+    return stream, spiked
 
 
 def changes_after(

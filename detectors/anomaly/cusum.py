@@ -16,9 +16,12 @@ from genmon.detectors._base import (
     register,
 )
 from genmon.detectors.anomaly._common import (
+    alarm_values,
     as_values,
     check_direction,
+    first_crossing,
     lindley,
+    normal_streams,
     sigma_floor,
     take_warmup,
 )
@@ -113,41 +116,31 @@ class CUSUM(Detector):
     def _scan(self, z: np.ndarray) -> tuple[float, list[tuple[int, bool]]]:
         watch_up = self.direction in ("both", "up")
         watch_down = self.direction in ("both", "down")
-        zeros = np.zeros(0)
         alarms: list[tuple[int, bool]] = []
         peak = 0.0
         start = 0
         while start < z.size:
             segment = z[start : start + _CHUNK]
-            up = lindley(self._s_up, segment - self.k) if watch_up else zeros
-            down = lindley(self._s_down, -segment - self.k) if watch_down else zeros
-            crossed = np.zeros(segment.size, dtype=bool)
-            if watch_up:
-                crossed |= up > self.h
-            if watch_down:
-                crossed |= down > self.h
-            hit = int(np.argmax(crossed)) if crossed.any() else -1
-            stop = hit + 1 if hit >= 0 else segment.size
-            for path in (up, down):
-                if path.size:
-                    peak = max(peak, float(path[:stop].max()))
+            up = lindley(self._s_up, segment - self.k) if watch_up else None
+            down = lindley(self._s_down, -segment - self.k) if watch_down else None
+            hit, chunk_peak, upward = first_crossing(up, down, self.h)
+            peak = max(peak, chunk_peak)
             if hit >= 0:
-                alarms.append((start + hit, bool(watch_up and up[hit] > self.h)))
+                alarms.append((start + hit, upward))
                 self._s_up = self._s_down = 0.0
+                start += hit + 1
             else:
-                self._s_up = float(up[-1]) if watch_up else 0.0
-                self._s_down = float(down[-1]) if watch_down else 0.0
-            start += stop
+                self._s_up = 0.0 if up is None else float(up[-1])
+                self._s_down = 0.0 if down is None else float(down[-1])
+                start += segment.size
         return peak, alarms
 
     def _report(self, peak: float, alarms: list[tuple[int, bool]], warming: bool) -> DetectorResult:
         first = alarms[0] if alarms else (-1, False)
-        values: tuple[tuple[str, float], ...] = (
+        values = (
             ("s_up", self._s_up),
             ("s_down", self._s_down),
-            ("alarm_index", float(first[0])),
-            ("n_alarms", float(len(alarms))),
-            ("direction", 0.0 if not alarms else (1.0 if first[1] else -1.0)),
+            *alarm_values(len(alarms), *first),
         )
         if not warming:
             values += (("target", float(self._target or 0.0)), ("sigma", float(self._sigma or 0.0)))
@@ -163,14 +156,8 @@ class CUSUM(Detector):
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
+        stream, shifted = normal_streams(constant, 3.0)
         level = 0.0 if constant is None else float(constant)
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            return np.full(n, level) if constant is not None else rng.normal(level, 1.0, n)
-
-        def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.normal(level + 3.0, 1.0, n)
-
         invalid = ({"h": 0.0}, {"k": -0.1}, {"direction": "sideways"}, {"sigma": 0.0})
         return ContractExample(cls(target=level, sigma=1.0), stream, shifted, 0, invalid)
 

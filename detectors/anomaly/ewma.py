@@ -9,25 +9,24 @@ from scipy.signal import lfilter
 
 from genmon.detectors._base import (
     ContractExample,
-    Detector,
-    DetectorKind,
     DetectorResult,
-    Evidence,
     check_param,
     register,
 )
 from genmon.detectors.anomaly._common import (
+    ZScoreDetector,
     as_values,
     beyond,
     changes_after,
     check_direction,
+    normal_streams,
     sigma_floor,
     take_warmup,
 )
 
 
 @register
-class EWMAZScore(Detector):
+class EWMAZScore(ZScoreDetector):
     """Flags values more than ``threshold`` sigmas from an exponentially weighted baseline.
 
     Each value is scored against the mean and variance *before* it arrives, then folded in:
@@ -55,7 +54,6 @@ class EWMAZScore(Detector):
     """
 
     name = "ewma_zscore"
-    kind = DetectorKind.ANOMALY
 
     def __init__(
         self,
@@ -113,40 +111,16 @@ class EWMAZScore(Detector):
         return z
 
     def _report(self, z: np.ndarray, alarms: np.ndarray, offset: int = 0) -> DetectorResult:
-        hits = np.flatnonzero(alarms)
-        watched = {"both": np.abs(z), "up": z, "down": -z}[self.direction]
-        direction = 0.0
-        if hits.size:
-            direction = 1.0 if z[hits[0]] > 0 else -1.0
         values = (
             ("mean", float(self._mean or 0.0)),
             ("sigma", float(np.sqrt(self._var / (1.0 - self.alpha)))),
-            ("alarm_index", float(offset + hits[0]) if hits.size else -1.0),
-            ("n_alarms", float(hits.size)),
-            ("direction", direction),
         )
-        return self._result(
-            score=float(watched.max()) if z.size else 0.0,
-            threshold=self.threshold,
-            detected=bool(hits.size),
-            n_seen=self._n_seen,
-            evidence=Evidence(
-                test="ewma_zscore",
-                values=values,
-                notes=("warming up",) if self._mean is None else (),
-            ),
-        )
+        notes = ("warming up",) if self._mean is None else ()
+        return self._z_report(z, alarms, values, "ewma_zscore", offset, notes)
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        level = 0.0 if constant is None else float(constant)
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            return np.full(n, level) if constant is not None else rng.normal(level, 1.0, n)
-
-        def jumped(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.normal(level + 10.0, 1.0, n)
-
+        stream, jumped = normal_streams(constant, 10.0)
         detector = cls(alpha=0.05, threshold=4.0, warmup=20)
         invalid = ({"alpha": 1.0}, {"threshold": 0.0}, {"warmup": 1})
         return ContractExample(detector, stream, changes_after(stream, jumped, 20), 20, invalid)

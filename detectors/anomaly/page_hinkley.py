@@ -16,10 +16,13 @@ from genmon.detectors._base import (
     register,
 )
 from genmon.detectors.anomaly._common import (
+    alarm_values,
     as_values,
     changes_after,
     check_direction,
+    first_crossing,
     lindley,
+    normal_streams,
     sigma_floor,
     take_warmup,
 )
@@ -119,26 +122,25 @@ class PageHinkley(Detector):
             counts = self._count + np.arange(1, segment.size + 1)
             means = (self._total + np.cumsum(segment)) / counts
             z = (segment - means) / sigma
+            # Both sums are kept (and reported) even when only one side may alarm.
             up = lindley(self._up, z - self.delta)
             down = lindley(self._down, -z - self.delta)
-            crossed = np.zeros(segment.size, dtype=bool)
-            if watch_up:
-                crossed |= up > self.threshold
-            if watch_down:
-                crossed |= down > self.threshold
-            crossed &= counts >= self.warmup
-            hit = int(np.argmax(crossed)) if crossed.any() else -1
-            stop = hit + 1 if hit >= 0 else segment.size
-            peak = max(peak, float(up[:stop].max()) if watch_up else 0.0)
-            peak = max(peak, float(down[:stop].max()) if watch_down else 0.0)
+            hit, chunk_peak, upward = first_crossing(
+                up if watch_up else None,
+                down if watch_down else None,
+                self.threshold,
+                eligible=counts >= self.warmup,
+            )
+            peak = max(peak, chunk_peak)
             if hit >= 0:
-                alarms.append((start + hit, bool(watch_up and up[hit] > self.threshold)))
+                alarms.append((start + hit, upward))
                 self._count, self._total, self._up, self._down = 0, 0.0, 0.0, 0.0
+                start += hit + 1
             else:
                 self._count = int(counts[-1])
                 self._total += float(segment.sum())
                 self._up, self._down = float(up[-1]), float(down[-1])
-            start += stop
+                start += segment.size
         return peak, alarms
 
     def _report(self, peak: float, alarms: list[tuple[int, bool]]) -> DetectorResult:
@@ -149,9 +151,7 @@ class PageHinkley(Detector):
             ("sigma", float(self._sigma or 0.0)),
             ("ph_up", self._up),
             ("ph_down", self._down),
-            ("alarm_index", float(first[0])),
-            ("n_alarms", float(len(alarms))),
-            ("direction", 0.0 if not alarms else (1.0 if first[1] else -1.0)),
+            *alarm_values(len(alarms), *first),
         )
         notes = ("warming up",) if self._sigma is None else ()
         return self._result(
@@ -164,14 +164,7 @@ class PageHinkley(Detector):
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        level = 0.0 if constant is None else float(constant)
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            return np.full(n, level) if constant is not None else rng.normal(level, 1.0, n)
-
-        def jumped(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.normal(level + 3.0, 1.0, n)
-
+        stream, jumped = normal_streams(constant, 3.0)
         detector = cls(delta=0.5, threshold=5.0, warmup=20, sigma=1.0)
         invalid = ({"threshold": 0.0}, {"delta": -1.0}, {"direction": "left"})
         return ContractExample(detector, stream, changes_after(stream, jumped, 20), 20, invalid)

@@ -9,19 +9,18 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from genmon.detectors._base import (
     ContractExample,
-    Detector,
-    DetectorKind,
     DetectorResult,
-    Evidence,
     check_param,
     register,
 )
 from genmon.detectors.anomaly._common import (
     RELATIVE_SIGMA_FLOOR,
+    ZScoreDetector,
     as_values,
     beyond,
     changes_after,
     check_direction,
+    normal_streams,
 )
 
 #: MAD * 1.4826 estimates sigma for Gaussian data; mean absolute deviation * 1.2533 does too
@@ -33,7 +32,7 @@ _ROWS = 4096
 
 
 @register
-class RobustZScore(Detector):
+class RobustZScore(ZScoreDetector):
     """Flags values whose modified z-score ``(x - median) / (1.4826 * MAD)`` passes ``threshold``.
 
     The median and MAD come from the previous ``window`` values only (the value being scored
@@ -56,7 +55,6 @@ class RobustZScore(Detector):
     """
 
     name = "robust_zscore"
-    kind = DetectorKind.ANOMALY
 
     def __init__(
         self,
@@ -102,33 +100,13 @@ class RobustZScore(Detector):
         return self._report(z, centers[-1], scales[-1])
 
     def _report(self, z: np.ndarray, center: float, scale: float) -> DetectorResult:
-        hits = np.flatnonzero(beyond(z, self.threshold, self.direction))
-        watched = {"both": np.abs(z), "up": z, "down": -z}[self.direction]
-        values = (
-            ("median", float(center)),
-            ("sigma", float(scale) if np.isfinite(scale) else 0.0),
-            ("alarm_index", float(hits[0]) if hits.size else -1.0),
-            ("n_alarms", float(hits.size)),
-            ("direction", 0.0 if not hits.size else (1.0 if z[hits[0]] > 0 else -1.0)),
-        )
-        return self._result(
-            score=float(watched.max()),
-            threshold=self.threshold,
-            detected=bool(hits.size),
-            n_seen=self._n_seen,
-            evidence=Evidence(test="modified_zscore", values=values),
-        )
+        alarms = beyond(z, self.threshold, self.direction)
+        values = (("median", float(center)), ("sigma", float(scale) if np.isfinite(scale) else 0.0))
+        return self._z_report(z, alarms, values, "modified_zscore")
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        level = 0.0 if constant is None else float(constant)
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            return np.full(n, level) if constant is not None else rng.normal(level, 1.0, n)
-
-        def jumped(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.normal(level + 10.0, 1.0, n)
-
+        stream, jumped = normal_streams(constant, 10.0)
         detector = cls(window=30, threshold=3.5, min_samples=10)
         invalid = ({"window": 2}, {"min_samples": 31}, {"threshold": -1.0})
         return ContractExample(detector, stream, changes_after(stream, jumped, 10), 10, invalid)

@@ -8,19 +8,25 @@ import numpy as np
 
 from genmon.detectors._base import (
     ContractExample,
-    Detector,
-    DetectorKind,
     DetectorResult,
-    Evidence,
     check_param,
     register,
 )
-from genmon.detectors.anomaly._common import as_values, beyond, changes_after, check_direction
+from genmon.detectors.anomaly._common import (
+    ZScoreDetector,
+    as_values,
+    beyond,
+    changes_after,
+    check_direction,
+    count_streams,
+    poisson_z,
+    watched_side,
+)
 from genmon.detectors.exceptions import InputError
 
 
 @register
-class SeasonalThroughputDetector(Detector):
+class SeasonalThroughputDetector(ZScoreDetector):
     """Compares each count with the baseline of its slot in a period (e.g. hour-of-week).
 
     Consecutive buckets map to slots ``(start_slot + t) % period``: with hourly buckets,
@@ -45,7 +51,6 @@ class SeasonalThroughputDetector(Detector):
     """
 
     name = "seasonal_throughput"
-    kind = DetectorKind.ANOMALY
 
     def __init__(
         self,
@@ -91,10 +96,7 @@ class SeasonalThroughputDetector(Detector):
         for lo in range(0, counts.size, self.period):
             part, idx = counts[lo : lo + self.period], slots[lo : lo + self.period]
             means, variances, seen = self._means[idx], self._vars[idx], self._seasons[idx]
-            spread = np.sqrt(np.maximum(variances, np.maximum(means, 1.0)))
-            ready = seen >= self.min_seasons
-            chunk_z = np.where(ready, (part - means) / spread, 0.0)
-            relative = np.abs(part - means) / np.maximum(means, 1.0)
+            chunk_z, _, relative = poisson_z(part, means, variances, seen >= self.min_seasons)
             z[lo : lo + part.size] = chunk_z
             alarms[lo : lo + part.size] = beyond(chunk_z, self.threshold, self.direction) & (
                 relative >= self.min_relative_change
@@ -110,33 +112,13 @@ class SeasonalThroughputDetector(Detector):
 
     def _report(self, z: np.ndarray, alarms: np.ndarray, slots: np.ndarray) -> DetectorResult:
         hits = np.flatnonzero(alarms)
-        watched = {"both": np.abs(z), "up": z, "down": -z}[self.direction]
-        shown = int(hits[0]) if hits.size else int(np.argmax(watched))
-        values = (
-            ("slot", float(slots[shown])),
-            ("slot_mean", float(self._means[slots[shown]])),
-            ("alarm_index", float(hits[0]) if hits.size else -1.0),
-            ("n_alarms", float(hits.size)),
-            ("direction", 0.0 if not hits.size else (1.0 if z[hits[0]] > 0 else -1.0)),
-        )
-        return self._result(
-            score=float(watched.max()),
-            threshold=self.threshold,
-            detected=bool(hits.size),
-            n_seen=self._n_seen,
-            evidence=Evidence(test="seasonal_poisson_z", values=values),
-        )
+        shown = int(hits[0]) if hits.size else int(np.argmax(watched_side(z, self.direction)))
+        values = (("slot", float(slots[shown])), ("slot_mean", float(self._means[slots[shown]])))
+        return self._z_report(z, alarms, values, "seasonal_poisson_z")
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        level = 100.0 if constant is None else abs(float(constant))
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            return np.full(n, level) if constant is not None else rng.poisson(level, n) * 1.0
-
-        def spiked(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.poisson(3 * level + 50, n) * 1.0
-
+        stream, spiked = count_streams(constant)
         detector = cls(period=4, min_seasons=2)
         invalid = ({"period": 1}, {"start_slot": 4}, {"alpha": 0.0})
         return ContractExample(detector, stream, changes_after(stream, spiked, 8), 8, invalid)

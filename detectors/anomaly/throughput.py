@@ -8,19 +8,24 @@ import numpy as np
 
 from genmon.detectors._base import (
     ContractExample,
-    Detector,
-    DetectorKind,
     DetectorResult,
-    Evidence,
     check_param,
     register,
 )
-from genmon.detectors.anomaly._common import as_values, beyond, changes_after, check_direction
+from genmon.detectors.anomaly._common import (
+    ZScoreDetector,
+    as_values,
+    beyond,
+    changes_after,
+    check_direction,
+    count_streams,
+    poisson_z,
+)
 from genmon.detectors.exceptions import InputError
 
 
 @register
-class ThroughputDetector(Detector):
+class ThroughputDetector(ZScoreDetector):
     """Flags a request count per time bucket that is a spike or drop against a rolling baseline.
 
     Each count is compared with the mean of the previous ``window`` buckets; the spread is
@@ -44,7 +49,6 @@ class ThroughputDetector(Detector):
     """
 
     name = "throughput"
-    kind = DetectorKind.ANOMALY
 
     def __init__(
         self,
@@ -87,9 +91,7 @@ class ThroughputDetector(Detector):
         means = (sums[positions] - sums[starts]) / safe
         second = (squares[positions] - squares[starts]) / safe
         variances = np.maximum(second - means**2, 0.0) * safe / np.maximum(safe - 1, 1)
-        spreads = np.sqrt(np.maximum(variances, np.maximum(means, 1.0)))
-        z = np.where(ready, (counts - means) / spreads, 0.0)
-        relative = np.abs(counts - means) / np.maximum(means, 1.0)
+        z, spreads, relative = poisson_z(counts, means, variances, ready)
         alarms = beyond(z, self.threshold, self.direction) & (relative >= self.min_relative_change)
         self._history = full[-self.window :].tolist()
         return self._report(z, alarms, float(means[-1]), float(spreads[-1]))
@@ -97,33 +99,12 @@ class ThroughputDetector(Detector):
     def _report(
         self, z: np.ndarray, alarms: np.ndarray, mean: float, spread: float
     ) -> DetectorResult:
-        hits = np.flatnonzero(alarms)
-        watched = {"both": np.abs(z), "up": z, "down": -z}[self.direction]
-        values = (
-            ("baseline_mean", mean),
-            ("sigma", spread),
-            ("alarm_index", float(hits[0]) if hits.size else -1.0),
-            ("n_alarms", float(hits.size)),
-            ("direction", 0.0 if not hits.size else (1.0 if z[hits[0]] > 0 else -1.0)),
-        )
-        return self._result(
-            score=float(watched.max()),
-            threshold=self.threshold,
-            detected=bool(hits.size),
-            n_seen=self._n_seen,
-            evidence=Evidence(test="rolling_poisson_z", values=values),
-        )
+        values = (("baseline_mean", mean), ("sigma", spread))
+        return self._z_report(z, alarms, values, "rolling_poisson_z")
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        level = 100.0 if constant is None else abs(float(constant))
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            return np.full(n, level) if constant is not None else rng.poisson(level, n) * 1.0
-
-        def spiked(rng: np.random.Generator, n: int) -> np.ndarray:
-            return rng.poisson(3 * level + 50, n) * 1.0
-
+        stream, spiked = count_streams(constant)
         detector = cls(window=20, threshold=4.0, min_samples=10)
         invalid = ({"window": 1}, {"min_samples": 21}, {"min_relative_change": -0.1})
         return ContractExample(detector, stream, changes_after(stream, spiked, 10), 10, invalid)

@@ -27,7 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from genmon.detectors._base import SegmentEvidence, check_param
+from genmon.detectors._base import (
+    Detector,
+    DetectorKind,
+    DetectorResult,
+    Evidence,
+    SegmentEvidence,
+    check_param,
+)
 from genmon.detectors._stats import (
     benjamini_hochberg,
     compare_proportions,
@@ -95,7 +102,15 @@ class GapRule:
 def rate_ratio(rate: float, baseline_rate: float) -> float:
     if baseline_rate == 0.0:
         return 1.0 if rate == 0.0 else math.inf
-    return rate / baseline_rate
+    return float(rate / baseline_rate)
+
+
+def check_versions(baseline: object, candidate: object) -> None:
+    """The A/B detectors compare two distinct, named model versions."""
+    if not (isinstance(baseline, str) and isinstance(candidate, str)) or baseline == candidate:
+        raise InvalidParameterError(
+            f"baseline={baseline!r} and candidate={candidate!r} must be two different version names"
+        )
 
 
 def evaluate_segments(
@@ -166,3 +181,90 @@ def significance_score(segments: tuple[SegmentEvidence, ...], rule: GapRule) -> 
     ]
     # q can underflow to 0 for huge samples; keep the score finite and JSON-safe.
     return -math.log10(max(min(qs), 1e-300)) if qs else 0.0
+
+
+class SegmentGapDetector(Detector):
+    """Base of the detectors that test every segment against the rest of the traffic.
+
+    It holds the hyperparameters of the :class:`GapRule` as public attributes and turns a
+    tested family of segments into the result; subclasses count the windows.
+    """
+
+    kind = DetectorKind.BIAS
+    _n_seen: int
+
+    def _init_gap(
+        self,
+        alpha: float,
+        direction: str,
+        baseline: str,
+        n_windows: int,
+        max_segments: int,
+        min_samples: int,
+        min_difference: float,
+        ratio_threshold: float,
+        effect_rule: str,
+        fisher_below: float,
+        confidence: float,
+    ) -> None:
+        self.alpha = float(alpha)
+        self.direction = direction
+        self.baseline = baseline
+        self.n_windows = int(n_windows)
+        self.max_segments = int(max_segments)
+        self.min_samples = int(min_samples)
+        self.min_difference = float(min_difference)
+        self.ratio_threshold = float(ratio_threshold)
+        self.effect_rule = effect_rule
+        self.fisher_below = float(fisher_below)
+        self.confidence = float(confidence)
+        check_param("n_windows", self.n_windows, low=1)
+        check_param("max_segments", self.max_segments, low=1)
+        self._rule().validate()
+
+    def _rule(self) -> GapRule:
+        return GapRule(
+            alpha=self.alpha,
+            direction=self.direction,
+            baseline=self.baseline,
+            min_samples=self.min_samples,
+            min_difference=self.min_difference,
+            ratio_threshold=self.ratio_threshold,
+            effect_rule=self.effect_rule,
+            fisher_below=self.fisher_below,
+            confidence=self.confidence,
+        )
+
+    def _gap_result(
+        self,
+        segments: tuple[SegmentEvidence, ...],
+        notes: list[str],
+        evicted: list[str],
+        values: tuple[tuple[str, float], ...] = (),
+    ) -> DetectorResult:
+        """The result for a family from :func:`adjust_and_flag`; ``values`` add evidence."""
+        flagged = [s for s in segments if s.flagged]
+        worst = min(flagged, key=lambda s: (s.q_value, -abs(s.difference)), default=None)
+        if evicted:
+            notes.append(
+                f"evicted by max_segments={self.max_segments} (least recent): " + ", ".join(evicted)
+            )
+        return self._result(
+            score=significance_score(segments, self._rule()),
+            threshold=-math.log10(self.alpha),
+            detected=bool(flagged),
+            n_seen=self._n_seen,
+            p_value=min((s.q_value for s in segments if s.q_value is not None), default=None),
+            effect_size=max((abs(s.difference) for s in segments), default=None),
+            evidence=Evidence(
+                segment=worst.segment if worst else None,
+                test="benjamini-hochberg",
+                segments=segments,
+                values=(
+                    ("n_tested", float(len(segments))),
+                    ("n_flagged", float(len(flagged))),
+                    *values,
+                ),
+                notes=tuple(notes),
+            ),
+        )

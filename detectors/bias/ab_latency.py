@@ -20,7 +20,8 @@ from genmon.detectors._base import (
     check_param,
     register,
 )
-from genmon.detectors.exceptions import InputError, InvalidParameterError
+from genmon.detectors.bias._compare import check_versions, rate_ratio
+from genmon.detectors.exceptions import InputError
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +75,7 @@ class ABLatencyDetector(Detector):
         n_bootstrap: int = 200,
         seed: int = 0,
     ) -> None:
-        if not (isinstance(baseline, str) and isinstance(candidate, str)) or baseline == candidate:
-            raise InvalidParameterError(
-                f"baseline={baseline!r} and candidate={candidate!r} must be two different "
-                "version names"
-            )
+        check_versions(baseline, candidate)
         self.baseline = baseline
         self.candidate = candidate
         self.margin = float(margin)
@@ -145,8 +142,8 @@ class ABLatencyDetector(Detector):
             ("baseline_p99", float(qb[1])),
             ("candidate_p50", float(qc[0])),
             ("candidate_p99", float(qc[1])),
-            ("p50_ratio", _ratio(qc[0], qb[0])),
-            ("p99_ratio", _ratio(qc[1], qb[1])),
+            ("p50_ratio", rate_ratio(qc[0], qb[0])),
+            ("p99_ratio", rate_ratio(qc[1], qb[1])),
             ("prob_candidate_slower", prob_slower),
             ("margin", self.margin),
         ]
@@ -175,7 +172,7 @@ class ABLatencyDetector(Detector):
         qc = np.quantile(
             cand[rng.integers(0, cand.size, (self.n_bootstrap, cand.size))], [0.5, 0.99], axis=1
         )
-        # Same convention as _ratio: 0/0 is "equal", x/0 is infinitely slower.
+        # Same convention as rate_ratio: 0/0 is "equal", x/0 is infinitely slower.
         safe = np.where(qb == 0, 1.0, qb)
         ratios = np.where(qb == 0, np.where(qc == 0, 1.0, math.inf), qc / safe)
         out = []
@@ -211,9 +208,3 @@ class ABLatencyDetector(Detector):
                 (float(x) for x in state["samples"][version]), maxlen=self.max_samples
             )
         self._n_seen = int(state["n_seen"])
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    if denominator == 0.0:
-        return 1.0 if numerator == 0.0 else math.inf
-    return float(numerator / denominator)

@@ -17,10 +17,9 @@ from genmon.detectors._base import (
     register,
 )
 from genmon.detectors._stats import compare_proportions, newcombe_interval, wilson_interval
-from genmon.detectors.bias._compare import rate_ratio
+from genmon.detectors.bias._compare import check_versions, rate_ratio
 from genmon.detectors.bias._inputs import SegmentObservations, rate_counts
 from genmon.detectors.bias._windows import SegmentWindows
-from genmon.detectors.exceptions import InvalidParameterError
 
 
 @register
@@ -71,11 +70,7 @@ class ABRateDetector(Detector):
         min_samples: int = 100,
         fisher_below: float = 5.0,
     ) -> None:
-        if not (isinstance(baseline, str) and isinstance(candidate, str)) or baseline == candidate:
-            raise InvalidParameterError(
-                f"baseline={baseline!r} and candidate={candidate!r} must be two different "
-                "version names"
-            )
+        check_versions(baseline, candidate)
         self.baseline = baseline
         self.candidate = candidate
         self.signal = signal

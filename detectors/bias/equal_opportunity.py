@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from genmon.detectors._base import (
-    ContractExample,
-    Detector,
-    DetectorKind,
-    DetectorResult,
-    Evidence,
-    check_param,
-    register,
-)
-from genmon.detectors.bias._compare import (
-    GapRule,
-    adjust_and_flag,
-    evaluate_segments,
-    significance_score,
-)
+from genmon.detectors._base import ContractExample, DetectorResult, register
+from genmon.detectors.bias._compare import SegmentGapDetector, adjust_and_flag, evaluate_segments
 from genmon.detectors.bias._inputs import LabeledObservations, confusion_counts
 from genmon.detectors.bias._windows import SegmentWindows
 
 
 @register
-class EqualOpportunityDetector(Detector):
+class EqualOpportunityDetector(SegmentGapDetector):
     """Flags segments whose true-positive rate (and, for equalized odds, false-positive
     rate) differs from the rest, once labels or user corrections exist.
 
@@ -63,7 +49,6 @@ class EqualOpportunityDetector(Detector):
     """
 
     name = "equal_opportunity"
-    kind = DetectorKind.BIAS
 
     def __init__(
         self,
@@ -81,34 +66,20 @@ class EqualOpportunityDetector(Detector):
         confidence: float = 0.95,
     ) -> None:
         self.equalized_odds = bool(equalized_odds)
-        self.alpha = float(alpha)
-        self.direction = direction
-        self.baseline = baseline
-        self.n_windows = int(n_windows)
-        self.max_segments = int(max_segments)
-        self.min_samples = int(min_samples)
-        self.min_difference = float(min_difference)
-        self.ratio_threshold = float(ratio_threshold)
-        self.effect_rule = effect_rule
-        self.fisher_below = float(fisher_below)
-        self.confidence = float(confidence)
-        check_param("n_windows", self.n_windows, low=1)
-        check_param("max_segments", self.max_segments, low=1)
-        self._rule().validate()
-        self.reset()
-
-    def _rule(self) -> GapRule:
-        return GapRule(
-            alpha=self.alpha,
-            direction=self.direction,
-            baseline=self.baseline,
-            min_samples=self.min_samples,
-            min_difference=self.min_difference,
-            ratio_threshold=self.ratio_threshold,
-            effect_rule=self.effect_rule,
-            fisher_below=self.fisher_below,
-            confidence=self.confidence,
+        self._init_gap(
+            alpha,
+            direction,
+            baseline,
+            n_windows,
+            max_segments,
+            min_samples,
+            min_difference,
+            ratio_threshold,
+            effect_rule,
+            fisher_below,
+            confidence,
         )
+        self.reset()
 
     def reset(self) -> None:
         self._tpr = SegmentWindows(self.n_windows, self.max_segments)
@@ -131,28 +102,7 @@ class EqualOpportunityDetector(Detector):
             )
             tested += fpr_tested
             notes += fpr_notes
-        segments = adjust_and_flag(tested, rule)
-        flagged = [s for s in segments if s.flagged]
-        worst = min(flagged, key=lambda s: (s.q_value, -abs(s.difference)), default=None)
-        if evicted:
-            notes.append(
-                f"evicted by max_segments={self.max_segments} (least recent): " + ", ".join(evicted)
-            )
-        return self._result(
-            score=significance_score(segments, rule),
-            threshold=-math.log10(self.alpha),
-            detected=bool(flagged),
-            n_seen=self._n_seen,
-            p_value=min((s.q_value for s in segments if s.q_value is not None), default=None),
-            effect_size=max((abs(s.difference) for s in segments), default=None),
-            evidence=Evidence(
-                segment=worst.segment if worst else None,
-                test="benjamini-hochberg",
-                segments=segments,
-                values=(("n_tested", float(len(segments))), ("n_flagged", float(len(flagged)))),
-                notes=tuple(notes),
-            ),
-        )
+        return self._gap_result(adjust_and_flag(tested, rule), notes, evicted)
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:

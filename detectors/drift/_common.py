@@ -1,4 +1,5 @@
-"""Shared pieces of the drift detectors: compact array state, kernels, bounded windows.
+"""Shared pieces of the drift detectors: compact array state, kernels, bounded windows,
+contract-example streams.
 
 Reference samples and windows are stored in ``state_dict`` as base64 of their raw
 bytes rather than JSON lists: exact, and about four times smaller (a 1,000 x 384
@@ -15,6 +16,7 @@ True
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -135,3 +137,21 @@ def random_subsets(rng: np.random.Generator, n: int, size: int, count: int) -> n
     keys = rng.random((count, n))
     pick = np.argpartition(keys, size, axis=1)[:, :size]
     return np.take_along_axis(pick, np.argsort(np.take_along_axis(keys, pick, 1), 1), 1)
+
+
+Stream = Callable[[np.random.Generator, int], np.ndarray]
+
+
+def embedding_streams(constant: float | None, shift: float) -> tuple[Stream, Stream]:
+    """Contract-example streams of 3-d float32 embeddings: standard normal (every entry
+    ``constant`` when given), and the same shifted by ``shift`` in every dimension."""
+
+    def stream(rng: np.random.Generator, n: int) -> np.ndarray:
+        if constant is not None:
+            return np.full((n, 3), constant, dtype=np.float32)
+        return rng.normal(size=(n, 3)).astype(np.float32)
+
+    def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
+        return stream(rng, n) + shift
+
+    return stream, shifted

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from genmon.detectors._base import (
+    ContractExample,
     Detector,
     DetectorKind,
     DetectorResult,
@@ -26,6 +27,7 @@ from genmon.detectors.drift._common import (
     as_matrix,
     as_reference,
     check_sigma,
+    embedding_streams,
     encode_array,
     needed_bootstraps,
 )
@@ -172,7 +174,26 @@ class OnlineKernelDrift(Detector):
         self._tested, self._n_seen = int(state["tested"]), int(state["n_seen"])
         self._n_detections = int(state["n_detections"])
 
-    def _step_thresholds(self, full: np.ndarray) -> np.ndarray:
-        """Threshold for each row of a chunk: by full windows tested since the restart."""
+    def _first_detection(
+        self, stat: np.ndarray, full: np.ndarray
+    ) -> tuple[int, float | None, float]:
+        """What ``_consume`` reports for a chunk's statistics, before committing anything.
+
+        ``full`` marks the rows whose window is full; each is tested against the threshold
+        of its step since the restart.
+        """
         steps = self._tested + np.cumsum(full) - 1
-        return self._thresholds[np.clip(steps, 0, self.window_size - 1)]
+        thr = self._thresholds[np.clip(steps, 0, self.window_size - 1)]
+        hits = np.flatnonzero(full & (stat > thr))
+        last = int(hits[0]) if hits.size else len(stat) - 1
+        last_stat = float(stat[last]) if full[last] else None
+        return (last if hits.size else -1), last_stat, float(thr[last])
+
+
+def online_example(
+    cls: Any, constant: float | None, invalid: tuple[dict[str, Any], ...], **params: Any
+) -> ContractExample:
+    """A contract example for the online tests: 3-d standard normal, then a +3 shift."""
+    stream, shifted = embedding_streams(constant, 3.0)
+    detector = cls(stream(np.random.default_rng(1), 120), **params)
+    return ContractExample(detector, stream, shifted, detector.window_size, invalid)

@@ -24,7 +24,12 @@ from genmon.detectors._base import (
     _to_jsonable,
     check_param,
 )
-from genmon.detectors.drift._common import decode_array, encode_array
+from genmon.detectors.drift._common import (
+    as_matrix,
+    decode_array,
+    embedding_streams,
+    encode_array,
+)
 from genmon.detectors.exceptions import InputError, InvalidParameterError
 
 _INVALID = ({"window_size": 1}, {"min_samples": 1}, {"reference": [1.0]})
@@ -34,6 +39,10 @@ class WindowedDrift(Detector):
     """Reference-vs-window drift test; subclasses implement ``_prepare`` and ``_test``."""
 
     kind = DetectorKind.DRIFT
+    # Set by the subclasses: a p-value test has ``alpha`` (see _set_alpha), a distance
+    # has ``threshold``.
+    alpha: float
+    threshold: float
 
     def _init_window(self, reference: Any, window_size: int, min_samples: int) -> None:
         self.window_size = int(window_size)
@@ -48,6 +57,10 @@ class WindowedDrift(Detector):
             raise InvalidParameterError("reference needs at least 2 observations")
         self._prepare()
         self.reset()
+
+    def _set_alpha(self, alpha: float) -> None:
+        self.alpha = float(alpha)
+        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
 
     def _read(self, values: Any, what: str) -> np.ndarray:
         """Numeric 1-D observations by default; embedding and categorical tests override."""
@@ -80,15 +93,24 @@ class WindowedDrift(Detector):
 
     def _p_value_result(self, p_value: float, statistic: float, test: str) -> dict[str, Any]:
         """Fields for a p-value test: score ``-log10(p)`` against ``-log10(alpha)``."""
-        alpha: float = getattr(self, "alpha")  # noqa: B009 - every p-value test has alpha
         p = max(float(p_value), 1e-300)
         return {
             "score": -math.log10(p),
-            "threshold": -math.log10(alpha),
-            "detected": bool(p < alpha),
+            "threshold": -math.log10(self.alpha),
+            "detected": bool(p < self.alpha),
             "p_value": float(p_value),
             "effect_size": float(statistic),
             "evidence": Evidence(test=test, values=(("statistic", float(statistic)),)),
+        }
+
+    def _distance_result(self, distance: float, evidence: Evidence) -> dict[str, Any]:
+        """Fields for a distance rather than a test: it fires above ``threshold``."""
+        return {
+            "score": distance,
+            "threshold": self.threshold,
+            "detected": bool(distance > self.threshold),
+            "effect_size": distance,
+            "evidence": evidence,
         }
 
     def reset(self) -> None:
@@ -116,6 +138,14 @@ class WindowedDrift(Detector):
         window = decode_array(state["window"])
         self._window = window.astype(self.reference.dtype) if window.size else self.reference[:0]
         self._n_seen = int(state["n_seen"])
+
+
+class EmbeddingDrift(WindowedDrift):
+    """A windowed test on embeddings: each batch is an n x d matrix as wide as the reference."""
+
+    def _read(self, values: Any, what: str) -> np.ndarray:
+        reference = getattr(self, "reference", None)  # absent while the reference is read
+        return as_matrix(values, None if reference is None else reference.shape[1], what)
 
 
 def numeric_example(cls: Any, constant: float | None, **params: Any) -> ContractExample:
@@ -163,15 +193,7 @@ def categorical_example(cls: Any, constant: float | None, **params: Any) -> Cont
 
 def embedding_example(cls: Any, constant: float | None, **params: Any) -> ContractExample:
     """A contract example for embedding tests: 3-d standard normal, then a +2 shift."""
-
-    def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-        if constant is not None:
-            return np.full((n, 3), constant, dtype=np.float32)
-        return rng.normal(size=(n, 3)).astype(np.float32)
-
-    def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
-        return stream(rng, n) + 2.0
-
+    stream, shifted = embedding_streams(constant, 2.0)
     reference = stream(np.random.default_rng(1), 100)
     return ContractExample(
         cls(reference, **params), stream, shifted, params["min_samples"], _INVALID

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from genmon.detectors._base import ContractExample, check_param, register
+from genmon.detectors._base import ContractExample, register
 from genmon.detectors.drift._windowed import WindowedDrift, numeric_example
 
 
@@ -38,8 +38,7 @@ class CramerVonMisesDrift(WindowedDrift):
     def __init__(
         self, reference: Any, window_size: int = 500, min_samples: int = 30, alpha: float = 0.01
     ) -> None:
-        self.alpha = float(alpha)
-        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        self._set_alpha(alpha)
         self._init_window(reference, window_size, min_samples)
 
     def _test(self, window: np.ndarray) -> dict[str, Any]:

@@ -7,13 +7,12 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from genmon.detectors._base import ContractExample, Evidence, check_param, register
-from genmon.detectors.drift._common import as_matrix
-from genmon.detectors.drift._windowed import WindowedDrift, embedding_example
+from genmon.detectors._base import ContractExample, Evidence, register
+from genmon.detectors.drift._windowed import EmbeddingDrift, embedding_example
 
 
 @register
-class EmbeddingKSDrift(WindowedDrift):
+class EmbeddingKSDrift(EmbeddingDrift):
     """One two-sample KS test per embedding dimension, corrected for multiple testing.
 
     The ``d`` p-values are adjusted with Benjamini-Hochberg; dimensions whose adjusted
@@ -46,13 +45,8 @@ class EmbeddingKSDrift(WindowedDrift):
     def __init__(
         self, reference: Any, window_size: int = 500, min_samples: int = 50, alpha: float = 0.01
     ) -> None:
-        self.alpha = float(alpha)
-        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        self._set_alpha(alpha)
         self._init_window(reference, window_size, min_samples)
-
-    def _read(self, values: Any, what: str) -> np.ndarray:
-        reference = getattr(self, "reference", None)
-        return as_matrix(values, None if reference is None else reference.shape[1], what)
 
     def _test(self, window: np.ndarray) -> dict[str, Any]:
         statistic = ks_statistics(self.reference, window)

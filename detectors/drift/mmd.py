@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 
 from genmon.detectors._base import ContractExample, check_param, register
-from genmon.detectors.drift._common import as_matrix, check_sigma, median_sigma, rbf
-from genmon.detectors.drift._windowed import WindowedDrift, embedding_example
+from genmon.detectors.drift._common import check_sigma, median_sigma, rbf
+from genmon.detectors.drift._windowed import EmbeddingDrift, embedding_example
 
 
 @register
-class MMDDrift(WindowedDrift):
+class MMDDrift(EmbeddingDrift):
     """Kernel two-sample test between the last ``window_size`` embeddings and a reference.
 
     The statistic is the unbiased squared MMD with a Gaussian kernel (bandwidth by the
@@ -47,17 +47,12 @@ class MMDDrift(WindowedDrift):
         sigma: float | None = None,
         seed: int = 0,
     ) -> None:
-        self.alpha = float(alpha)
-        check_param("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        self._set_alpha(alpha)
         self.n_permutations = int(n_permutations)
         check_param("n_permutations", self.n_permutations, low=int(np.ceil(1 / self.alpha)))
         self.sigma = check_sigma(sigma)
         self.seed = int(seed)
         self._init_window(reference, window_size, min_samples)
-
-    def _read(self, values: Any, what: str) -> np.ndarray:
-        reference = getattr(self, "reference", None)
-        return as_matrix(values, None if reference is None else reference.shape[1], what)
 
     def _prepare(self) -> None:
         self._sigma = self.sigma or median_sigma(self.reference)

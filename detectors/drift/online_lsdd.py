@@ -16,7 +16,7 @@ from genmon.detectors.drift._common import (
     rbf,
     sq_dists,
 )
-from genmon.detectors.drift._online import OnlineKernelDrift
+from genmon.detectors.drift._online import OnlineKernelDrift, online_example
 
 _BOOT_CHUNK = 256  # bootstraps per vectorised step: bounds the (b x 2W x centres) gather
 
@@ -132,16 +132,13 @@ class OnlineLSDDDrift(OnlineKernelDrift):
         h = self._ref_mean - (cum[t + 1] - cum[np.maximum(t + 1 - w, 0)]) / w
         stat = ((h @ self._quad) * h).sum(1)
         full = t >= w - 1
-        thr = self._step_thresholds(full)
-        hits = np.flatnonzero(full & (stat > thr))
-        last = int(hits[0]) if hits.size else b - 1
-        last_stat = float(stat[last]) if full[last] else None
-        if hits.size:
-            return last, last_stat, float(thr[last])
+        hit, last_stat, thr = self._first_detection(stat, full)
+        if hit >= 0:
+            return hit, last_stat, thr
         self._features = seq[-w:]
         self._tested = int(self._tested + full.sum())
         self._n_seen += b
-        return -1, last_stat, float(thr[last])
+        return -1, last_stat, thr
 
     def _window_state(self) -> dict[str, Any]:
         return {"features": encode_array(self._features)}
@@ -151,17 +148,5 @@ class OnlineLSDDDrift(OnlineKernelDrift):
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        dim = 3
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            if constant is not None:
-                return np.full((n, dim), constant, dtype=np.float32)
-            return rng.normal(size=(n, dim)).astype(np.float32)
-
-        def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
-            return stream(rng, n) + 3.0
-
-        reference = stream(np.random.default_rng(1), 120)
-        detector = cls(reference, window_size=10, ert=100)
         invalid = ({"window_size": 1}, {"n_centers": 0}, {"regularization": 0.0})
-        return ContractExample(detector, stream, shifted, warmup=10, invalid=invalid)
+        return online_example(cls, constant, invalid, window_size=10, ert=100)

@@ -15,7 +15,7 @@ from genmon.detectors.drift._common import (
     random_subsets,
     rbf,
 )
-from genmon.detectors.drift._online import OnlineKernelDrift
+from genmon.detectors.drift._online import OnlineKernelDrift, online_example
 
 _BOOT_CHUNK = 128  # bootstraps per vectorised step: bounds the (b x 2W x 2W) gather
 
@@ -159,19 +159,16 @@ class OnlineMMDDrift(OnlineKernelDrift):
         full = t >= w - 1
         m = len(self._ref_sub)
         stat = self._kxx + 2.0 * pairs / (w * (w - 1)) - 2.0 * cross_sum / (m * w)
-        thr = self._step_thresholds(full)
-        hits = np.flatnonzero(full & (stat > thr))
-        last = hits[0] if hits.size else b - 1
-        last_stat = float(stat[last]) if full[last] else None
-        if hits.size:
-            return int(hits[0]), last_stat, float(thr[last])
+        hit, last_stat, thr = self._first_detection(stat, full)
+        if hit >= 0:
+            return hit, last_stat, thr
         keep = slice(max(0, len(seq) - w), len(seq))
         self._window = seq[keep]
         self._cross, self._forward = cross[keep], forward[keep]
         self._pairs, self._cross_sum = float(pairs[-1]), float(cross_sum[-1])
         self._tested = int(self._tested + full.sum())
         self._n_seen += b
-        return -1, last_stat, float(thr[last])
+        return -1, last_stat, thr
 
     def _window_state(self) -> dict[str, Any]:
         return {
@@ -190,17 +187,5 @@ class OnlineMMDDrift(OnlineKernelDrift):
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:
-        dim = 3
-
-        def stream(rng: np.random.Generator, n: int) -> np.ndarray:
-            if constant is not None:
-                return np.full((n, dim), constant, dtype=np.float32)
-            return rng.normal(size=(n, dim)).astype(np.float32)
-
-        def shifted(rng: np.random.Generator, n: int) -> np.ndarray:
-            return stream(rng, n) + 3.0
-
-        reference = stream(np.random.default_rng(1), 120)
-        detector = cls(reference, window_size=10, ert=100, sigma=1.0)
         invalid = ({"window_size": 1}, {"ert": 1.0}, {"n_bootstraps": 50}, {"sigma": -1.0})
-        return ContractExample(detector, stream, shifted, warmup=10, invalid=invalid)
+        return online_example(cls, constant, invalid, window_size=10, ert=100, sigma=1.0)

@@ -88,13 +88,9 @@ class PSIDrift(WindowedDrift):
         current = self._shares(window)
         terms = (current - self._ref_share) * np.log(current / self._ref_share)
         psi = float(terms.sum())
-        return {
-            "score": psi,
-            "threshold": self.threshold,
-            "detected": bool(psi > self.threshold),
-            "effect_size": psi,
-            "evidence": Evidence(test="psi", values=(("largest_bin_term", float(terms.max())),)),
-        }
+        return self._distance_result(
+            psi, Evidence(test="psi", values=(("largest_bin_term", float(terms.max())),))
+        )
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:

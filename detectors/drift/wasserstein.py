@@ -52,13 +52,8 @@ class WassersteinDrift(WindowedDrift):
 
     def _test(self, window: np.ndarray) -> dict[str, Any]:
         distance = stats.wasserstein_distance(self.reference, window) / self._scale
-        return {
-            "score": distance,
-            "threshold": self.threshold,
-            "detected": bool(distance > self.threshold),
-            "effect_size": distance,
-            "evidence": Evidence(test="wasserstein", values=(("scale", self._scale),)),
-        }
+        evidence = Evidence(test="wasserstein", values=(("scale", self._scale),))
+        return self._distance_result(distance, evidence)
 
     @classmethod
     def _contract_example(cls, constant: float | None = None) -> ContractExample:

@@ -99,7 +99,7 @@ def install_incidents(app: GenmonApp, settings: Settings) -> IncidentRuntime:
     )
     app.genmon.extras["incidents"] = runtime
     deadletter = app.genmon.topics.deadletter
-    size, within = settings.worker.batch_size, settings.incidents.batch_within_s
+    size, within = settings.incidents.batch_size, settings.incidents.batch_within_s
 
     async def send_dead_letters(dead: list[tuple[bytes | None, DeadLetter]]) -> None:
         for key, record in dead:

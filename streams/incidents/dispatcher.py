@@ -354,20 +354,23 @@ class Dispatcher:
         now = self.clock()
         lease = now + timedelta(seconds=self.config.lease_s + self.config.timeout_s)
         rate_wait: float | None = None
-        with write_transaction(self.engine) as session:
+        # Read without the write lock: a poll that finds nothing must not hold up the
+        # agent. The UPDATE below re-checks every condition, so a stale read is harmless.
+        with session_scope(self.engine) as session:
             query = self._due_query(now, min(limit or self.batch_size, self.batch_size))
             candidates = session.execute(query).scalars().all()
-            allowed: list[Notification] = []
-            for row in candidates:
-                bucket = self.buckets.get(row.destination)
-                if bucket is not None and not bucket.try_take():
-                    report.rate_limited += 1
-                    wait = bucket.wait_s()
-                    rate_wait = wait if rate_wait is None else min(rate_wait, wait)
-                    continue
-                allowed.append(row)
-            if not allowed:
-                return [], rate_wait
+        allowed: list[Notification] = []
+        for row in candidates:
+            bucket = self.buckets.get(row.destination)
+            if bucket is not None and not bucket.try_take():
+                report.rate_limited += 1
+                wait = bucket.wait_s()
+                rate_wait = wait if rate_wait is None else min(rate_wait, wait)
+                continue
+            allowed.append(row)
+        if not allowed:
+            return [], rate_wait
+        with write_transaction(self.engine) as session:
             # One conditional UPDATE for the round; RETURNING says which rows are ours
             # (another dispatcher may have claimed some since the SELECT).
             taken = session.execute(

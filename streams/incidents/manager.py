@@ -174,10 +174,14 @@ class IncidentManager:
         if not finding.detected and self._open_incident(session, finding.fingerprint) is None:
             return Outcome("ignored")  # the common case: a clear window of a healthy signal
         now = self.clock()
-        session.add(FindingSeen(dedup_key=key, fingerprint=finding.fingerprint, seen_at=now))
         # Write first: a concurrent duplicate fails here, and on SQLite the write lock is
         # taken before the incident is read, so two workers cannot lose each other's update.
-        session.flush()
+        # Core inserts for the append-only rows: ORM objects would cost more than the SQL.
+        session.exec(
+            sa.insert(FindingSeen).values(
+                dedup_key=key, fingerprint=finding.fingerprint, seen_at=now
+            )
+        )
         incident = self._open_incident(session, finding.fingerprint)
         if not finding.detected:
             if incident is None:
@@ -484,8 +488,8 @@ class IncidentManager:
         actor: str = "genmon",
         reason: str = "",
     ) -> None:
-        session.add(
-            IncidentTransition(
+        session.exec(
+            sa.insert(IncidentTransition).values(
                 incident_id=incident.id,
                 transition=transition,
                 from_status=from_status,
@@ -527,24 +531,29 @@ class IncidentManager:
         silence = self._silence_for(session, labels, now)
         incident.notify_seq += 1
         payload = self._payload(session, incident, event, reason, labels, now)
+        status = NotificationStatus.SUPPRESSED if silence else NotificationStatus.PENDING
+        rows = []
         for target in targets:
             runbook = target.runbook
             route_runbook = (
                 {"url": runbook.url, "remediation": list(runbook.remediation)} if runbook else None
             )
-            session.add(
-                Notification(
-                    incident_id=incident.id,
-                    destination=target.destination,
-                    event=event,
-                    idempotency_key=f"{incident.id}.{incident.notify_seq}.{event.value}.{target.destination}",
-                    status=NotificationStatus.SUPPRESSED if silence else NotificationStatus.PENDING,
-                    silenced_by=silence.id if silence else None,
-                    payload={**payload, "route_runbook": route_runbook},
-                    created_at=now,
-                    next_attempt_at=now,
-                )
+            key = f"{incident.id}.{incident.notify_seq}.{event.value}.{target.destination}"
+            rows.append(
+                {
+                    "incident_id": incident.id,
+                    "destination": target.destination,
+                    "event": event,
+                    "idempotency_key": key,
+                    "status": status,
+                    "attempts": 0,
+                    "silenced_by": silence.id if silence else None,
+                    "payload": {**payload, "route_runbook": route_runbook},
+                    "created_at": now,
+                    "next_attempt_at": now,
+                }
             )
+        session.exec(sa.insert(Notification), params=rows)
         return 0 if silence else len(targets)
 
     def _has_paged(self, session: Session, incident: Incident) -> bool:
