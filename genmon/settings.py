@@ -25,16 +25,16 @@ DEFAULT_HOME = Path(".build")
 class KafkaSettings(BaseModel):
     """The broker genmon talks to, and the single-node broker `genmon infra up` starts."""
 
-    host: str = "127.0.0.1"
-    port: int = 19092
-    controller_port: int = 19093
+    host: str = Field("127.0.0.1", description="address the local broker listens on")
+    port: int = Field(19092, description="client (PLAINTEXT) port of the local broker")
+    controller_port: int = Field(19093, description="KRaft controller port of the local broker")
     bootstrap_servers: str = Field("", description="defaults to host:port of the local broker")
     version: str = Field("3.9.1", description="Apache Kafka version resolved from Maven Central")
     heap: str = Field("512m", description="JVM heap of the local broker")
     partitions: int = Field(4, ge=1, description="partitions of each genmon topic")
     retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of each genmon topic")
     topic_prefix: str = Field("genmon", description="topics are named <prefix>.<kind>")
-    start_timeout_s: float = 90.0
+    start_timeout_s: float = Field(90.0, description="how long `infra up` waits for the broker")
 
     @model_validator(mode="after")
     def _default_bootstrap(self) -> KafkaSettings:
@@ -46,12 +46,12 @@ class KafkaSettings(BaseModel):
 class PostgresSettings(BaseModel):
     """The local PostgreSQL cluster `genmon infra up --postgres` starts on loopback."""
 
-    host: str = "127.0.0.1"
-    port: int = 55432
-    user: str = "genmon"
-    password: str = "genmon"
-    database: str = "genmon"
-    start_timeout_s: float = 60.0
+    host: str = Field("127.0.0.1", description="address the local cluster listens on")
+    port: int = Field(55432, description="port of the local cluster")
+    user: str = Field("genmon", description="role created for genmon")
+    password: str = Field("genmon", description="password of that role (local cluster only)")
+    database: str = Field("genmon", description="database created for genmon")
+    start_timeout_s: float = Field(60.0, description="how long `infra up` waits for PostgreSQL")
 
     @property
     def url(self) -> str:
@@ -65,13 +65,13 @@ class DatabaseSettings(BaseModel):
     """Where incidents, notifications, retrain jobs and labelled examples are stored."""
 
     url: str = Field("sqlite:///.build/genmon.sqlite", description="SQLAlchemy URL")
-    echo: bool = False
+    echo: bool = Field(False, description="log every SQL statement (debugging)")
 
 
 class WorkerSettings(BaseModel):
     """The Faust worker (`genmon worker`)."""
 
-    app_id: str = "genmon"
+    app_id: str = Field("genmon", description="Faust app id: consumer group and table names")
     web_port: int = Field(6066, description="Faust web server (also serves /metrics)")
     web_host: str = Field("127.0.0.1", description="address the Faust web server binds to")
     store: str = Field("memory://", description="Faust table store (memory:// or rocksdb://)")
@@ -80,14 +80,14 @@ class WorkerSettings(BaseModel):
     )
     batch_size: int = Field(1000, description="events taken per batch by stream agents")
     batch_within_s: float = Field(0.5, description="longest wait to fill a batch")
-    loglevel: str = "info"
+    loglevel: str = Field("info", description="worker log level")
 
 
 class SdkSettings(BaseModel):
     """Defaults of the producer SDK (`genmon.Monitor`)."""
 
     buffer_max_events: int = Field(100_000, description="events kept while the broker is down")
-    linger_ms: int = 20
+    linger_ms: int = Field(20, description="how long the producer waits to fill a batch")
     compression: str = Field("gzip", description="kafka-python compression_type")
     max_text_chars: int = Field(32_768, description="longer prompts/responses are cut to this")
     delivery_timeout_ms: int = Field(
@@ -98,11 +98,10 @@ class SdkSettings(BaseModel):
 class WindowSettings(BaseModel):
     """Windowed aggregates kept by the streaming pipeline."""
 
-    tumbling_s: float = 60.0
-    hopping_size_s: float = 300.0
-    hopping_step_s: float = 60.0
-    expires_s: float = 3600.0
-    latency_reservoir: int = 1024
+    tumbling_s: float = Field(60.0, description="size of tumbling windows (detectors run on these)")
+    hopping_size_s: float = Field(300.0, description="size of hopping windows (dashboards)")
+    hopping_step_s: float = Field(60.0, description="step between hopping windows")
+    expires_s: float = Field(3600.0, description="closed window state is dropped after this")
     slow_latency_ms: float = Field(
         2000.0, description="latency p99 above this fires the default latency detector"
     )
@@ -128,7 +127,9 @@ class FeedbackSettings(BaseModel):
     """Joining feedback to its inference."""
 
     join_ttl_s: float = Field(86_400.0, description="how long either side waits for the other")
-    negative_score_below: float = 0.5
+    negative_score_below: float = Field(
+        0.5, description="feedback scores below this count as negative"
+    )
     join_max_text_chars: int = Field(
         8192, ge=0, description="prompt/response characters kept per inference for the join"
     )
@@ -193,10 +194,10 @@ class DetectorSettings(BaseModel):
     """Defaults for the detectors the runner instantiates per model."""
 
     ert: float = Field(1000.0, description="expected run time between false alarms, in updates")
-    drift_window: int = 64
-    reference_size: int = 1000
-    min_segment_size: int = 30
-    fdr_alpha: float = 0.05
+    drift_window: int = Field(64, description="test window of the online embedding drift detector")
+    reference_size: int = Field(1000, description="most reference rows an embedding detector keeps")
+    min_segment_size: int = Field(30, description="smallest segment sample the bias tests judge")
+    fdr_alpha: float = Field(0.05, description="false discovery rate across segments (BH)")
     min_window_requests: int = Field(
         10, ge=1, description="windows with fewer requests are not judged by the runner"
     )

@@ -139,6 +139,7 @@ class DetectorRunner:
             (
                 lambda: bias(
                     signal="negative_feedback",
+                    alpha=settings.detectors.fdr_alpha,
                     min_samples=self.min_feedback,
                 )
             )
