@@ -23,7 +23,9 @@ Flow (``<prefix>`` is ``kafka.topic_prefix``)::
   detector through the pipeline's hook
   (:meth:`genmon.streams.pipeline.Pipeline.submit_embeddings`). A sample missing texts
   after ``embedding.group_timeout_s`` (its producer or encoder restarted mid-sample) is
-  submitted as it is; a sample seen again after a redelivery is skipped.
+  submitted as it is; a sample seen again after a redelivery is skipped. A series' first
+  samples are collected until they can be its reference (``3 x detectors.drift_window``
+  texts, over as many windows as it takes); see :mod:`genmon.streams.runner`.
 * **Backpressure.** Every ``embedding.backlog_check_interval_s`` the sampler reads the
   encoder's backlog: messages on the request topic beyond its consumer group's committed
   offsets. Above ``embedding.max_backlog`` the sample rate halves (down to
@@ -649,7 +651,7 @@ class EncoderStage:
                 sample.embeddings,
             )
         except GenmonError as exc:
-            # Refusals with a reason (e.g. a sample too small to be a reference): no traceback.
+            # Refusals with a reason (e.g. a state over the size bound): no traceback.
             self.metrics.submit_errors.inc()
             log.warning(
                 "embedding drift detector refused %d %s embeddings of %s/%s: %s",
@@ -747,6 +749,11 @@ def install_embed_role(app: GenmonApp) -> None:
     # Only the pipeline's tables and hook are used here: no sinks, timers or agents of its own.
     pipeline = Pipeline(app, settings)
     app.genmon.extras["pipeline"] = pipeline
+
+    @app.on_partitions_revoked.connect
+    async def forget(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        pipeline.runner.forget_live_detectors()
+
     install_encoder(app, settings, metrics, pipeline.submit_embeddings)
 
 

@@ -341,8 +341,12 @@ def install(app: GenmonApp) -> None:
     app.genmon.ingestor = ingestor
     handlers = {"inference": ingestor.handle_inference, "feedback": ingestor.handle_feedback}
     for kind in INPUT_KINDS:
+        topic = app.genmon.topics[kind]
+        # The agent subscribes the topic (and serves apps on Faust's own consumer);
+        # genmon's BatchingConsumer hands it whole fetched batches instead.
         agent = _batch_agent(kind, handlers[kind], app.genmon.settings)
-        app.agent(app.genmon.topics[kind], name=f"genmon.ingest.{kind}")(agent)
+        app.agent(topic, name=f"genmon.ingest.{kind}")(agent)
+        app.genmon.batch_handlers[topic.get_topic_name()] = handlers[kind]
 
     @app.on_partitions_revoked.connect
     async def forget_sequences(sender: Any, revoked: set[TP], **kwargs: Any) -> None:

@@ -15,11 +15,12 @@
   keyed by model id;
 - :meth:`Pipeline.submit_embeddings` is the hook of the embedding stage.
 
-State lives in two Faust tables written to explicit changelog partitions (a take()
+State lives in three Faust tables written to explicit changelog partitions (a take()
 batch mixes partitions, so the "current event" partition Faust would pick is wrong):
-``pipeline-state`` (panes, join entries, marks) and ``detector-state`` (per model: every
-detector's JSON ``state_dict``). Both are recovered from their changelogs on restart or
-rebalance.
+``pipeline-state`` (panes, join entries, marks), ``detector-state`` (per model: every
+detector's JSON ``state_dict``) and ``embedding-state`` (per model, version and embedded
+field: the embedding drift detector, under 900 KB). All are recovered from their
+changelogs on restart or rebalance.
 
 **The window record** (JSON, ``<prefix>.windows``, key = model id): ``model_id``,
 ``kind`` (``tumbling`` or ``hopping``), ``window_start``/``window_end`` (ISO 8601, UTC),
@@ -60,7 +61,7 @@ from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams.codec import encode
 from genmon.streams.pipeline_core import PipelineCore
-from genmon.streams.runner import DetectorRunner
+from genmon.streams.runner import DetectorRunner, embedding_key
 
 if TYPE_CHECKING:
     from faust.types import TP
@@ -222,6 +223,9 @@ class Pipeline:
         # Keys are str and values JSON-able dicts: Faust's default json codec for both.
         self.state_table = app.Table("pipeline-state", default=None, partitions=n)
         self.detector_table = app.Table("detector-state", default=None, partitions=n)
+        # Embedding drift: one record per (model, version, field) series, in a table of its
+        # own so that no model id can make a series key collide with a window-state key.
+        self.embedding_table = app.Table("embedding-state", default=None, partitions=n)
         self.windows_topic = app.topic(
             settings.topic("windows"),
             key_serializer="raw",
@@ -232,12 +236,16 @@ class Pipeline:
         self.core = PipelineCore(settings, TableStore(self.state_table))
         self.runner = DetectorRunner(settings)
         self.detector_store = TableStore(self.detector_table)
+        self.embedding_store = TableStore(self.embedding_table)
         self.metrics = PipelineMetrics(app.genmon.metrics.registry)
         self.inference_topic = settings.topic("inference")
         self.feedback_topic = settings.topic("feedback")
         self._engine: Any = None
         self._lock = asyncio.Lock()
         self._runner_lock = asyncio.Lock()
+        # Embedding submits read, compute (in a thread) and write their series' state:
+        # serialised among themselves, and never holding up the window detectors.
+        self._embedding_lock = asyncio.Lock()
 
     # -- ingest sinks ---------------------------------------------------------------------
     async def on_inferences(self, events: list[InferenceEvent]) -> None:
@@ -364,21 +372,27 @@ class Pipeline:
         """Run the embedding drift detector of ``(model, version, field)`` on one sample.
 
         The embedding stage calls this once per window with the sampled embeddings
-        (``array``: n x d). State is kept in the detector table under
-        ``<model>\x1fembedding:<field>``; findings are published like window findings
-        (signal ``embedding_<field>``).
+        (``array``: n x d). State is kept in the ``embedding-state`` table, one record per
+        series under :func:`~genmon.streams.runner.embedding_key`; findings are published
+        like window findings (signal ``embedding_<field>``). The detector runs in a
+        thread: fitting or rebuilding one calibrates it for about a second.
         """
         partition = partition_for(model_id, self.partitions)
-        # A key of its own: an embedding reference is large, and window updates of the
-        # model's other detectors should not rewrite it to the changelog every window.
-        key = f"{model_id}\x1fembedding:{field}"
-        async with self._runner_lock:
-            state = self.detector_store.get(key)
-            new_state, findings = self.runner.on_embeddings(
-                state, model_id, model_version, field, window_end, np.asarray(array)
+        key = embedding_key(model_id, model_version, field)
+        async with self._embedding_lock:
+            state = self.embedding_store.get(key)
+            new_state, findings = await asyncio.to_thread(
+                self.runner.on_embeddings,
+                state,
+                model_id,
+                model_version,
+                field,
+                window_end,
+                np.asarray(array),
             )
             await self._publish(findings)
-            self.detector_store.put(partition, key, new_state)
+            if new_state != state:
+                self.embedding_store.put(partition, key, new_state)
         return findings
 
     async def _publish(self, findings: list[Finding]) -> None:
@@ -397,6 +411,7 @@ class Pipeline:
 
     def on_revoked(self, revoked: set[TP]) -> None:
         self.core.forget(tp.partition for tp in revoked if tp.topic == self.inference_topic)
+        self.runner.forget_live_detectors()
 
 
 def install_pipeline(app: GenmonApp, settings: Settings | None = None) -> Pipeline:

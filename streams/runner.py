@@ -37,12 +37,39 @@ window end) is the same for a re-emitted finding, and the incident manager drops
 
 Finding ``segment`` is ``model_version=<v>`` for whole-version signals and
 ``model_version=<v>,<key>=<value>`` for a segment, so versions never share a fingerprint.
+
+**Embedding drift** (:meth:`DetectorRunner.on_embeddings`, signal ``embedding_<field>``,
+detector ``detectors.embedding_detector``, default ``online_mmd``). Each
+``(model, version, field)`` series has its own state, one table record under
+:func:`embedding_key`, apart from the model's window state:
+
+- *Reference.* Samples are collected until they hold ``3 x detectors.drift_window``
+  rows (the least the online detectors accept), across as many windows as it takes, so
+  low-traffic models get a reference too; then the detector is fitted on them (a uniform
+  subset if they exceed the cap below) and later samples are tested. Collected rows are
+  at most ``3 x drift_window`` and stored as float16.
+- *Size.* A changelog record must stay under Kafka's 1 MB default, so a series' JSON
+  state is kept under :data:`STATE_MAX_BYTES` (900,000 bytes). The reference is rounded
+  to float16 *before* fitting (relative error 2^-11, far below MiniLM's spread), which
+  makes storing it as float16 exact: a detector rebuilt from the state equals the live
+  one. Its rows are capped at ``min(detectors.reference_size, max_reference_rows(dim,
+  drift_window))``: 733 rows for 384-dimensional MiniLM with the default window of 64.
+  A state that would still exceed the bound (another detector) is refused with a
+  ``ConfigurationError`` rather than written.
+- *Live detectors.* Rebuilding an online detector recalibrates it (about a second at
+  384 dimensions), so the last :data:`LIVE_DETECTORS` detectors stay in memory (LRU),
+  reused while the stored state carries the revision they wrote; after a restart or a
+  rebalance they are rebuilt from the state, with identical results.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import threading
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,7 +78,7 @@ from typing import Any
 import numpy as np
 
 from genmon.detectors import REGISTRY, Detector, DetectorResult, ThresholdDetector, load_state
-from genmon.detectors.exceptions import NotFittedError
+from genmon.detectors.drift._common import decode_array, encode_array
 from genmon.exceptions import ConfigurationError
 from genmon.schemas.events import Finding, FindingKind
 from genmon.settings import Settings
@@ -60,6 +87,15 @@ log = logging.getLogger(__name__)
 
 DETECT_ON = "tumbling"
 ALL = "*"
+#: ``last_end`` kind of embedding samples (a series applies each window's sample once).
+EMBEDDING_KIND = "embedding"
+#: Largest JSON state of one embedding series, i.e. one changelog record: under Kafka's
+#: default 1 MB message size (``message.max.bytes``, ``max.request.size``) with room to spare.
+STATE_MAX_BYTES = 900_000
+#: Part of :data:`STATE_MAX_BYTES` kept for JSON keys, parameters and counters.
+STATE_OVERHEAD_BYTES = 16_384
+#: Live embedding detectors cached per process (each ~3 MB at 384 dimensions).
+LIVE_DETECTORS = 64
 
 
 @dataclass(frozen=True)
@@ -124,9 +160,18 @@ class DetectorRunner:
     """Applies closed windows and embedding batches to per-model detector state."""
 
     def __init__(
-        self, settings: Settings, scalar_signals: Sequence[ScalarSignal] | None = None
+        self,
+        settings: Settings,
+        scalar_signals: Sequence[ScalarSignal] | None = None,
+        live_detectors: int = LIVE_DETECTORS,
     ) -> None:
         self.settings = settings
+        self.min_reference_rows = 3 * settings.detectors.drift_window
+        self.live_detectors = live_detectors
+        # series -> (revision of the stored state it matches, detector); LRU order.
+        self._live: OrderedDict[str, tuple[str, Detector]] = OrderedDict()
+        # on_embeddings may run in worker threads (it calibrates for seconds).
+        self._live_lock = threading.Lock()
         self.signals = list(scalar_signals or default_scalar_signals(settings))
         # One signal may have several detectors: their state is keyed by detector name too.
         self._detector_names = [spec.factory().name for spec in self.signals]
@@ -260,32 +305,32 @@ class DetectorRunner:
     ) -> tuple[dict[str, Any], list[Finding]]:
         """Run the embedding drift detector of ``(model, version, field)`` on one sample.
 
-        The first sample of a series becomes the detector's reference when the detector
-        needs one (``NotFittedError`` -> ``fit(array)``), and produces no finding.
+        ``state`` is the series' own state (one table record per series, see
+        :func:`embedding_key`). Until the reference is fitted, samples are collected
+        (float16) and produce no finding; a sample whose window is not newer than the
+        last one applied (a redelivery) changes nothing. Raises ``ConfigurationError``
+        when the new state would exceed :data:`STATE_MAX_BYTES`.
         """
         state = _copy_state(state)
-        factory = self._embedding_factory()
+        end_ms = round(window_end.timestamp() * 1000)
+        if end_ms <= state["last_end"].get(EMBEDDING_KIND, -(2**62)):
+            return state, []
+        state["last_end"][EMBEDDING_KIND] = end_ms
         skey = f"embedding:{field}\x1f{model_version}\x1f{ALL}"
-        if skey not in state["series"] and _needs_reference(factory):
-            # The first sample of the series is its reference (H9's embedding stage edit).
-            build: Callable[..., Detector] = factory
-            self._save(state, skey, build(array, **_embedding_params(build, self.settings)))
+        series = embedding_key(model_id, model_version, field)
+        entry = state["series"].setdefault(skey, {"clears": 0})
+        rows = np.asarray(array, dtype=np.float32)
+        if "det" not in entry:
+            self._collect_reference(entry, series, rows)
+            _check_size(state, series)
             return state, []
-        det = self._detector(state, skey, factory)
-        try:
-            result = det.update(array)
-        except NotFittedError:
-            fit = getattr(det, "fit", None)
-            if fit is None:
-                raise
-            fit(array)
-            self._save(state, skey, det)
-            return state, []
-        self._save(state, skey, det)
+        det = self._live_detector(series, entry)
+        result = det.update(rows)
+        self._keep_live(series, entry, det)
         ctx = _WindowContext(
             {"model_id": model_id, "window_start": None, "window_end": window_end.isoformat()}
         )
-        return state, self._publishable(
+        findings = self._publishable(
             state,
             skey,
             result,
@@ -294,10 +339,69 @@ class DetectorRunner:
             ALL,
             f"embedding_{field}",
             FindingKind.DRIFT,
-            len(array),
+            len(rows),
         )
+        _check_size(state, series)
+        return state, findings
 
-    def _embedding_factory(self) -> Callable[[], Detector]:
+    def _collect_reference(self, entry: dict[str, Any], series: str, rows: np.ndarray) -> None:
+        # The reference is rounded to float16 before the detector ever sees it, so storing
+        # it as float16 is lossless and a rebuilt detector is identical to the live one.
+        factory = self._embedding_factory()
+        rows = _to_half(rows, series)
+        if "pending" in entry:
+            rows = np.concatenate([decode_array(entry["pending"]), rows])
+        if len(rows) < self.min_reference_rows:
+            entry["pending"] = encode_array(rows)
+            return
+        entry.pop("pending", None)
+        cap = self.reference_rows(rows.shape[1])
+        if len(rows) > cap:
+            keep = np.random.default_rng(0).choice(len(rows), cap, replace=False)
+            rows = rows[np.sort(keep)]
+        det = factory(rows.astype(np.float32), **_embedding_params(factory, self.settings))
+        self._keep_live(series, entry, det)
+
+    def reference_rows(self, dim: int) -> int:
+        """Most reference rows of a ``dim``-dimensional series: ``detectors.reference_size``
+        capped by :func:`max_reference_rows`."""
+        window = self.settings.detectors.drift_window
+        cap = min(self.settings.detectors.reference_size, max_reference_rows(dim, window))
+        if cap < self.min_reference_rows:
+            raise ConfigurationError(
+                f"a {dim}-dimensional embedding reference may hold at most {cap} rows "
+                f"(detectors.reference_size, or a {STATE_MAX_BYTES}-byte state), but "
+                f"detectors.drift_window={window} needs {self.min_reference_rows}; "
+                "lower detectors.drift_window or raise detectors.reference_size"
+            )
+        return cap
+
+    def _live_detector(self, series: str, entry: dict[str, Any]) -> Detector:
+        # Taken out of the cache while in use: if update() raises half-way, the detector is
+        # dropped and the next sample rebuilds it from the stored state.
+        with self._live_lock:
+            cached = self._live.pop(series, None)
+        if cached is not None and cached[0] == entry.get("rev"):
+            return cached[1]
+        return load_state(entry["det"])
+
+    def _keep_live(self, series: str, entry: dict[str, Any], det: Detector) -> None:
+        # A fresh revision per write: a cached detector is reused only while the stored
+        # state is the one it wrote (not after another worker wrote the series, nor when
+        # this write never reached the table).
+        entry["det"] = _compact_reference(det.state_dict())
+        entry["rev"] = uuid.uuid4().hex
+        with self._live_lock:
+            self._live[series] = (entry["rev"], det)
+            while len(self._live) > self.live_detectors:
+                self._live.popitem(last=False)
+
+    def forget_live_detectors(self) -> None:
+        """Drop every cached embedding detector (on a rebalance)."""
+        with self._live_lock:
+            self._live.clear()
+
+    def _embedding_factory(self) -> Callable[..., Detector]:
         name = self.settings.detectors.embedding_detector
         if name:
             if name not in REGISTRY:
@@ -305,8 +409,14 @@ class DetectorRunner:
                     f"detectors.embedding_detector={name!r} is not a registered detector; "
                     f"choose one of {sorted(REGISTRY)}"
                 )
-            return REGISTRY[name]
-        for candidate in ("online_mmd", "mmd"):
+            factory = REGISTRY[name]
+            if "reference" not in inspect.signature(factory).parameters:
+                raise ConfigurationError(
+                    f"detectors.embedding_detector={name!r} takes no reference sample; "
+                    "choose a drift detector such as 'online_mmd'"
+                )
+            return factory
+        for candidate in ("online_mmd", "mmd_drift"):
             if candidate in REGISTRY:
                 return REGISTRY[candidate]
         raise ConfigurationError(
@@ -374,8 +484,60 @@ class DetectorRunner:
         ]
 
 
-def _needs_reference(factory: Callable[..., Detector]) -> bool:
-    return "reference" in inspect.signature(factory).parameters
+def embedding_key(model_id: str, model_version: str, field: str) -> str:
+    """Table key of one embedding series: unambiguous whatever characters the ids hold."""
+    return json.dumps([model_id, model_version, field], ensure_ascii=False)
+
+
+def max_reference_rows(dim: int, window: int) -> int:
+    """Most float16 reference rows that keep one series' JSON state under the bound.
+
+    The state holds the reference (float16, base64), the detector's window (at most
+    ``window`` float32 rows, base64) with two float64 sums per window row, and
+    :data:`STATE_OVERHEAD_BYTES` for the rest.
+
+    >>> max_reference_rows(384, 64)  # all-MiniLM-L6-v2, default drift_window
+    733
+    """
+    window_bytes = _base64_len(window * dim * 4) + 2 * _base64_len(window * 8)
+    free = STATE_MAX_BYTES - STATE_OVERHEAD_BYTES - window_bytes
+    return max(free * 3 // (dim * 2 * 4), 0)
+
+
+def _base64_len(n_bytes: int) -> int:
+    return 4 * -(-n_bytes // 3)
+
+
+def _to_half(rows: np.ndarray, series: str) -> np.ndarray:
+    half = rows.astype(np.float16)
+    if not np.isfinite(half).all():
+        raise ConfigurationError(
+            f"embeddings of {series} do not fit float16 (|value| > 65504 or not finite); "
+            "normalise them before submitting"
+        )
+    return half
+
+
+def _compact_reference(state: dict[str, Any]) -> dict[str, Any]:
+    """Store a float32 reference as float16 when that is exact (it is for references
+    the runner fitted), halving the state; detectors read it back as float32."""
+    reference = state.get("params", {}).get("reference")
+    if isinstance(reference, dict) and reference.get("dtype") == "<f4":
+        values = decode_array(reference)
+        half = values.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), values):
+            state["params"]["reference"] = encode_array(half)
+    return state
+
+
+def _check_size(state: dict[str, Any], series: str) -> None:
+    size = len(json.dumps(state))
+    if size > STATE_MAX_BYTES:
+        raise ConfigurationError(
+            f"the embedding drift state of {series} would be {size} bytes, over "
+            f"{STATE_MAX_BYTES} (Kafka refuses changelog records over 1 MB by default); "
+            "lower detectors.reference_size or detectors.drift_window"
+        )
 
 
 def _embedding_params(factory: Callable[..., Detector], settings: Settings) -> dict[str, Any]:

@@ -12,6 +12,9 @@ Two paths, measured in the same run so the ratio is meaningful on any machine:
 
     .venv/bin/python bench/incidents/bench_latency.py --findings 10000 --rate 50
 
+(``--mode kafka-incidents-only`` runs a worker with only the ingest and incident
+installers, ``bench/incidents/incidents_worker.py``.)
+
 Needs the local broker (`genmon infra up`) for the kafka path.
 """
 
@@ -144,11 +147,14 @@ def run_inprocess(count: int, rate: float, workdir: Path) -> dict[str, object]:
     return {"to_webhook": percentiles(to_webhook), "to_row": percentiles(to_row)}
 
 
-def run_kafka(count: int, rate: float, workdir: Path, bootstrap: str) -> dict[str, object]:
+def run_kafka(
+    count: int, rate: float, workdir: Path, bootstrap: str, *, incidents_only: bool = False
+) -> dict[str, object]:
     from kafka import KafkaProducer
 
     from genmon.infra.kafka import KafkaBroker
 
+    workdir.mkdir(parents=True, exist_ok=True)
     run = uuid.uuid4().hex[:8]
     prefix = f"bench-{run}"
     url = f"sqlite:///{workdir / 'kafka.sqlite'}"
@@ -192,9 +198,17 @@ def run_kafka(count: int, rate: float, workdir: Path, bootstrap: str) -> dict[st
             "GENMON_WORKER__BATCH_WITHIN_S": "0.05",
         }
         log = (workdir / "worker.log").open("wb")
-        genmon = str(Path(sys.executable).with_name("genmon"))
+        if incidents_only:
+            command = [sys.executable, str(Path(__file__).with_name("incidents_worker.py"))]
+        else:
+            command = [
+                str(Path(sys.executable).with_name("genmon")),
+                "worker",
+                "--loglevel",
+                "warning",
+            ]
         worker = subprocess.Popen(
-            [genmon, "worker", "--loglevel", "warning"],
+            command,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -237,19 +251,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--findings", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=50.0, help="findings per second")
-    parser.add_argument("--mode", choices=["both", "inprocess", "kafka"], default="both")
+    parser.add_argument(
+        "--mode",
+        choices=["all", "inprocess", "kafka", "kafka-incidents-only"],
+        default="all",
+        help="kafka: the full `genmon worker`; kafka-incidents-only: ingest + incidents only",
+    )
     parser.add_argument("--bootstrap", default=Settings.model_validate({}).kafka.bootstrap_servers)
     args = parser.parse_args()
     results: dict[str, object] = {"findings": args.findings, "rate_per_s": args.rate}
     with tempfile.TemporaryDirectory(prefix="genmon-bench-") as tmp:
         workdir = Path(tmp)
-        if args.mode in ("both", "inprocess"):
+        if args.mode in ("all", "inprocess"):
             results["inprocess"] = run_inprocess(args.findings, args.rate, workdir)
-        if args.mode in ("both", "kafka"):
-            results["kafka"] = run_kafka(args.findings, args.rate, workdir, args.bootstrap)
-    if "inprocess" in results and "kafka" in results:
-        base = results["inprocess"]["to_webhook"]["p99_ms"]  # type: ignore[index]
-        results["kafka_vs_inprocess_p99"] = results["kafka"]["to_webhook"]["p99_ms"] / base  # type: ignore[index]
+        if args.mode in ("all", "kafka-incidents-only"):
+            results["kafka_incidents_only"] = run_kafka(
+                args.findings, args.rate, workdir / "only", args.bootstrap, incidents_only=True
+            )
+        if args.mode in ("all", "kafka"):
+            results["kafka"] = run_kafka(args.findings, args.rate, workdir / "full", args.bootstrap)
+    base = results.get("inprocess")
+    for name in ("kafka_incidents_only", "kafka"):
+        if base is not None and name in results:
+            p99 = results[name]["to_webhook"]["p99_ms"]  # type: ignore[index]
+            results[f"{name}_vs_inprocess_p99"] = p99 / base["to_webhook"]["p99_ms"]  # type: ignore[index]
     print(json.dumps(results, indent=2))
 
 
