@@ -330,29 +330,49 @@ def aggregate_inferences(
     inference offset the stored pane already holds, so redelivered events are not counted
     twice in it.
     """
-    out: dict[PaneKey, WindowStats] = {}
-    seen: dict[PaneKey, int] = {}
+    # Each event is added once, to the group of events sharing its model, version, pane and
+    # the segment series it still counts in; each series' pane is then the merge of its
+    # groups (a few dozen merges per batch instead of one add per event and series).
+    groups: dict[tuple[str, str, int, tuple[str, ...]], WindowStats] = {}
+    done_by_group: dict[tuple[str, str, int, tuple[str, ...]], tuple[int, ...]] = {}
+    segment_cache: dict[tuple[tuple[str, str], ...], tuple[str, ...]] = {}
     for offset, event in events:
         t = event_time_ms(event)
         pane = t - t % pane_ms
-        sig = quality.of(event)
-        for segment in segments_of(event.segment):
-            key = PaneKey(event.model_id, event.model_version, segment, pane)
-            if offset is not None and applied is not None:
-                done = seen.get(key)
-                if done is None:
-                    done = seen[key] = applied(key)
-                if offset <= done:
+        model, version = event.model_id, event.model_version
+        attributes = tuple(event.segment.items())
+        segments = segment_cache.get(attributes)
+        if segments is None:
+            segments = segment_cache[attributes] = tuple(segments_of(event.segment))
+        group_key = (model, version, pane, segments)
+        if offset is not None and applied is not None:
+            done = done_by_group.get(group_key)
+            if done is None:
+                done = done_by_group[group_key] = tuple(
+                    applied(PaneKey(model, version, segment, pane)) for segment in segments
+                )
+            if offset <= max(done):
+                kept = tuple(s for s, d in zip(segments, done, strict=True) if offset > d)
+                if not kept:
                     continue
-            stats = out.get(key)
-            if stats is None:
-                stats = out[key] = WindowStats(relative_accuracy)
-            stats.add_inference(
-                event, sig.empty, sig.truncated, sig.refusal, sig.response_chars, sig.language
-            )
-            stats.saw("inference", offset)
-    for stats in out.values():
+                group_key = (model, version, pane, kept)
+        stats = groups.get(group_key)
+        if stats is None:
+            stats = groups[group_key] = WindowStats(relative_accuracy)
+        sig = quality.of(event)
+        stats.add_inference(
+            event, sig.empty, sig.truncated, sig.refusal, sig.response_chars, sig.language
+        )
+        stats.saw("inference", offset)
+    out: dict[PaneKey, WindowStats] = {}
+    for (model, version, pane, segments), stats in groups.items():
         stats.flush()
+        for segment in segments:
+            key = PaneKey(model, version, segment, pane)
+            into = out.get(key)
+            if into is None:
+                into = out[key] = WindowStats(relative_accuracy)
+            into.merge(stats)
     return out
 
 

@@ -21,6 +21,7 @@ Extension points for the streaming pipeline:
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,12 @@ if TYPE_CHECKING:
     from genmon.streams.ingest import Ingestor
 
 log = logging.getLogger(__name__)
+
+#: Cyclic-GC thresholds of a worker process. Its state (panes, join entries) is many small
+#: long-lived containers, and with Python's default (700, 10, 10) the collector re-scans
+#: them so often that it took ~30 % of the pipeline's time; a young generation of 20,000
+#: allocations bounds uncollected cyclic garbage just the same.
+WORKER_GC_THRESHOLDS = (20_000, 20, 10)
 
 Installer = Callable[["GenmonApp"], None]
 BatchHandler = Callable[[Sequence[Message]], Awaitable[None]]
@@ -199,6 +206,7 @@ class GenmonApp(faust.App):
     async def on_first_start(self) -> None:
         # Faust creates only the last level of its data directory.
         self.conf.datadir.parent.mkdir(parents=True, exist_ok=True)
+        gc.set_threshold(*WORKER_GC_THRESHOLDS)
         await super().on_first_start()
 
 
