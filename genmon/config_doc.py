@@ -54,10 +54,6 @@ def _default(info: FieldInfo) -> str:
         return str(value)
 
 
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
 def settings_rows(
     model: type[BaseModel] = Settings, prefix: str = "GENMON_"
 ) -> list[tuple[str, str, str, str]]:
@@ -65,8 +61,9 @@ def settings_rows(
     rows: list[tuple[str, str, str, str]] = []
     for name, info in model.model_fields.items():
         env = f"{prefix}{name.upper()}"
-        if _is_section(info.annotation):
-            rows.extend(settings_rows(info.annotation, env + "__"))
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            rows.extend(settings_rows(section, env + "__"))
             continue
         description = (info.description or "").replace("|", "\\|")
         type_name = _type_name(info.annotation).replace("|", "\\|")
@@ -81,6 +78,8 @@ def rows_by_env(rows: list[tuple[str, str, str, str]]) -> dict[str, tuple[str, s
 def settings_markdown() -> str:
     """The README's configuration table."""
     lines = ["| variable | type | default | meaning |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{env}` | {kind} | `{default}` | {text} |" for env, kind, default, text in
-              settings_rows()]
+    lines += [
+        f"| `{env}` | {kind} | `{default}` | {text} |"
+        for env, kind, default, text in settings_rows()
+    ]
     return "\n".join(lines)

@@ -57,8 +57,7 @@ def _answers(data_dir: Path, model: str) -> list[Answer]:
     with path.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if not r["type"].startswith("contrast")]
     return [
-        Answer(r["prompt"], r["completion"], not r["final_label"].startswith("1_"))
-        for r in rows
+        Answer(r["prompt"], r["completion"], not r["final_label"].startswith("1_")) for r in rows
     ]
 
 
@@ -129,8 +128,9 @@ def _send_malformed(settings: Settings) -> int:
     return len(bad)
 
 
-def _replay(settings: Settings, traffic: _Traffic, *, seconds: float, rate: float,
-            regression: bool) -> dict[str, int]:
+def _replay(
+    settings: Settings, traffic: _Traffic, *, seconds: float, rate: float, regression: bool
+) -> dict[str, int]:
     from genmon.sdk import Monitor
 
     sent = feedback = 0
@@ -147,7 +147,9 @@ def _replay(settings: Settings, traffic: _Traffic, *, seconds: float, rate: floa
                 if traffic.rng.random() < 0.5:  # half the users leave a thumb
                     thumbs = "down" if answer.refused else "up"
                     monitor.log_feedback(
-                        request_id=request_id, model_id=MODEL_ID, thumbs=thumbs,
+                        request_id=request_id,
+                        model_id=MODEL_ID,
+                        thumbs=thumbs,
                         segment=event["segment"],
                     )
                     feedback += 1
@@ -172,12 +174,21 @@ def _incident_rows(url: str) -> list[Any]:
 
 
 @click.command("demo")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR,
-              show_default=True, help="the shared public data sets")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="the shared public data sets",
+)
 @click.option("--rate", default=60.0, show_default=True, help="requests per second replayed")
 @click.option("--healthy-s", default=30.0, show_default=True, help="seconds of healthy traffic")
-@click.option("--regression-s", default=30.0, show_default=True,
-              help="seconds of traffic after the bad rollout")
+@click.option(
+    "--regression-s",
+    default=30.0,
+    show_default=True,
+    help="seconds of traffic after the bad rollout",
+)
 @click.option("--keep", is_flag=True, help="leave Kafka running afterwards")
 def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, keep: bool) -> None:
     """Run genmon end to end on this machine and show what on-call would see."""
@@ -236,7 +247,9 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
     _say(f"starting `genmon worker` (topics {run}.*, log {log_path})")
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "genmon.cli", "worker"], env=env, stdout=log,
+            [sys.executable, "-m", "genmon.cli", "worker"],
+            env=env,
+            stdout=log,
             stderr=subprocess.STDOUT,
         )
     try:
@@ -244,12 +257,16 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
         traffic = _Traffic(data_dir)
         dead = _send_malformed(settings)
         _say(f"sent {dead} malformed messages: they go to {run}.deadletter with a reason")
-        _say(f"phase 1: {healthy_s:.0f} s of healthy traffic at {rate:.0f} req/s "
-             "(GPT-4 answers, Groq latencies)")
+        _say(
+            f"phase 1: {healthy_s:.0f} s of healthy traffic at {rate:.0f} req/s "
+            "(GPT-4 answers, Groq latencies)"
+        )
         counts = _replay(settings, traffic, seconds=healthy_s, rate=rate, regression=False)
         _say(f"  sent {counts['inferences']} inferences, {counts['feedback']} feedback")
-        _say(f"phase 2: {regression_s:.0f} s after a bad rollout (locale=de served by "
-             "Llama-2 v2, Bedrock latencies for everyone)")
+        _say(
+            f"phase 2: {regression_s:.0f} s after a bad rollout (locale=de served by "
+            "Llama-2 v2, Bedrock latencies for everyone)"
+        )
         counts = _replay(settings, traffic, seconds=regression_s, rate=rate, regression=True)
         _say(f"  sent {counts['inferences']} inferences, {counts['feedback']} feedback")
         deadline = time.monotonic() + 60

@@ -99,30 +99,31 @@ class BatchingConsumer(faust_aiokafka.Consumer):
     Faust delivers each message through the conductor, an ``Event``, a channel queue and
     the stream iterator, with a task or two per message: about 150 us of Python per
     message, a ceiling of ~6k events/s per worker before any genmon code runs. For topics
-    in ``app.genmon.batch_handlers`` this loop instead collects every message of one
-    ``getmany`` and awaits the handler once with the list. Delivery stays at-least-once:
-    the messages are tracked as unacked before the handler runs and acknowledged after
-    it returns (or raises: the error is logged, as a crashed batch would crash again), so
-    commits and a rebalance's wait for pending messages see them like stream events.
-    A batch fetched while the flow was suspended for a rebalance is dropped unacked; the
-    partition's next owner reads it again from the committed offset. Other topics take
-    Faust's per-message path unchanged.
+    in ``app.genmon.batch_handlers`` this loop instead collects the messages of one
+    ``getmany`` and awaits the handler once per ``worker.batch_size`` of them.
+
+    Delivery stays at-least-once: the messages are tracked as unacked before the handler
+    runs and acknowledged after it returns (or raises: the error is logged, as a crashed
+    batch would crash again), so commits and a rebalance's wait for pending messages see
+    them like stream events. A batch fetched while the flow was suspended for a rebalance
+    is dropped unacked; the partition's next owner reads it again from the committed
+    offset. Other topics take Faust's per-message path unchanged. Faust's sensors (its own
+    monitor) do not see batch-topic messages; genmon's metrics count them.
     """
 
     def _new_consumer_thread(self) -> _ConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover
-        app = self.app
-        handlers: Mapping[str, BatchHandler] = getattr(app, "genmon", None) and (
-            app.genmon.batch_handlers
-        )
-        if not handlers:
+        context: WorkerContext | None = getattr(self.app, "genmon", None)
+        handlers: Mapping[str, BatchHandler] = context.batch_handlers if context else {}
+        if context is None or not handlers:
             await super()._drain_messages(fetcher)
             return
+        batch_size = context.settings.worker.batch_size
         callback = self.callback
         read_offset = self._read_offset
-        acks_enabled_for = app.topics.acks_enabled_for
+        acks_enabled_for = self.app.topics.acks_enabled_for
         fetcher_stopped = fetcher._stopped.is_set  # type: ignore[attr-defined]
         try:
             while not (self._stopped.is_set() or fetcher_stopped()):
@@ -148,7 +149,9 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                         batches.setdefault(tp.topic, []).append(message)
                         seen[tp] = offset
                 for topic, messages in batches.items():
-                    await self._handle_batch(topic, handlers[topic], messages)
+                    for start in range(0, len(messages), batch_size):
+                        chunk = messages[start : start + batch_size]
+                        await self._handle_batch(topic, handlers[topic], chunk)
                 if not self.suspend_flow.is_set():
                     read_offset.update(seen)
                 self.diag.unset_flag(CONSUMER_FETCHING)

@@ -1,7 +1,10 @@
 """Ingest agents: validate raw inference/feedback messages, dead-letter the bad ones.
 
-Each agent takes batches (``settings.worker.batch_size`` within
-``settings.worker.batch_within_s``) from its topic and, per batch:
+Each topic is read in batches: in ``genmon worker`` the app's
+:class:`~genmon.streams.app.BatchingConsumer` hands each fetched batch (at most
+``settings.worker.batch_size`` messages) straight to the handler; on Faust's own consumer
+the agents below take batches (``batch_size`` within ``settings.worker.batch_within_s``)
+from their streams. Per batch:
 
 1. decodes every message with :func:`genmon.streams.codec.decode`; a message that
    fails becomes a :class:`~genmon.schemas.events.DeadLetter` (reason code, error
