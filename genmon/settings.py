@@ -134,13 +134,13 @@ class FeedbackSettings(BaseModel):
         8192, ge=0, description="prompt/response characters kept per inference for the join"
     )
     join_max_entries: int = Field(
-        200_000,
+        50_000,
         ge=1,
         description=(
             "most join entries a partition keeps; beyond it the soonest-expiring are evicted"
             " (their waiting feedback counts as orphaned). An entry holds up to"
-            " 2 x join_max_text_chars characters plus ~1 KiB: at most ~3.5 GB per partition"
-            " at the defaults, ~0.2 GB with 300-character texts"
+            " 2 x join_max_text_chars characters plus ~1 KiB: at most ~0.9 GB per partition"
+            " at the defaults (ASCII text), ~80 MB with 300-character prompts and responses"
         ),
     )
 

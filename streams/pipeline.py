@@ -160,9 +160,19 @@ class PipelineMetrics:
         self.orphaned = Counter(
             "genmon_join_orphaned", "Feedback dropped at the TTL without its inference", registry=r
         )
+        self.evicted = Counter(
+            "genmon_join_evicted",
+            "Join entries evicted before their TTL to stay within feedback.join_max_entries",
+            registry=r,
+        )
         self.pending = Gauge(
             "genmon_join_pending",
             "Join entries holding feedback that waits for its inference",
+            registry=r,
+        )
+        self.entries = Gauge(
+            "genmon_join_entries",
+            "Live join entries (at most feedback.join_max_entries per partition)",
             registry=r,
         )
         self.examples = Counter(
@@ -198,12 +208,14 @@ class PipelineMetrics:
             ("redelivered", c.redelivered_skipped, self.redelivered),
             ("joined", c.joined, self.joined),
             ("orphaned", c.orphaned, self.orphaned),
+            ("evicted", c.join_evicted, self.evicted),
         ):
             delta = value - self._last.get(name, 0)
             if delta:
                 metric.inc(delta)
             self._last[name] = value
         self.pending.set(core.pending_feedback)
+        self.entries.set(core.join_entries)
         now = time.monotonic()
         if now - self._last_tick >= 1.0:
             self.events_per_s.set(

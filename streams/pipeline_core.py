@@ -13,7 +13,18 @@ written to changelog partition ``p``:
   expired). One record per batch instead of one per event keeps the changelog traffic
   per event small (each table write is one Kafka message through Faust's producer);
 - ``<p> M``: the partition's mark: per model, its watermark and the last closed window
-  end per window family; and the last applied source offset per topic.
+  end per window family; the last applied source offset per topic; and per model the
+  eviction floor (below).
+
+A partition keeps at most ``feedback.join_max_entries`` join entries. Beyond that the
+entries that expire soonest (least event time left before their model's watermark
+reaches ``exp``) are evicted as if they had expired. The largest evicted
+``(exp, join key)`` of a model is its *eviction floor*: its entries at or below it are
+dropped on restore, the way expired entries are dropped at or below the watermark, so an
+evicted entry left in a segment record that still holds live entries does not come back
+after a restart. A floor only rises, because every live entry of the model lies above it
+(a new entry at or below it is evicted at once), and is dropped once the model's
+watermark passes it, since the watermark then drops those entries anyway.
 
 Event time is tracked per model (the Kafka key, so its events are ordered): one model's
 producer running behind does not make another model's events late. A model's watermark
@@ -31,6 +42,7 @@ re-emits them, and consumers deduplicate on ``(model_id, kind, window_end)``.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +114,7 @@ class Counters:
     joined: int = 0
     orphaned: int = 0
     late_feedback: int = 0
+    join_evicted: int = 0
 
 
 @dataclass
@@ -140,9 +153,14 @@ class _Partition:
     segment_live: dict[int, int] = field(default_factory=dict)
     unwritten: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_segment: int = 0
+    evicted_floors: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def mark(self) -> dict[str, Any]:
-        return {"models": {m: c.to_state() for m, c in self.clocks.items()}, "off": self.offsets}
+        return {
+            "models": {m: c.to_state() for m, c in self.clocks.items()},
+            "off": self.offsets,
+            "evicted": {m: list(floor) for m, floor in self.evicted_floors.items()},
+        }
 
     def watermark(self, model_id: str) -> int | None:
         clock = self.clocks.get(model_id)
@@ -170,6 +188,7 @@ class PipelineCore:
             round(settings.feedback.join_ttl_s * 1000), settings.feedback.join_max_text_chars
         )
         self.negative_below = settings.feedback.negative_score_below
+        self.join_max_entries = settings.feedback.join_max_entries
         self.quality = quality or QualitySignals.from_file(w.refusal_phrases_file)
         self.store = store
         self.clock = clock
@@ -185,6 +204,11 @@ class PipelineCore:
     def pending_feedback(self) -> int:
         """Join entries holding feedback that has not met its inference yet."""
         return sum(len(part.pending) for part in self._parts.values())
+
+    @property
+    def join_entries(self) -> int:
+        """Live join entries, at most ``feedback.join_max_entries`` per partition."""
+        return sum(len(part.joins) for part in self._parts.values())
 
     def restore(self, partitions: Iterable[int]) -> None:
         """(Re)build in-memory indexes of ``partitions`` from the store (after recovery)."""
@@ -207,13 +231,22 @@ class PipelineCore:
             elif kind == "M":
                 mark = self.store.get(key) or {}
                 part.offsets = dict(mark.get("off", {}))
+                part.evicted_floors = {
+                    model: (int(exp), str(jkey))
+                    for model, (exp, jkey) in mark.get("evicted", {}).items()
+                }
                 for model, clock in mark.get("models", {}).items():
                     part.clocks[model] = _Clock(clock["wm"], now, dict(clock["closed"]))
         for p, found in segments.items():
             self._restore_joins(p, self._parts[p], sorted(found))
         for p in wanted:
-            for heap in self._parts[p].join_heaps.values():
+            part = self._parts[p]
+            for heap in part.join_heaps.values():
                 heapq.heapify(heap)
+            # A lowered feedback.join_max_entries takes effect now; the mark with the new
+            # floor is written by the partition's next checkpoint.
+            if self._evict_joins(p, part):
+                part.dirty = True
 
     def _restore_joins(self, p: int, part: _Partition, segments: list[tuple[int, str]]) -> None:
         # Later segments hold newer versions of an entry; expired ones stay dropped.
@@ -225,7 +258,9 @@ class PipelineCore:
         for jkey, entry in list(part.joins.items()):
             model = jkey.split(SEP, 1)[0]
             watermark = part.watermark(model)
-            if watermark is not None and entry["exp"] <= watermark:
+            expired = watermark is not None and entry["exp"] <= watermark
+            floor = part.evicted_floors.get(model)
+            if expired or (floor is not None and (entry["exp"], jkey) <= floor):
                 del part.joins[jkey], part.join_segment[jkey]
                 continue
             seq = part.join_segment[jkey]
@@ -347,6 +382,7 @@ class PipelineCore:
         again instead of finding the feedback already marked as joined.
         """
         part = self._part(partition)
+        self._evict_joins(partition, part)
         self._write_segments(partition, part)
         self.store.put(partition, self._mark_key(partition), part.mark())
         part.dirty = False
@@ -517,15 +553,75 @@ class PipelineCore:
                 if entry["exp"] > wm:  # refreshed since it was pushed
                     heapq.heappush(heap, (entry["exp"], key))
                     continue
-                self.counters.orphaned += self.joiner.orphans(entry)
-                part.pending.discard(key)
-                del part.joins[key]
-                part.unwritten.pop(key, None)
-                seq = part.join_segment.pop(key, None)
-                if seq is not None:
-                    self._release(partition, part, seq)
+                self._drop_join(partition, part, key, entry)
                 swept += 1
         return swept
+
+    def _evict_joins(self, partition: int, part: _Partition) -> int:
+        """Evict the soonest-expiring entries beyond ``feedback.join_max_entries``.
+
+        Also evicts entries at or below their model's eviction floor (a late event can
+        create one), which keeps every live entry above the floor restore filters by.
+        """
+        evicted = 0
+        floors = part.evicted_floors
+        while True:
+            candidates = [(model, heap) for model, heap in part.join_heaps.items() if heap]
+            below = [c for c in candidates if c[0] in floors and c[1][0] <= floors[c[0]]]
+            if below:
+                model, heap = below[0]
+            elif candidates and len(part.joins) > self.join_max_entries:
+                model, heap = min(candidates, key=lambda c: self._time_left(part, *c))
+            else:
+                break
+            exp, key = heapq.heappop(heap)
+            entry = part.joins.get(key)
+            if entry is None or entry["exp"] != exp:
+                continue  # a stale item: the entry is gone or has a newer item of its own
+            self._drop_join(partition, part, key, entry)
+            floors[model] = max(floors.get(model, (exp, key)), (exp, key))
+            evicted += 1
+        for model, (exp, _) in list(floors.items()):
+            watermark = part.watermark(model)
+            if watermark is not None and exp <= watermark:
+                del floors[model]
+        self.counters.join_evicted += evicted
+        self._compact_join_heaps(part)
+        return evicted
+
+    @staticmethod
+    def _time_left(part: _Partition, model: str, heap: list[tuple[int, str]]) -> float:
+        watermark = part.watermark(model)
+        # Without a clock (all its inferences were too far in the future) the model's
+        # entries would never expire: they go first.
+        return -math.inf if watermark is None else heap[0][0] - watermark
+
+    @staticmethod
+    def _compact_join_heaps(part: _Partition) -> None:
+        """Rebuild the heaps once stale items (left by refreshed entries) outnumber live ones.
+
+        Items are only popped at the top, so without this a partition whose entries are
+        refreshed often would keep growing its heaps while its entries stay capped.
+        """
+        items = sum(len(heap) for heap in part.join_heaps.values())
+        if items <= 2 * len(part.joins) + 1024:
+            return
+        heaps: dict[str, list[tuple[int, str]]] = {}
+        for key, entry in part.joins.items():
+            heaps.setdefault(key.split(SEP, 1)[0], []).append((entry["exp"], key))
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        part.join_heaps = heaps
+
+    def _drop_join(self, partition: int, part: _Partition, key: str, entry: dict[str, Any]) -> None:
+        """Forget an expired or evicted entry; its segment record goes once none is live."""
+        self.counters.orphaned += self.joiner.orphans(entry)
+        part.pending.discard(key)
+        del part.joins[key]
+        part.unwritten.pop(key, None)
+        seq = part.join_segment.pop(key, None)
+        if seq is not None:
+            self._release(partition, part, seq)
 
     def _forget_idle_models(self, part: _Partition) -> None:
         """Drop clocks of models without panes or join entries, idle for windows.expires_s."""
