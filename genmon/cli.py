@@ -242,22 +242,25 @@ def schemas_export(out: Path) -> None:
 )
 @click.option(
     "--role",
-    type=click.Choice(["all", "embed"]),
+    type=click.Choice(["all", "embed", "incidents"]),
     default="all",
     show_default=True,
-    help="embed: run only the text encoder (see genmon.streams.embedding).",
+    help="embed: only the text encoder (genmon.streams.embedding); incidents: only "
+    "findings -> incidents -> pages (genmon.streams.incidents.agent).",
 )
 def worker(loglevel: str | None, web_port: int | None, role: str) -> None:
     """Run the stream worker (ingest, dead letters, pipeline) until Ctrl-C or SIGTERM."""
     from genmon.streams.app import run_worker
     from genmon.streams.embedding import run_embed_worker
+    from genmon.streams.incidents.agent import run_incidents_worker
 
     settings = get_settings()
     if web_port is not None:
         settings = settings.model_copy(
             update={"worker": settings.worker.model_copy(update={"web_port": web_port})}
         )
-    (run_embed_worker if role == "embed" else run_worker)(settings, loglevel=loglevel)
+    runners = {"all": run_worker, "embed": run_embed_worker, "incidents": run_incidents_worker}
+    runners[role](settings, loglevel=loglevel)
 
 
 # --- incidents, silences, notify: on-call (genmon.streams.incidents.commands) ------------

@@ -232,6 +232,13 @@ class RunbookSettings(BaseModel):
 class IncidentSettings(BaseModel):
     """Turning findings into incidents (see streams/incidents/manager.py)."""
 
+    run_in_worker: bool = Field(
+        True,
+        description=(
+            "run the incident manager inside `genmon worker`; set false on every worker and"
+            " run `genmon worker --role incidents` to give paging a process of its own"
+        ),
+    )
     auto_resolve_quiet_windows: int = Field(
         3, ge=1, description="clear windows in a row after which an open incident auto-resolves"
     )

@@ -32,7 +32,7 @@ from tenacity import (
 )
 
 from genmon import db
-from genmon.exceptions import DatabaseError, SchemaError
+from genmon.exceptions import ConfigurationError, DatabaseError, SchemaError
 from genmon.schemas.events import DeadLetter, Finding
 from genmon.settings import Settings
 from genmon.streams.codec import dead_letter, decode, encode
@@ -84,8 +84,47 @@ class IncidentRuntime:
 
 
 def install(app: GenmonApp) -> None:
-    """Installer for ``create_app``: ``"genmon.streams.incidents.agent:install"``."""
+    """Installer for ``create_app``: ``"genmon.streams.incidents.agent:install"``.
+
+    Skipped when ``incidents.run_in_worker`` is off: ``genmon worker --role incidents``
+    then runs the incident path in a process of its own (:func:`run_incidents_worker`).
+    """
+    if app.genmon.settings.incidents.run_in_worker:
+        install_incidents(app, app.genmon.settings)
+
+
+def install_role(app: GenmonApp) -> None:
+    """Installer of ``genmon worker --role incidents``: only the incident path."""
     install_incidents(app, app.genmon.settings)
+
+
+def incidents_role_settings(settings: Settings) -> Settings:
+    """An ``--role incidents`` worker is its own consumer group: ``<app_id>-incidents``."""
+    worker = settings.worker.model_copy(update={"app_id": f"{settings.worker.app_id}-incidents"})
+    return settings.model_copy(update={"worker": worker})
+
+
+def run_incidents_worker(settings: Settings, *, loglevel: str | None = None) -> None:
+    """``genmon worker --role incidents``: findings -> incidents -> pages, nothing else.
+
+    The detector pipeline shares a main worker's process (and the GIL) with the incident
+    agent; under load that delays pages (BENCHMARKS.md), so on-call paths can run apart.
+    """
+    import faust
+
+    from genmon.infra.kafka import KafkaBroker
+    from genmon.streams.app import create_app
+
+    if settings.incidents.run_in_worker:
+        # Both would apply every finding (in different groups): the database dedups, but
+        # the work would be done twice and the main worker keeps the latency problem.
+        raise ConfigurationError(
+            "genmon worker --role incidents needs incidents.run_in_worker=false, for this "
+            "worker and the main workers alike: set GENMON_INCIDENTS__RUN_IN_WORKER=false"
+        )
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    app = create_app(incidents_role_settings(settings), installers=(install_role,))
+    faust.Worker(app, loglevel=loglevel or settings.worker.loglevel).execute_from_commandline()
 
 
 def install_incidents(app: GenmonApp, settings: Settings) -> IncidentRuntime:
