@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
-from kafka import KafkaConsumer
+from kafka_support import consume
 
 from genmon import Monitor
 from genmon.exceptions import ConfigurationError, SchemaError
@@ -105,26 +103,6 @@ def test_bad_configuration_is_refused_up_front() -> None:
         Monitor("127.0.0.1:1", buffer_max_events=0)
 
 
-def _consume(
-    settings: Settings, topics: list[str], expected: int, timeout_s: float = 60.0
-) -> list[Any]:
-    consumer = KafkaConsumer(
-        *topics,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    records: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            records.extend(consumer)
-    finally:
-        consumer.close()
-    return records
-
-
 @pytest.mark.kafka
 def test_events_are_keyed_by_model_with_ordered_sequence_headers(
     kafka_settings: Settings, unique_name: str
@@ -145,7 +123,7 @@ def test_events_are_keyed_by_model_with_ordered_sequence_headers(
         assert monitor.stats.sent == 330
 
     topics = [settings.topic("inference"), settings.topic("feedback")]
-    records = _consume(settings, topics, expected=330)
+    records = consume(settings, *topics, expected=330)
     assert len(records) == 330
     seqs: dict[tuple[str, bytes], list[int]] = defaultdict(list)
     partitions: dict[bytes, set[int]] = defaultdict(set)
@@ -181,4 +159,4 @@ def test_a_monitor_left_open_delivers_at_interpreter_exit(
         "GENMON_KAFKA__TOPIC_PREFIX": unique_name,
     }
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
-    assert len(_consume(settings, [settings.topic("inference")], expected=50)) == 50
+    assert len(consume(settings, settings.topic("inference"), expected=50)) == 50

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer
+from kafka_support import consume
 
 from genmon import Monitor
 from genmon.infra.kafka import KafkaBroker
@@ -111,7 +111,7 @@ def test_events_wait_for_a_broker_that_is_down_and_arrive_when_it_is_up(
         monitor.close(timeout=10)
 
     # Every accepted event arrived once, each model's in the order it was logged.
-    records = _consume(settings, settings.topic("inference"), expected=len(expected))
+    records = consume(settings, settings.topic("inference"), expected=len(expected))
     assert len(records) == len(expected)
     by_model: dict[str, list[int]] = defaultdict(list)
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):
@@ -122,21 +122,3 @@ def test_events_wait_for_a_broker_that_is_down_and_arrive_when_it_is_up(
     for model, seq in expected:
         want[model].append(seq)
     assert by_model == want
-
-
-def _consume(settings: Settings, topic: str, expected: int, timeout_s: float = 60.0) -> list:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            records.extend(consumer)
-    finally:
-        consumer.close()
-    return records

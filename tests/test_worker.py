@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
+from kafka_support import consume
 
 from genmon import Monitor
 from genmon.infra.kafka import KafkaBroker
@@ -188,7 +189,7 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(
     assert (stats["valid"], stats["invalid"], stats["deadletter_failed"]) == (1_000, 1_000, 0)
     assert stats["invalid_by_reason"] == dict(Counter(reason for reason, _, _ in expected.values()))
 
-    letters = _consume(test_settings, test_settings.topic("deadletter"), expected=1_000)
+    letters = consume(test_settings, test_settings.topic("deadletter"), expected=1_000)
     assert len(letters) == 1_000
     found = {}
     for record in letters:
@@ -200,21 +201,3 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(
         assert letter.payload_truncated == (letter.payload_size > limit)
     assert found == expected
     assert worker.process.poll() is None
-
-
-def _consume(settings: Settings, topic: str, expected: int, timeout_s: float = 60.0) -> list:
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=1000,
-    )
-    records: list = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(records) < expected and time.monotonic() < deadline:
-            records.extend(consumer)
-    finally:
-        consumer.close()
-    return records
