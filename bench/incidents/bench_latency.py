@@ -12,8 +12,8 @@ Two paths, measured in the same run so the ratio is meaningful on any machine:
 
     .venv/bin/python bench/incidents/bench_latency.py --findings 10000 --rate 50
 
-(``--mode kafka-incidents-only`` runs a worker with only the ingest and incident
-installers, ``bench/incidents/incidents_worker.py``.)
+(``--mode kafka-incidents-only`` runs ``genmon worker --role incidents``: the incident
+path without the detector pipeline.)
 
 Needs the local broker (`genmon infra up`) for the kafka path.
 """
@@ -198,15 +198,10 @@ def run_kafka(
             "GENMON_WORKER__BATCH_WITHIN_S": "0.05",
         }
         log = (workdir / "worker.log").open("wb")
+        command = [str(Path(sys.executable).with_name("genmon")), "worker", "--loglevel", "warning"]
         if incidents_only:
-            command = [sys.executable, str(Path(__file__).with_name("incidents_worker.py"))]
-        else:
-            command = [
-                str(Path(sys.executable).with_name("genmon")),
-                "worker",
-                "--loglevel",
-                "warning",
-            ]
+            command += ["--role", "incidents"]
+            env["GENMON_INCIDENTS__RUN_IN_WORKER"] = "false"
         worker = subprocess.Popen(
             command,
             env=env,
@@ -255,7 +250,7 @@ def main() -> None:
         "--mode",
         choices=["all", "inprocess", "kafka", "kafka-incidents-only"],
         default="all",
-        help="kafka: the full `genmon worker`; kafka-incidents-only: ingest + incidents only",
+        help="kafka: the full `genmon worker`; kafka-incidents-only: its `--role incidents`",
     )
     parser.add_argument("--bootstrap", default=Settings.model_validate({}).kafka.bootstrap_servers)
     args = parser.parse_args()
