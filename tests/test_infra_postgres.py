@@ -95,17 +95,33 @@ def test_up_twice_reuses_the_running_cluster(private_cluster: PostgresCluster) -
         assert connection.execute("SELECT 1").fetchone() == (1,)
 
 
+def _non_loopback_ipv4() -> str | None:
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return None
+
+
 def test_listens_only_on_the_configured_loopback_address(private_cluster: PostgresCluster) -> None:
     status = private_cluster.up()
     assert status.pid is not None
+    port = private_cluster.config.port
 
+    # By port, not by pid: where the postgres user's /proc entries are hidden from the test's
+    # user, psutil reports its sockets without a pid.
     listening = {
-        (conn.laddr.ip, conn.laddr.port)
+        conn.laddr.ip
         for conn in psutil.net_connections(kind="inet")
-        if conn.status == psutil.CONN_LISTEN and conn.pid == status.pid
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
     }
+    assert listening == {"127.0.0.1"}
+    with psycopg.connect(_libpq(private_cluster.url)) as connection:
+        assert connection.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
 
-    assert listening == {("127.0.0.1", private_cluster.config.port)}
+    outside = _non_loopback_ipv4()
+    if outside is not None:
+        assert not port_answers(outside, port)
 
 
 def test_down_stops_every_server_process(private_cluster: PostgresCluster) -> None:
