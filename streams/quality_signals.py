@@ -3,6 +3,9 @@
 Every function here is pure and runs in a few microseconds per response, because the
 aggregator calls it for every event.
 
+Refusal is genmon's one definition, :class:`genmon.detectors.quality.RefusalPhrases`
+(the phrase list ``RefusalRateDetector`` uses too); a phrase file may replace or extend it.
+
 Language ("language mix") is a heuristic, not a language-id model:
 
 1. Only the first :data:`LANGUAGE_SCAN_CHARS` characters are looked at.
@@ -32,13 +35,10 @@ True
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
+from genmon.detectors.quality import RefusalPhrases
 from genmon.exceptions import ConfigurationError
 from genmon.schemas.events import FinishReason, InferenceEvent, InferenceStatus
 
@@ -131,49 +131,38 @@ class ResponseSignals:
 
 
 class QualitySignals:
-    """Computes :class:`ResponseSignals`; holds the compiled refusal phrase list."""
+    """Computes :class:`ResponseSignals`; refusals by a :class:`RefusalPhrases` list.
 
-    def __init__(self, phrases: Mapping[str, list[str]], scan_chars: int = 300) -> None:
-        if scan_chars < 1:
-            raise ConfigurationError(f"scan_chars={scan_chars} must be >= 1")
-        cleaned = sorted({_fold(p) for plist in phrases.values() for p in plist if p.strip()})
-        self.languages = tuple(sorted(phrases))
-        self.scan_chars = scan_chars
-        self._refusal = re.compile(_prefix_tree_pattern(cleaned)) if cleaned else None
+    The list is genmon's (the one ``RefusalRateDetector`` uses) unless a phrase file
+    replaces or extends it (``GENMON_WINDOWS__REFUSAL_PHRASES_FILE``, see :meth:`from_file`).
+    """
+
+    def __init__(self, refusals: RefusalPhrases | None = None) -> None:
+        self.refusals = refusals or RefusalPhrases.default()
 
     @classmethod
     def from_file(cls, path: Path | None = None) -> QualitySignals:
-        """Load a phrase file (default: the ``refusal_phrases.yaml`` shipped with genmon)."""
+        """Load a phrase file (default: genmon's list, ``genmon.detectors.quality``'s)."""
         if path is None:
-            text = resources.files("genmon.streams").joinpath("refusal_phrases.yaml").read_text()
-            where = "genmon.streams/refusal_phrases.yaml"
-        else:
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigurationError(
-                    f"cannot read refusal phrase file {path}: {exc}; "
-                    "fix GENMON_WINDOWS__REFUSAL_PHRASES_FILE"
-                ) from exc
-            where = str(path)
-        data = yaml.safe_load(text) or {}
-        phrases = data.get("phrases")
-        if not isinstance(phrases, dict) or not all(
-            isinstance(v, list) and all(isinstance(p, str) for p in v) for v in phrases.values()
-        ):
+            return cls()
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
             raise ConfigurationError(
-                f"{where}: expected 'phrases:' mapping a language to a list of strings"
-            )
-        return cls(phrases, int(data.get("scan_chars", 300)))
+                f"cannot read refusal phrase file {path}: {exc}; "
+                "fix GENMON_WINDOWS__REFUSAL_PHRASES_FILE"
+            ) from exc
+        try:
+            return cls(RefusalPhrases.from_yaml(text, str(path)))
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc}; fix GENMON_WINDOWS__REFUSAL_PHRASES_FILE") from exc
 
     @classmethod
     def default(cls) -> QualitySignals:
-        return cls.from_file(None)
+        return cls()
 
     def is_refusal(self, response: str) -> bool:
-        if self._refusal is None:
-            return False
-        return self._refusal.search(_fold(response[: self.scan_chars])) is not None
+        return self.refusals.is_refusal(response)
 
     def of(self, event: InferenceEvent) -> ResponseSignals:
         response = event.response
@@ -182,37 +171,7 @@ class QualitySignals:
             empty=empty,
             truncated=event.status is InferenceStatus.TRUNCATED
             or event.finish_reason is FinishReason.LENGTH,
-            refusal=not empty and self.is_refusal(response),
+            refusal=not empty and self.refusals.is_refusal(response),
             response_chars=len(response),
             language="none" if empty else detect_language(response),
         )
-
-
-def _prefix_tree_pattern(phrases: list[str]) -> str:
-    """A regex matching where any of ``phrases`` starts, with shared prefixes merged.
-
-    A flat ``a|b|c`` alternation tries every phrase at every position; the tree tries one
-    branch per distinct next character (3x faster on a typical response). Only whether
-    something matches is used, so a phrase that extends a shorter one is dropped.
-
-    >>> print(_prefix_tree_pattern(["sorry", "sorry, but", "so sad", "i can't"]))
-    (?:i\\ can't|so(?:\\ sad|rry))
-    """
-    tree: dict[str, dict] = {}
-    for phrase in phrases:
-        node = tree
-        for char in phrase:
-            node = node.setdefault(char, {})
-        node[""] = {}
-
-    def pattern(node: dict[str, dict]) -> str:
-        if "" in node:
-            return ""
-        branches = [re.escape(char) + pattern(child) for char, child in sorted(node.items())]
-        return branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-
-    return pattern(tree)
-
-
-def _fold(text: str) -> str:
-    return text.lower().replace("\u2019", "'").replace("\u2018", "'")

@@ -14,7 +14,8 @@ detector, so River's raw-unit thresholds mean sigmas as genmon's do):
 - llmperf: end-to-end latency resampled from one provider's measured requests, then from
   another's (``llmperf_leaderboard_latency``);
 - xstest: refusal rate per window of 20 prompts answered by GPT-4, the prompt mix going from
-  10% to 25% unsafe prompts; refusals judged by ``genmon``'s ``is_refusal`` (``xstest``);
+  10% to 25% unsafe prompts; refusals judged by ``genmon``'s ``is_refusal`` (``xstest``;
+  how well it agrees with XSTest's human labels: ``bench/detectors/refusal_phrases.py``);
 - azure: requests per 2 s bucket of the real conversation trace; from minute ~29 the code
   trace's arrivals are added (spike) or half the requests are dropped (drop)
   (``azure_llm_inference_trace_2023``).
@@ -308,26 +309,6 @@ def run(quick: bool, data_dir: Path | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def refusal_marker_agreement(data: Path) -> list[dict[str, Any]]:
-    """Precision/recall of ``is_refusal`` against XSTest's human labels, per model."""
-    out = []
-    for path in sorted((data / "xstest").glob("xstest_v2_completions_*.csv")):
-        with path.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        truth = np.array(["refusal" in r["final_label"] for r in rows])
-        guess = np.array([is_refusal(r["completion"]) for r in rows])
-        tp = int(np.sum(truth & guess))
-        out.append(
-            {
-                "model": path.stem.removeprefix("xstest_v2_completions_"),
-                "n": len(rows),
-                "precision": tp / max(int(guess.sum()), 1),
-                "recall": tp / max(int(truth.sum()), 1),
-            }
-        )
-    return out
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -362,10 +343,6 @@ def main() -> None:
         "ratio_vs_river",
     ]
     print(markdown(rows, columns))
-    data = args.data_dir or Path(os.environ.get("GENMON_BENCH_DATA", str(DEFAULT_DATA)))
-    if data.is_dir():
-        print()
-        print(markdown(refusal_marker_agreement(data), ["model", "n", "precision", "recall"]))
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 

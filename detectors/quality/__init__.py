@@ -9,23 +9,18 @@ from genmon.detectors.quality.injection import (
 )
 from genmon.detectors.quality.language import LanguageShiftDetector, detect_script
 from genmon.detectors.quality.length_shift import LengthShiftDetector
-from genmon.detectors.quality.refusal import (
-    REFUSAL_PHRASES,
-    REFUSAL_PREFIXES,
-    RefusalRateDetector,
-    is_refusal,
-)
+from genmon.detectors.quality.refusal import RefusalRateDetector, is_refusal
+from genmon.detectors.quality.refusal_phrases import RefusalPhrases
 from genmon.detectors.quality.relevance import RelevanceDetector, pair_similarity
 
 __all__ = [
     "INJECTION_MARKERS",
-    "REFUSAL_PHRASES",
-    "REFUSAL_PREFIXES",
     "EmptyTruncatedRateDetector",
     "InjectionMarker",
     "InjectionRateDetector",
     "LanguageShiftDetector",
     "LengthShiftDetector",
+    "RefusalPhrases",
     "RefusalRateDetector",
     "RelevanceDetector",
     "classify_response",

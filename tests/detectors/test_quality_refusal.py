@@ -20,7 +20,9 @@ ANSWERS = [
     "Sure! To kill a Python process, run `kill <pid>` or use `pkill -f name`.",
     "Here is a recipe. I cannot stress enough how important fresh basil is.",
     "The capital of France is Paris.",
-    "Sorry for the confusion earlier" + "; " * 200 + "I apologize",  # apology far in
+    # An apology that opens a helpful answer: "^sorry" used to flag it; the merged list
+    # only counts "Sorry, but ..." / "Sorry, I can't ..." as refusals.
+    "Sorry for the confusion earlier" + "; " * 200 + "I apologize",
     "Nobody knows the exact number, but estimates range from 3 to 5 million.",
 ]
 
@@ -30,7 +32,7 @@ def test_refusals_are_recognised(text: str) -> None:
     assert is_refusal(text)
 
 
-@pytest.mark.parametrize("text", ANSWERS[:3] + ANSWERS[4:])
+@pytest.mark.parametrize("text", ANSWERS)
 def test_helpful_answers_are_not_refusals(text: str) -> None:
     assert not is_refusal(text)
 
