@@ -277,3 +277,33 @@ def test_aiokafka_producer_to_kafka_python_consumer(
 
     assert sorted((key, value) for key, value, _ in received) == sorted(MESSAGES)
     assert all(headers == HEADERS for _, _, headers in received)
+
+
+def test_a_cluster_id_that_starts_with_a_dash_still_formats(
+    settings: Settings, free_port: Callable[[], int]
+) -> None:
+    # One random id in 64 starts with "-"; the storage tool once read it as an option.
+    with _private_home() as home:
+        broker = KafkaBroker(_private_settings(home, settings, free_port))
+        broker.ensure_jars()
+        broker._write_config()
+        broker.cluster_id_path.parent.mkdir(parents=True, exist_ok=True)
+        broker.cluster_id_path.write_text("-8UzPnwhTsSBVBa0-eYFQw\n")
+
+        broker._format_storage()
+
+        meta = (broker.data_dir / "meta.properties").read_text()
+        assert "cluster.id=-8UzPnwhTsSBVBa0-eYFQw" in meta
+
+
+def test_new_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uuid
+
+    from genmon.infra import kafka as kafka_infra
+
+    dash_first = uuid.UUID(bytes=b"\xf8" + bytes(15))  # base64 "-A..."
+    plain = uuid.UUID(bytes=b"\x00" * 16)
+    draws = iter([dash_first, plain])
+    monkeypatch.setattr(kafka_infra.uuid, "uuid4", lambda: next(draws))
+
+    assert kafka_infra.new_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"

@@ -232,12 +232,11 @@ class KafkaBroker:
         if self.cluster_id_path.exists():
             cluster_id = self.cluster_id_path.read_text().strip()
         else:
-            # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             self.cluster_id_path.write_text(cluster_id + "\n")
         command = self._java_command(
             "kafka.tools.StorageTool", "format", "--ignore-formatted",
-            "-t", cluster_id, "-c", str(self.config_path),
+            f"--cluster-id={cluster_id}", "-c", str(self.config_path),
         )  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -360,3 +359,15 @@ class KafkaBroker:
             client_id="genmon-infra",
             request_timeout_ms=timeout_ms,
         )
+
+
+def new_cluster_id() -> str:
+    """Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
+
+    Like Kafka's ``Uuid.randomUuid``, never one starting with "-", which command lines
+    would read as an option.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
