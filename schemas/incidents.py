@@ -7,7 +7,9 @@
 - ``incident_transition``: the audit trail (who or what, when, why).
 - ``silence``: Alertmanager-style matchers with a start and an end; they suppress
   notifications, never incidents.
-- ``notification``: the transactional outbox, written in the incident's transaction.
+- ``notification``: the transactional outbox, written in the incident's transaction: pages
+  for the configured destinations, and every transition for the incidents topic (rows of
+  the reserved destination :data:`INCIDENTS_TOPIC_DESTINATION`).
 - ``delivery_attempt``: the delivery log of each notification.
 - ``finding_seen``: dedup keys of findings already applied, pruned after a retention.
 
@@ -45,6 +47,10 @@ MAX_SEGMENT_CHARS = 512
 
 #: The partial index's predicate; kept in one place so model and migration agree.
 OPEN_PREDICATE = "status != 'resolved'"
+#: Destination of the outbox rows that carry incident transitions to ``<prefix>.incidents``
+#: (the dispatcher resolves the prefix from its own settings); no configured destination
+#: may take this name.
+INCIDENTS_TOPIC_DESTINATION = "kafka:incidents"
 
 
 class NotificationEvent(StrEnum):
@@ -54,6 +60,12 @@ class NotificationEvent(StrEnum):
     UPDATE = "update"
     ACKNOWLEDGE = "acknowledge"
     RESOLVE = "resolve"
+    TRANSITION = "transition"
+    """An :class:`~genmon.schemas.IncidentEvent` for the incidents topic, never a page."""
+
+
+#: Events that announce an incident to a destination; the others follow an announcement.
+ANNOUNCEMENTS = frozenset({NotificationEvent.TRIGGER, NotificationEvent.UPDATE})
 
 
 class NotificationStatus(StrEnum):

@@ -69,12 +69,19 @@ def webhook(name: str, url: str, **extra: Any) -> DestinationSettings:
 
 
 def settings_with(*destinations: DestinationSettings, **sections: dict[str, Any]) -> Settings:
-    """Settings with these destinations; ``incidents={...}``/``notify={...}`` override fields."""
+    """Settings with these destinations; ``incidents={...}``/``notify={...}`` override fields.
+
+    Incident events are not queued for the topic unless ``incidents={"publish_events":
+    True}``: the shared broker's ``genmon.incidents`` is no place for tests' events, and
+    the tests of the topic give theirs a prefix of their own.
+    """
     settings = Settings.model_validate({})
     notify = settings.notify.model_copy(
         update={"destinations": list(destinations), **sections.get("notify", {})}
     )
-    incidents = settings.incidents.model_copy(update=sections.get("incidents", {}))
+    incidents = settings.incidents.model_copy(
+        update={"publish_events": False, **sections.get("incidents", {})}
+    )
     return settings.model_copy(update={"notify": notify, "incidents": incidents})
 
 

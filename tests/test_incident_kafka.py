@@ -1,4 +1,9 @@
-"""End to end through the real findings topic and `genmon worker` subprocesses, restart included."""
+"""End to end through the real findings topic and `genmon worker` subprocesses, restart included.
+
+A person acknowledges and resolves the incident with the CLI in between, from a process
+that knows the database and nothing else: the worker's dispatcher pages the receiver and
+publishes both transitions to the incidents topic.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import pytest
 import yaml
 from incident_support import finding, migrated_engine, sqlite_url
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka_support import consume
 from sqlmodel import Session, func, select
 
 from genmon.infra.kafka import KafkaBroker
@@ -121,6 +127,20 @@ def test_identical_findings_and_a_replay_after_restart_page_once(
         try:
             first.wait_consumed(bootstrap, first_group, topic, timeout_s=180)
             assert receiver.wait_for(1, timeout_s=30)
+            incident_id = receiver.requests[0].json["incident"]["id"]
+            on_call = {**os.environ, "GENMON_DATABASE__URL": url}
+            for command in ("ack", "resolve"):
+                subprocess.run(
+                    [GENMON, "incidents", command, incident_id, "--by", "alice"],
+                    env=on_call,
+                    check=True,
+                    capture_output=True,
+                )
+            assert receiver.wait_for(3, timeout_s=30)
+            announced = [
+                IncidentEvent.model_validate_json(record.value)
+                for record in consume(kafka_settings, f"{prefix}.incidents", expected=3)
+            ]
         finally:
             first.stop()
 
@@ -145,15 +165,14 @@ def test_identical_findings_and_a_replay_after_restart_page_once(
             .where(Notification.event == NotificationEvent.TRIGGER)
         ).one()
     assert len(incidents) == 1 and incidents[0].finding_count == 1
-    consumer = KafkaConsumer(
-        f"{prefix}.incidents",
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=5000,
-    )
-    announced = [IncidentEvent.model_validate_json(record.value) for record in consumer]
-    consumer.close()
-    assert [(e.incident_id, e.transition) for e in announced] == [(incidents[0].id, "opened")]
+    assert [(e.incident_id, e.transition, e.actor) for e in announced] == [
+        (incidents[0].id, "opened", "genmon"),
+        (incidents[0].id, "acknowledged", "alice"),
+        (incidents[0].id, "resolved", "alice"),
+    ]
+    # The replay by the second worker announced nothing more.
+    replayed = consume(kafka_settings, f"{prefix}.incidents", expected=3, timeout_s=5)
+    assert len(replayed) == 3
     # The unparsable message was dead-lettered with its reason (once per consumer group).
     consumer = KafkaConsumer(
         f"{prefix}.deadletter",
@@ -166,5 +185,5 @@ def test_identical_findings_and_a_replay_after_restart_page_once(
     assert len(dead) == 2
     assert {(d.source_topic, d.reason) for d in dead} == {(topic, "bad_json")}
     assert triggers == 1
-    assert len(receiver.requests) == 1 and receiver.rejected == 0
-    assert receiver.requests[0].json["event"] == "trigger"
+    assert receiver.rejected == 0 and receiver.duplicates == 0
+    assert [r.json["event"] for r in receiver.requests] == ["trigger", "acknowledge", "resolve"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,13 @@ def test_reopen_within_cooldown_is_the_same_incident(engine: Engine) -> None:
     assert reopened.incident_id == opened.incident_id
     (incident,) = _incidents(engine)
     assert incident.status is IncidentStatus.OPEN and incident.reopen_count == 1
+    # Destinations were told it resolved: the reopening pages them again.
+    assert reopened.notifications == 1
+    assert [event for event, _ in _pages(engine, incident.id)] == [
+        NotificationEvent.TRIGGER,
+        NotificationEvent.RESOLVE,
+        NotificationEvent.TRIGGER,
+    ]
     # After the cool-down the same fingerprint is a new problem.
     manager.resolve(incident.id, actor="alice")
     clock.advance(601)
@@ -247,6 +255,37 @@ def test_related_findings_group_under_a_parent(engine: Engine) -> None:
     assert child_events == [NotificationEvent.TRIGGER]
 
 
+def test_a_reopened_child_pages_like_an_opened_one(engine: Engine) -> None:
+    clock = FakeClock()
+    manager = IncidentManager(
+        engine, settings_with(HOOK, incidents={"auto_resolve_quiet_windows": 1}), clock=clock
+    )
+    parent = manager.process(finding(0, signal="latency_ms"))
+    child = manager.process(finding(0, signal="error_rate"))
+    assert child.action == "grouped"
+    manager.process(finding(1, signal="error_rate", detected=False))  # the child resolves
+    clock.advance(60)
+    # Reopened while its parent is open: the parent's page covers it, as at opening.
+    assert manager.process(finding(2, signal="error_rate")).action == "reopened"
+    assert _pages(engine, child.incident_id) == []
+    assert [event for event, _ in _pages(engine, parent.incident_id)] == [
+        NotificationEvent.TRIGGER,
+        NotificationEvent.UPDATE,
+        NotificationEvent.UPDATE,
+    ]
+    # Once the parent is resolved the child pages on its own, then resolves, then a
+    # reopening (no open parent any more) is a trigger of its own.
+    manager.resolve(str(parent.incident_id), actor="bob")
+    manager.process(finding(3, signal="error_rate", detected=False))
+    clock.advance(60)
+    assert manager.process(finding(4, signal="error_rate")).action == "reopened"
+    assert [event for event, _ in _pages(engine, child.incident_id)] == [
+        NotificationEvent.TRIGGER,
+        NotificationEvent.RESOLVE,
+        NotificationEvent.TRIGGER,
+    ]
+
+
 def test_repeated_findings_update_counters_peak_and_escalate(engine: Engine) -> None:
     manager = IncidentManager(engine, settings_with(HOOK))
     manager.process(finding(0, score=1.5))
@@ -307,17 +346,32 @@ def test_lifecycle_and_audit_trail(engine: Engine) -> None:
     ]
 
 
+def _silence(engine: Engine, clock: FakeClock, *matchers: str, hours: int = 1) -> str:
+    silence = Silence(
+        matchers=list(matchers),
+        starts_at=clock.now,
+        ends_at=clock.now + timedelta(hours=hours),
+        created_by="alice",
+    )
+    with session_scope(engine) as session:
+        session.add(silence)
+    return silence.id
+
+
+def _pages(engine: Engine, incident_id: str | None) -> list[tuple[NotificationEvent, str | None]]:
+    """(event, silence id) of an incident's notifications, oldest first."""
+    with Session(engine) as session:
+        query = (
+            select(Notification.event, Notification.silenced_by)
+            .where(Notification.incident_id == incident_id)
+            .order_by(Notification.id)
+        )
+        return list(session.exec(query).all())
+
+
 def test_silence_suppresses_notifications_not_incidents(engine: Engine) -> None:
     clock = FakeClock()
-    with session_scope(engine) as session:
-        session.add(
-            Silence(
-                matchers=["model=chat", 'severity=~"warning|error"'],
-                starts_at=clock.now,
-                ends_at=clock.now.replace(hour=1),
-                created_by="alice",
-            )
-        )
+    silence_id = _silence(engine, clock, "model=chat", 'severity=~"warning|error"')
     manager = IncidentManager(engine, settings_with(HOOK), clock=clock)
     silenced = manager.process(finding(0, score=1.5))
     loud = manager.process(finding(0, model_id="search", score=1.5))
@@ -327,16 +381,39 @@ def test_silence_suppresses_notifications_not_incidents(engine: Engine) -> None:
         statuses = dict(session.exec(select(Notification.incident_id, Notification.status)).all())
     assert statuses[silenced.incident_id] is NotificationStatus.SUPPRESSED
     assert statuses[loud.incident_id] is NotificationStatus.PENDING
-    # After the silence ends, notifications flow again.
+    # The silenced page's resolve stays silent after the silence ended: the receiver never
+    # saw that page. Pages queued after the silence flow again.
     clock.advance(3601)
     manager.resolve(str(silenced.incident_id), actor="alice")
-    with Session(engine) as session:
-        resolve = session.exec(
-            select(Notification)
-            .where(Notification.incident_id == silenced.incident_id)
-            .where(Notification.event == NotificationEvent.RESOLVE)
-        ).one()
-    assert resolve.status is NotificationStatus.PENDING
+    assert _pages(engine, silenced.incident_id) == [
+        (NotificationEvent.TRIGGER, silence_id),
+        (NotificationEvent.RESOLVE, silence_id),
+    ]
+    assert manager.process(finding(1, signal="error_rate", score=1.5)).notifications == 1
+
+
+def test_acknowledge_and_resolve_follow_a_page_that_went_out_despite_a_silence(
+    engine: Engine,
+) -> None:
+    clock = FakeClock()
+    manager = IncidentManager(engine, settings_with(HOOK), clock=clock)
+    incident_id = str(manager.process(finding(0)).incident_id)
+    clock.advance(60)
+    silence_id = _silence(engine, clock, "model=chat")
+    manager.acknowledge(incident_id, actor="alice")
+    manager.resolve(incident_id, actor="alice")
+    # A reopening under the silence is a new page: silenced, and so is its resolve.
+    clock.advance(60)
+    reopened = manager.process(finding(1))
+    assert (reopened.action, reopened.notifications) == ("reopened", 0)
+    manager.resolve(incident_id, actor="alice")
+    assert _pages(engine, incident_id) == [
+        (NotificationEvent.TRIGGER, None),
+        (NotificationEvent.ACKNOWLEDGE, None),
+        (NotificationEvent.RESOLVE, None),
+        (NotificationEvent.TRIGGER, silence_id),
+        (NotificationEvent.RESOLVE, silence_id),
+    ]
 
 
 def test_evidence_chart_and_runbook_are_kept_bounded(engine: Engine) -> None:
@@ -412,16 +489,3 @@ def test_a_batch_in_one_transaction_equals_one_by_one(engine: Engine) -> None:
     with Session(engine) as session:
         events = session.exec(select(Notification.event).order_by(Notification.id)).all()
     assert events == [NotificationEvent.TRIGGER, NotificationEvent.RESOLVE]
-
-
-def test_outcomes_carry_incident_events_for_the_incidents_topic(engine: Engine) -> None:
-    manager = IncidentManager(
-        engine, settings_with(HOOK, incidents={"auto_resolve_quiet_windows": 1})
-    )
-    opened = manager.process(finding(0))
-    assert [(e.transition, e.status) for e in opened.events] == [("opened", IncidentStatus.OPEN)]
-    assert opened.events[0].incident_id == opened.incident_id
-    assert manager.process(finding(0)).events == ()  # a replay announces nothing
-    (update, resolve) = manager.process_many([finding(1), finding(2, detected=False)])
-    assert update.events == ()
-    assert [e.transition for e in resolve.events] == ["resolved"]

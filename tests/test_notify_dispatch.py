@@ -23,7 +23,14 @@ from incident_support import (
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
-from genmon.schemas.incidents import DeliveryAttempt, Notification, NotificationStatus
+from genmon.db import session_scope
+from genmon.schemas.incidents import (
+    DeliveryAttempt,
+    Notification,
+    NotificationEvent,
+    NotificationStatus,
+    Silence,
+)
 from genmon.settings import Settings
 from genmon.streams.incidents.dispatcher import Dispatcher, DispatchReport, parse_retry_after
 from genmon.streams.incidents.manager import IncidentManager
@@ -157,6 +164,57 @@ def test_resolve_never_overtakes_a_failing_trigger(
     assert _once(dispatcher).claimed == 0  # the resolve waits for the trigger's retry
     _until_idle(dispatcher, clock)
     assert [r.json["event"] for r in receiver.requests] == ["trigger", "resolve"]
+
+
+def _silence(engine: Engine, clock: FakeClock, matcher: str) -> str:
+    silence = Silence(
+        matchers=[matcher],
+        starts_at=clock.now,
+        ends_at=clock.now + timedelta(hours=1),
+        created_by="alice",
+    )
+    with session_scope(engine) as session:
+        session.add(silence)
+    return silence.id
+
+
+def test_a_silence_added_after_queueing_holds_the_page_and_its_resolve_back(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    chat = str(manager.process(finding(0)).incident_id)
+    search = str(manager.process(finding(0, model_id="search")).incident_id)
+    silence_id = _silence(engine, clock, "model=chat")  # after both pages were queued
+    manager.resolve(chat, actor="alice")
+    total = _until_idle(Dispatcher(engine, settings, clock=clock), clock)
+    assert (total.suppressed, total.delivered) == (2, 1)
+    assert [(r.json["incident"]["id"], r.json["event"]) for r in receiver.requests] == [
+        (search, "trigger")
+    ]
+    chat_rows = [row for row in _rows(engine) if row.incident_id == chat]
+    assert [(row.event, row.status, row.silenced_by, row.attempts) for row in chat_rows] == [
+        (NotificationEvent.TRIGGER, NotificationStatus.SUPPRESSED, silence_id, 0),
+        (NotificationEvent.RESOLVE, NotificationStatus.SUPPRESSED, silence_id, 0),
+    ]
+
+
+def test_a_silence_does_not_strand_a_page_that_went_out(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    dispatcher = Dispatcher(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0)).incident_id)
+    assert _once(dispatcher).delivered == 1
+    _silence(engine, clock, "model=chat")
+    manager.acknowledge(incident_id, actor="alice")
+    manager.resolve(incident_id, actor="alice")
+    total = _until_idle(dispatcher, clock)
+    assert (total.delivered, total.suppressed) == (2, 0)
+    assert [r.json["event"] for r in receiver.requests] == ["trigger", "acknowledge", "resolve"]
 
 
 def test_retry_after_is_honoured(engine: Engine, receiver: WebhookReceiver) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -11,13 +12,22 @@ from typing import Any
 
 import jsonschema
 import pytest
+from click.testing import CliRunner
 from incident_support import FakeClock, finding, migrated_engine, settings_with, sqlite_url
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from genmon.cli import main
 from genmon.db import session_scope
+from genmon.schemas.events import utcnow
 from genmon.schemas.incidents import Incident, Silence
-from genmon.settings import DestinationSettings, RouteSettings, RunbookSettings, Settings
+from genmon.settings import (
+    DestinationSettings,
+    RouteSettings,
+    RunbookSettings,
+    Settings,
+    get_settings,
+)
 from genmon.streams.incidents.dispatcher import Dispatcher
 from genmon.streams.incidents.manager import IncidentManager
 from genmon.streams.incidents.receiver import Received, WebhookReceiver
@@ -51,20 +61,18 @@ def receiver() -> Iterator[WebhookReceiver]:
         yield running
 
 
-def _destinations(receiver: WebhookReceiver) -> list[DestinationSettings]:
+def _destination_configs(receiver: WebhookReceiver) -> list[dict[str, str]]:
     base = f"http://{receiver.host}:{receiver.port}"
-
-    def destination(name: str, kind: str, **extra: Any) -> DestinationSettings:
-        return DestinationSettings.model_validate(
-            {"name": name, "type": kind, "url": f"{base}/{name}", **extra}
-        )
-
     return [
-        destination("pd", "pagerduty", routing_key=ROUTING_KEY),
-        destination("am", "alertmanager"),
-        destination("slack", "slack"),
-        destination("hook", "webhook"),
+        {"name": "pd", "type": "pagerduty", "url": f"{base}/pd", "routing_key": ROUTING_KEY},
+        {"name": "am", "type": "alertmanager", "url": f"{base}/am"},
+        {"name": "slack", "type": "slack", "url": f"{base}/slack"},
+        {"name": "hook", "type": "webhook", "url": f"{base}/hook"},
     ]
+
+
+def _destinations(receiver: WebhookReceiver) -> list[DestinationSettings]:
+    return [DestinationSettings.model_validate(c) for c in _destination_configs(receiver)]
 
 
 def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
@@ -89,8 +97,9 @@ def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
     )
 
 
-def _deliver(engine: Engine, settings: Settings, clock: FakeClock) -> None:
-    report = asyncio.run(Dispatcher(engine, settings, clock=clock).drain(timeout_s=10))
+def _deliver(engine: Engine, settings: Settings, clock: FakeClock | None = None) -> None:
+    dispatcher = Dispatcher(engine, settings, clock=clock or utcnow)
+    report = asyncio.run(dispatcher.drain(timeout_s=10))
     assert report.dead == 0 and report.retried == 0
 
 
@@ -161,6 +170,99 @@ def test_alertmanager_payloads_validate_firing_then_resolved(
     annotations = firing["alerts"][0]["annotations"]
     assert annotations["runbook_url"] == "https://runbooks.example/anomaly"
     assert annotations["idempotency_key"] == _by_path(receiver, "am")[0].idempotency_key
+
+
+def test_cli_acknowledge_and_resolve_reach_every_destination(
+    engine: Engine, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `genmon incidents ack|resolve` runs with settings of its own, here without any
+    # destination: acknowledgements and resolves go where the page went.
+    monkeypatch.setenv("GENMON_INCIDENTS__PUBLISH_EVENTS", "false")  # tested in test_incident_topic
+    get_settings.cache_clear()
+    settings = _settings(receiver)
+    try:
+        assert get_settings().notify.destinations == []
+        url = engine.url.render_as_string(hide_password=False)
+        incident_id = str(IncidentManager(engine, settings).process(finding(0)).incident_id)
+        for command in ("ack", "resolve"):
+            result = CliRunner().invoke(
+                main, ["incidents", command, incident_id, "--by", "alice", "--url", url]
+            )
+            assert result.exit_code == 0, result.output
+    finally:
+        get_settings.cache_clear()
+    _deliver(engine, settings)
+
+    pagerduty = [r.json for r in _by_path(receiver, "pd")]
+    for event in pagerduty:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [(e["event_action"], e["dedup_key"]) for e in pagerduty] == [
+        ("trigger", incident_id),
+        ("acknowledge", incident_id),
+        ("resolve", incident_id),
+    ]
+    alertmanager = [r.json for r in _by_path(receiver, "am")]
+    for payload in alertmanager:
+        jsonschema.validate(payload, ALERTMANAGER)
+    assert [p["status"] for p in alertmanager] == ["firing", "firing", "resolved"]
+    assert [p["commonAnnotations"]["event"] for p in alertmanager] == [
+        "trigger",
+        "acknowledge",
+        "resolve",
+    ]
+    slack = [r.json for r in _by_path(receiver, "slack")]
+    for message in slack:
+        jsonschema.validate(message, SLACK)
+    assert [re.findall(r"\[(\w+)\]", m["text"])[0] for m in slack] == [
+        "TRIGGER",
+        "ACKNOWLEDGE",
+        "RESOLVED",
+    ]
+    hook = [r.json for r in _by_path(receiver, "hook")]
+    assert [(h["event"], h["incident"]["status"]) for h in hook] == [
+        ("trigger", "open"),
+        ("acknowledge", "acknowledged"),
+        ("resolve", "resolved"),
+    ]
+    assert "alice" in hook[1]["reason"] and "alice" in hook[2]["reason"]
+    assert {"https://runbooks.example/route"} <= {r["url"] for r in hook[2]["runbooks"]}
+
+
+def test_a_reopen_pages_again_under_the_same_dedup_key(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver, reopen_cooldown_s=600)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0)).incident_id)
+    clock.advance(60)
+    manager.resolve(incident_id, actor="alice")
+    clock.advance(120)
+    assert manager.process(finding(1)).action == "reopened"
+    _deliver(engine, settings, clock)
+
+    # PagerDuty never reopens a resolved incident: a trigger under the same dedup key
+    # opens a new one, which is what a recurrence should do.
+    pagerduty = [r.json for r in _by_path(receiver, "pd")]
+    for event in pagerduty:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [(e["event_action"], e["dedup_key"]) for e in pagerduty] == [
+        ("trigger", incident_id),
+        ("resolve", incident_id),
+        ("trigger", incident_id),
+    ]
+    assert pagerduty[2]["payload"]["custom_details"]["incident"]["reopen_count"] == 1
+    # Alertmanager receivers see the same alert fire again, from when it reopened.
+    firing, resolved, refiring = (r.json for r in _by_path(receiver, "am"))
+    assert [p["status"] for p in (firing, resolved, refiring)] == ["firing", "resolved", "firing"]
+    assert firing["groupKey"] == resolved["groupKey"] == refiring["groupKey"]
+    assert refiring["alerts"][0]["fingerprint"] == firing["alerts"][0]["fingerprint"]
+    assert refiring["alerts"][0]["startsAt"] > resolved["alerts"][0]["endsAt"]
+    assert refiring["alerts"][0]["endsAt"] == "0001-01-01T00:00:00Z"
+    hook = [r.json for r in _by_path(receiver, "hook")]
+    assert [h["event"] for h in hook] == ["trigger", "resolve", "trigger"]
+    assert hook[2]["reason"].startswith("reopened")
+    assert len({r.idempotency_key for r in receiver.requests}) == len(receiver.requests)
 
 
 def test_slack_and_webhook_carry_the_runbooks(engine: Engine, receiver: WebhookReceiver) -> None:

@@ -109,7 +109,10 @@ def settings_for(receiver: WebhookReceiver) -> Settings:
     return settings.model_copy(
         update={
             "notify": settings.notify.model_copy(update={"destinations": [hook]}),
-            "incidents": settings.incidents.model_copy(update={"group_window_s": 0}),
+            # The in-process mode has no broker: incident events are the Kafka modes' part.
+            "incidents": settings.incidents.model_copy(
+                update={"group_window_s": 0, "publish_events": False}
+            ),
         }
     )
 

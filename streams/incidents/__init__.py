@@ -8,7 +8,10 @@ Pieces (each module's docstring has the details):
   cool-down; flapping; grouping under a parent; audit trail; notes.
 - :mod:`~genmon.streams.incidents.dispatcher`: the transactional outbox's delivery:
   ordered per incident, retries with backoff + jitter, ``Retry-After``, rate limits,
-  leases, dead notifications, delivery log.
+  leases, dead notifications, delivery log; incident transitions go through the same
+  outbox to the ``<prefix>.incidents`` topic (:mod:`.publisher`).
+- :mod:`~genmon.streams.incidents.silences`: silences, checked when a page is queued and
+  again when it is due; acknowledgements and resolves follow their page.
 - :mod:`~genmon.streams.incidents.destinations`: webhook (HMAC-signed), Slack,
   PagerDuty Events v2, Alertmanager v4 payloads; :mod:`.signing` has
   :func:`~genmon.streams.incidents.signing.verify_signature` for receivers.

@@ -9,7 +9,9 @@
   unreachable the agent retries with backoff instead of acknowledging, so no finding is
   lost;
 - the outbox dispatcher as a task of the worker, when ``notify.run_in_worker`` is set
-  (otherwise run ``genmon notify dispatch`` as its own process);
+  (otherwise run ``genmon notify dispatch`` as its own process). It delivers the pages
+  and publishes the incident transitions to ``settings.topic("incidents")``, those made
+  here and those made elsewhere (``genmon incidents ack|resolve``) alike;
 - an hourly timer forgetting dedup keys older than ``incidents.finding_dedup_retention_s``.
 
 The database is migrated to the newest revision when the worker starts.
@@ -144,16 +146,6 @@ def install_incidents(app: GenmonApp, settings: Settings) -> IncidentRuntime:
         for key, record in dead:
             await deadletter.send(key=key, value=encode(record))
 
-    incidents_topic = app.genmon.topics.incidents
-
-    async def publish(outcomes: list[Outcome]) -> None:
-        # After the commit, at least once: consumers key on (incident_id, transition, at).
-        for event in (event for outcome in outcomes for event in outcome.events):
-            try:
-                await incidents_topic.send(key=event.incident_id.encode(), value=encode(event))
-            except Exception as exc:
-                log.warning("could not publish incident event %s: %r", event.transition, exc)
-
     async def apply_with_retry(findings: list[Finding]) -> None:
         # The database being down must not acknowledge findings: keep retrying, which
         # holds the partition (and its offsets) until the database is back.
@@ -163,7 +155,7 @@ def install_incidents(app: GenmonApp, settings: Settings) -> IncidentRuntime:
             before_sleep=before_sleep_log(log, logging.WARNING),
         ):
             with attempt:
-                await publish(await asyncio.to_thread(runtime.apply, findings))
+                await asyncio.to_thread(runtime.apply, findings)
 
     async def incidents_agent(stream: Stream[bytes]) -> None:
         await runtime.start()
@@ -186,7 +178,7 @@ def install_incidents(app: GenmonApp, settings: Settings) -> IncidentRuntime:
                 log.exception("applying a batch of %d findings failed", len(findings))
                 for finding, message in pairs:
                     try:
-                        await publish(await asyncio.to_thread(runtime.apply, [finding]))
+                        await asyncio.to_thread(runtime.apply, [finding])
                     except Exception as exc:
                         error = f"{type(exc).__name__}: {exc}"
                         record = _dead(message, APPLY_FAILED, error, settings)

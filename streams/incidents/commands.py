@@ -214,7 +214,7 @@ def _manager(url: str | None) -> Any:
 @click.option("--reason", default="", help="Why; kept in the audit trail.")
 @click.option("--url", default=None, help=_URL_HELP)
 def incidents_ack(incident_id: str, actor: str | None, reason: str, url: str | None) -> None:
-    """Acknowledge an open incident (notifies its destinations)."""
+    """Acknowledge an open incident (queues its pages and its incidents-topic event)."""
     incident = _manager(url).acknowledge(incident_id, actor or _actor(), reason)
     click.echo(f"{incident.id}: {incident.status.value}")
 
@@ -225,7 +225,7 @@ def incidents_ack(incident_id: str, actor: str | None, reason: str, url: str | N
 @click.option("--reason", default="", help="Why; kept in the audit trail.")
 @click.option("--url", default=None, help=_URL_HELP)
 def incidents_resolve(incident_id: str, actor: str | None, reason: str, url: str | None) -> None:
-    """Resolve an incident (notifies its destinations)."""
+    """Resolve an incident (queues its pages and its incidents-topic event)."""
     incident = _manager(url).resolve(incident_id, actor or _actor(), reason)
     click.echo(f"{incident.id}: {incident.status.value}")
 
@@ -351,7 +351,7 @@ def notify() -> None:
 @click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
 @click.option("--url", default=None, help=_URL_HELP)
 def notify_dispatch(once: bool, url: str | None) -> None:
-    """Deliver the outbox (runs until Ctrl-C unless --once)."""
+    """Deliver the outbox: pages, and events to the incidents topic (until Ctrl-C or --once)."""
     import asyncio
 
     from genmon.streams.incidents.dispatcher import Dispatcher
@@ -361,7 +361,7 @@ def notify_dispatch(once: bool, url: str | None) -> None:
         report = asyncio.run(dispatcher.drain())
         click.echo(
             f"delivered {report.delivered}, retrying {report.retried}, dead {report.dead}, "
-            f"rate-limited {report.rate_limited}"
+            f"rate-limited {report.rate_limited}, silenced {report.suppressed}"
         )
         return
     try:

@@ -30,6 +30,8 @@ WEBHOOK_SCHEMA = "genmon.notification/v1"
 #: Alertmanager's "not ended yet" value of endsAt.
 ALERTMANAGER_ZERO_TIME = "0001-01-01T00:00:00Z"
 PAGERDUTY_SUMMARY_CHARS = 1024
+#: Slack refuses a section text over 3,000 characters.
+SLACK_SECTION_CHARS = 2900
 PAGERDUTY_SEVERITIES = {"info", "warning", "error", "critical"}
 
 
@@ -52,6 +54,24 @@ class Request:
 
 def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str).encode()
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _clusters_text(incident: dict[str, Any]) -> str | None:
+    """Slack mrkdwn of the affected-example clusters in the evidence, if there are any."""
+    details = (incident.get("evidence") or {}).get("details") or {}
+    clusters = details.get("clusters") or []
+    if not clusters:
+        return None
+    analysis = details.get("error_analysis") or {}
+    lines = [f"*Affected examples* ({analysis.get('examples', '?')} sampled, by cluster)"]
+    for cluster in clusters:
+        shown = (cluster.get("representatives") or ["?"])[0]
+        lines.append(f"• {cluster.get('size')}× {_slack_escape(str(shown))}")
+    return "\n".join(lines)[:SLACK_SECTION_CHARS]
 
 
 def _runbooks(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,6 +173,9 @@ class SlackDestination(Destination):
                 },
             },
         ]
+        clusters = _clusters_text(incident)
+        if clusters is not None:
+            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": clusters}})
         for runbook in _runbooks(message.payload):
             lines = [f"<{runbook['url']}|Runbook>"] if runbook.get("url") else []
             lines += [f"{i}. {step}" for i, step in enumerate(runbook.get("remediation", []), 1)]

@@ -2,7 +2,9 @@
 
 The manager writes ``notification`` rows in the same transaction as the incident change;
 this dispatcher (``genmon notify dispatch``, or a task inside ``genmon worker``) delivers
-them. Guarantees:
+them: pages over HTTP, and the rows of
+:data:`~genmon.schemas.incidents.INCIDENTS_TOPIC_DESTINATION` to the ``<prefix>.incidents``
+topic of its own settings (:mod:`~genmon.streams.incidents.publisher`). Guarantees:
 
 - **at least once, keyed**: a row is claimed with a conditional UPDATE and a lease, so
   several dispatchers may run; a crash mid-delivery lets the lease expire and the row is
@@ -17,6 +19,10 @@ them. Guarantees:
   pauses that destination. Other 4xx answers are permanent. After ``max_attempts`` the
   row is ``dead``: visible in ``genmon notify list --status dead``;
 - **rate limit** per destination: a token bucket of ``rate_per_s`` and ``burst``;
+- **silences at delivery time**: a page is checked against the silences once more when it
+  is due, so a silence added after it was queued still holds it back (the row becomes
+  ``suppressed`` with the silence's id; :mod:`~genmon.streams.incidents.silences` has
+  the rules, shared with the manager);
 - **delivery log**: one ``delivery_attempt`` row per attempt.
 """
 
@@ -27,21 +33,31 @@ import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import sqlalchemy as sa
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from genmon.db import session_scope
 from genmon.exceptions import DatabaseError
-from genmon.schemas.events import utcnow
-from genmon.schemas.incidents import DeliveryAttempt, Notification, NotificationStatus
+from genmon.schemas.events import IncidentEvent, utcnow
+from genmon.schemas.incidents import (
+    ANNOUNCEMENTS,
+    INCIDENTS_TOPIC_DESTINATION,
+    DeliveryAttempt,
+    Notification,
+    NotificationStatus,
+)
 from genmon.settings import NotifySettings, Settings, get_settings
+from genmon.streams.codec import encode
 from genmon.streams.incidents._txn import write_transaction
 from genmon.streams.incidents.destinations import (
     Destination,
@@ -49,7 +65,9 @@ from genmon.streams.incidents.destinations import (
     build_destination,
     scrub_secrets,
 )
+from genmon.streams.incidents.publisher import IncidentTopicPublisher
 from genmon.streams.incidents.routing import Router
+from genmon.streams.incidents.silences import ActiveSilences, follow_up_silenced_by
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +116,7 @@ class DispatchReport:
     retried: int = 0
     dead: int = 0
     rate_limited: int = 0
+    suppressed: int = 0
     wait_s: float | None = field(default=None, repr=False)
 
     def add(self, other: DispatchReport) -> None:
@@ -106,6 +125,15 @@ class DispatchReport:
         self.retried += other.retried
         self.dead += other.dead
         self.rate_limited += other.rate_limited
+        self.suppressed += other.suppressed
+
+
+@dataclass(frozen=True)
+class _Channels:
+    """Where one run delivers: pages over HTTP, incident events to the incidents topic."""
+
+    http: httpx.AsyncClient
+    topic: IncidentTopicPublisher
 
 
 @dataclass(frozen=True)
@@ -198,9 +226,9 @@ class Dispatcher:
         semaphore = asyncio.Semaphore(self.config.concurrency)
         most_in_flight = self.config.concurrency * 4
 
-        async def deliver(client: httpx.AsyncClient, item: _Claimed) -> None:
+        async def deliver(channels: _Channels, item: _Claimed) -> None:
             async with semaphore:
-                result = await self._deliver(client, item)
+                result = await self._deliver(channels, item)
             outcomes.put_nowait((item, result))
 
         async def record_outcomes() -> None:
@@ -218,7 +246,7 @@ class Dispatcher:
                     outcomes.task_done()
                 wake.set()  # the next notifications of these incidents are due now
 
-        async with self._client() as client:
+        async with self._channels() as channels:
             recorder = asyncio.create_task(record_outcomes())
             try:
                 while not stop.is_set():
@@ -230,10 +258,10 @@ class Dispatcher:
                             report = DispatchReport()
                             claimed, rate_wait = await asyncio.to_thread(self._claim, report, room)
                             for item in claimed:
-                                task = asyncio.create_task(deliver(client, item))
+                                task = asyncio.create_task(deliver(channels, item))
                                 in_flight.add(task)
                                 task.add_done_callback(in_flight.discard)
-                            if claimed:
+                            if claimed or report.suppressed:
                                 continue
                             due = await asyncio.to_thread(self._next_due_s, rate_wait)
                             if due is not None:
@@ -261,27 +289,39 @@ class Dispatcher:
         """Deliver until nothing is due (retries scheduled later are left); for the CLI."""
         total = DispatchReport()
         deadline = time.monotonic() + timeout_s
-        async with self._client() as client:
+        async with self._channels() as channels:
             while time.monotonic() < deadline:
-                report = await self.dispatch_once(client)
+                report = await self._round(channels)
                 total.add(report)
-                if report.claimed:
+                if report.claimed or report.suppressed:
                     continue
                 if report.wait_s is None or time.monotonic() + report.wait_s > deadline:
                     break
                 await asyncio.sleep(report.wait_s)
         return total
 
-    def _client(self) -> httpx.AsyncClient | _Borrowed:
-        if self.client is not None:
-            return _Borrowed(self.client)
-        return httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False)
+    @asynccontextmanager
+    async def _channels(self, client: httpx.AsyncClient | None = None) -> AsyncIterator[_Channels]:
+        """The HTTP client and the topic producer of one run; both live in its event loop."""
+        client = client if client is not None else self.client
+        http = (
+            _Borrowed(client)
+            if client is not None
+            else httpx.AsyncClient(timeout=self.config.timeout_s, follow_redirects=False)
+        )
+        topic = IncidentTopicPublisher(self.settings, self.config.timeout_s)
+        try:
+            async with http as opened:
+                yield _Channels(opened, topic)
+        finally:
+            await topic.close()
 
     async def dispatch_once(self, client: httpx.AsyncClient | None = None) -> DispatchReport:
         """One round: claim what is due and allowed, deliver it concurrently, log it."""
-        if client is None:
-            async with self._client() as own:
-                return await self.dispatch_once(own)
+        async with self._channels(client) as channels:
+            return await self._round(channels)
+
+    async def _round(self, channels: _Channels) -> DispatchReport:
         report = DispatchReport()
         claimed, rate_wait = await asyncio.to_thread(self._claim, report)
         report.claimed = len(claimed)
@@ -289,7 +329,7 @@ class Dispatcher:
 
         async def deliver(item: _Claimed) -> _Result:
             async with semaphore:
-                return await self._deliver(client, item)
+                return await self._deliver(channels, item)
 
         results = await asyncio.gather(*(deliver(item) for item in claimed))
         if claimed:
@@ -348,6 +388,17 @@ class Dispatcher:
             .limit(limit)
         )
 
+    @staticmethod
+    def _claimable(now: datetime) -> sa.ColumnElement[bool]:
+        """Still waiting for delivery: pending, or in flight under an expired lease."""
+        return sa.and_(
+            Notification.status.in_(_ACTIVE),
+            sa.or_(
+                Notification.status == NotificationStatus.PENDING,
+                Notification.lease_until < now,
+            ),
+        )
+
     def _claim(
         self, report: DispatchReport, limit: int | None = None
     ) -> tuple[list[_Claimed], float | None]:
@@ -355,12 +406,15 @@ class Dispatcher:
         lease = now + timedelta(seconds=self.config.lease_s + self.config.timeout_s)
         rate_wait: float | None = None
         # Read without the write lock: a poll that finds nothing must not hold up the
-        # agent. The UPDATE below re-checks every condition, so a stale read is harmless.
+        # agent. The UPDATEs below re-check every condition, so a stale read is harmless.
         with session_scope(self.engine) as session:
             query = self._due_query(now, min(limit or self.batch_size, self.batch_size))
             candidates = session.execute(query).scalars().all()
+            silenced = self._silenced(session, candidates, now) if candidates else {}
         allowed: list[Notification] = []
         for row in candidates:
+            if row.id in silenced:
+                continue
             bucket = self.buckets.get(row.destination)
             if bucket is not None and not bucket.try_take():
                 report.rate_limited += 1
@@ -368,21 +422,30 @@ class Dispatcher:
                 rate_wait = wait if rate_wait is None else min(rate_wait, wait)
                 continue
             allowed.append(row)
-        if not allowed:
+        if not allowed and not silenced:
             return [], rate_wait
         with write_transaction(self.engine) as session:
+            for row_id, silence_id in silenced.items():
+                suppressed = session.execute(
+                    sa.update(Notification)
+                    .where(Notification.id == row_id)
+                    .where(self._claimable(now))
+                    .values(
+                        status=NotificationStatus.SUPPRESSED,
+                        silenced_by=silence_id,
+                        lease_until=None,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                report.suppressed += int(suppressed.rowcount or 0)
+            if not allowed:
+                return [], rate_wait
             # One conditional UPDATE for the round; RETURNING says which rows are ours
             # (another dispatcher may have claimed some since the SELECT).
             taken = session.execute(
                 sa.update(Notification)
                 .where(Notification.id.in_([row.id for row in allowed]))
-                .where(Notification.status.in_(_ACTIVE))
-                .where(
-                    sa.or_(
-                        Notification.status == NotificationStatus.PENDING,
-                        Notification.lease_until < now,
-                    )
-                )
+                .where(self._claimable(now))
                 .values(
                     status=NotificationStatus.DELIVERING,
                     lease_until=lease,
@@ -407,6 +470,32 @@ class Dispatcher:
             ]
         return claimed, rate_wait
 
+    @staticmethod
+    def _silenced(session: Session, rows: Sequence[Notification], now: datetime) -> dict[int, str]:
+        """Due pages that a silence holds back now, with its id (rules in silences.py)."""
+        pages = [row for row in rows if row.destination != INCIDENTS_TOPIC_DESTINATION]
+        if not pages:
+            return {}
+        active = ActiveSilences.load(session, now)
+        silenced: dict[int, str] = {}
+        for row in pages:
+            if row.event in ANNOUNCEMENTS:
+                silence = active.matching(row.payload.get("labels", {}))
+                silence_id = silence.id if silence is not None else None
+            else:
+                silence_id = follow_up_silenced_by(
+                    session, row.incident_id, row.destination, before_id=row.id
+                )
+            if silence_id is not None:
+                log.info(
+                    "notification %s to %s suppressed when due: silence %s",
+                    row.idempotency_key,
+                    row.destination,
+                    silence_id,
+                )
+                silenced[row.id] = silence_id
+        return silenced
+
     def _next_due_s(self, rate_wait: float | None) -> float | None:
         row = aliased(Notification)
         with session_scope(self.engine) as session:
@@ -430,7 +519,9 @@ class Dispatcher:
 
     # --- delivering ----------------------------------------------------------------------
 
-    async def _deliver(self, client: httpx.AsyncClient, item: _Claimed) -> _Result:
+    async def _deliver(self, channels: _Channels, item: _Claimed) -> _Result:
+        if item.destination == INCIDENTS_TOPIC_DESTINATION:
+            return await self._publish(channels.topic, item)
         destination = self.destinations.get(item.destination)
         if destination is None:
             return _Result(
@@ -446,7 +537,7 @@ class Dispatcher:
                 Message(item.idempotency_key, item.event, item.payload, item.incident_id)
             )
             timeout = destination.settings.timeout_s or self.config.timeout_s
-            response = await client.post(
+            response = await channels.http.post(
                 request.url, content=request.body, headers=request.headers, timeout=timeout
             )
         except httpx.HTTPError as exc:
@@ -462,6 +553,20 @@ class Dispatcher:
         if code in RETRYABLE_STATUS:
             return _Result("retry", code, f"HTTP {code}: {excerpt}", duration, retry_after)
         return _Result("dead", code, f"HTTP {code} is not retryable: {excerpt}", duration)
+
+    @staticmethod
+    async def _publish(topic: IncidentTopicPublisher, item: _Claimed) -> _Result:
+        try:
+            event = IncidentEvent.model_validate(item.payload)
+        except ValidationError as exc:
+            return _Result("dead", None, f"not an incident event: {exc}", 0.0)
+        started = time.perf_counter()
+        try:
+            await topic.send(item.incident_id.encode(), encode(event))
+        except (KafkaError, OSError, TimeoutError) as exc:
+            error = f"{topic.topic}: {type(exc).__name__}: {exc}"
+            return _Result("retry", None, error, _ms(started))
+        return _Result("delivered", None, None, _ms(started))
 
     def _backoff_s(self, attempt: int) -> float:
         base = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** (attempt - 1))

@@ -9,20 +9,39 @@ One problem is one *fingerprint*: sha256 over model id, detector, signal and seg
   ``uq_incident_open_fingerprint``; a race between workers ends in an IntegrityError and
   the loser retries against the winner's row;
 - exactly one trigger per incident opening: notification rows are written with the
-  incident change and carry unique idempotency keys.
+  incident change and carry unique idempotency keys;
+- every transition reaches the incidents topic, whoever made it (a finding, the CLI, an
+  auto-resolve): with ``incidents.publish_events`` each transition also queues an
+  :class:`~genmon.schemas.IncidentEvent` row for
+  :data:`~genmon.schemas.incidents.INCIDENTS_TOPIC_DESTINATION` in the same transaction,
+  and the dispatcher publishes it with the same retries as a page. No process but the
+  dispatcher needs a Kafka producer, and a broker outage delays events, never loses them.
 
 Life of an incident: ``open`` -> ``acknowledged`` -> ``resolved`` (by a person, or
 automatically after ``auto_resolve_quiet_windows`` clear windows in a row: the pipeline
-publishes ``detected=False`` findings for clear windows). A fingerprint seen again within
-``reopen_cooldown_s`` of its resolution reopens the same incident (same id, so the same
-PagerDuty dedup key) instead of opening a new one. After ``flap_max_reopens`` such
-reopenings the incident is *flapping* and only auto-resolves once it has also been quiet
-for a whole cool-down, so a flapping signal pages at most a bounded number of times.
+publishes ``detected=False`` findings for clear windows). Each step notifies the
+destinations that were paged: acknowledge (PagerDuty ``acknowledge``, a Slack/webhook
+message), resolve (PagerDuty ``resolve``, Alertmanager ``resolved``).
+
+A fingerprint seen again within ``reopen_cooldown_s`` of its resolution reopens the same
+incident (same id, history and counters) instead of opening a new one, and pages again:
+every destination was told it is resolved, so it gets a new trigger with the same dedup
+key. PagerDuty opens a new incident under that key (it never reopens a resolved one) and
+Alertmanager receivers see the same alert firing again with a new ``startsAt``; a page
+that stayed quiet would leave the receivers saying "resolved" about a live problem. After
+``flap_max_reopens`` such reopenings the incident is *flapping* and only auto-resolves
+once it has also been quiet for a whole cool-down, so a flapping signal pages at most a
+bounded number of times.
+
+Silences hold pages back, never incidents or topic events; see
+:mod:`~genmon.streams.incidents.silences` for how acknowledgements and resolves follow
+the fate of the page they belong to.
 
 A new incident of a model that already has an open top-level incident opened within
 ``group_window_s`` is grouped under it: it links to its parent, does not page on its own
 and the parent's destinations get an update instead. When the parent resolves, children
-that are still open page on their own.
+that are still open page on their own; a child that reopens while its parent is open
+updates the parent, as when it opened.
 """
 
 from __future__ import annotations
@@ -30,7 +49,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,6 +60,8 @@ from sqlmodel import Session, select
 
 from genmon.schemas.events import Finding, IncidentEvent, IncidentStatus, Severity, utcnow
 from genmon.schemas.incidents import (
+    ANNOUNCEMENTS,
+    INCIDENTS_TOPIC_DESTINATION,
     FindingSeen,
     Incident,
     IncidentTransition,
@@ -60,7 +81,8 @@ from genmon.settings import (
 from genmon.streams.incidents._txn import write_transaction
 from genmon.streams.incidents.exceptions import IncidentNotFoundError, InvalidTransitionError
 from genmon.streams.incidents.redact import Redactor
-from genmon.streams.incidents.routing import Router, incident_labels, matches, parse_matchers
+from genmon.streams.incidents.routing import Router, incident_labels
+from genmon.streams.incidents.silences import ActiveSilences, follow_up_silenced_by
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +90,7 @@ SEVERITY_ORDER = (Severity.INFO, Severity.WARNING, Severity.ERROR, Severity.CRIT
 _RANK = {severity: rank for rank, severity in enumerate(SEVERITY_ORDER)}
 NOTIFICATION_CHART_POINTS = 10
 _RACE_RETRIES = 3
-_EVENTS = "genmon_incident_events"
+_SILENCES = "genmon_silences"
 
 
 def severity_for(finding: Finding, settings: IncidentSettings) -> Severity:
@@ -108,8 +130,7 @@ class Outcome:
     action: str  # duplicate, ignored, opened, grouped, updated, quiet, resolved, reopened
     incident_id: str | None = None
     notifications: int = 0
-    events: tuple[IncidentEvent, ...] = ()
-    """Transitions it caused, for the incidents topic (published after the commit)."""
+    """Pages queued for delivery (suppressed ones and topic events not counted)."""
 
 
 class IncidentManager:
@@ -138,7 +159,7 @@ class IncidentManager:
         for attempt in range(_RACE_RETRIES):
             try:
                 with write_transaction(self.engine) as session:
-                    return self._apply_with_events(session, finding)
+                    return self._apply(session, finding)
             except IntegrityError:
                 # Another worker opened this fingerprint's incident (or applied this very
                 # finding) between our read and our write; the retry sees its row.
@@ -156,16 +177,10 @@ class IncidentManager:
             return [self.process(finding) for finding in findings]
         try:
             with write_transaction(self.engine) as session:
-                return [self._apply_with_events(session, finding) for finding in findings]
+                return [self._apply(session, finding) for finding in findings]
         except IntegrityError:
             log.debug("batch of %d conflicted with another worker; one by one", len(findings))
             return [self.process(finding) for finding in findings]
-
-    def _apply_with_events(self, session: Session, finding: Finding) -> Outcome:
-        events: list[IncidentEvent] = session.info.setdefault(_EVENTS, [])
-        before = len(events)
-        outcome = self._apply(session, finding)
-        return replace(outcome, events=tuple(events[before:]))
 
     def _apply(self, session: Session, finding: Finding) -> Outcome:
         key = finding.dedup_key
@@ -311,8 +326,22 @@ class IncidentManager:
         if incident.flapping:
             reason += f"; flapping ({incident.reopen_count} reopenings)"
         self._record(session, incident, Transition.REOPENED, IncidentStatus.RESOLVED, reason=reason)
-        sent = self._notify(session, incident, NotificationEvent.TRIGGER, f"reopened: {reason}")
+        parent = self._open_parent(session, incident)
+        if parent is not None:
+            related = f"related incident {incident.id} reopened"
+            sent = self._notify(session, parent, NotificationEvent.UPDATE, related)
+        else:
+            sent = self._notify(session, incident, NotificationEvent.TRIGGER, f"reopened: {reason}")
         return Outcome("reopened", incident.id, sent)
+
+    @staticmethod
+    def _open_parent(session: Session, incident: Incident) -> Incident | None:
+        if incident.parent_id is None:
+            return None
+        parent = session.get(Incident, incident.parent_id)
+        if parent is None or parent.status is IncidentStatus.RESOLVED:
+            return None
+        return parent
 
     def _quiet_window(
         self, session: Session, incident: Incident, finding: Finding, now: datetime
@@ -368,11 +397,22 @@ class IncidentManager:
         }
         encoded = json.dumps(snapshot, default=str)
         if len(encoded) > self.config.evidence_max_bytes:
-            snapshot["details"] = {
+            half = self.config.evidence_max_bytes // 2
+            details: dict[str, Any] = {
                 "truncated": True,
                 "original_bytes": len(encoded),
-                "excerpt": encoded[: self.config.evidence_max_bytes // 2],
+                "excerpt": encoded[:half],
             }
+            # Clusters of the affected examples are what on-call reads first: kept whole
+            # when they fit in the other half.
+            analysis = {
+                key: finding.evidence[key]
+                for key in ("clusters", "error_analysis")
+                if finding.evidence.get(key)
+            }
+            if analysis and len(json.dumps(analysis, default=str)) < half - 512:
+                details.update(analysis)
+            snapshot["details"] = details
         return json.loads(json.dumps(snapshot, default=str))
 
     def _chart_with(self, incident: Incident, finding: Finding) -> list[dict[str, Any]]:
@@ -488,98 +528,149 @@ class IncidentManager:
         actor: str = "genmon",
         reason: str = "",
     ) -> None:
+        at = self.clock()
+        insert = sa.insert(IncidentTransition).values(
+            incident_id=incident.id,
+            transition=transition,
+            from_status=from_status,
+            to_status=incident.status,
+            actor=actor,
+            reason=reason,
+            at=at,
+        )
+        if transition is Transition.NOTED or not self.config.publish_events:
+            session.exec(insert)
+            return
+        transition_id = session.exec(insert.returning(IncidentTransition.id)).scalar_one()
+        event = IncidentEvent(
+            incident_id=incident.id,
+            fingerprint=incident.fingerprint,
+            model_id=incident.model_id,
+            status=incident.status,
+            severity=incident.severity,
+            title=incident.title,
+            transition=transition.value,
+            actor=actor,
+            at=at,
+        )
+        # The topic's row of the outbox: committed with the transition or not at all.
         session.exec(
-            sa.insert(IncidentTransition).values(
+            sa.insert(Notification).values(
                 incident_id=incident.id,
-                transition=transition,
-                from_status=from_status,
-                to_status=incident.status,
-                actor=actor,
-                reason=reason,
-                at=self.clock(),
+                destination=INCIDENTS_TOPIC_DESTINATION,
+                event=NotificationEvent.TRANSITION,
+                idempotency_key=f"{incident.id}.{transition_id}.{transition.value}.topic",
+                status=NotificationStatus.PENDING,
+                attempts=0,
+                payload=event.model_dump(mode="json"),
+                created_at=at,
+                next_attempt_at=at,
             )
         )
-        if transition is not Transition.NOTED:
-            session.info.setdefault(_EVENTS, []).append(
-                IncidentEvent(
-                    incident_id=incident.id,
-                    fingerprint=incident.fingerprint,
-                    model_id=incident.model_id,
-                    status=incident.status,
-                    severity=incident.severity,
-                    title=incident.title,
-                    transition=transition.value,
-                    actor=actor,
-                    at=self.clock(),
-                )
-            )
 
     # --- the outbox ----------------------------------------------------------------------
 
     def _notify(
         self, session: Session, incident: Incident, event: NotificationEvent, reason: str
     ) -> int:
-        """Queue ``event`` for each routed destination, in the caller's transaction."""
-        if event is not NotificationEvent.TRIGGER and not self._has_paged(session, incident):
-            # Nothing was announced (a grouped child): no ack/update/resolve to follow up.
-            return 0
+        """Queue ``event`` for its destinations, in the caller's transaction.
+
+        A trigger or update goes where the routes send it; an acknowledge or resolve goes
+        where the incident was paged (whatever the routes of this process say, so
+        ``genmon incidents ack`` needs no destinations configured). Returns how many rows
+        were queued for delivery (not suppressed by a silence).
+        """
         labels = incident_labels(incident)
-        targets = self.router.route(labels)
+        announcement = event in ANNOUNCEMENTS
+        if not announcement:
+            targets = self._paged_destinations(session, incident)
+        elif event is NotificationEvent.UPDATE and not self._is_paged(session, incident):
+            # Not announced now (a grouped child, or resolved since): nothing to update.
+            return 0
+        else:
+            targets = [
+                (
+                    target.destination,
+                    {"url": target.runbook.url, "remediation": list(target.runbook.remediation)}
+                    if target.runbook
+                    else None,
+                )
+                for target in self.router.route(labels)
+            ]
         if not targets:
             return 0
         now = self.clock()
-        silence = self._silence_for(session, labels, now)
+        silence = self._silence_for(session, labels, now) if announcement else None
         incident.notify_seq += 1
         payload = self._payload(session, incident, event, reason, labels, now)
-        status = NotificationStatus.SUPPRESSED if silence else NotificationStatus.PENDING
         rows = []
-        for target in targets:
-            runbook = target.runbook
-            route_runbook = (
-                {"url": runbook.url, "remediation": list(runbook.remediation)} if runbook else None
-            )
-            key = f"{incident.id}.{incident.notify_seq}.{event.value}.{target.destination}"
+        for destination, route_runbook in targets:
+            if announcement:
+                silenced_by = silence.id if silence else None
+            else:
+                silenced_by = follow_up_silenced_by(session, incident.id, destination)
+            key = f"{incident.id}.{incident.notify_seq}.{event.value}.{destination}"
             rows.append(
                 {
                     "incident_id": incident.id,
-                    "destination": target.destination,
+                    "destination": destination,
                     "event": event,
                     "idempotency_key": key,
-                    "status": status,
+                    "status": (
+                        NotificationStatus.SUPPRESSED if silenced_by else NotificationStatus.PENDING
+                    ),
                     "attempts": 0,
-                    "silenced_by": silence.id if silence else None,
+                    "silenced_by": silenced_by,
                     "payload": {**payload, "route_runbook": route_runbook},
                     "created_at": now,
                     "next_attempt_at": now,
                 }
             )
         session.exec(sa.insert(Notification), params=rows)
-        return 0 if silence else len(targets)
+        return sum(1 for row in rows if row["silenced_by"] is None)
 
-    def _has_paged(self, session: Session, incident: Incident) -> bool:
+    @staticmethod
+    def _paged_destinations(
+        session: Session, incident: Incident
+    ) -> list[tuple[str, dict[str, Any] | None]]:
+        """Destinations paged since their last resolve, each with its route's runbook."""
         query = (
-            select(Notification.id)
+            select(Notification.destination, Notification.event, Notification.payload)
             .where(Notification.incident_id == incident.id)
-            .where(Notification.event == NotificationEvent.TRIGGER)
+            .where(
+                Notification.event.in_(
+                    (NotificationEvent.TRIGGER, NotificationEvent.UPDATE, NotificationEvent.RESOLVE)
+                )
+            )
+            .order_by(Notification.id)
+        )
+        paged: dict[str, dict[str, Any] | None] = {}
+        for destination, event, payload in session.exec(query):
+            if event is NotificationEvent.RESOLVE:
+                paged.pop(destination, None)
+            else:
+                paged[destination] = payload.get("route_runbook")
+        return list(paged.items())
+
+    @staticmethod
+    def _is_paged(session: Session, incident: Incident) -> bool:
+        """Whether the incident's latest trigger or resolve queued is a trigger."""
+        query = (
+            select(Notification.event)
+            .where(Notification.incident_id == incident.id)
+            .where(Notification.event.in_((NotificationEvent.TRIGGER, NotificationEvent.RESOLVE)))
+            .order_by(Notification.id.desc())
             .limit(1)
         )
-        return session.exec(query).first() is not None
+        return session.exec(query).first() is NotificationEvent.TRIGGER
 
-    def _silence_for(
-        self, session: Session, labels: dict[str, str], now: datetime
-    ) -> Silence | None:
+    @staticmethod
+    def _silence_for(session: Session, labels: dict[str, str], now: datetime) -> Silence | None:
         # Loaded once per transaction: a batch of findings shares one view of silences.
-        active = session.info.get("genmon_silences")
+        active = session.info.get(_SILENCES)
         if active is None:
-            rows = session.exec(
-                select(Silence).where(Silence.starts_at <= now).where(Silence.ends_at > now)
-            ).all()
-            active = [(silence, parse_matchers(silence.matchers)) for silence in rows]
-            session.info["genmon_silences"] = active
-        for silence, matchers in active:
-            if silence.starts_at <= now < silence.ends_at and matches(matchers, labels):
-                return silence
-        return None
+            active = session.info[_SILENCES] = ActiveSilences.load(session, now)
+        return active.matching(labels)
 
     def _payload(
         self,

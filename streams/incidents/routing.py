@@ -26,7 +26,7 @@ import yaml
 from pydantic import ValidationError
 
 from genmon.exceptions import ConfigurationError
-from genmon.schemas.incidents import Incident
+from genmon.schemas.incidents import INCIDENTS_TOPIC_DESTINATION, Incident
 from genmon.settings import DestinationSettings, NotifySettings, RouteSettings, RunbookSettings
 
 LABELS = ("detector", "kind", "model", "model_version", "segment", "severity", "signal", "status")
@@ -147,6 +147,11 @@ class Router:
         settings = load_notify_settings(settings)
         self.destinations: dict[str, DestinationSettings] = {}
         for destination in settings.destinations:
+            if destination.name == INCIDENTS_TOPIC_DESTINATION:
+                raise ConfigurationError(
+                    f"destination name {destination.name!r} is reserved for the incidents "
+                    "topic; choose another name"
+                )
             if destination.name in self.destinations:
                 raise ConfigurationError(
                     f"destination name {destination.name!r} is used twice; names must be unique"
