@@ -29,6 +29,11 @@ How it behaves:
   partition. Each carries the headers ``genmon-producer`` (a uuid per Monitor) and
   ``genmon-seq`` (0, 1, 2, ... per topic and model, also for dropped events), so the
   worker can count lost and reordered events.
+* The counters behind ``genmon-seq`` are an LRU of ``sdk.sequence_max_models``
+  ``(topic, model)`` pairs. A pair pushed out and seen again counts from 0 under the
+  producer id ``<uuid>.<n>`` (``n``: evictions so far), which the worker tracks as a new
+  sequence, so eviction invents neither gaps nor reorders; events lost just before the
+  restart go unnoticed.
 """
 
 from __future__ import annotations
@@ -181,7 +186,12 @@ class Monitor:
         self._wakeup = threading.Condition(self._lock)
         self._settled = threading.Condition(self._lock)
         self._queue: collections.deque[_Record] = collections.deque()
-        self._seq: dict[tuple[str, str], int] = {}
+        #: (kind, model) -> (producer id header, next sequence number), least recent first.
+        self._seq: collections.OrderedDict[tuple[str, str], tuple[bytes, int]] = (
+            collections.OrderedDict()
+        )
+        self._seq_max = sdk.sequence_max_models
+        self._seq_evicted = 0
         self._pending = 0
         self._sent = self._dropped = self._invalid = self._failed = self._truncated = 0
         self._closing = False
@@ -225,9 +235,7 @@ class Monitor:
         model_id = validated.model_id
         value = encode(validated)
         with self._lock:
-            seq_key = (kind, model_id)
-            seq = self._seq.get(seq_key, 0)
-            self._seq[seq_key] = seq + 1
+            producer, seq = self._next_seq(kind, model_id)
             if self._closing or self._pending >= self._buffer_max:
                 self._dropped += 1
                 dropped, closing = self._dropped, self._closing
@@ -238,10 +246,7 @@ class Monitor:
                         topic=self._topics[kind],
                         key=model_id.encode(),
                         value=value,
-                        headers=[
-                            (HEADER_PRODUCER, self.producer_id.encode()),
-                            (HEADER_SEQ, str(seq).encode()),
-                        ],
+                        headers=[(HEADER_PRODUCER, producer), (HEADER_SEQ, str(seq).encode())],
                     )
                 )
                 self._wakeup.notify()
@@ -256,6 +261,23 @@ class Monitor:
             else f"the buffer holds its limit of {self._buffer_max} events; is the broker up?",
         )
         return False
+
+    def _next_seq(self, kind: str, model_id: str) -> tuple[bytes, int]:
+        """The producer id and sequence number of the next event of ``(kind, model_id)``."""
+        key = (kind, model_id)
+        known = self._seq.get(key)
+        if known is None:
+            # A fresh id after evictions: the pair may have been evicted and counted before.
+            suffix = f".{self._seq_evicted}" if self._seq_evicted else ""
+            producer, seq = f"{self.producer_id}{suffix}".encode(), 0
+            if len(self._seq) >= self._seq_max:
+                self._seq.popitem(last=False)
+                self._seq_evicted += 1
+        else:
+            producer, seq = known
+            self._seq.move_to_end(key)
+        self._seq[key] = (producer, seq + 1)
+        return producer, seq
 
     def _validate(
         self,

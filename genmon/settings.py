@@ -81,6 +81,26 @@ class WorkerSettings(BaseModel):
     batch_size: int = Field(1000, description="events taken per batch by stream agents")
     batch_within_s: float = Field(0.5, description="longest wait to fill a batch")
     loglevel: str = Field("info", description="worker log level")
+    session_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "a worker silent this long leaves the consumer group and its partitions move to"
+            " the others (the broker's group.min.session.timeout.ms, 6 s by default, is the floor)"
+        ),
+    )
+    heartbeat_interval_s: float = Field(
+        3.0, gt=0, description="how often a worker tells the broker it is alive (< session timeout)"
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> WorkerSettings:
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError(
+                f"worker.heartbeat_interval_s ({self.heartbeat_interval_s}) must be below "
+                f"worker.session_timeout_s ({self.session_timeout_s}); a third of it is usual"
+            )
+        return self
 
 
 class SdkSettings(BaseModel):
@@ -92,6 +112,14 @@ class SdkSettings(BaseModel):
     max_text_chars: int = Field(32_768, description="longer prompts/responses are cut to this")
     delivery_timeout_ms: int = Field(
         600_000, description="how long the producer retries an event it holds before failing it"
+    )
+    sequence_max_models: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "(topic, model) pairs whose genmon-seq counter a Monitor keeps; the least recently"
+            " used beyond it restarts its count under a new genmon-producer id"
+        ),
     )
 
 
@@ -117,6 +145,14 @@ class WindowSettings(BaseModel):
     )
     sketch_relative_accuracy: float = Field(
         0.01, gt=0, lt=1, description="DDSketch relative accuracy of latency/TTFT quantiles"
+    )
+    max_segment_values: int = Field(
+        100,
+        ge=1,
+        description=(
+            "distinct values per model and segment attribute kept in live panes; further"
+            " values are aggregated as `<attribute>=__other__` (counted, noted in the window)"
+        ),
     )
     refusal_phrases_file: Path | None = Field(
         None, description="YAML refusal phrase list (default: genmon's refusal_phrases.yaml)"
@@ -207,7 +243,9 @@ class DetectorSettings(BaseModel):
     drift_window: int = Field(64, description="test window of the online embedding drift detector")
     reference_size: int = Field(1000, description="most reference rows an embedding detector keeps")
     min_segment_size: int = Field(30, description="smallest segment sample the bias tests judge")
-    fdr_alpha: float = Field(0.05, description="false discovery rate across segments (BH)")
+    fdr_alpha: float = Field(
+        0.05, description="false discovery rate across one attribute's segments (BH)"
+    )
     min_window_requests: int = Field(
         10, ge=1, description="windows with fewer requests are not judged by the runner"
     )
@@ -219,6 +257,37 @@ class DetectorSettings(BaseModel):
     )
     embedding_detector: str = Field(
         "", description="REGISTRY name of the embedding drift detector ('' = first that fits)"
+    )
+    exemplars_per_window: int = Field(
+        32,
+        ge=0,
+        le=64,
+        description=(
+            "affected examples kept per window and signal (errors, refusals, empty, truncated,"
+            " negative feedback) and clustered into a firing finding's evidence; 0 disables"
+        ),
+    )
+    series_ttl_s: float = Field(
+        86_400.0,
+        gt=0,
+        description=(
+            "a model's detector series (version, segment, signal; or version and field for"
+            " embedding drift) not judged for this long in event time is dropped from its"
+            " state; if it returns it starts fresh"
+        ),
+    )
+    max_series_per_model: int = Field(
+        1000,
+        ge=1,
+        description="detector series kept per model; beyond it the least recently judged go",
+    )
+    max_embedding_series_per_model: int = Field(
+        20,
+        ge=1,
+        description=(
+            "embedding drift series (version, field) kept per model, each up to 900 KB of"
+            " state; beyond it the least recently sampled go"
+        ),
     )
 
 
@@ -243,7 +312,12 @@ class IncidentSettings(BaseModel):
         3, ge=1, description="clear windows in a row after which an open incident auto-resolves"
     )
     reopen_cooldown_s: float = Field(
-        1800.0, ge=0, description="a resolved incident seen again within this reopens, not re-pages"
+        1800.0,
+        ge=0,
+        description=(
+            "a resolved incident seen again within this reopens (same id, pages again) instead"
+            " of opening a new one"
+        ),
     )
     flap_max_reopens: int = Field(
         2, ge=0, description="reopens within the cool-down after which the incident is flapping"
@@ -272,6 +346,13 @@ class IncidentSettings(BaseModel):
     )
     runbooks: dict[str, RunbookSettings] = Field(
         default_factory=dict, description="runbook per detector name or finding kind"
+    )
+    publish_events: bool = Field(
+        True,
+        description=(
+            "queue every transition (opened, escalated, acknowledged, resolved, reopened) in the"
+            " outbox for the incidents topic; the notification dispatcher publishes it"
+        ),
     )
 
 

@@ -27,11 +27,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from genmon.schemas.events import InferenceEvent, InferenceStatus
+from genmon.streams.exemplars import Exemplars
 from genmon.streams.quality_signals import QualitySignals
 from genmon.streams.sketch import DEFAULT_RELATIVE_ACCURACY, QuantileSketch
+
+if TYPE_CHECKING:
+    from genmon.streams.segment_cap import SegmentCap
 
 #: Quantiles reported for latency and time-to-first-token.
 QUANTILES = (0.5, 0.9, 0.99)
@@ -98,6 +102,25 @@ class _Summary:
         }
 
 
+def _segment_label(attributes: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(attributes.items()))
+
+
+def _keep_flagged(
+    exemplars: Exemplars, event: InferenceEvent, empty: bool, truncated: bool, refusal: bool
+) -> None:
+    label = _segment_label(event.segment)
+    code = event.error_code or ""
+    for signal, flagged, note in (
+        ("error", event.status in ERROR_STATUSES, code or event.status.value),
+        ("refusal", refusal, code),
+        ("empty", empty, code),
+        ("truncated", truncated, code),
+    ):
+        if flagged:
+            exemplars.offer(signal, event.request_id, event.prompt, event.response, label, note)
+
+
 def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
     for key, n in other.items():
         into[key] = into.get(key, 0) + n
@@ -114,6 +137,7 @@ class WindowStats:
         "completion_tokens",
         "empty",
         "errors",
+        "exemplars",
         "fb_negative",
         "fb_positive",
         "fb_score",
@@ -129,7 +153,11 @@ class WindowStats:
         "ttft",
     )
 
-    def __init__(self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
+    def __init__(
+        self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY, exemplars: int = 0
+    ) -> None:
+        """``exemplars``: affected examples kept per signal (0: none), see
+        :mod:`genmon.streams.exemplars`."""
         self.requests = 0
         self.errors = 0
         self.by_status: dict[str, int] = {}
@@ -150,6 +178,7 @@ class WindowStats:
         #: Highest source offset applied per topic: a redelivered event at or below it was
         #: already counted in this pane (the pane and its offsets are written as one record).
         self.offsets: dict[str, int] = {}
+        self.exemplars = Exemplars(exemplars) if exemplars > 0 else None
         # Per-batch buffers, flushed into the sketches in one vectorised call.
         self._latencies: list[float] = []
         self._ttfts: list[float] = []
@@ -184,6 +213,19 @@ class WindowStats:
         self.truncated += truncated
         self.refusal += refusal
         self.languages[language] = self.languages.get(language, 0) + 1
+        if self.exemplars is not None and (
+            empty or truncated or refusal or event.status in ERROR_STATUSES
+        ):
+            _keep_flagged(self.exemplars, event, empty, truncated, refusal)
+
+    def add_negative_example(
+        self, request_id: str, prompt: str, response: str, segment: dict[str, str], note: str
+    ) -> None:
+        """Keep a negatively scored joined pair as a ``negative_feedback`` example."""
+        if self.exemplars is not None:
+            self.exemplars.offer(
+                "negative_feedback", request_id, prompt, response, _segment_label(segment), note
+            )
 
     def add_feedback(self, score: float | None, negative_below: float) -> None:
         self.feedback += 1
@@ -226,6 +268,8 @@ class WindowStats:
         self.fb_score.merge(other.fb_score)
         for topic, offset in other.offsets.items():
             self.offsets[topic] = max(offset, self.offsets.get(topic, -1))
+        if self.exemplars is not None:
+            self.exemplars.merge(other.exemplars)
         return self
 
     def saw(self, topic: str, offset: int | None) -> None:
@@ -235,7 +279,7 @@ class WindowStats:
     # -- (de)serialising --------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
         self.flush()
-        return {
+        state: dict[str, Any] = {
             "requests": self.requests,
             "errors": self.errors,
             "by_status": self.by_status,
@@ -253,9 +297,13 @@ class WindowStats:
             "fb_score": self.fb_score.to_state(),
             "off": self.offsets,
         }
+        if self.exemplars:
+            state["ex"] = self.exemplars.to_state()
+        return state
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> WindowStats:
+    def from_state(cls, state: dict[str, Any], exemplars: int = 0) -> WindowStats:
+        """Rebuild from :meth:`to_state`, keeping up to ``exemplars`` examples per signal."""
         stats = cls(state["latency"]["alpha"])
         stats.requests = int(state["requests"])
         stats.errors = int(state["errors"])
@@ -273,6 +321,8 @@ class WindowStats:
         stats.feedback, stats.fb_positive, stats.fb_negative = map(int, state["feedback"])
         stats.fb_score = _Summary.from_state(state["fb_score"])
         stats.offsets = dict(state.get("off", {}))
+        if exemplars > 0:
+            stats.exemplars = Exemplars.from_state(exemplars, state.get("ex", {}))
         return stats
 
     def summary(self) -> dict[str, Any]:
@@ -323,12 +373,16 @@ def aggregate_inferences(
     quality: QualitySignals,
     relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
     applied: Callable[[PaneKey], int] | None = None,
+    exemplars: int = 0,
+    segment_cap: SegmentCap | None = None,
 ) -> dict[PaneKey, WindowStats]:
     """Aggregate a whole batch in memory: one :class:`WindowStats` per touched pane key.
 
     ``events`` are ``(source offset or None, event)``; ``applied(key)`` is the highest
     inference offset the stored pane already holds, so redelivered events are not counted
-    twice in it.
+    twice in it. Up to ``exemplars`` flagged examples per signal are kept in the ``"*"``
+    series (the quality detectors judge whole versions). With a ``segment_cap`` its
+    refused attribute values count in their attribute's overflow series.
     """
     # Each event is added once, to the group of events sharing its model, version, pane and
     # the segment series it still counts in; each series' pane is then the merge of its
@@ -340,10 +394,13 @@ def aggregate_inferences(
         t = event_time_ms(event)
         pane = t - t % pane_ms
         model, version = event.model_id, event.model_version
-        attributes = tuple(event.segment.items())
-        segments = segment_cache.get(attributes)
-        if segments is None:
-            segments = segment_cache[attributes] = tuple(segments_of(event.segment))
+        if segment_cap is not None:
+            segments = segment_cap.segments(model, event.segment)
+        else:
+            attributes = tuple(event.segment.items())
+            segments = segment_cache.get(attributes)
+            if segments is None:
+                segments = segment_cache[attributes] = tuple(segments_of(event.segment))
         group_key = (model, version, pane, segments)
         if offset is not None and applied is not None:
             done = done_by_group.get(group_key)
@@ -358,7 +415,7 @@ def aggregate_inferences(
                 group_key = (model, version, pane, kept)
         stats = groups.get(group_key)
         if stats is None:
-            stats = groups[group_key] = WindowStats(relative_accuracy)
+            stats = groups[group_key] = WindowStats(relative_accuracy, exemplars)
         sig = quality.of(event)
         stats.add_inference(
             event, sig.empty, sig.truncated, sig.refusal, sig.response_chars, sig.language
@@ -371,7 +428,8 @@ def aggregate_inferences(
             key = PaneKey(model, version, segment, pane)
             into = out.get(key)
             if into is None:
-                into = out[key] = WindowStats(relative_accuracy)
+                keep = exemplars if segment == ALL_SEGMENTS else 0
+                into = out[key] = WindowStats(relative_accuracy, keep)
             into.merge(stats)
     return out
 

@@ -235,6 +235,10 @@ def create_app(
         topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        broker_session_timeout=worker.session_timeout_s,
+        broker_heartbeat_interval=worker.heartbeat_interval_s,
+        # Faust refuses a session timeout above the request timeout (90 s by default).
+        broker_request_timeout=max(90.0, worker.session_timeout_s),
         autodiscover=False,
     )
     app.genmon = WorkerContext(

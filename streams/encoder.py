@@ -29,6 +29,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -254,6 +255,30 @@ class TextEncoder:
             }
             out[chunk] = self._session.run(None, feed)[0]
         return out
+
+
+_SHARED: dict[tuple[Any, ...], TextEncoder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_encoder(settings: EmbeddingSettings) -> TextEncoder:
+    """The process's encoder for ``settings``, loaded by the first caller.
+
+    The embedding stage and error analysis (:mod:`genmon.streams.error_evidence`) in one
+    worker then hold one model, not two; a second caller waits for a load in progress.
+    """
+    key = (
+        settings.backend,
+        settings.device,
+        settings.threads,
+        str(settings.cache_dir),
+        settings.batch_size,
+    )
+    with _SHARED_LOCK:
+        encoder = _SHARED.get(key)
+        if encoder is None:
+            encoder = _SHARED[key] = TextEncoder.from_settings(settings)
+        return encoder
 
 
 def _quiet_transformers() -> None:

@@ -19,8 +19,8 @@ State lives in three Faust tables written to explicit changelog partitions (a ta
 batch mixes partitions, so the "current event" partition Faust would pick is wrong):
 ``pipeline-state`` (panes, join entries, marks), ``detector-state`` (per model: every
 detector's JSON ``state_dict``) and ``embedding-state`` (per model, version and embedded
-field: the embedding drift detector, under 900 KB). All are recovered from their
-changelogs on restart or rebalance.
+field: the embedding drift detector, under 900 KB; per model: an index that bounds those
+series). All are recovered from their changelogs on restart or rebalance.
 
 **The window record** (JSON, ``<prefix>.windows``, key = model id): ``model_id``,
 ``kind`` (``tumbling`` or ``hopping``), ``window_start``/``window_end`` (ISO 8601, UTC),
@@ -31,7 +31,17 @@ within ``sketch_relative_accuracy``), ``prompt_tokens``/``completion_tokens``/
 ``response_chars`` (``n``, ``sum``, ``mean``, ``max``), ``empty``/``truncated``/``refusal``
 counts and rates, ``languages`` (label -> count) and ``feedback`` (``n``, ``positive``,
 ``negative``, ``negative_rate``, ``mean_score``). Segment ``"*"`` is all traffic of the
-version; ``"key=value"`` one segment attribute.
+version; ``"key=value"`` one segment attribute. An attribute has at most
+``windows.max_segment_values`` value series per window; traffic of its other values is
+in the series ``"key=__other__"`` (also where values are folded to keep the record's
+series under 640 KiB), and ``segment_overflow`` maps each such attribute to the
+``requests`` and ``feedback`` its overflow series hold (empty when none overflowed;
+:mod:`~genmon.streams.segment_cap`). Tumbling windows also carry
+``exemplars`` where there are any: per signal (``error``, ``refusal``, ``empty``,
+``truncated`` in ``"*"``; ``negative_feedback`` in every series) a uniform sample of up
+to ``detectors.exemplars_per_window`` affected examples (``request_id``, ``prompt``,
+``response``, ``segment``, ``note``), which the runner clusters into a firing finding's
+evidence (:mod:`~genmon.streams.exemplars`, :mod:`~genmon.streams.error_evidence`).
 
 **Delivery guarantees.** Aggregates and joins are effectively-once per partition when
 ingest reports source offsets (redelivered events at or below the checkpointed offset are
@@ -61,7 +71,12 @@ from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams.codec import encode
 from genmon.streams.pipeline_core import PipelineCore
-from genmon.streams.runner import DetectorRunner, embedding_key
+from genmon.streams.runner import (
+    DetectorRunner,
+    embedding_index_key,
+    embedding_key,
+    embedding_series_model,
+)
 
 if TYPE_CHECKING:
     from faust.types import TP
@@ -160,6 +175,27 @@ class PipelineMetrics:
         self.orphaned = Counter(
             "genmon_join_orphaned", "Feedback dropped at the TTL without its inference", registry=r
         )
+        self.segment_overflow = Counter(
+            "genmon_pipeline_segment_overflow",
+            "Attribute values of events counted as <attribute>=__other__ because the model"
+            " had windows.max_segment_values values of the attribute in live panes",
+            registry=r,
+        )
+        self.segment_folded = Counter(
+            "genmon_pipeline_segment_values_folded",
+            "Segment values of closing windows folded into <attribute>=__other__ to keep"
+            " the window record within its size budget",
+            registry=r,
+        )
+        self.series_evicted = Counter(
+            "genmon_detector_series_evicted",
+            "Detector series dropped from a model's window state or embedding drift state:"
+            " not judged for detectors.series_ttl_s of event time (ttl), beyond"
+            " detectors.max_series_per_model or detectors.max_embedding_series_per_model"
+            " (cap) or over the window state's size bound (size)",
+            ["reason"],
+            registry=r,
+        )
         self.evicted = Counter(
             "genmon_join_evicted",
             "Join entries evicted before their TTL to stay within feedback.join_max_entries",
@@ -196,6 +232,15 @@ class PipelineMetrics:
         self._last_tick = time.monotonic()
         self._last_events = 0
 
+    def sync_runner(self, runner: DetectorRunner) -> None:
+        """Carry the runner's eviction counts over (they only grow)."""
+        for reason, value in runner.series_evicted.items():
+            name = f"series_evicted_{reason}"
+            delta = value - self._last.get(name, 0)
+            if delta:
+                self.series_evicted.labels(reason).inc(delta)
+            self._last[name] = value
+
     def sync(self, core: PipelineCore) -> None:
         """Carry the core's counters over (they only grow) and refresh the gauges."""
         c = core.counters
@@ -209,6 +254,8 @@ class PipelineMetrics:
             ("joined", c.joined, self.joined),
             ("orphaned", c.orphaned, self.orphaned),
             ("evicted", c.join_evicted, self.evicted),
+            ("segment_overflow", c.segment_overflow, self.segment_overflow),
+            ("segment_folded", c.segment_folded, self.segment_folded),
         ):
             delta = value - self._last.get(name, 0)
             if delta:
@@ -362,7 +409,13 @@ class Pipeline:
         model_id = window["model_id"]
         async with self._runner_lock:
             state = self.detector_store.get(model_id)
-            new_state, findings = self.runner.on_window(state, window)
+            if any("exemplars" in series for series in window["series"]):
+                # A firing quality or feedback detector clusters the examples (and may load
+                # the sentence encoder once): not on the event loop.
+                new_state, findings = await asyncio.to_thread(self.runner.on_window, state, window)
+            else:
+                new_state, findings = self.runner.on_window(state, window)
+            self.metrics.sync_runner(self.runner)
             # Findings first, acknowledged: a crash before the state write re-runs the window
             # from the old state and re-sends the same findings (same dedup keys).
             await self._publish(findings)
@@ -385,13 +438,30 @@ class Pipeline:
 
         The embedding stage calls this once per window with the sampled embeddings
         (``array``: n x d). State is kept in the ``embedding-state`` table, one record per
-        series under :func:`~genmon.streams.runner.embedding_key`; findings are published
-        like window findings (signal ``embedding_<field>``). The detector runs in a
-        thread: fitting or rebuilding one calibrates it for about a second.
+        series under :func:`~genmon.streams.runner.embedding_key`, bounded through one
+        index per model (:meth:`~genmon.streams.runner.DetectorRunner.admit_embedding_series`);
+        findings are published like window findings (signal ``embedding_<field>``). The
+        detector runs in a thread: fitting or rebuilding one calibrates it for about a second.
         """
         partition = partition_for(model_id, self.partitions)
         key = embedding_key(model_id, model_version, field)
+        index_key = embedding_index_key(model_id)
         async with self._embedding_lock:
+            index = self.embedding_store.get(index_key)
+            new_index, evicted = self.runner.admit_embedding_series(
+                index if index is not None else self._embedding_index(model_id),
+                model_id,
+                model_version,
+                field,
+                window_end,
+            )
+            # Deleted before the index forgets them: a crash in between repeats a deletion
+            # rather than leaving a record no index lists.
+            for stale in evicted:
+                self.embedding_store.delete(partition, stale)
+            if new_index != index:
+                self.embedding_store.put(partition, index_key, new_index)
+            self.metrics.sync_runner(self.runner)
             state = self.embedding_store.get(key)
             new_state, findings = await asyncio.to_thread(
                 self.runner.on_embeddings,
@@ -406,6 +476,15 @@ class Pipeline:
             if new_state != state:
                 self.embedding_store.put(partition, key, new_state)
         return findings
+
+    def _embedding_index(self, model_id: str) -> dict[str, Any]:
+        # A model's first sample, or one of series stored before indexes existed.
+        states = {
+            key: self.embedding_store.get(key)
+            for key in self.embedding_store.all_keys()
+            if embedding_series_model(key) == model_id
+        }
+        return self.runner.embedding_index({k: v for k, v in states.items() if v is not None})
 
     async def _publish(self, findings: list[Finding]) -> None:
         topic = self.app.genmon.topics.findings

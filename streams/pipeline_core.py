@@ -16,6 +16,10 @@ written to changelog partition ``p``:
   end per window family; the last applied source offset per topic; and per model the
   eviction floor (below).
 
+Panes hold at most ``windows.max_segment_values`` values per model and segment attribute
+(:mod:`genmon.streams.segment_cap`); the index of live values is rebuilt from the pane
+keys on restore.
+
 A partition keeps at most ``feedback.join_max_entries`` join entries. Beyond that the
 entries that expire soonest (least event time left before their model's watermark
 reaches ``exp``) are evicted as if they had expired. The largest evicted
@@ -30,6 +34,10 @@ Event time is tracked per model (the Kafka key, so its events are ordered): one 
 producer running behind does not make another model's events late. A model's watermark
 is the largest event time seen; when the model has been idle for
 ``windows.idle_timeout_s`` it advances with the wall clock, so its last windows close.
+A model without events for ``windows.expires_s`` (wall clock) and without panes or live
+join entries is forgotten. Its expired entries may still sit in segment records kept by
+other models' live entries, and restore could no longer tell them expired, so those
+records are rewritten without them first.
 
 The mark is written *after* the batch's panes and join entries, to the same changelog
 partition, so after a crash the recovered mark never claims more than the recovered
@@ -57,10 +65,11 @@ from genmon.streams.aggregates import (
     WindowStats,
     aggregate_inferences,
     event_time_ms,
-    segments_of,
 )
+from genmon.streams.exemplars import fit_window_budget
 from genmon.streams.join import FeedbackJoiner, JoinedPair, join_key
 from genmon.streams.quality_signals import QualitySignals
+from genmon.streams.segment_cap import SegmentCap, fold_to_budget, overflow_counts
 
 SEP = "\x1f"
 #: Approximate size at which changed join entries are split into another record.
@@ -115,6 +124,10 @@ class Counters:
     orphaned: int = 0
     late_feedback: int = 0
     join_evicted: int = 0
+    #: Attribute values of events (inferences and joined feedback) counted as overflow.
+    segment_overflow: int = 0
+    #: Segment values of closing windows folded into overflow to fit the record.
+    segment_folded: int = 0
 
 
 @dataclass
@@ -131,6 +144,8 @@ class _Clock:
 
     watermark: int
     last_advance_wall: float
+    #: Wall time of the model's last event (idle advances do not count as activity).
+    last_event_wall: float
     closed: dict[str, int] = field(default_factory=dict)
     due_wm: int | None = None
 
@@ -154,6 +169,9 @@ class _Partition:
     unwritten: dict[str, dict[str, Any]] = field(default_factory=dict)
     next_segment: int = 0
     evicted_floors: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: Models with entries (live or not) in each segment record.
+    segment_models: dict[int, set[str]] = field(default_factory=dict)
+    segment_cap: SegmentCap = field(kw_only=True)
 
     def mark(self) -> dict[str, Any]:
         return {
@@ -188,7 +206,9 @@ class PipelineCore:
             round(settings.feedback.join_ttl_s * 1000), settings.feedback.join_max_text_chars
         )
         self.negative_below = settings.feedback.negative_score_below
+        self.exemplars = settings.detectors.exemplars_per_window
         self.join_max_entries = settings.feedback.join_max_entries
+        self.max_segment_values = w.max_segment_values
         self.quality = quality or QualitySignals.from_file(w.refusal_phrases_file)
         self.store = store
         self.clock = clock
@@ -216,7 +236,7 @@ class PipelineCore:
         now = self.clock()
         segments: dict[int, list[tuple[int, str]]] = {}
         for p in wanted:
-            self._parts[p] = _Partition()
+            self._parts[p] = _Partition(segment_cap=SegmentCap(self.max_segment_values))
         for key in self.store.all_keys():
             p_text, _, rest = key.partition(SEP)
             if not p_text.isdigit() or int(p_text) not in wanted:
@@ -225,7 +245,9 @@ class PipelineCore:
             kind = rest[:1]
             if kind == "P":
                 model, version, segment, start = rest[2:].split(SEP)
-                part.panes.add(PaneKey(model, version, segment, int(start)))
+                pane = PaneKey(model, version, segment, int(start))
+                part.panes.add(pane)
+                part.segment_cap.add_pane(pane)
             elif kind == "S":
                 segments.setdefault(int(p_text), []).append((int(rest[2:]), key))
             elif kind == "M":
@@ -236,7 +258,7 @@ class PipelineCore:
                     for model, (exp, jkey) in mark.get("evicted", {}).items()
                 }
                 for model, clock in mark.get("models", {}).items():
-                    part.clocks[model] = _Clock(clock["wm"], now, dict(clock["closed"]))
+                    part.clocks[model] = _Clock(clock["wm"], now, now, dict(clock["closed"]))
         for p, found in segments.items():
             self._restore_joins(p, self._parts[p], sorted(found))
         for p in wanted:
@@ -251,7 +273,9 @@ class PipelineCore:
     def _restore_joins(self, p: int, part: _Partition, segments: list[tuple[int, str]]) -> None:
         # Later segments hold newer versions of an entry; expired ones stay dropped.
         for seq, key in segments:
-            for jkey, entry in (self.store.get(key) or {}).get("e", {}).items():
+            entries = (self.store.get(key) or {}).get("e", {})
+            part.segment_models[seq] = {jkey.split(SEP, 1)[0] for jkey in entries}
+            for jkey, entry in entries.items():
                 part.joins[jkey] = entry
                 part.join_segment[jkey] = seq
             part.next_segment = seq + 1
@@ -271,6 +295,7 @@ class PipelineCore:
         for seq, key in segments:
             if seq not in part.segment_live:
                 self.store.delete(p, key)
+                del part.segment_models[seq]
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop in-memory indexes of revoked partitions (their state stays in the table)."""
@@ -322,6 +347,8 @@ class PipelineCore:
             self.quality,
             self.alpha,
             applied=lambda key: self._applied(partition, key, "inference"),
+            exemplars=self.exemplars,
+            segment_cap=part.segment_cap,
         )
         for key, stats in aggregated.items():
             self._merge_pane(partition, part, key, stats)
@@ -333,6 +360,7 @@ class PipelineCore:
             pairs += [(offset, pair) for pair in joined]
         # Its own offset channel: the pane's "inference" offset already covers this batch.
         self._joined(partition, part, "join:inference", pairs, out)
+        self.counters.segment_overflow += part.segment_cap.end_batch()
         self._advance(part, newest)
         self._offsets(part, "inference", events)
         if checkpoint:
@@ -358,6 +386,7 @@ class PipelineCore:
             self._put_join(part, event.model_id, jkey, entry)
             pairs += [(offset, pair) for pair in joined]
         self._joined(partition, part, "feedback", pairs, out)
+        self.counters.segment_overflow += part.segment_cap.end_batch()
         # Feedback keeps a model's clock awake but does not move it. A model first seen
         # through feedback starts its clock one longest window (plus lateness) before the
         # feedback time, so inferences arriving next are not judged late because of it.
@@ -366,9 +395,9 @@ class PipelineCore:
             clock = part.clocks.get(event.model_id)
             if clock is None:
                 t = int(event.created_at.timestamp() * 1000) - self.plan.longest_ms
-                part.clocks[event.model_id] = _Clock(t, now)
+                part.clocks[event.model_id] = _Clock(t, now, now)
             else:
-                clock.last_advance_wall = now
+                clock.last_advance_wall = clock.last_event_wall = now
         self._offsets(part, "feedback", events)
         if checkpoint:
             self.checkpoint(partition)
@@ -409,6 +438,7 @@ class PipelineCore:
         part.next_segment += 1
         self.store.put(partition, self._segment_key(partition, seq), {"e": chunk})
         part.segment_live[seq] = len(chunk)
+        part.segment_models[seq] = {jkey.split(SEP, 1)[0] for jkey in chunk}
         for jkey in chunk:
             old = part.join_segment.get(jkey)
             part.join_segment[jkey] = seq
@@ -421,6 +451,7 @@ class PipelineCore:
             part.segment_live[seq] = left
         else:
             del part.segment_live[seq]
+            del part.segment_models[seq]
             self.store.delete(partition, self._segment_key(partition, seq))
 
     def _joined(
@@ -441,14 +472,23 @@ class PipelineCore:
                 self.counters.late_feedback += 1
                 continue
             pane = t - t % self.plan.pane_ms
-            for segment in segments_of(pair.segment):
+            for segment in part.segment_cap.segments(pair.model_id, pair.segment):
                 key = PaneKey(pair.model_id, pair.inference["version"], segment, pane)
                 if offset is not None and offset <= self._applied(partition, key, topic):
                     continue
                 stats = touched.get(key)
                 if stats is None:
-                    stats = touched[key] = WindowStats(self.alpha)
-                stats.add_feedback(pair.feedback["score"], self.negative_below)
+                    stats = touched[key] = WindowStats(self.alpha, self.exemplars)
+                score = pair.feedback["score"]
+                stats.add_feedback(score, self.negative_below)
+                if score is not None and score < self.negative_below:
+                    stats.add_negative_example(
+                        pair.request_id,
+                        pair.inference["prompt"],
+                        pair.inference["response"],
+                        pair.segment,
+                        _feedback_note(pair.feedback),
+                    )
                 stats.saw(topic, offset)
         for key, stats in touched.items():
             self._merge_pane(partition, part, key, stats)
@@ -502,6 +542,7 @@ class PipelineCore:
             wm = None if clock is None else clock.due_wm
             if wm is not None and self.plan.pane_done(pane.pane_start_ms, wm):
                 part.panes.discard(pane)
+                part.segment_cap.drop_pane(pane)
                 self.store.delete(partition, self._pane_key(partition, pane))
         swept = self._sweep_joins(partition, part)
         self._forget_idle_models(part)
@@ -512,17 +553,20 @@ class PipelineCore:
         self, partition: int, part: _Partition, model: str, kind: str, start: int, end: int
     ) -> dict[str, Any]:
         series: dict[tuple[str, str], WindowStats] = {}
+        # Only the runner reads examples, and it judges tumbling windows only.
+        exemplars = self.exemplars if kind == "tumbling" else 0
         for pane in part.panes:
             if pane.model_id == model and start <= pane.pane_start_ms < end:
                 state = self.store.get(self._pane_key(partition, pane))
                 if state is None:
                     continue
                 stats = series.get((pane.model_version, pane.segment))
-                pane_stats = WindowStats.from_state(state)
+                pane_stats = WindowStats.from_state(state, exemplars)
                 if stats is None:
                     series[(pane.model_version, pane.segment)] = pane_stats
                 else:
                     stats.merge(pane_stats)
+        self.counters.segment_folded += fold_to_budget(series)
         return {
             "model_id": model,
             "kind": kind,
@@ -532,10 +576,18 @@ class PipelineCore:
             "end_ms": end,
             "partition": partition,
             "closed_at": datetime.now(UTC).isoformat(),
-            "series": [
-                {"model_version": version, "segment": segment, **stats.summary()}
-                for (version, segment), stats in sorted(series.items())
-            ],
+            "segment_overflow": overflow_counts(series),
+            "series": fit_window_budget(
+                [
+                    {
+                        "model_version": version,
+                        "segment": segment,
+                        **stats.summary(),
+                        **({"exemplars": stats.exemplars.records()} if stats.exemplars else {}),
+                    }
+                    for (version, segment), stats in sorted(series.items())
+                ]
+            ),
         }
 
     def _sweep_joins(self, partition: int, part: _Partition) -> int:
@@ -624,16 +676,30 @@ class PipelineCore:
             self._release(partition, part, seq)
 
     def _forget_idle_models(self, part: _Partition) -> None:
-        """Drop clocks of models without panes or join entries, idle for windows.expires_s."""
+        """Drop clocks of models without panes or join entries and without events for
+        windows.expires_s, and rewrite the segment records still holding their dropped
+        entries (the next checkpoint writes the live entries anew and deletes the records).
+        """
         now = self.clock()
         busy = {pane.model_id for pane in part.panes}
         busy |= {model for model, heap in part.join_heaps.items() if heap}
         for model in [m for m in part.join_heaps if not part.join_heaps[m]]:
             del part.join_heaps[model]
-        for model, clock in list(part.clocks.items()):
-            if model not in busy and now - clock.last_advance_wall > self.plan.expires_ms / 1000:
-                del part.clocks[model]
-                part.dirty = True
+        forgotten = {
+            model
+            for model, clock in part.clocks.items()
+            if model not in busy and now - clock.last_event_wall > self.plan.expires_ms / 1000
+        }
+        if not forgotten:
+            return
+        for model in forgotten:
+            del part.clocks[model]
+            part.evicted_floors.pop(model, None)
+        part.dirty = True
+        stale = {seq for seq, models in part.segment_models.items() if models & forgotten}
+        for jkey, seq in part.join_segment.items():
+            if seq in stale:
+                part.unwritten.setdefault(jkey, part.joins[jkey])
 
     # -- helpers --------------------------------------------------------------------------
     def _too_late(self, t: int, watermark: int) -> bool:
@@ -650,9 +716,11 @@ class PipelineCore:
         skey = self._pane_key(partition, key)
         state = self.store.get(skey)
         if state is not None:
-            stats = WindowStats.from_state(state).merge(stats)
+            stats = WindowStats.from_state(state, self.exemplars).merge(stats)
         self.store.put(partition, skey, stats.to_state())
-        part.panes.add(key)
+        if key not in part.panes:
+            part.panes.add(key)
+            part.segment_cap.add_pane(key)
 
     @staticmethod
     def _put_join(part: _Partition, model: str, key: str, entry: dict[str, Any]) -> None:
@@ -685,10 +753,10 @@ class PipelineCore:
         for model, t in newest.items():
             clock = part.clocks.get(model)
             if clock is None:
-                part.clocks[model] = _Clock(t, now)
+                part.clocks[model] = _Clock(t, now, now)
             else:
                 clock.watermark = max(clock.watermark, t)
-                clock.last_advance_wall = now
+                clock.last_advance_wall = clock.last_event_wall = now
 
     @staticmethod
     def _pane_key(partition: int, key: PaneKey) -> str:
@@ -710,6 +778,11 @@ class PipelineCore:
     @staticmethod
     def _mark_key(partition: int) -> str:
         return f"{partition}{SEP}M"
+
+
+def _feedback_note(feedback: dict[str, Any]) -> str:
+    """What the user said besides the score: label and correction."""
+    return "; ".join(str(part) for part in (feedback["label"], feedback["correction"]) if part)
 
 
 def _iso(ms: int) -> str:

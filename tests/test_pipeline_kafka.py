@@ -115,9 +115,9 @@ class Harness:
             "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
             # The embedding stage has its own tests; here it would only load a model.
             "GENMON_EMBEDDING__ENABLED": "false",
-            # Faust reads these itself: a killed worker leaves the group in 6 s, not 60 s.
-            "BROKER_SESSION_TIMEOUT": "6",
-            "BROKER_HEARTBEAT_INTERVAL": "1",
+            # A killed worker leaves the group in 6 s, not 60 s.
+            "GENMON_WORKER__SESSION_TIMEOUT_S": "6",
+            "GENMON_WORKER__HEARTBEAT_INTERVAL_S": "1",
             **extra_env,
         }
         self.settings = Settings(
@@ -294,10 +294,18 @@ def test_windows_from_a_scripted_stream_have_the_expected_counts_and_quantiles(h
         assert abs(w1["latency_ms"][q] - exact) <= alpha * exact
     assert abs(w1["ttft_ms"]["p50"] - 25.0) <= alpha * 25.0
     assert series(h.window("m-agg", "tumbling", ms(t0)), "locale=fr")["requests"] == 25
+    # Affected examples ride along in tumbling windows, for the runner's error analysis.
+    assert {k: len(v) for k, v in w1["exemplars"].items()} == {
+        "error": 10,
+        "refusal": 5,
+        "empty": 5,
+    }
+    assert {e["note"] for e in w1["exemplars"]["error"]} == {"E503", "E500"}
     w2 = series(h.window("m-agg", "tumbling", ms(t0) + 2000))
     assert w2["requests"] == 50 and abs(w2["latency_ms"]["p99"] - 1000.0) <= alpha * 1000
     h.wait_for(lambda: h.window("m-agg", "hopping", ms(t0)) is not None, 30, "hopping window")
     assert series(h.window("m-agg", "hopping", ms(t0)))["requests"] == 150
+    assert "exemplars" not in series(h.window("m-agg", "hopping", ms(t0)))
     assert series(h.window("m-other", "tumbling", ms(t0)))["requests"] == 30
     keys = [(w["model_id"], w["kind"], w["end_ms"]) for w in h.windows]
     assert len(keys) == len(set(keys))  # each window emitted once
@@ -308,6 +316,15 @@ def test_windows_from_a_scripted_stream_have_the_expected_counts_and_quantiles(h
         "error-rate finding",
     )
     assert not slow  # p99 of 99 ms and 1000 ms stay under the 2000 ms default
+    # The error-rate finding says what the errors were: one cluster per error code.
+    fired = next(f for f in h.findings if f.signal == "error_rate" and f.detected)
+    answer = "The answer is that the cat is here."
+    assert [(c["size"], c["representatives"]) for c in fired.evidence["clusters"]] == [
+        (6, [f"{answer} [E503]"]),
+        (4, [f"{answer} [E500]"]),
+    ]
+    assert fired.evidence["clusters"][0]["request_ids"][0] in {f"a{i}" for i in range(6)}
+    assert fired.evidence["error_analysis"]["vectors"] == "tfidf"  # embedding stage is off
 
 
 def test_feedback_join_out_of_order_late_redelivered_and_orphaned(harness):

