@@ -597,9 +597,9 @@ class EncoderStage:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="genmon-encoder")
 
     def _default_factory(self) -> TextEncoder:
-        from genmon.streams.encoder import TextEncoder
+        from genmon.streams.encoder import shared_encoder
 
-        return TextEncoder.from_settings(self.settings.embedding)
+        return shared_encoder(self.settings.embedding)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

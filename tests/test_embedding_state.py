@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +14,13 @@ import pytest
 from genmon.detectors import load_state
 from genmon.detectors.drift._common import decode_array
 from genmon.settings import Settings
-from genmon.streams.runner import STATE_MAX_BYTES, DetectorRunner, embedding_key
+from genmon.streams.runner import (
+    STATE_MAX_BYTES,
+    DetectorRunner,
+    embedding_index_key,
+    embedding_key,
+    embedding_series_model,
+)
 
 DIM = 384  # all-MiniLM-L6-v2
 T0 = 1_700_000_000
@@ -77,6 +84,13 @@ class MemoryStore:
         self.data[key] = json.loads(json.dumps(value))
         self.writes.append(key)
 
+    def delete(self, partition: int, key: str) -> None:
+        self.data.pop(key, None)
+        self.writes.append(key)
+
+    def all_keys(self) -> list[str]:
+        return list(self.data)
+
 
 def test_concurrent_updates_of_one_model_never_overwrite_each_other(
     monkeypatch: pytest.MonkeyPatch,
@@ -127,9 +141,173 @@ def test_concurrent_updates_of_one_model_never_overwrite_each_other(
         )
 
     asyncio.run(run())
-    [series] = pipeline.embedding_store.data.values()
+    series = pipeline.embedding_store.data[embedding_key("m", "v1", "prompt")]
     [entry] = series["series"].values()
     assert len(load_state(entry["det"]).reference) == 24  # both samples (12 + 12 rows)
     assert series["last_end"]["embedding"] == (T0 + 20) * 1000
     model_state = pipeline.detector_store.data["m"]
     assert model_state["last_end"]["tumbling"] == (T0 + 10) * 1000
+
+
+# -- bounded series -------------------------------------------------------------------------
+def embedding_pipeline(monkeypatch: pytest.MonkeyPatch, **detectors: Any) -> Any:
+    from genmon.streams.app import create_app
+    from genmon.streams.pipeline import Pipeline
+
+    # A window of 8 needs a 24-row reference; 4 dimensions keep calibration quick.
+    settings = Settings(detectors={"drift_window": 8, "ert": 100, **detectors})
+    pipeline = Pipeline(create_app(settings, installers=()), settings)
+    pipeline.embedding_store = MemoryStore()
+
+    async def no_broker(findings: list) -> None:
+        pass
+
+    monkeypatch.setattr(pipeline, "_publish", no_broker)
+    return pipeline
+
+
+def stored_series(pipeline: Any, model: str = "m") -> set[tuple[str, str]]:
+    """(version, field) of the model's series records in the table."""
+    return {
+        tuple(json.loads(key)[1:])
+        for key in pipeline.embedding_store.data
+        if embedding_series_model(key) == model
+    }
+
+
+def indexed_series(pipeline: Any, model: str = "m") -> set[tuple[str, str]]:
+    index = pipeline.embedding_store.data[embedding_index_key(model)]
+    return {tuple(json.loads(key)[1:]) for key in index["series"]}
+
+
+def submit_all(pipeline: Any, samples: list[tuple[str, str, int]]) -> None:
+    """Submit ``(version, field, end second)`` samples of model ``m``, 10 rows each (the
+    same rows for the same sample)."""
+
+    async def run() -> None:
+        for version, field, end_s in samples:
+            seed = zlib.crc32(f"{version}/{field}/{end_s}".encode())
+            rows = np.random.default_rng(seed).normal(size=(10, 4))
+            await pipeline.submit_embeddings("m", version, field, at(end_s), rows)
+
+    asyncio.run(run())
+
+
+def without_revisions(data: dict[str, Any]) -> dict[str, Any]:
+    """Table contents without the random revision tags of the live detector cache."""
+    return {
+        key: {
+            **record,
+            "series": {
+                name: {k: v for k, v in entry.items() if k != "rev"}
+                for name, entry in record["series"].items()
+            },
+        }
+        if "last_end" in record
+        else record
+        for key, record in data.items()
+    }
+
+
+def churn(minutes: range) -> list[tuple[str, str, int]]:
+    """Per minute a sample of the steady version; every other minute a one-off canary."""
+    samples = []
+    for w in minutes:
+        samples.append(("stable", "prompt", 60 * w))
+        if w % 2 == 0:
+            samples.append((f"canary-{w}", "prompt", 60 * w))
+    return samples
+
+
+def test_churning_versions_expire_after_the_ttl_and_the_steady_series_keeps_its_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = embedding_pipeline(monkeypatch, series_ttl_s=300)
+    for w in range(1, 21):
+        submit_all(pipeline, churn(range(w, w + 1)))
+        # Canaries sampled within the last 300 s of event time, and the steady series.
+        canaries = {(f"canary-{i}", "prompt") for i in range(max(w - 5, 1), w + 1) if i % 2 == 0}
+        assert stored_series(pipeline) == {("stable", "prompt")} | canaries
+        assert indexed_series(pipeline) == stored_series(pipeline)
+    # Sampled every minute, the steady series was never restarted: fitted on its first
+    # three samples, then tested with each later one.
+    stable = pipeline.embedding_store.data[embedding_key("m", "stable", "prompt")]
+    [entry] = stable["series"].values()
+    assert len(load_state(entry["det"]).reference) == 30
+    assert entry["det"]["state"]["n_seen"] == 10 * 17
+    evicted = pipeline.runner.series_evicted
+    assert evicted["ttl"] == len(range(2, 15, 2)) and evicted["cap"] == 0  # canary-2 .. -14
+    registry = pipeline.app.genmon.metrics.registry
+    metric = "genmon_detector_series_evicted_total"
+    assert registry.get_sample_value(metric, {"reason": "ttl"}) == evicted["ttl"]
+
+
+def test_a_series_back_after_the_ttl_starts_a_new_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = embedding_pipeline(monkeypatch, series_ttl_s=300)
+    key = embedding_key("m", "v1", "prompt")
+    submit_all(pipeline, [("v1", "prompt", end) for end in (60, 120, 180)])
+    assert "det" in pipeline.embedding_store.data[key]["series"][str_key(key)]
+    assert key in pipeline.runner._live  # a live detector
+    submit_all(pipeline, [("v1", "prompt", 181 + 300)])
+    [entry] = pipeline.embedding_store.data[key]["series"].values()
+    assert "det" not in entry and decode_array(entry["pending"]).shape == (10, 4)
+    assert key not in pipeline.runner._live
+    assert pipeline.runner.series_evicted["ttl"] == 1
+
+
+def str_key(key: str) -> str:
+    """The entry of a series inside its own record."""
+    _model, version, field = json.loads(key)
+    return f"embedding:{field}\x1f{version}\x1f*"
+
+
+def test_the_cap_keeps_the_most_recently_sampled_and_a_replay_or_restart_evicts_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    samples = [("stable", "prompt", 60), ("stable", "response", 60)]
+    for w in range(2, 10):
+        samples += [("stable", "prompt", 60 * w), (f"v{w}", "prompt", 60 * w)]
+        samples += [(f"v{w}", "response", 60 * w)] if w % 3 == 0 else []
+    pipeline = embedding_pipeline(monkeypatch, max_embedding_series_per_model=4)
+    submit_all(pipeline, samples)
+    # stable/prompt, sampled every minute, and the three series sampled last.
+    assert stored_series(pipeline) == {
+        ("stable", "prompt"),
+        ("v8", "prompt"),
+        ("v9", "prompt"),
+        ("v9", "response"),
+    }
+    assert indexed_series(pipeline) == stored_series(pipeline)
+    assert pipeline.runner.series_evicted["cap"] == 2 + 8 + 3 - 4
+    # A replay of the same samples, and a restart half-way from the table, end the same.
+    replayed = embedding_pipeline(monkeypatch, max_embedding_series_per_model=4)
+    submit_all(replayed, samples)
+    assert without_revisions(replayed.embedding_store.data) == without_revisions(
+        pipeline.embedding_store.data
+    )
+    first = embedding_pipeline(monkeypatch, max_embedding_series_per_model=4)
+    submit_all(first, samples[:9])
+    restarted = embedding_pipeline(monkeypatch, max_embedding_series_per_model=4)
+    restarted.embedding_store.data = first.embedding_store.data
+    submit_all(restarted, samples[9:])
+    assert without_revisions(restarted.embedding_store.data) == without_revisions(
+        pipeline.embedding_store.data
+    )
+
+
+def test_series_stored_before_the_index_are_adopted_and_expire(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = embedding_pipeline(monkeypatch, series_ttl_s=300)
+    runner, rows = pipeline.runner, np.random.default_rng(3).normal(size=(10, 4))
+    store = pipeline.embedding_store
+    # Records the previous release wrote: series only, no index.
+    for model, version, end_s in (("m", "old", 60), ("m", "recent", 400), ("other", "old", 60)):
+        state, _ = runner.on_embeddings(None, model, version, "prompt", at(end_s), rows)
+        store.put(0, embedding_key(model, version, "prompt"), state)
+    submit_all(pipeline, [("new", "prompt", 420)])
+    assert stored_series(pipeline) == {("recent", "prompt"), ("new", "prompt")}
+    assert indexed_series(pipeline) == stored_series(pipeline)
+    assert stored_series(pipeline, "other") == {("old", "prompt")}  # another model's: kept

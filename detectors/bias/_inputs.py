@@ -4,7 +4,8 @@ The streaming pipeline sends one *window* per ``update()``, either already aggre
 or as raw per-event arrays:
 
 - rates: a sequence of :class:`SegmentCounts` (``events`` out of ``total`` requests of
-  one segment; repeated segments are summed), or one :class:`SegmentObservations`
+  one segment; repeated segments are summed; ``tested=False`` for traffic that belongs
+  to the population but is no group of its own), or one :class:`SegmentObservations`
   (a segment label and a 0/1 outcome per event);
 - labelled outcomes (equal opportunity): a sequence of :class:`ConfusionCounts`, or one
   :class:`LabeledObservations` (segment, predicted-positive, actual-positive per event).
@@ -33,11 +34,17 @@ def _check_segment(segment: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SegmentCounts:
-    """``events`` of ``total`` requests in ``segment`` had the signal (for example a refusal)."""
+    """``events`` of ``total`` requests in ``segment`` had the signal (for example a refusal).
+
+    ``tested=False`` counts them in the population (the rest and overall rates of the
+    other segments) without testing ``segment`` itself: for a bucket that mixes many
+    values (an overflow series), whose disparity names no group to act on.
+    """
 
     segment: str
     events: int
     total: int
+    tested: bool = True
 
     def __post_init__(self) -> None:
         _check_segment(self.segment)
@@ -126,19 +133,28 @@ def _binary(values: Any, name: str, expected_len: int) -> np.ndarray:
 
 
 def rate_counts(batch: Any) -> Counts:
-    """Per-segment ``(events, total)`` of one window from either accepted batch form."""
+    """Per-segment ``(events, total)`` of one window from either accepted batch form
+    (segments to test only, see :func:`split_rate_counts`)."""
+    return split_rate_counts(batch)[0]
+
+
+def split_rate_counts(batch: Any) -> tuple[Counts, Counts]:
+    """Per-segment ``(events, total)`` of one window: the segments to test, and those
+    counted in the population only (:class:`SegmentCounts` with ``tested=False``)."""
     if isinstance(batch, SegmentObservations):
-        return batch.to_counts()
+        return batch.to_counts(), {}
     if isinstance(batch, Sequence) and not isinstance(batch, str | bytes):
-        counts: Counts = {}
+        tested: Counts = {}
+        untested: Counts = {}
         for item in batch:
             if not isinstance(item, SegmentCounts):
                 raise InputError(
                     f"expected SegmentCounts items or one SegmentObservations, got {item!r}"
                 )
+            counts = tested if item.tested else untested
             events, total = counts.get(item.segment, (0, 0))
             counts[item.segment] = (events + item.events, total + item.total)
-        return counts
+        return tested, untested
     raise InputError(
         "batch must be a sequence of SegmentCounts or a SegmentObservations, "
         f"got {type(batch).__name__}"

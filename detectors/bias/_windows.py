@@ -8,8 +8,9 @@ Memory is ``O(max_segments * n_windows)``:
 - a segment with no traffic in the whole ring is dropped (it has nothing to test);
 - at most ``max_segments`` segments are tracked: when a new one arrives beyond the cap,
   the least recently seen segment is evicted (LRU) and reported to the caller;
-- the population (all segments, evicted or not) has its own ring, so "the rest" and
-  "overall" stay exact even when segments are evicted.
+- the population (all segments, evicted or not, and traffic counted in the population
+  only) has its own ring, so "the rest" and "overall" stay exact even when segments are
+  evicted.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ class SegmentWindows:
         self.segments: OrderedDict[str, tuple[list[int], list[int]]] = OrderedDict()
         self.population: tuple[list[int], list[int]] = ([0] * n_windows, [0] * n_windows)
 
-    def push(self, counts: Counts) -> list[str]:
-        """Add one window's counts; return the segments evicted by the ``max_segments`` cap."""
+    def push(self, counts: Counts, population_only: Counts | None = None) -> list[str]:
+        """Add one window's counts; return the segments evicted by the ``max_segments`` cap.
+
+        ``population_only`` counts go to the population ring alone (no segment is tracked).
+        """
         slot = self.window % self.n_windows
         self.window += 1
         for events, totals in (*self.segments.values(), self.population):
@@ -46,6 +50,9 @@ class SegmentWindows:
             ring_events, ring_totals = self.segments[segment]
             ring_events[slot] += events
             ring_totals[slot] += total
+            self.population[0][slot] += events
+            self.population[1][slot] += total
+        for events, total in (population_only or {}).values():
             self.population[0][slot] += events
             self.population[1][slot] += total
         while len(self.segments) > self.max_segments:

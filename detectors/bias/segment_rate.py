@@ -8,7 +8,7 @@ import numpy as np
 
 from genmon.detectors._base import ContractExample, DetectorResult, register
 from genmon.detectors.bias._compare import SegmentGapDetector, adjust_and_flag, evaluate_segments
-from genmon.detectors.bias._inputs import SegmentObservations, rate_counts
+from genmon.detectors.bias._inputs import SegmentObservations, split_rate_counts
 from genmon.detectors.bias._windows import SegmentWindows
 from genmon.detectors.exceptions import InvalidParameterError
 
@@ -23,7 +23,9 @@ class SegmentRateBiasDetector(SegmentGapDetector):
     :class:`~genmon.detectors.bias.SegmentCounts` or one
     :class:`~genmon.detectors.bias.SegmentObservations`. Sums over the last
     ``n_windows`` windows are tested; at most ``max_segments`` segments are tracked
-    (least recently seen evicted first, listed in the notes).
+    (least recently seen evicted first, listed in the notes). Items with
+    ``tested=False`` (an overflow bucket of many values) count in the rest and overall
+    population but are never tested themselves (listed in the notes).
 
     Per segment with ``min_samples`` requests (smaller ones are skipped and listed in
     ``evidence.notes``): z-test against the rest, Fisher's exact test when an expected
@@ -93,9 +95,9 @@ class SegmentRateBiasDetector(SegmentGapDetector):
         self._n_seen = 0
 
     def update(self, batch: Any) -> DetectorResult:
-        counts = rate_counts(batch)
-        evicted = self._windows.push(counts)
-        self._n_seen += sum(total for _, total in counts.values())
+        counts, untested = split_rate_counts(batch)
+        evicted = self._windows.push(counts, untested)
+        self._n_seen += sum(total for _, total in (*counts.values(), *untested.values()))
         rule = self._rule()
         tested, notes = evaluate_segments(
             self._windows.sums(), self._windows.population_sum(), rule
@@ -103,6 +105,11 @@ class SegmentRateBiasDetector(SegmentGapDetector):
         segments = adjust_and_flag(tested, rule)
         n_flagged = sum(s.flagged for s in segments)
         notes.insert(0, f"signal {self.signal!r}: {n_flagged} of {len(segments)} segments flagged")
+        if untested:
+            notes.append(
+                "in the population, not tested (this window): "
+                + ", ".join(f"{s} (n={total})" for s, (_, total) in sorted(untested.items()))
+            )
         tracked = (("n_tracked", float(len(self._windows.segments))),)
         return self._gap_result(segments, notes, evicted, tracked)
 

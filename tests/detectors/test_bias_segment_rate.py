@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from genmon.detectors import (
+    DetectorResult,
     InputError,
     InvalidParameterError,
     SegmentCounts,
@@ -203,6 +204,30 @@ def test_segment_cap_evicts_least_recently_seen_and_keeps_population_exact() -> 
     assert result.evidence.value("n_tracked") == 3.0
     seg_d = next(s for s in result.evidence.segments if s.segment == "d")
     assert seg_d.baseline_n == 400  # the rest still counts the evicted segment "b"
+
+
+def test_untested_counts_are_in_the_rest_but_never_tested() -> None:
+    def last(bucket: str) -> DetectorResult:
+        detector = SegmentRateBiasDetector(min_samples=50)
+        batch = [SegmentCounts("en", 20, 400), SegmentCounts("fr", 80, 400)]
+        if bucket != "dropped":
+            batch.append(SegmentCounts("other", 350, 500, tested=bucket == "tested"))
+        for _ in range(2):
+            result = detector.update(batch)
+        return result
+
+    result = last("untested")
+    assert [s.segment for s in result.evidence.segments] == ["en", "fr"]
+    fr = result.evidence.segments[1]
+    assert fr.baseline_n == 2 * (400 + 500) and fr.baseline_rate == (20 + 350) / 900
+    assert not result.detected  # fr (20%) is better than the rest, bucket (70%) included
+    assert result.n_seen == 2 * 1300
+    assert "in the population, not tested (this window): other (n=500)" in result.evidence.notes
+    # Tested, the bucket would page; dropped, fr would be compared with en alone and page.
+    assert last("tested").evidence.segment == "other"
+    assert last("dropped").evidence.segment == "fr"
+    restored = load_state(json.loads(json.dumps(SegmentRateBiasDetector().state_dict())))
+    assert restored.update([SegmentCounts("x", 1, 10, tested=False)]).n_seen == 10
 
 
 def test_raw_observations_match_aggregated_counts() -> None:
