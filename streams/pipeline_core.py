@@ -617,22 +617,26 @@ class PipelineCore:
         """
         evicted = 0
         floors = part.evicted_floors
-        while True:
-            candidates = [(model, heap) for model, heap in part.join_heaps.items() if heap]
-            below = [c for c in candidates if c[0] in floors and c[1][0] <= floors[c[0]]]
-            if below:
-                model, heap = below[0]
-            elif candidates and len(part.joins) > self.join_max_entries:
-                model, heap = min(candidates, key=lambda c: self._time_left(part, *c))
-            else:
-                break
-            exp, key = heapq.heappop(heap)
-            entry = part.joins.get(key)
-            if entry is None or entry["exp"] != exp:
-                continue  # a stale item: the entry is gone or has a newer item of its own
-            self._drop_join(partition, part, key, entry)
-            floors[model] = max(floors.get(model, (exp, key)), (exp, key))
-            evicted += 1
+        for model, heap in part.join_heaps.items():
+            floor = floors.get(model)
+            while heap and floor is not None and heap[0] <= floor:
+                evicted += self._pop_join(partition, part, model, heap)
+                floor = floors.get(model)
+        if len(part.joins) > self.join_max_entries:
+            # Models by how soon their next entry expires; the index keeps min()'s
+            # first-in-order tie-break, so which entries go does not depend on the heap.
+            soonest = [
+                (self._time_left(part, model, heap), index, model)
+                for index, (model, heap) in enumerate(part.join_heaps.items())
+                if heap
+            ]
+            heapq.heapify(soonest)
+            while soonest and len(part.joins) > self.join_max_entries:
+                _, index, model = heapq.heappop(soonest)
+                heap = part.join_heaps[model]
+                evicted += self._pop_join(partition, part, model, heap)
+                if heap:
+                    heapq.heappush(soonest, (self._time_left(part, model, heap), index, model))
         for model, (exp, _) in list(floors.items()):
             watermark = part.watermark(model)
             if watermark is not None and exp <= watermark:
@@ -640,6 +644,19 @@ class PipelineCore:
         self.counters.join_evicted += evicted
         self._compact_join_heaps(part)
         return evicted
+
+    def _pop_join(
+        self, partition: int, part: _Partition, model: str, heap: list[tuple[int, str]]
+    ) -> int:
+        """Pop ``model``'s soonest item and drop its entry unless stale; 1 if dropped."""
+        exp, key = heapq.heappop(heap)
+        entry = part.joins.get(key)
+        if entry is None or entry["exp"] != exp:
+            return 0  # a stale item: the entry is gone or has a newer item of its own
+        self._drop_join(partition, part, key, entry)
+        floors = part.evicted_floors
+        floors[model] = max(floors.get(model, (exp, key)), (exp, key))
+        return 1
 
     @staticmethod
     def _time_left(part: _Partition, model: str, heap: list[tuple[int, str]]) -> float:

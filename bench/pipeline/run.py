@@ -133,10 +133,14 @@ INGEST_ONLY = (
 )
 
 
+#: Progress points (fractions of the events) at which the worker's RSS is sampled.
+RSS_POINTS = (0.1, 0.25, 0.5, 0.75, 1.0)
+
+
 def run_worker(
     env: dict[str, str], port: int, n: int, log: Path, *, ingest_only: bool = False
-) -> tuple[float, float, float]:
-    """(events/s, RSS MiB when ready, RSS MiB at the end) of one genmon worker."""
+) -> tuple[float, float, float, list[float]]:
+    """(events/s, RSS MiB when ready, RSS MiB at the end, RSS MiB at RSS_POINTS) of a worker."""
     genmon = str(Path(sys.executable).parent / "genmon")
     command = [sys.executable, "-c", INGEST_ONLY] if ingest_only else [genmon, "worker"]
     with log.open("wb") as handle:
@@ -148,13 +152,17 @@ def run_worker(
             if proc.poll() is not None:
                 raise SystemExit(f"worker died:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)
-        rss_start = psutil.Process(proc.pid).memory_info().rss / 2**20
+        worker = psutil.Process(proc.pid)
+        rss_start = worker.memory_info().rss / 2**20
+        rss_along: list[float] = []
         first_seen = None
         while True:
             done = processed(port, ingest_only)
             now = time.perf_counter()
             if done and first_seen is None:
                 first_seen, first_count = now, done
+            while len(rss_along) < len(RSS_POINTS) and done >= RSS_POINTS[len(rss_along)] * n:
+                rss_along.append(worker.memory_info().rss / 2**20)
             if done >= n:
                 break
             time.sleep(0.05)
@@ -162,8 +170,8 @@ def run_worker(
         rate = (n - first_count) / (now - first_seen)
         if not ingest_only:
             time.sleep(env_float(env, "GENMON_WINDOWS__IDLE_TIMEOUT_S") + 4)  # last windows
-        rss_end = psutil.Process(proc.pid).memory_info().rss / 2**20
-        return rate, rss_start, rss_end
+        rss_end = worker.memory_info().rss / 2**20
+        return rate, rss_start, rss_end, rss_along
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -248,11 +256,11 @@ def main() -> None:
         "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
     }
     ingest_env = {**env, "GENMON_WORKER__APP_ID": f"{prefix}-ingest"}
-    ingest_rate, _, _ = run_worker(
+    ingest_rate, *_ = run_worker(
         ingest_env, port, args.events, home / "ingest.log", ingest_only=True
     )
     print(f"  ingest only: {ingest_rate:,.0f} events/s; starting the full worker ...", flush=True)
-    rate, rss_start, rss_end = run_worker(
+    rate, rss_start, rss_end, rss_along = run_worker(
         {**env, "GENMON_EMBEDDING__ENABLED": "false"}, port, args.events, home / "worker.log"
     )
     print(f"  (b) done: {rate:,.0f} events/s; reading windows and findings ...", flush=True)
@@ -260,7 +268,7 @@ def main() -> None:
     embed_rate: float | None = None
     if not args.no_embeddings:
         embed_env = {**env, "GENMON_WORKER__APP_ID": f"{prefix}-embed"}
-        embed_rate, *embed_rss = run_worker(embed_env, port, args.events, home / "embed.log")
+        embed_rate, *embed_rss, _ = run_worker(embed_env, port, args.events, home / "embed.log")
         print(f"  (c) done: {embed_rate:,.0f} events/s", flush=True)
 
     print()
@@ -284,6 +292,10 @@ def main() -> None:
         f"{'p99 window close -> finding published':<52}{p99 * 1000:>12.1f} ms ({n_windows} windows)"
     )
     print(f"{'worker RSS at ready / at end':<52}{rss_start:>8.0f} / {rss_end:.0f} MiB")
+    along = " / ".join(f"{rss:.0f}" for rss in rss_along)
+    points = " / ".join(f"{point:.0%}" for point in RSS_POINTS)
+    print(f"{'worker RSS after ' + points + ' of the events':<52}{along} MiB")
+    print(f"{'RSS growth over the second half (end / 50%)':<52}{rss_end / rss_along[2]:>12.2f}")
 
 
 if __name__ == "__main__":

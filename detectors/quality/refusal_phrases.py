@@ -61,7 +61,9 @@ _LEADING = " \t\r\n\"'*"
 
 def fold(text: str) -> str:
     """Lower-case ``text`` and fold typographic apostrophes, as phrases and responses are."""
-    return text.lower().translate(_QUOTES)
+    lowered = text.lower()
+    # translate() walks every character; ASCII text has no typographic apostrophe to fold.
+    return lowered if lowered.isascii() else lowered.translate(_QUOTES)
 
 
 class RefusalPhrases:
