@@ -1,7 +1,7 @@
 """Refusal phrase lists against XSTest's human labels: precision, recall, speed.
 
 Compares the two definitions genmon had before they were merged with the merged list
-(``genmon/detectors/quality/refusal_phrases.yaml``), all run by the same matcher
+(``detectors/quality/refusal_phrases.yaml``), all run by the same matcher
 (:class:`genmon.detectors.quality.RefusalPhrases`; for the old lists it decides exactly
 as the old code did):
 

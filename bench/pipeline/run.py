@@ -268,7 +268,9 @@ def main() -> None:
     embed_rate: float | None = None
     if not args.no_embeddings:
         embed_env = {**env, "GENMON_WORKER__APP_ID": f"{prefix}-embed"}
-        embed_rate, *embed_rss, _ = run_worker(embed_env, port, args.events, home / "embed.log")
+        embed_rate, *embed_rss, embed_along = run_worker(
+            embed_env, port, args.events, home / "embed.log"
+        )
         print(f"  (c) done: {embed_rate:,.0f} events/s", flush=True)
 
     print()
@@ -286,6 +288,8 @@ def main() -> None:
             f"{'(c) (b) + embedding stage (sampling + encoder)':<52}{embed_rate:>12,.0f} "
             f"events/s, RSS {embed_rss[0]:.0f} / {embed_rss[1]:.0f} MiB"
         )
+        along = " / ".join(f"{rss:.0f}" for rss in embed_along)
+        print(f"{'    its RSS along the run (as for (b) below)':<52}{along} MiB")
     print(f"{'ratio (b)/(a)':<52}{rate / ceiling:>12.2f}")
     print(f"{'ratio (b)/(a2): the pipeline over bare ingest':<52}{rate / ingest_rate:>12.2f}")
     print(
