@@ -255,8 +255,14 @@ class Finding(_Event):
 
 
 class IncidentEvent(_Event):
-    """A change in an incident's life, published for other consumers."""
+    """A change in an incident's life, published for other consumers.
 
+    Published at least once: a consumer drops repeats by ``event_id``.
+    """
+
+    event_id: Identifier = Field(
+        default_factory=new_id, description="the same for every delivery of one transition"
+    )
     incident_id: Identifier
     fingerprint: Identifier
     model_id: Identifier

@@ -135,6 +135,7 @@ def test_every_transition_is_queued_for_the_topic_and_no_silence_holds_it(
         (NotificationEvent.TRANSITION, NotificationStatus.PENDING, None)
     }
     assert len({row.idempotency_key for row in rows}) == len(rows)
+    assert len({e.event_id for e in events}) == len(events)  # consumers drop repeats by it
 
 
 def test_without_publish_events_nothing_is_queued_for_the_topic(engine: Engine) -> None:
@@ -195,4 +196,7 @@ def test_cli_and_automatic_transitions_reach_the_topic_in_order_across_an_outage
         ("resolved", "genmon"),
     ]
     assert {record.key for record in records} == {incident_id.encode()}
-    assert {row.status for row in _topic_rows(engine)} == {NotificationStatus.DELIVERED}
+    rows = _topic_rows(engine)
+    assert {row.status for row in rows} == {NotificationStatus.DELIVERED}
+    # A redelivery of a row carries the same event id: it is fixed when the row is queued.
+    assert [e.event_id for e in events] == [row.payload["event_id"] for row in rows]

@@ -543,6 +543,7 @@ class IncidentManager:
             return
         transition_id = session.exec(insert.returning(IncidentTransition.id)).scalar_one()
         event = IncidentEvent(
+            event_id=f"{incident.id}.{transition_id}",
             incident_id=incident.id,
             fingerprint=incident.fingerprint,
             model_id=incident.model_id,
