@@ -267,6 +267,14 @@ class DetectorSettings(BaseModel):
             " negative feedback) and clustered into a firing finding's evidence; 0 disables"
         ),
     )
+    redact_exemplars: bool = Field(
+        True,
+        description=(
+            "redact emails, phones, cards and API keys in affected examples' prompt, response"
+            " and note when they are taken, before window records, findings and incidents"
+            " store them"
+        ),
+    )
     series_ttl_s: float = Field(
         86_400.0,
         gt=0,

@@ -118,7 +118,15 @@ def _keep_flagged(
         ("truncated", truncated, code),
     ):
         if flagged:
-            exemplars.offer(signal, event.request_id, event.prompt, event.response, label, note)
+            exemplars.offer(
+                signal,
+                event.request_id,
+                event.prompt,
+                event.response,
+                label,
+                note,
+                event.subject_id,
+            )
 
 
 def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
@@ -154,10 +162,13 @@ class WindowStats:
     )
 
     def __init__(
-        self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY, exemplars: int = 0
+        self,
+        relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY,
+        exemplars: int = 0,
+        redact_exemplars: bool = True,
     ) -> None:
-        """``exemplars``: affected examples kept per signal (0: none), see
-        :mod:`genmon.streams.exemplars`."""
+        """``exemplars``: affected examples kept per signal (0: none), their texts redacted
+        with ``redact_exemplars``, see :mod:`genmon.streams.exemplars`."""
         self.requests = 0
         self.errors = 0
         self.by_status: dict[str, int] = {}
@@ -178,7 +189,7 @@ class WindowStats:
         #: Highest source offset applied per topic: a redelivered event at or below it was
         #: already counted in this pane (the pane and its offsets are written as one record).
         self.offsets: dict[str, int] = {}
-        self.exemplars = Exemplars(exemplars) if exemplars > 0 else None
+        self.exemplars = Exemplars(exemplars, redact_exemplars) if exemplars > 0 else None
         # Per-batch buffers, flushed into the sketches in one vectorised call.
         self._latencies: list[float] = []
         self._ttfts: list[float] = []
@@ -219,12 +230,19 @@ class WindowStats:
             _keep_flagged(self.exemplars, event, empty, truncated, refusal)
 
     def add_negative_example(
-        self, request_id: str, prompt: str, response: str, segment: dict[str, str], note: str
+        self,
+        request_id: str,
+        prompt: str,
+        response: str,
+        segment: dict[str, str],
+        note: str,
+        subject_id: str | None = None,
     ) -> None:
         """Keep a negatively scored joined pair as a ``negative_feedback`` example."""
         if self.exemplars is not None:
+            label = _segment_label(segment)
             self.exemplars.offer(
-                "negative_feedback", request_id, prompt, response, _segment_label(segment), note
+                "negative_feedback", request_id, prompt, response, label, note, subject_id
             )
 
     def add_feedback(self, score: float | None, negative_below: float) -> None:
@@ -302,8 +320,11 @@ class WindowStats:
         return state
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], exemplars: int = 0) -> WindowStats:
-        """Rebuild from :meth:`to_state`, keeping up to ``exemplars`` examples per signal."""
+    def from_state(
+        cls, state: dict[str, Any], exemplars: int = 0, redact_exemplars: bool = True
+    ) -> WindowStats:
+        """Rebuild from :meth:`to_state`, keeping up to ``exemplars`` examples per signal
+        (``redact_exemplars``: see :meth:`Exemplars.from_state`)."""
         stats = cls(state["latency"]["alpha"])
         stats.requests = int(state["requests"])
         stats.errors = int(state["errors"])
@@ -322,7 +343,7 @@ class WindowStats:
         stats.fb_score = _Summary.from_state(state["fb_score"])
         stats.offsets = dict(state.get("off", {}))
         if exemplars > 0:
-            stats.exemplars = Exemplars.from_state(exemplars, state.get("ex", {}))
+            stats.exemplars = Exemplars.from_state(exemplars, state.get("ex", {}), redact_exemplars)
         return stats
 
     def summary(self) -> dict[str, Any]:
@@ -375,13 +396,15 @@ def aggregate_inferences(
     applied: Callable[[PaneKey], int] | None = None,
     exemplars: int = 0,
     segment_cap: SegmentCap | None = None,
+    redact_exemplars: bool = True,
 ) -> dict[PaneKey, WindowStats]:
     """Aggregate a whole batch in memory: one :class:`WindowStats` per touched pane key.
 
     ``events`` are ``(source offset or None, event)``; ``applied(key)`` is the highest
     inference offset the stored pane already holds, so redelivered events are not counted
     twice in it. Up to ``exemplars`` flagged examples per signal are kept in the ``"*"``
-    series (the quality detectors judge whole versions). With a ``segment_cap`` its
+    series (the quality detectors judge whole versions), their texts redacted with
+    ``redact_exemplars``. With a ``segment_cap`` its
     refused attribute values count in their attribute's overflow series.
     """
     # Each event is added once, to the group of events sharing its model, version, pane and
@@ -415,7 +438,7 @@ def aggregate_inferences(
                 group_key = (model, version, pane, kept)
         stats = groups.get(group_key)
         if stats is None:
-            stats = groups[group_key] = WindowStats(relative_accuracy, exemplars)
+            stats = groups[group_key] = WindowStats(relative_accuracy, exemplars, redact_exemplars)
         sig = quality.of(event)
         stats.add_inference(
             event, sig.empty, sig.truncated, sig.refusal, sig.response_chars, sig.language
@@ -429,7 +452,7 @@ def aggregate_inferences(
             into = out.get(key)
             if into is None:
                 keep = exemplars if segment == ALL_SEGMENTS else 0
-                into = out[key] = WindowStats(relative_accuracy, keep)
+                into = out[key] = WindowStats(relative_accuracy, keep, redact_exemplars)
             into.merge(stats)
     return out
 

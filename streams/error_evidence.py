@@ -11,7 +11,9 @@ attaches the
 
 - ``clusters``: largest first, each with ``size`` (examples in it), up to three
   ``representatives`` (``prompt → response [note]``, cut to :data:`DISPLAY_CHARS`),
-  ``centroid_distance`` and ``request_ids`` (the request of each representative);
+  ``centroid_distance``, ``request_ids`` (the request of each representative) and
+  ``subject_ids`` (its pseudonymous subject id as the example stores it, or ``None``), so
+  an erasure by subject id finds the incident snapshots that show the subject's texts;
 - ``error_analysis``: ``signal`` (which examples), ``examples`` (how many were
   clustered), ``vectors`` (``all-MiniLM-L6-v2 (<backend>)`` or ``tfidf``) and, when TF-IDF
   stood in for the encoder, ``fallback`` (why).
@@ -19,16 +21,17 @@ attaches the
 Vectors come from the bundled sentence encoder, loaded once per process and shared with
 the embedding stage (:func:`~genmon.streams.encoder.shared_encoder`). With
 ``embedding.enabled=false``, or when the encoder cannot load, scikit-learn's TF-IDF of
-the same texts is clustered instead, so the evidence is there
-either way. Clustering at most ``detectors.exemplars_per_window`` examples takes a few
-milliseconds; the worker runs the detectors off the event loop.
+the same texts is clustered instead, so the evidence is there either way. The texts are
+the examples' own: redacted when they were taken (``detectors.redact_exemplars``).
+Clustering at most ``detectors.exemplars_per_window`` examples takes a few milliseconds;
+the worker runs the detectors off the event loop.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,7 +71,7 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def display_text(example: dict[str, str]) -> str:
+def display_text(example: Mapping[str, Any]) -> str:
     """``prompt → response [note]``, each part cut so the whole fits DISPLAY_CHARS."""
     note = f"[{_cut(example['note'], 40)}]" if example["note"] else ""
     room = DISPLAY_CHARS - len(note) - 4
@@ -81,7 +84,7 @@ def display_text(example: dict[str, str]) -> str:
     return f"{text} {note}".strip() or "(empty)"
 
 
-def embedding_text(example: dict[str, str]) -> str:
+def embedding_text(example: Mapping[str, Any]) -> str:
     return "\n".join(part for part in (example["prompt"], example["response"], example["note"]))
 
 
@@ -122,25 +125,30 @@ class ErrorAnalyzer:
         )
 
     def explain(
-        self, result: DetectorResult, signal: str, examples: Sequence[dict[str, str]]
+        self, result: DetectorResult, signal: str, examples: Sequence[Mapping[str, Any]]
     ) -> tuple[DetectorResult, dict[str, Any]]:
         """``result`` with the largest clusters of ``examples``, and the extra evidence.
 
-        The extra evidence is ``{"error_analysis": {...}, "request_ids": [[...], ...]}``,
-        ``request_ids[i]`` holding the request of each representative of cluster ``i``.
+        ``examples`` are :class:`~genmon.streams.exemplars.ExampleRecord` (windows closed
+        before subject ids have none). The extra evidence is ``{"error_analysis": {...},
+        "request_ids": [[...], ...], "subject_ids": [[...], ...]}``, ``request_ids[i]``
+        and ``subject_ids[i]`` holding the request and subject of each representative of
+        cluster ``i``.
         """
         texts = [embedding_text(e) for e in examples]
         shown = [display_text(e) for e in examples]
         vectors, how = self._vectors(texts)
         clusters = self.clusterer.cluster(vectors, shown)[:MAX_CLUSTERS]
-        first_request: dict[str, str] = {}
+        # A representative is a text: the first example that shows it stands for it.
+        first_example: dict[str, Mapping[str, Any]] = {}
         for text, example in zip(shown, examples, strict=True):
-            first_request.setdefault(text, example["request_id"])
+            first_example.setdefault(text, example)
         analysis = {"signal": signal, "examples": len(examples), **how}
-        request_ids = [[first_request[text] for text in c.representatives] for c in clusters]
+        shown_by = [[first_example[text] for text in c.representatives] for c in clusters]
         return attach_clusters(result, clusters), {
             "error_analysis": analysis,
-            "request_ids": request_ids,
+            "request_ids": [[e["request_id"] for e in cluster] for cluster in shown_by],
+            "subject_ids": [[e.get("subject_id") for e in cluster] for cluster in shown_by],
         }
 
     def _vectors(self, texts: list[str]) -> tuple[np.ndarray, dict[str, str]]:

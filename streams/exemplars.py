@@ -22,8 +22,14 @@ parts' bottom ``k``), so pane samples merge into window samples like the other
 aggregates, and a replay keeps the same examples. Only flagged events are hashed.
 
 Each example is its request id, prompt and response cut to :data:`TEXT_CHARS`, segment
-label cut to :data:`SEGMENT_CHARS` and a note (error code, or feedback label and
-correction) cut to :data:`NOTE_CHARS`; an example whose JSON is still over
+label cut to :data:`SEGMENT_CHARS`, a note (error code, or feedback label and
+correction) cut to :data:`NOTE_CHARS` and the event's pseudonymous subject id (``None``
+when it has none), so an erasure by subject id finds the example: compare
+:func:`stored_subject_id` of the id with ``subject_id``. With ``redact`` (the setting
+``detectors.redact_exemplars``) prompt, response and note are redacted
+(:func:`genmon.streams.redact.redact`: emails, phones, cards, API keys) when the example
+is taken, so window records, findings and incident snapshots never hold the raw text;
+only examples that enter the sample pay for it. An example whose JSON is still over
 :data:`EXAMPLE_MAX_BYTES` (non-ASCII text takes up to 6 bytes a character) has its longest
 texts cut further. With at most 64 examples per signal a pane record so holds at most
 ``5 x 64 x 1280`` bytes (400 KiB) of examples, 200 KiB at the default 32. A closed window's
@@ -31,13 +37,19 @@ record carries them under ``exemplars`` (tumbling windows only: the runner judge
 trimmed to :data:`WINDOW_BUDGET_BYTES` in total so the record stays well under Kafka's
 1 MB.
 
+Panes stored before examples had a subject id load with ``None`` for it, their texts
+redacted then when ``redact`` is on.
+
 >>> reservoirs = Exemplars(2)
 >>> for i in range(10):
-...     reservoirs.offer("refusal", f"r{i}", "prompt", "I can't", "*", "")
+...     reservoirs.offer("refusal", f"r{i}", "mail me: a@b.io", "I can't", "*", "", f"u{i}")
 >>> merged = Exemplars(2).merge(reservoirs).merge(reservoirs)  # merging is idempotent
 >>> [e["request_id"] for e in merged.records()["refusal"]] == [
 ...     e["request_id"] for e in reservoirs.records()["refusal"]]
 True
+>>> example = reservoirs.records()["refusal"][0]
+>>> example["prompt"], example["subject_id"] == "u" + example["request_id"][1:]
+('mail me: [REDACTED:email]', True)
 """
 
 from __future__ import annotations
@@ -45,7 +57,10 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-from typing import Any
+from typing import Any, TypedDict
+
+from genmon.schemas.events import MAX_ID_CHARS
+from genmon.streams.redact import redact as redact_text
 
 #: Signals that keep examples (see the table above).
 SIGNALS = ("error", "refusal", "empty", "truncated", "negative_feedback")
@@ -53,15 +68,34 @@ SIGNALS = ("error", "refusal", "empty", "truncated", "negative_feedback")
 TEXT_CHARS = 200
 SEGMENT_CHARS = 200
 NOTE_CHARS = 120
-#: Most bytes of one example as JSON: an all-ASCII example cut as above fits.
+#: Redaction reads at most this many times the characters a text keeps (see _redacted).
+REDACT_READ_FACTOR = 4
+#: Most bytes of a subject id as JSON: any printable ASCII id (at most MAX_ID_CHARS) is
+#: kept as it is, a longer one as its digest (:func:`stored_subject_id`).
+SUBJECT_MAX_BYTES = MAX_ID_CHARS + 2
+#: Most bytes of one example as JSON: an all-ASCII example cut as above, with request and
+#: subject ids of MAX_ID_CHARS, fits (1273 bytes).
 EXAMPLE_MAX_BYTES = 1280
 #: Most bytes (as JSON) the examples of one closed window record may take.
 WINDOW_BUDGET_BYTES = 256 * 1024
 #: Key of the priority hash: fixed, so every worker and every replay picks the same examples.
 _HASH_KEY = b"genmon-exemplars-v1"
 
-# A stored example: [priority, request_id, prompt, response, segment label, note].
+# A stored example: [priority, request_id, prompt, response, segment label, note,
+# subject id or None]; examples stored before subject ids have six items.
 Example = list[Any]
+_LEGACY_ITEMS = 6
+
+
+class ExampleRecord(TypedDict):
+    """One example as a closed window carries it."""
+
+    request_id: str
+    prompt: str
+    response: str
+    segment: str
+    note: str
+    subject_id: str | None
 
 
 def priority(signal: str, request_id: str) -> int:
@@ -72,15 +106,48 @@ def priority(signal: str, request_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
+def stored_subject_id(subject_id: str) -> str:
+    """How an example stores ``subject_id``: as it is, or a digest if its JSON is too long.
+
+    >>> stored_subject_id("user-42")
+    'user-42'
+    >>> stored_subject_id("ü" * 50)[:7]
+    'sha256:'
+    """
+    if len(json.dumps(subject_id)) <= SUBJECT_MAX_BYTES:
+        return subject_id
+    return "sha256:" + hashlib.sha256(subject_id.encode()).hexdigest()
+
+
+def _redacted(text: str, keep: int) -> str:
+    """``text`` redacted, then cut to ``keep`` characters.
+
+    Redaction reads at most ``REDACT_READ_FACTOR * keep`` characters (its cost grows with
+    the square of a long run of address characters), cut at the last space or newline
+    past ``keep`` if there is one, so the cut splits no email or key (they hold none).
+    Beyond that it splits a secret only in a text without such a break, and the fragment
+    shows only if the redactions before it shortened the text below ``keep``.
+    """
+    read = REDACT_READ_FACTOR * keep
+    if len(text) > read:
+        text = text[:read]
+        space = max(text.rfind(" "), text.rfind("\n"))
+        if space >= keep:
+            text = text[:space]
+    return redact_text(text)[:keep]
+
+
 class Exemplars:
     """Bottom-``capacity`` samples of affected examples, one per signal."""
 
-    __slots__ = ("_heaps", "capacity")
+    __slots__ = ("_heaps", "capacity", "redact")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, redact: bool = True) -> None:
+        """``redact``: redact prompt, response and note of the examples taken."""
         if capacity < 1:
             raise ValueError(f"detectors.exemplars_per_window must be >= 1 here, got {capacity}")
         self.capacity = capacity
+        self.redact = redact
         # Max-heaps on priority (negated): the root is the example to drop first.
         self._heaps: dict[str, list[tuple[int, str, Example]]] = {}
 
@@ -88,19 +155,32 @@ class Exemplars:
         return any(self._heaps.values())
 
     def offer(
-        self, signal: str, request_id: str, prompt: str, response: str, segment: str, note: str
+        self,
+        signal: str,
+        request_id: str,
+        prompt: str,
+        response: str,
+        segment: str,
+        note: str,
+        subject_id: str | None = None,
     ) -> None:
         rank = priority(signal, request_id)
         heap = self._heaps.setdefault(signal, [])
         if len(heap) >= self.capacity and -heap[0][0] <= rank:
-            return  # the common case once full: nothing is cut or copied
+            return  # the common case once full: nothing is cut, redacted or copied
+        if self.redact:
+            texts = [_redacted(t, n) for t, n in ((prompt, TEXT_CHARS), (response, TEXT_CHARS))]
+            note = _redacted(note, NOTE_CHARS)
+        else:
+            texts = [prompt[:TEXT_CHARS], response[:TEXT_CHARS]]
+            note = note[:NOTE_CHARS]
         example: Example = [
             rank,
             request_id,
-            prompt[:TEXT_CHARS],
-            response[:TEXT_CHARS],
+            *texts,
             segment[:SEGMENT_CHARS],
-            note[:NOTE_CHARS],
+            note,
+            None if subject_id is None else stored_subject_id(subject_id),
         ]
         self._push(heap, _within_bytes(example))
 
@@ -129,43 +209,65 @@ class Exemplars:
         return {signal: [item[2] for item in heap] for signal, heap in self._heaps.items() if heap}
 
     @classmethod
-    def from_state(cls, capacity: int, state: dict[str, list[Example]]) -> Exemplars:
-        """Rebuild from :meth:`to_state`; a lowered ``capacity`` keeps the lowest priorities."""
-        made = cls(capacity)
+    def from_state(
+        cls, capacity: int, state: dict[str, list[Example]], redact: bool = True
+    ) -> Exemplars:
+        """Rebuild from :meth:`to_state`; a lowered ``capacity`` keeps the lowest priorities.
+
+        Examples stored without a subject id get ``None``, and with ``redact`` their texts
+        are redacted now (they were taken before redaction existed).
+        """
+        made = cls(capacity, redact)
         for signal, examples in state.items():
             # A stored sample is already one example per request: no need to re-check.
-            heap = [(-int(example[0]), str(example[1]), example) for example in examples]
+            heap = [
+                (-int(example[0]), str(example[1]), _upgraded(example, redact))
+                for example in examples
+            ]
             if len(heap) > capacity:
                 heap = heapq.nlargest(capacity, heap)
             heapq.heapify(heap)
             made._heaps[signal] = heap
         return made
 
-    def records(self) -> dict[str, list[dict[str, str]]]:
+    def records(self) -> dict[str, list[ExampleRecord]]:
         """The examples per signal as they go into a closed window, lowest priority first."""
-        out: dict[str, list[dict[str, str]]] = {}
+        out: dict[str, list[ExampleRecord]] = {}
         for signal, heap in sorted(self._heaps.items()):
             if heap:
                 out[signal] = [_record(example) for _, _, example in sorted(heap, reverse=True)]
         return out
 
 
-def _record(example: Example) -> dict[str, str]:
-    _, request_id, prompt, response, segment, note = example
+def _record(example: Example) -> ExampleRecord:
+    _, request_id, prompt, response, segment, note, subject_id = example
     return {
         "request_id": request_id,
         "prompt": prompt,
         "response": response,
         "segment": segment,
         "note": note,
+        "subject_id": subject_id,
     }
+
+
+def _upgraded(example: Example, redact: bool) -> Example:
+    """A stored example in the current layout (see :meth:`Exemplars.from_state`)."""
+    if len(example) != _LEGACY_ITEMS:
+        return example
+    rank, request_id, prompt, response, segment, note = example
+    if redact:
+        prompt, response = _redacted(prompt, TEXT_CHARS), _redacted(response, TEXT_CHARS)
+        note = _redacted(note, NOTE_CHARS)
+    return _within_bytes([rank, request_id, prompt, response, segment, note, None])
 
 
 def _within_bytes(example: Example) -> Example:
     """``example`` with its longest texts halved until its JSON fits EXAMPLE_MAX_BYTES.
 
-    The request id is never cut (it is how on-call finds the request); ids are at most
-    256 characters.
+    The request and subject ids are never cut (on-call finds the request by its id, an
+    erasure the example by its subject's); request ids are at most MAX_ID_CHARS
+    characters, stored subject ids at most SUBJECT_MAX_BYTES bytes.
     """
     while len(json.dumps(example)) > EXAMPLE_MAX_BYTES:
         longest = max(range(2, 6), key=lambda i: len(json.dumps(example[i])))

@@ -51,6 +51,11 @@ class JoinedPair(NamedTuple):
     def segment(self) -> dict[str, str]:
         return {**self.inference["segment"], **self.feedback["segment"]}
 
+    @property
+    def subject_id(self) -> str | None:
+        subject: str | None = self.inference["subject"] or self.feedback["subject"]
+        return subject
+
     def example_row(self) -> dict[str, Any]:
         """Column values of the ``labelled_example`` row for this pair."""
         return {
@@ -63,7 +68,7 @@ class JoinedPair(NamedTuple):
             "score": self.feedback["score"],
             "label": self.feedback["label"],
             "segment": self.segment,
-            "subject_id": self.inference["subject"] or self.feedback["subject"],
+            "subject_id": self.subject_id,
         }
 
 

@@ -207,6 +207,7 @@ class PipelineCore:
         )
         self.negative_below = settings.feedback.negative_score_below
         self.exemplars = settings.detectors.exemplars_per_window
+        self.redact_exemplars = settings.detectors.redact_exemplars
         self.join_max_entries = settings.feedback.join_max_entries
         self.max_segment_values = w.max_segment_values
         self.quality = quality or QualitySignals.from_file(w.refusal_phrases_file)
@@ -349,6 +350,7 @@ class PipelineCore:
             applied=lambda key: self._applied(partition, key, "inference"),
             exemplars=self.exemplars,
             segment_cap=part.segment_cap,
+            redact_exemplars=self.redact_exemplars,
         )
         for key, stats in aggregated.items():
             self._merge_pane(partition, part, key, stats)
@@ -478,7 +480,9 @@ class PipelineCore:
                     continue
                 stats = touched.get(key)
                 if stats is None:
-                    stats = touched[key] = WindowStats(self.alpha, self.exemplars)
+                    stats = touched[key] = WindowStats(
+                        self.alpha, self.exemplars, self.redact_exemplars
+                    )
                 score = pair.feedback["score"]
                 stats.add_feedback(score, self.negative_below)
                 if score is not None and score < self.negative_below:
@@ -488,6 +492,7 @@ class PipelineCore:
                         pair.inference["response"],
                         pair.segment,
                         _feedback_note(pair.feedback),
+                        pair.subject_id,
                     )
                 stats.saw(topic, offset)
         for key, stats in touched.items():
@@ -561,7 +566,7 @@ class PipelineCore:
                 if state is None:
                     continue
                 stats = series.get((pane.model_version, pane.segment))
-                pane_stats = WindowStats.from_state(state, exemplars)
+                pane_stats = WindowStats.from_state(state, exemplars, self.redact_exemplars)
                 if stats is None:
                     series[(pane.model_version, pane.segment)] = pane_stats
                 else:
@@ -733,7 +738,9 @@ class PipelineCore:
         skey = self._pane_key(partition, key)
         state = self.store.get(skey)
         if state is not None:
-            stats = WindowStats.from_state(state, self.exemplars).merge(stats)
+            stats = WindowStats.from_state(state, self.exemplars, self.redact_exemplars).merge(
+                stats
+            )
         self.store.put(partition, skey, stats.to_state())
         if key not in part.panes:
             part.panes.add(key)

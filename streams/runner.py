@@ -707,10 +707,14 @@ class DetectorRunner:
             result, extra = _explain(self.error_analyzer, result, signal, examples, where)
         evidence = result.to_dict()["evidence"]
         evidence["window_n"] = n
-        for cluster, request_ids in zip(
-            evidence["clusters"], extra.pop("request_ids", []), strict=False
+        for cluster, request_ids, subject_ids in zip(
+            evidence["clusters"],
+            extra.pop("request_ids", []),
+            extra.pop("subject_ids", []),
+            strict=False,
         ):
             cluster["request_ids"] = request_ids
+            cluster["subject_ids"] = subject_ids
         evidence.update(extra)
         return [
             Finding(

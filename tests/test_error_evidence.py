@@ -31,8 +31,11 @@ from genmon.streams.aggregates import WindowStats
 from genmon.streams.error_evidence import DISPLAY_CHARS, ErrorAnalyzer
 from genmon.streams.exemplars import (
     EXAMPLE_MAX_BYTES,
+    TEXT_CHARS,
     Exemplars,
     fit_window_budget,
+    priority,
+    stored_subject_id,
 )
 from genmon.streams.incidents.dispatcher import Dispatcher
 from genmon.streams.incidents.manager import IncidentManager
@@ -371,8 +374,8 @@ def receiver() -> Iterator[WebhookReceiver]:
         yield running
 
 
-def fired_refusal_finding() -> Finding:
-    settings = tfidf_settings()
+def fired_refusal_finding(**detectors: Any) -> Finding:
+    settings = tfidf_settings(**detectors)
     now = [T0.timestamp() + 3600]
     core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
     core.on_inferences(0, list(enumerate(scripted_refusals())))
@@ -384,7 +387,8 @@ def fired_refusal_finding() -> Finding:
 def test_incident_and_pages_carry_the_clusters_redacted(
     engine: Engine, receiver: WebhookReceiver
 ) -> None:
-    finding = fired_refusal_finding()
+    # Examples kept raw: the pages are redacted on their own.
+    finding = fired_refusal_finding(redact_exemplars=False)
     assert any(
         "jo@example.org" in t for c in finding.evidence["clusters"] for t in c["representatives"]
     )
@@ -417,3 +421,199 @@ def test_incident_and_pages_carry_the_clusters_redacted(
     text = "\n".join(b["text"]["text"] for b in slack["blocks"] if "text" in b)
     assert "*Affected examples* (11 sampled, by cluster)" in text
     assert "• 6× " in text and "• 5× " in text and "medical advice" in text
+
+
+# -- redaction and subject ids of the examples ----------------------------------------------
+EMAIL, API_KEY = "bob.smith@corp.example", "sk-live-AbCdEfGhIjKlMnOpQrSt"
+LEAKY_REFUSAL = f"Sorry, I can't do that. Write to {EMAIL} or retry with key {API_KEY}."
+
+
+def leaky_refusals(start_s: float = 0.0) -> list[InferenceEvent]:
+    """Twelve refusals quoting an email and an API key (every third without a subject id),
+    and 20 good answers, in one window."""
+    events = [
+        inference(
+            f"leak{i}",
+            start_s + 0.1 * i,
+            f"Please reset the password of account {i}",
+            LEAKY_REFUSAL,
+            subject_id=None if i % 3 == 0 else f"subject-{i}",
+        )
+        for i in range(12)
+    ]
+    events += [
+        inference(f"ok{i}", start_s + 2 + 0.1 * i, "hello", "Hello! How can I help you today?")
+        for i in range(20)
+    ]
+    return events
+
+
+def subject_of(events: list[InferenceEvent]) -> dict[str, str | None]:
+    return {e.request_id: e.subject_id for e in events}
+
+
+def panes_with_examples(store: DictStore) -> dict[str, Any]:
+    """The stored pane states that hold examples (join entries keep their own texts)."""
+    return {k: v for k, v in store.data.items() if isinstance(v, dict) and "ex" in v}
+
+
+def test_examples_are_redacted_in_panes_window_records_and_finding_evidence():
+    settings = tfidf_settings()
+    assert settings.detectors.redact_exemplars  # on by default
+    store = DictStore()
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, store, clock=lambda: now[0])
+    events = leaky_refusals()
+    core.on_inferences(0, list(enumerate(events)))
+    stored = json.dumps(panes_with_examples(store))
+    assert "Write to" in stored and EMAIL not in stored and API_KEY not in stored
+
+    (window,) = closed_tumbling(core, 25)
+    examples = star(window)["exemplars"]["refusal"]
+    assert len(examples) == 12
+    for example in examples:
+        assert example["response"] == (
+            "Sorry, I can't do that. Write to [REDACTED:email] or retry with key"
+            " [REDACTED:api_key]."
+        )
+        assert example["subject_id"] == subject_of(events)[example["request_id"]]
+    assert EMAIL not in json.dumps(window) and API_KEY not in json.dumps(window)
+
+    _, findings = DetectorRunner(settings).on_window(None, window)
+    (refusal,) = [f for f in findings if f.signal == "refusal_rate" and f.detected]
+    evidence = Finding.model_validate_json(refusal.model_dump_json()).evidence
+    assert EMAIL not in json.dumps(evidence) and API_KEY not in json.dumps(evidence)
+    shown = [text for c in evidence["clusters"] for text in c["representatives"]]
+    assert shown and all("[REDACTED:email]" in text for text in shown)
+    for cluster in evidence["clusters"]:
+        # Subject ids stand beside the request ids, one per representative.
+        assert len(cluster["subject_ids"]) == len(cluster["request_ids"]) > 0
+        for rid, subject in zip(cluster["request_ids"], cluster["subject_ids"], strict=True):
+            assert subject == subject_of(events)[rid]
+
+
+def test_redaction_off_keeps_the_raw_text_of_the_examples():
+    settings = tfidf_settings(redact_exemplars=False)
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    core.on_inferences(0, list(enumerate(leaky_refusals())))
+    (window,) = closed_tumbling(core, 25)
+    assert {e["response"] for e in star(window)["exemplars"]["refusal"]} == {LEAKY_REFUSAL}
+    _, findings = DetectorRunner(settings).on_window(None, window)
+    (refusal,) = [f for f in findings if f.signal == "refusal_rate" and f.detected]
+    assert EMAIL in json.dumps(refusal.evidence)
+
+
+def test_negative_feedback_examples_carry_the_pairs_subject_and_a_redacted_note():
+    settings = tfidf_settings()
+    now = [T0.timestamp() + 3600]
+    core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
+    events = [
+        inference(f"q{i}", 0.1 * i, "question", "answer", subject_id="s-inf" if i % 2 else None)
+        for i in range(20)
+    ]
+    feedback = [
+        FeedbackEvent(
+            feedback_id=f"f{i}",
+            request_id=f"q{i}",
+            model_id="chat",
+            thumbs="down",
+            correction=f"the answer is in {EMAIL}",
+            subject_id="s-fb",
+            created_at=T0 + timedelta(seconds=5),
+        )
+        for i in range(20)
+    ]
+    core.on_inferences(0, list(enumerate(events)))
+    core.on_feedback(0, list(enumerate(feedback)))
+    (window,) = closed_tumbling(core, 25)
+    examples = star(window)["exemplars"]["negative_feedback"]
+    assert len(examples) == 20
+    for example in examples:
+        # The inference's subject, else the feedback's (as in labelled examples).
+        odd = int(example["request_id"][1:]) % 2
+        assert example["subject_id"] == ("s-inf" if odd else "s-fb")
+        assert "[REDACTED:email]" in example["note"] and EMAIL not in example["note"]
+
+
+def legacy(state: dict[str, Any]) -> dict[str, Any]:
+    """A pane state as stored before examples had a subject id: six items each."""
+    return {**state, "ex": {s: [e[:6] for e in examples] for s, examples in state["ex"].items()}}
+
+
+def test_panes_stored_before_subject_ids_load_after_a_restart_and_are_redacted():
+    # The old code stored raw texts and no subject id.
+    store = DictStore()
+    now = [T0.timestamp() + 3600]
+    before = PipelineCore(tfidf_settings(redact_exemplars=False), store, clock=lambda: now[0])
+    events = leaky_refusals()
+    before.on_inferences(0, list(enumerate(events)))
+    panes = panes_with_examples(store)
+    assert panes
+    for key, state in panes.items():
+        store.data[key] = json.loads(json.dumps(legacy(state)))
+        assert all(len(e) == 6 for e in store.data[key]["ex"]["refusal"])
+    assert EMAIL in json.dumps(panes_with_examples(store))
+
+    restarted = PipelineCore(tfidf_settings(), store, clock=lambda: now[0])
+    restarted.restore([0])
+    # A new example merges into the old pane with its subject id.
+    late = inference("new", 3, "hi", f"I can't. Mail {EMAIL}", subject_id="s-new")
+    restarted.on_inferences(0, [(1000, late)])
+    # The pane it touched was written back redacted, in the current layout.
+    (pane,) = panes_with_examples(store).values()
+    assert EMAIL not in json.dumps(pane) and {len(e) for e in pane["ex"]["refusal"]} == {7}
+    (window,) = closed_tumbling(restarted, 25)
+    examples = star(window)["exemplars"]["refusal"]
+    assert len(examples) == 13
+    assert {e["request_id"]: e["subject_id"] for e in examples} == {
+        **{e.request_id: None for e in events[:12]},
+        "new": "s-new",
+    }
+    assert EMAIL not in json.dumps(window) and API_KEY not in json.dumps(window)
+
+
+def test_old_examples_load_raw_with_redaction_off_and_new_ones_keep_seven_items():
+    rank = priority("refusal", "r1")
+    old = {"refusal": [[rank, "r1", f"mail {EMAIL}", "no", "*", "E1"]]}
+    raw = Exemplars.from_state(4, json.loads(json.dumps(old)), redact=False)
+    assert raw.records()["refusal"] == [
+        {
+            "request_id": "r1",
+            "prompt": f"mail {EMAIL}",
+            "response": "no",
+            "segment": "*",
+            "note": "E1",
+            "subject_id": None,
+        }
+    ]
+    redacted = Exemplars.from_state(4, old)
+    assert redacted.records()["refusal"][0]["prompt"] == "mail [REDACTED:email]"
+    assert [len(e) for e in redacted.to_state()["refusal"]] == [7]
+
+
+def test_subject_ids_keep_examples_within_their_byte_budget():
+    longest_ascii = "u" * 256
+    reservoir = Exemplars(4)
+    reservoir.offer("error", "r" * 256, "p" * 500, "q" * 500, "s" * 500, "n" * 500, longest_ascii)
+    (example,) = reservoir.to_state()["error"]
+    # The longest printable ids fit beside uncut texts: nothing had to give.
+    assert len(json.dumps(example)) <= EXAMPLE_MAX_BYTES
+    assert [len(text) for text in example[2:6]] == [TEXT_CHARS, TEXT_CHARS, 200, 120]
+    assert example[6] == longest_ascii
+    # A subject id whose JSON would not fit is stored as its digest, findable all the same.
+    wide = "ü" * 256
+    reservoir.offer("empty", "r2", "日本語" * 100, "", "locale=ja", "", wide)
+    (example,) = reservoir.to_state()["empty"]
+    assert example[6] == stored_subject_id(wide) and example[6].startswith("sha256:")
+    assert len(json.dumps(example)) <= EXAMPLE_MAX_BYTES
+
+
+def test_a_secret_across_the_cut_is_redacted_whole_and_long_texts_are_read_bounded():
+    reservoir = Exemplars(4)
+    prompt = "a " * 95 + f"contact {EMAIL} please"  # the address straddles character 200
+    no_spaces = "Z9" * 16_000  # one 32,000-character token: redaction reads a bounded prefix
+    reservoir.offer("error", "r1", prompt, no_spaces, "*", "")
+    (record,) = reservoir.records()["error"]
+    assert "bob" not in record["prompt"] and record["prompt"].endswith("contact [R")
+    assert record["response"] == "[REDACTED:api_key]"

@@ -1,10 +1,13 @@
-"""Redaction and truncation of texts that go into notifications."""
+"""Redaction and truncation of texts that go into notifications (and affected examples)."""
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 
-from genmon.streams.incidents.redact import Redactor, luhn_valid, redact, truncate
+from genmon.streams import redact as redact_module
+from genmon.streams.redact import Redactor, luhn_valid, redact, truncate
 
 
 @pytest.mark.parametrize(
@@ -57,3 +60,8 @@ def test_scrub_walks_json_and_can_skip_redaction() -> None:
     assert Redactor(enabled=False, max_text_chars=100).scrub(value)["prompt"] == "mail x@y.io"
     with pytest.raises(ValueError, match="max_text_chars"):
         Redactor(max_text_chars=0)
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(redact_module)
+    assert result.attempted > 0 and result.failed == 0

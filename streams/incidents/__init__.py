@@ -16,7 +16,7 @@ Pieces (each module's docstring has the details):
   PagerDuty Events v2, Alertmanager v4 payloads; :mod:`.signing` has
   :func:`~genmon.streams.incidents.signing.verify_signature` for receivers.
 - :mod:`~genmon.streams.incidents.routing`: label matchers, routes, YAML destinations.
-- :mod:`~genmon.streams.incidents.redact`: truncation and redaction of texts.
+- :mod:`~genmon.streams.redact` (shared with window examples): truncation and redaction.
 - :mod:`~genmon.streams.incidents.agent`: the worker installer (findings topic agent,
   dispatcher task, dedup-key pruning).
 - :mod:`~genmon.streams.incidents.commands`: ``genmon incidents|silences|notify``.

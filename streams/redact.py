@@ -1,9 +1,17 @@
-"""Keep personal data and credentials out of notifications.
+"""Keep personal data and credentials out of what genmon stores and sends.
 
-Texts are cut to ``max_text_chars`` and, when enabled, emails, phone numbers,
-card-like numbers (only those passing the Luhn check) and API-key-like strings are
-replaced by ``[REDACTED:<what>]``. Redaction runs when a notification is queued, so
-the outbox never stores the raw text either.
+:func:`redact` replaces emails, phone numbers, card-like numbers (only those passing the
+Luhn check) and API-key-like strings by ``[REDACTED:<what>]``. Two places use it:
+
+- notifications (:class:`Redactor`, ``notify.redact``): texts are cut to
+  ``max_text_chars`` and redacted when a notification is queued, so the outbox never
+  stores the raw text either;
+- affected examples (:mod:`genmon.streams.exemplars`, ``detectors.redact_exemplars``):
+  prompt, response and note are redacted when an example is taken, so window records,
+  findings and incident snapshots never hold the raw text.
+
+The email rule tries every start in a run of address characters: quadratic in the run's
+length, so callers redact bounded texts (a 32,768-character run takes about a second).
 
 >>> r = Redactor(max_text_chars=80)
 >>> r.text("mail bob@example.com, card 4111 1111 1111 1111, key sk-abcdefghijklmnopqrstuvwx")
