@@ -361,7 +361,8 @@ def notify_dispatch(once: bool, url: str | None) -> None:
         report = asyncio.run(dispatcher.drain())
         click.echo(
             f"delivered {report.delivered}, retrying {report.retried}, dead {report.dead}, "
-            f"rate-limited {report.rate_limited}, silenced {report.suppressed}"
+            f"rate-limited {report.rate_limited}, silenced {report.suppressed}, "
+            f"paged after their silence ended {report.unsilenced}"
         )
         return
     try:

@@ -23,6 +23,12 @@ topic of its own settings (:mod:`~genmon.streams.incidents.publisher`). Guarante
   is due, so a silence added after it was queued still holds it back (the row becomes
   ``suppressed`` with the silence's id; :mod:`~genmon.streams.incidents.silences` has
   the rules, shared with the manager);
+- **silences that end**: every poll interval (and every round of ``genmon notify dispatch
+  --once``) it has the manager page again wherever a silence that has ended (or was
+  expired early) held back a still-open incident
+  (:meth:`~genmon.streams.incidents.manager.IncidentManager.repeat_unsilenced_pages`), so
+  such a page goes out within a poll interval of the silence's end, once, however many
+  dispatchers run;
 - **delivery log**: one ``delivery_attempt`` row per attempt.
 """
 
@@ -65,6 +71,7 @@ from genmon.streams.incidents.destinations import (
     build_destination,
     scrub_secrets,
 )
+from genmon.streams.incidents.manager import IncidentManager
 from genmon.streams.incidents.publisher import IncidentTopicPublisher
 from genmon.streams.incidents.routing import Router
 from genmon.streams.incidents.silences import ActiveSilences, follow_up_silenced_by
@@ -117,6 +124,8 @@ class DispatchReport:
     dead: int = 0
     rate_limited: int = 0
     suppressed: int = 0
+    unsilenced: int = 0
+    """Triggers queued because a silence that held an open incident back has ended."""
     wait_s: float | None = field(default=None, repr=False)
 
     def add(self, other: DispatchReport) -> None:
@@ -126,6 +135,7 @@ class DispatchReport:
         self.dead += other.dead
         self.rate_limited += other.rate_limited
         self.suppressed += other.suppressed
+        self.unsilenced += other.unsilenced
 
 
 @dataclass(frozen=True)
@@ -201,6 +211,8 @@ class Dispatcher:
         }
         self.rng = rng or random.Random()
         self.batch_size = batch_size
+        # Queues the pages of silences that have ended; it routes nothing itself.
+        self.incidents = IncidentManager(engine, self.settings, router=router, clock=clock)
         self._wake: asyncio.Event | None = None
 
     # --- running -------------------------------------------------------------------------
@@ -225,6 +237,7 @@ class Dispatcher:
         in_flight: set[asyncio.Task[None]] = set()
         semaphore = asyncio.Semaphore(self.config.concurrency)
         most_in_flight = self.config.concurrency * 4
+        next_unsilence_check = 0.0
 
         async def deliver(channels: _Channels, item: _Claimed) -> None:
             async with semaphore:
@@ -256,6 +269,10 @@ class Dispatcher:
                     if room > 0:
                         try:
                             report = DispatchReport()
+                            # A busy loop comes round often: once per poll interval is enough.
+                            if time.monotonic() >= next_unsilence_check:
+                                next_unsilence_check = time.monotonic() + timeout
+                                await asyncio.to_thread(self.incidents.repeat_unsilenced_pages)
                             claimed, rate_wait = await asyncio.to_thread(self._claim, report, room)
                             for item in claimed:
                                 task = asyncio.create_task(deliver(channels, item))
@@ -323,6 +340,7 @@ class Dispatcher:
 
     async def _round(self, channels: _Channels) -> DispatchReport:
         report = DispatchReport()
+        report.unsilenced = await asyncio.to_thread(self.incidents.repeat_unsilenced_pages)
         claimed, rate_wait = await asyncio.to_thread(self._claim, report)
         report.claimed = len(claimed)
         semaphore = asyncio.Semaphore(self.config.concurrency)

@@ -35,7 +35,11 @@ bounded number of times.
 
 Silences hold pages back, never incidents or topic events; see
 :mod:`~genmon.streams.incidents.silences` for how acknowledgements and resolves follow
-the fate of the page they belong to.
+the fate of the page they belong to. When a silence ends while an incident it kept from
+a destination is still open or acknowledged, :meth:`IncidentManager.repeat_unsilenced_pages`
+(run by the dispatcher every poll interval) pages that destination then: a trigger, and
+for an acknowledged incident the acknowledge after it, so the receiver learns about the
+problem and that someone has it (PagerDuty would otherwise escalate it as unhandled).
 
 A new incident of a model that already has an open top-level incident opened within
 ``group_window_s`` is grouped under it: it links to its parent, does not page on its own
@@ -58,6 +62,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from genmon.db import session_scope
 from genmon.schemas.events import Finding, IncidentEvent, IncidentStatus, Severity, utcnow
 from genmon.schemas.incidents import (
     ANNOUNCEMENTS,
@@ -80,9 +85,14 @@ from genmon.settings import (
 )
 from genmon.streams.incidents._txn import write_transaction
 from genmon.streams.incidents.exceptions import IncidentNotFoundError, InvalidTransitionError
-from genmon.streams.incidents.redact import Redactor
 from genmon.streams.incidents.routing import Router, incident_labels
-from genmon.streams.incidents.silences import ActiveSilences, follow_up_silenced_by
+from genmon.streams.incidents.silences import (
+    ActiveSilences,
+    HeldBackPage,
+    follow_up_silenced_by,
+    pages_to_repeat,
+)
+from genmon.streams.redact import Redactor
 
 log = logging.getLogger(__name__)
 
@@ -727,6 +737,102 @@ class IncidentManager:
             },
             "runbook": {"url": incident.runbook_url, "remediation": list(incident.remediation)},
         }
+
+    # --- silences that end ---------------------------------------------------------------
+
+    def repeat_unsilenced_pages(self) -> int:
+        """Page again wherever a silence that has ended held back a still-open incident.
+
+        One trigger per destination that never heard of the incident (rules in
+        :func:`~genmon.streams.incidents.silences.pages_to_repeat`), under the incident's
+        dedup key and an idempotency key made of the silence's id: checking again, a
+        restart or a second dispatcher finds the page queued (the incident row is locked
+        while it is checked and queued, and the database refuses a second row with that
+        key). An acknowledged incident's trigger is followed by its acknowledge, the one
+        the silence held back too: the receiver learns about the problem and that someone
+        has it, and PagerDuty does not escalate what genmon says is being handled.
+        Returns how many triggers were queued.
+        """
+        now = self.clock()
+        with session_scope(self.engine) as session:
+            incident_ids = sorted({page.incident.id for page in pages_to_repeat(session, now)})
+        queued = 0
+        for incident_id in incident_ids:
+            try:
+                with write_transaction(self.engine) as session:
+                    queued += self._repeat_pages(session, incident_id, now)
+            except IntegrityError:
+                log.info("incident %s: its unsilenced page was queued by another", incident_id)
+        return queued
+
+    def _repeat_pages(self, session: Session, incident_id: str, now: datetime) -> int:
+        # Lock the incident first (the write lock on SQLite, its row on PostgreSQL) and
+        # look again: it may have been resolved, or paged, since the read above.
+        touched = session.exec(
+            sa.update(Incident)
+            .where(Incident.id == incident_id)
+            .where(Incident.status != IncidentStatus.RESOLVED)
+            .values(notify_seq=Incident.notify_seq)
+        )
+        if not touched.rowcount:
+            return 0
+        pages = pages_to_repeat(session, now, incident_id)
+        if not pages:
+            return 0
+        incident = pages[0].incident
+        reason = f"a silence held this page back and has ended; still {incident.status.value}"
+        rows = self._repeated(session, incident, pages, NotificationEvent.TRIGGER, reason, now)
+        if incident.status is IncidentStatus.ACKNOWLEDGED:
+            actor = session.exec(
+                select(IncidentTransition.actor)
+                .where(IncidentTransition.incident_id == incident.id)
+                .where(IncidentTransition.transition == Transition.ACKNOWLEDGED)
+                .order_by(IncidentTransition.id.desc())
+            ).first()
+            acknowledged = f"acknowledged by {actor or 'someone'}"
+            rows += self._repeated(
+                session, incident, pages, NotificationEvent.ACKNOWLEDGE, acknowledged, now
+            )
+        session.exec(sa.insert(Notification), params=rows)
+        for page in pages:
+            log.info(
+                "incident %s: silence %s ended while it is %s; paging %s again",
+                incident.id,
+                page.silence_id,
+                incident.status.value,
+                page.destination,
+            )
+        return len(pages)
+
+    def _repeated(
+        self,
+        session: Session,
+        incident: Incident,
+        pages: Sequence[HeldBackPage],
+        event: NotificationEvent,
+        reason: str,
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """Rows of ``event`` for the destinations of ``pages``, keyed by their silences."""
+        incident.notify_seq += 1
+        payload = self._payload(session, incident, event, reason, incident_labels(incident), now)
+        return [
+            {
+                "incident_id": incident.id,
+                "destination": page.destination,
+                "event": event,
+                "idempotency_key": (
+                    f"{incident.id}.unsilenced.{page.silence_id}.{event.value}.{page.destination}"
+                ),
+                "status": NotificationStatus.PENDING,
+                "attempts": 0,
+                "silenced_by": None,
+                "payload": {**payload, "route_runbook": page.route_runbook},
+                "created_at": now,
+                "next_attempt_at": now,
+            }
+            for page in pages
+        ]
 
     # --- housekeeping --------------------------------------------------------------------
 
