@@ -65,3 +65,13 @@ def test_scrub_walks_json_and_can_skip_redaction() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(redact_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_secret_across_the_cut_is_redacted_and_the_cut_counts_the_original_text() -> None:
+    key = "sk-" + "a1" * 20
+    text = "x" * 90 + " " + key + " " + "y" * 5000
+
+    shown = Redactor(max_text_chars=100).text(text)
+
+    assert shown == "x" * 90 + " [REDACTED:api_key]"[:10] + f"…[+{len(text) - 100} chars]"
+    assert "a1a1" not in shown
