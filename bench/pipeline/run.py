@@ -11,7 +11,10 @@ One run, one broker, one machine, printed as one table:
     windowed aggregates with sketches and quality signals, the feedback-join table write
     per inference, window closing, detectors) reading the same pre-produced topic;
 (c) the same worker with the embedding stage on (its default settings: sampling plus the
-    sentence-transformers encoder on the CPU); ``--no-embeddings`` skips it.
+    sentence-transformers encoder on the CPU); ``--no-embeddings`` skips it;
+(b') ``--workers`` copies of (b) in one consumer group (the partitions split between
+    them), the way one machine scales out; its rate is also given from 25 % of the events
+    on, after the copies have joined and the group has rebalanced, next to (b)'s.
 
 (a2) is the worker with only the ingest installer, so (b)/(a2) is the cost of the pipeline
 over genmon's own validation; (b) runs with ``GENMON_EMBEDDING__ENABLED=false``.
@@ -138,47 +141,77 @@ RSS_POINTS = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
 def run_worker(
-    env: dict[str, str], port: int, n: int, log: Path, *, ingest_only: bool = False
-) -> tuple[float, float, float, list[float]]:
-    """(events/s, RSS MiB when ready, RSS MiB at the end, RSS MiB at RSS_POINTS) of a worker."""
+    env: dict[str, str],
+    port: int,
+    n: int,
+    log: Path,
+    *,
+    ingest_only: bool = False,
+    copies: int = 1,
+) -> tuple[float, float, float, list[float], float]:
+    """One worker, or ``copies`` of it in one consumer group (web ports ``port + i``).
+
+    Returns (events/s from the first to the last event, RSS MiB when ready, RSS MiB at the
+    end, RSS MiB at RSS_POINTS, events/s from 25 % to the last event). RSS is summed over
+    the copies; the last rate leaves out the start, where copies join and the group
+    rebalances.
+    """
     genmon = str(Path(sys.executable).parent / "genmon")
     command = [sys.executable, "-c", INGEST_ONLY] if ingest_only else [genmon, "worker"]
-    with log.open("wb") as handle:
-        proc = subprocess.Popen(
-            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    ports = [port + i for i in range(copies)]
+    logs = [log] if copies == 1 else [log.with_suffix(f".{i}.log") for i in range(copies)]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        while "[^Worker]: Ready" not in log.read_text(errors="replace"):
-            if proc.poll() is not None:
-                raise SystemExit(f"worker died:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        worker = psutil.Process(proc.pid)
-        rss_start = worker.memory_info().rss / 2**20
+        for i, path in enumerate(logs):
+            with path.open("wb") as handle:
+                procs.append(
+                    subprocess.Popen(
+                        command,
+                        env={**env, "GENMON_WORKER__WEB_PORT": str(ports[i])},
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        for proc, path in zip(procs, logs, strict=True):
+            while "[^Worker]: Ready" not in path.read_text(errors="replace"):
+                if proc.poll() is not None:
+                    raise SystemExit(f"worker died:\n{path.read_text()[-3000:]}")
+                time.sleep(0.2)
+        workers = [psutil.Process(proc.pid) for proc in procs]
+
+        def rss() -> float:
+            return sum(worker.memory_info().rss for worker in workers) / 2**20
+
+        rss_start = rss()
         rss_along: list[float] = []
-        first_seen = None
+        first_seen = quarter_seen = None
         while True:
-            done = processed(port, ingest_only)
+            done = sum(processed(each, ingest_only) for each in ports)
             now = time.perf_counter()
             if done and first_seen is None:
                 first_seen, first_count = now, done
+            if done >= n / 4 and quarter_seen is None:
+                quarter_seen, quarter_count = now, done
             while len(rss_along) < len(RSS_POINTS) and done >= RSS_POINTS[len(rss_along)] * n:
-                rss_along.append(worker.memory_info().rss / 2**20)
+                rss_along.append(rss())
             if done >= n:
                 break
             time.sleep(0.05)
-        assert first_seen is not None
+        assert first_seen is not None and quarter_seen is not None
         rate = (n - first_count) / (now - first_seen)
+        steady = (n - quarter_count) / (now - quarter_seen)
         if not ingest_only:
             time.sleep(env_float(env, "GENMON_WINDOWS__IDLE_TIMEOUT_S") + 4)  # last windows
-        rss_end = worker.memory_info().rss / 2**20
-        return rate, rss_start, rss_end, rss_along
+        return rate, rss_start, rss(), rss_along, steady
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def env_float(env: dict[str, str], name: str) -> float:
@@ -218,6 +251,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-embeddings", action="store_true", help="skip (c), the embedding stage"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="(b') runs this many (b) workers in one consumer group (0 skips it)",
     )
     args = parser.parse_args()
 
@@ -260,15 +299,27 @@ def main() -> None:
         ingest_env, port, args.events, home / "ingest.log", ingest_only=True
     )
     print(f"  ingest only: {ingest_rate:,.0f} events/s; starting the full worker ...", flush=True)
-    rate, rss_start, rss_end, rss_along = run_worker(
+    rate, rss_start, rss_end, rss_along, steady = run_worker(
         {**env, "GENMON_EMBEDDING__ENABLED": "false"}, port, args.events, home / "worker.log"
     )
     print(f"  (b) done: {rate:,.0f} events/s; reading windows and findings ...", flush=True)
     p99, n_windows = close_to_finding_p99(settings)
+    scaled: tuple[float, float] | None = None
+    if args.workers > 1:
+        group_env = {
+            **env,
+            "GENMON_WORKER__APP_ID": f"{prefix}-group",
+            "GENMON_EMBEDDING__ENABLED": "false",
+        }
+        scaled_rate, *_, scaled_steady = run_worker(
+            group_env, port, args.events, home / "group.log", copies=args.workers
+        )
+        scaled = scaled_rate, scaled_steady
+        print(f"  (b') done: {scaled_steady:,.0f} events/s from 25 %", flush=True)
     embed_rate: float | None = None
     if not args.no_embeddings:
         embed_env = {**env, "GENMON_WORKER__APP_ID": f"{prefix}-embed"}
-        embed_rate, *embed_rss, embed_along = run_worker(
+        embed_rate, *embed_rss, embed_along, _ = run_worker(
             embed_env, port, args.events, home / "embed.log"
         )
         print(f"  (c) done: {embed_rate:,.0f} events/s", flush=True)
@@ -290,6 +341,13 @@ def main() -> None:
         )
         along = " / ".join(f"{rss:.0f}" for rss in embed_along)
         print(f"{'    its RSS along the run (as for (b) below)':<52}{along} MiB")
+    if scaled is not None:
+        label = f"(b') {args.workers} (b) workers in one consumer group"
+        print(f"{label:<52}{scaled[0]:>12,.0f} events/s")
+        label = "    from 25 % of the events on: (b) / (b')"
+        print(f"{label:<52}{steady:>12,.0f} / {scaled[1]:,.0f} events/s, x{scaled[1] / steady:.2f}")
+        label = "ratio (b')/(a)"
+        print(f"{label:<52}{scaled[0] / ceiling:>12.2f}")
     print(f"{'ratio (b)/(a)':<52}{rate / ceiling:>12.2f}")
     print(f"{'ratio (b)/(a2): the pipeline over bare ingest':<52}{rate / ingest_rate:>12.2f}")
     print(
