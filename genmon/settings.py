@@ -442,6 +442,10 @@ class Settings(BaseSettings):
 
 #: The topics genmon creates and uses.
 TOPIC_KINDS = ("inference", "feedback", "findings", "incidents", "retrain", "deadletter")
+#: Topics genmon's workers write for each other (closed windows, embedding samples). They
+#: are created with the others: a worker that subscribes to a topic before it exists gets
+#: its partitions only at its next metadata refresh, minutes later.
+INTERNAL_TOPIC_KINDS = ("windows", "embed-requests")
 
 
 @lru_cache(maxsize=1)

@@ -24,7 +24,7 @@ from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from genmon.exceptions import KafkaInfraError
 from genmon.infra._process import port_answers
 from genmon.infra.kafka import KafkaBroker
-from genmon.settings import TOPIC_KINDS, KafkaSettings, Settings
+from genmon.settings import INTERNAL_TOPIC_KINDS, TOPIC_KINDS, KafkaSettings, Settings
 
 pytestmark = pytest.mark.kafka
 
@@ -118,7 +118,7 @@ def test_up_creates_every_topic_with_the_configured_partitions(
     running_private_broker: KafkaBroker,
 ) -> None:
     settings = running_private_broker.settings
-    names = [settings.topic(kind) for kind in TOPIC_KINDS]
+    names = [settings.topic(kind) for kind in (*TOPIC_KINDS, *INTERNAL_TOPIC_KINDS)]
     admin = KafkaAdminClient(bootstrap_servers=running_private_broker.bootstrap)
     try:
         described = {topic["name"]: topic for topic in admin.describe_topics(names)}

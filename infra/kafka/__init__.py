@@ -40,7 +40,7 @@ from genmon.infra._process import (
     tail,
     terminate,
 )
-from genmon.settings import TOPIC_KINDS, Settings
+from genmon.settings import INTERNAL_TOPIC_KINDS, TOPIC_KINDS, Settings
 
 POM = Path(__file__).with_name("pom.xml")
 LOG4J_CONFIG = Path(__file__).with_name("log4j.properties")
@@ -311,7 +311,7 @@ class KafkaBroker:
         ``bootstrap`` defaults to the local broker; pass ``settings.kafka.bootstrap_servers``
         to prepare a cluster genmon did not start.
         """
-        names = [self.settings.topic(kind) for kind in TOPIC_KINDS]
+        names = [self.settings.topic(kind) for kind in (*TOPIC_KINDS, *INTERNAL_TOPIC_KINDS)]
         spec = {
             name: {
                 "num_partitions": self.config.partitions,
