@@ -14,8 +14,11 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from incident_support import migrated_engine, postgres_schema_url, sqlite_url
+from sqlalchemy.engine import Engine
 
 from genmon.settings import Settings
 
@@ -117,3 +120,21 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 def free_port() -> Callable[[], int]:
     """Call it for each port you need: ``port = free_port()``."""
     return find_free_port
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database on SQLite, then on the shared PostgreSQL (a schema of its own)."""
+    if request.param == "sqlite":
+        yield sqlite_url(tmp_path)
+        return
+    with postgres_schema_url(request.getfixturevalue("postgres_url")) as schema_url:
+        yield schema_url
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on ``database_url`` with genmon's migrations applied."""
+    engine = migrated_engine(database_url)
+    yield engine
+    engine.dispose()

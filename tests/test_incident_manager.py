@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from incident_support import (
     FakeClock,
     finding,
-    migrated_engine,
-    postgres_schema_url,
     settings_with,
-    sqlite_url,
     webhook,
 )
 from sqlalchemy.engine import Engine
@@ -39,19 +34,6 @@ from genmon.streams.incidents.exceptions import IncidentNotFoundError, InvalidTr
 from genmon.streams.incidents.manager import IncidentManager, severity_for
 
 HOOK = webhook("hook", "http://127.0.0.1:9/hook")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = migrated_engine(sqlite_url(tmp_path))
-        yield engine
-        engine.dispose()
-        return
-    with postgres_schema_url(request.getfixturevalue("postgres_url")) as url:
-        engine = migrated_engine(url)
-        yield engine
-        engine.dispose()
 
 
 def _count(engine: Engine, model: type, *where: object) -> int:

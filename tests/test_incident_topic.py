@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from click.testing import CliRunner
 from incident_support import (
     FakeClock,
     finding,
-    migrated_engine,
-    postgres_schema_url,
     settings_with,
-    sqlite_url,
     webhook,
 )
 from kafka_support import consume
@@ -38,22 +34,6 @@ from genmon.settings import Settings
 from genmon.streams.incidents.dispatcher import Dispatcher, DispatchReport
 from genmon.streams.incidents.manager import IncidentManager
 from genmon.streams.incidents.routing import Router
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield sqlite_url(tmp_path)
-        return
-    with postgres_schema_url(request.getfixturevalue("postgres_url")) as schema_url:
-        yield schema_url
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[Engine]:
-    engine = migrated_engine(url)
-    yield engine
-    engine.dispose()
 
 
 def _topic_rows(engine: Engine) -> list[Notification]:
@@ -152,7 +132,7 @@ def test_the_topic_destination_name_is_reserved() -> None:
 
 @pytest.mark.kafka
 def test_cli_and_automatic_transitions_reach_the_topic_in_order_across_an_outage(
-    url: str,
+    database_url: str,
     engine: Engine,
     kafka_settings: Settings,
     unique_name: str,
@@ -169,8 +149,8 @@ def test_cli_and_automatic_transitions_reach_the_topic_in_order_across_an_outage
     manager = IncidentManager(engine, settings, clock=clock)
     incident_id = str(manager.process(finding(0)).incident_id)
     # A person, from another process: the CLI needs the database, not the broker.
-    _cli("incidents", "ack", incident_id, "--by", "alice", "--url", url)
-    _cli("incidents", "resolve", incident_id, "--by", "bob", "--url", url)
+    _cli("incidents", "ack", incident_id, "--by", "alice", "--url", database_url)
+    _cli("incidents", "resolve", incident_id, "--by", "bob", "--url", database_url)
     clock.advance(60)
     assert manager.process(finding(1)).action == "reopened"
     assert manager.process(finding(2, detected=False)).action == "resolved"

@@ -7,17 +7,13 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from incident_support import (
     FakeClock,
     finding,
-    migrated_engine,
-    postgres_schema_url,
     settings_with,
-    sqlite_url,
     webhook,
 )
 from sqlalchemy.engine import Engine
@@ -37,19 +33,6 @@ from genmon.streams.incidents.manager import IncidentManager
 from genmon.streams.incidents.receiver import WebhookReceiver
 
 SECRET = "hmac-key-for-tests"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = migrated_engine(sqlite_url(tmp_path))
-        yield engine
-        engine.dispose()
-        return
-    with postgres_schema_url(request.getfixturevalue("postgres_url")) as url:
-        engine = migrated_engine(url)
-        yield engine
-        engine.dispose()
 
 
 @pytest.fixture

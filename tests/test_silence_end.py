@@ -9,7 +9,6 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,9 +16,7 @@ from incident_support import (
     FakeClock,
     finding,
     migrated_engine,
-    postgres_schema_url,
     settings_with,
-    sqlite_url,
     webhook,
 )
 from sqlalchemy.engine import Engine
@@ -40,22 +37,6 @@ from genmon.streams.incidents.receiver import WebhookReceiver
 
 SECRET = "hmac-key-for-tests"
 HOUR_S = 3600
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield sqlite_url(tmp_path)
-        return
-    with postgres_schema_url(request.getfixturevalue("postgres_url")) as schema_url:
-        yield schema_url
-
-
-@pytest.fixture
-def engine(url: str) -> Iterator[Engine]:
-    engine = migrated_engine(url)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
@@ -148,11 +129,11 @@ def test_a_held_back_page_goes_out_once_per_destination_when_its_silence_ends(
 
 
 def test_expiring_a_silence_on_the_command_line_releases_the_page(
-    url: str, engine: Engine, receiver: WebhookReceiver
+    database_url: str, engine: Engine, receiver: WebhookReceiver
 ) -> None:
     settings = _settings(receiver)
     added = CliRunner().invoke(
-        main, ["silences", "add", "-m", "model=chat", "--duration", "2h", "--url", url]
+        main, ["silences", "add", "-m", "model=chat", "--duration", "2h", "--url", database_url]
     )
     assert added.exit_code == 0, added.output
     silence_id = added.output.split()[0]
@@ -161,7 +142,7 @@ def test_expiring_a_silence_on_the_command_line_releases_the_page(
     dispatcher = Dispatcher(engine, settings)
     assert _until_idle(dispatcher).delivered == 0
 
-    expired = CliRunner().invoke(main, ["silences", "expire", silence_id, "--url", url])
+    expired = CliRunner().invoke(main, ["silences", "expire", silence_id, "--url", database_url])
     assert expired.exit_code == 0, expired.output
     report = _until_idle(dispatcher)
     assert (report.unsilenced, report.delivered) == (1, 1)
@@ -197,7 +178,7 @@ def test_the_running_dispatcher_pages_after_an_expiry_without_being_woken(
 
 
 def test_dispatchers_checking_at_the_same_time_queue_one_page(
-    url: str, engine: Engine, receiver: WebhookReceiver
+    database_url: str, engine: Engine, receiver: WebhookReceiver
 ) -> None:
     clock = FakeClock()
     settings = _settings(receiver)
@@ -205,7 +186,7 @@ def test_dispatchers_checking_at_the_same_time_queue_one_page(
     IncidentManager(engine, settings, clock=clock).process(finding(0))
     clock.advance(HOUR_S)
     # Separate engines, as separate processes would have.
-    engines = [migrated_engine(url) for _ in range(4)]
+    engines = [migrated_engine(database_url) for _ in range(4)]
     dispatchers = [Dispatcher(each, settings, clock=clock) for each in engines]
     start = threading.Barrier(len(dispatchers))
     queued: list[int] = []
