@@ -44,7 +44,8 @@ from genmon.schemas.events import FinishReason, InferenceEvent, InferenceStatus
 
 LANGUAGE_SCAN_CHARS = 200
 
-_WORD = re.compile(r"[a-zà-ÿ']+")
+# Characters of a word (after lower-casing): function words count only as whole words.
+_WORD_CHARS = "a-zà-ÿ'"
 _WORD_LISTS = {
     "en": "the and is are was of to in it that you this with for not have be",
     "es": "el los las es y que en un una por con para está son del se no",
@@ -61,12 +62,12 @@ for _lang in _AMBIGUITY_ORDER:
         _LANGUAGES_OF_WORD[_word] = (*_LANGUAGES_OF_WORD.get(_word, ()), _lang)
 _ASCII_LETTERS = re.compile(r"[A-Za-z]")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
-# Finds exactly the _WORD tokens that are function words, in one C-level pass (looping over
-# every token in Python cost more than the rest of the event's signals together).
+# Finds exactly the whole words that are function words, in one C-level pass (looping over
+# every word in Python cost more than the rest of the event's signals together).
 _FUNCTION_WORD = re.compile(
-    r"(?<![a-zà-ÿ'])(?:"
+    f"(?<![{_WORD_CHARS}])(?:"
     + "|".join(re.escape(word) for word in sorted(_LANGUAGES_OF_WORD, key=len, reverse=True))
-    + r")(?![a-zà-ÿ'])"
+    + f")(?![{_WORD_CHARS}])"
 )
 
 
