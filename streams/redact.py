@@ -91,11 +91,16 @@ def redact(text: str) -> str:
     return text
 
 
-def truncate(text: str, max_chars: int) -> str:
-    """``text`` cut to ``max_chars`` characters, saying how much was cut."""
-    if len(text) <= max_chars:
+def truncate(text: str, max_chars: int, unread: int = 0) -> str:
+    """``text`` cut to ``max_chars`` characters, saying how much was cut.
+
+    ``unread``: characters that followed ``text`` in its source and were never read; they
+    count as cut too.
+    """
+    cut = max(len(text) - max_chars, 0) + unread
+    if not cut:
         return text
-    return f"{text[:max_chars]}…[+{len(text) - max_chars} chars]"
+    return f"{text[:max_chars]}…[+{cut} chars]"
 
 
 class Redactor:
@@ -112,10 +117,8 @@ class Redactor:
             return truncate(value, self.max_text_chars)
         # Redact before cutting, so a secret straddling the cut is caught whole, but only
         # what can show plus a margin: the rules are quadratic on long runs.
-        shown = redact(value[: self.max_text_chars + CUT_MARGIN_CHARS])
-        if len(value) <= self.max_text_chars:
-            return shown
-        return f"{shown[: self.max_text_chars]}…[+{len(value) - self.max_text_chars} chars]"
+        read = value[: self.max_text_chars + CUT_MARGIN_CHARS]
+        return truncate(redact(read), self.max_text_chars, unread=len(value) - len(read))
 
     def scrub(self, value: Any, _depth: int = 0) -> Any:
         """A copy of ``value`` (JSON-like) with every string passed through :meth:`text`."""

@@ -67,11 +67,17 @@ def test_docstring_examples_run() -> None:
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_a_secret_across_the_cut_is_redacted_and_the_cut_counts_the_original_text() -> None:
+def test_a_secret_across_the_cut_is_redacted_and_unread_text_counts_as_cut() -> None:
     key = "sk-" + "a1" * 20
     text = "x" * 90 + " " + key + " " + "y" * 5000
+    redacted = "x" * 90 + " [REDACTED:api_key] " + "y" * 5000
 
     shown = Redactor(max_text_chars=100).text(text)
 
-    assert shown == "x" * 90 + " [REDACTED:api_key]"[:10] + f"…[+{len(text) - 100} chars]"
+    # Only the cut and its margin are read, yet the count is what redacting all would cut.
+    assert shown == redacted[:100] + f"…[+{len(redacted) - 100} chars]"
     assert "a1a1" not in shown
+
+
+def test_a_short_text_that_redaction_lengthens_is_still_cut() -> None:
+    assert Redactor(max_text_chars=10).text("a@b.cc") == "[REDACTED:…[+6 chars]"
