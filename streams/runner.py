@@ -149,7 +149,7 @@ from genmon.exceptions import ConfigurationError
 from genmon.schemas.events import Finding, FindingKind
 from genmon.settings import Settings
 from genmon.streams.error_evidence import EXAMPLES_OF_SIGNAL, ErrorAnalyzer
-from genmon.streams.segment_cap import OVERFLOW_VALUE, split_segment
+from genmon.streams.segment_cap import is_overflow, split_segment
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +223,6 @@ def default_scalar_signals(settings: Settings) -> list[ScalarSignal]:
             1, ScalarSignal("latency_p99", FindingKind.ANOMALY, _p99, lambda: ewma(direction="up"))
         )
     return specs
-
-
-def is_overflow(segment: str) -> bool:
-    """Whether ``segment`` is an ``<attribute>=__other__`` overflow series (see
-    :mod:`genmon.streams.segment_cap`)."""
-    return segment != ALL and split_segment(segment)[1] == OVERFLOW_VALUE
 
 
 def bias_family_key(version: str, attribute: str) -> str:

@@ -46,6 +46,11 @@ _SERIES_FIXED_BYTES = 1280
 _Decision = tuple[tuple[str, ...], int]
 
 
+def is_overflow(segment: str) -> bool:
+    """Whether ``segment`` is an ``<attribute>=__other__`` overflow series."""
+    return segment != ALL_SEGMENTS and split_segment(segment)[1] == OVERFLOW_VALUE
+
+
 def split_segment(segment: str) -> tuple[str, str]:
     """``"key=value"`` -> ``("key", "value")`` (values may contain ``=``, keys should not)."""
     attribute, _, value = segment.partition("=")
@@ -162,7 +167,7 @@ def fold_to_budget(
     weight: dict[str, int] = {}
     versions: dict[str, list[str]] = {}
     for (version, segment), stats in series.items():
-        if segment != ALL_SEGMENTS and split_segment(segment)[1] != OVERFLOW_VALUE:
+        if segment != ALL_SEGMENTS and not is_overflow(segment):
             weight[segment] = weight.get(segment, 0) + stats.requests + stats.feedback
             versions.setdefault(segment, []).append(version)
     folded = 0
