@@ -13,6 +13,21 @@ infra/bootstrap.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy genmon schemas detectors streams infra
 
+# PostgreSQL runs as the `postgres` OS user, which must reach the database files under this
+# checkout; a clone in a folder private to root (as `mktemp -d` makes) would hide them.
+# Let that user traverse (not list) each folder above the checkout that blocks it.
+if [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1; then
+  dir=""
+  IFS=/ read -ra parts <<<"${PWD#/}"
+  for part in "${parts[@]}"; do
+    dir="$dir/$part"
+    if ! runuser -u postgres -- test -x "$dir"; then
+      echo "infra/test.sh: letting the postgres user traverse $dir (chmod o+x)"
+      chmod o+x "$dir"
+    fi
+  done
+fi
+
 trap '.venv/bin/genmon infra down || true' EXIT
 trap 'exit 130' INT TERM
 .venv/bin/genmon infra up --postgres
