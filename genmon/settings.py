@@ -92,6 +92,14 @@ class WorkerSettings(BaseModel):
     heartbeat_interval_s: float = Field(
         3.0, gt=0, description="how often a worker tells the broker it is alive (< session timeout)"
     )
+    native_ingest: bool = Field(
+        True,
+        description=(
+            "decode and aggregate inference batches with the compiled fast path"
+            " (genmon.streams.native) when it is installed; same results, pydantic decides"
+            " every message it does not accept"
+        ),
+    )
 
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> WorkerSettings:

@@ -6,15 +6,23 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 python=${PYTHON:-python3.11}
+# pip builds the native ingest module with cargo; rustup puts it in ~/.cargo/bin, which a
+# non-login shell may not have on its PATH.
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $python"
   "$python" -m venv .venv
 fi
 
-# pip is only asked again when pyproject.toml changed since the last install.
+# pip is only asked again when pyproject.toml or the native module's sources (built by cargo
+# at install, see genmon.streams.native) changed since the last install.
 stamp=.venv/.genmon-pyproject.sha256
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || ! .venv/bin/python -c 'import genmon.cli' 2>/dev/null; then
+wanted=$(cat pyproject.toml streams/native/Cargo.toml streams/native/Cargo.lock \
+  streams/native/src/*.rs | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \
+  || ! .venv/bin/python -c 'import genmon.cli, genmon.streams._native' 2>/dev/null; then
   echo "bootstrap: installing genmon and its dev dependencies into .venv"
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   echo "$wanted" > "$stamp"

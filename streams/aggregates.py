@@ -296,12 +296,14 @@ class WindowStats:
 
     # -- (de)serialising --------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
+        """A snapshot sharing no container with this object, which may live on and change
+        (a buffered core's live pane) before a store serialises the snapshot."""
         self.flush()
         state: dict[str, Any] = {
             "requests": self.requests,
             "errors": self.errors,
-            "by_status": self.by_status,
-            "by_error_code": self.by_error_code,
+            "by_status": dict(self.by_status),
+            "by_error_code": dict(self.by_error_code),
             "latency": self.latency.to_state(),
             "ttft": self.ttft.to_state(),
             "prompt_tokens": self.prompt_tokens.to_state(),
@@ -310,10 +312,10 @@ class WindowStats:
             "empty": self.empty,
             "truncated": self.truncated,
             "refusal": self.refusal,
-            "languages": self.languages,
+            "languages": dict(self.languages),
             "feedback": [self.feedback, self.fb_positive, self.fb_negative],
             "fb_score": self.fb_score.to_state(),
-            "off": self.offsets,
+            "off": dict(self.offsets),
         }
         if self.exemplars:
             state["ex"] = self.exemplars.to_state()
@@ -410,21 +412,24 @@ def aggregate_inferences(
     # Each event is added once, to the group of events sharing its model, version, pane and
     # the segment series it still counts in; each series' pane is then the merge of its
     # groups (a few dozen merges per batch instead of one add per event and series).
-    groups: dict[tuple[str, str, int, tuple[str, ...]], WindowStats] = {}
-    done_by_group: dict[tuple[str, str, int, tuple[str, ...]], tuple[int, ...]] = {}
+    # Groups are keyed by the attributes themselves (not only the segments they count in),
+    # as the native path (genmon.streams.native) groups, so both add the same floats in the
+    # same order.
+    groups: dict[_GroupKey, WindowStats] = {}
+    done_by_group: dict[_GroupKey, tuple[int, ...]] = {}
     segment_cache: dict[tuple[tuple[str, str], ...], tuple[str, ...]] = {}
     for offset, event in events:
         t = event_time_ms(event)
         pane = t - t % pane_ms
         model, version = event.model_id, event.model_version
+        attributes = tuple(sorted(event.segment.items()))
         if segment_cap is not None:
             segments = segment_cap.segments(model, event.segment)
         else:
-            attributes = tuple(event.segment.items())
             segments = segment_cache.get(attributes)
             if segments is None:
                 segments = segment_cache[attributes] = tuple(segments_of(event.segment))
-        group_key = (model, version, pane, segments)
+        group_key = (model, version, pane, attributes, segments)
         if offset is not None and applied is not None:
             done = done_by_group.get(group_key)
             if done is None:
@@ -435,7 +440,7 @@ def aggregate_inferences(
                 kept = tuple(s for s, d in zip(segments, done, strict=True) if offset > d)
                 if not kept:
                     continue
-                group_key = (model, version, pane, kept)
+                group_key = (model, version, pane, attributes, kept)
         stats = groups.get(group_key)
         if stats is None:
             stats = groups[group_key] = WindowStats(relative_accuracy, exemplars, redact_exemplars)
@@ -445,7 +450,7 @@ def aggregate_inferences(
         )
         stats.saw("inference", offset)
     out: dict[PaneKey, WindowStats] = {}
-    for (model, version, pane, segments), stats in groups.items():
+    for (model, version, pane, _, segments), stats in groups.items():
         stats.flush()
         for segment in segments:
             key = PaneKey(model, version, segment, pane)
@@ -455,6 +460,9 @@ def aggregate_inferences(
                 into = out[key] = WindowStats(relative_accuracy, keep, redact_exemplars)
             into.merge(stats)
     return out
+
+
+_GroupKey = tuple[str, str, int, tuple[tuple[str, str], ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)

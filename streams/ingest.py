@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 from genmon.exceptions import SchemaError
-from genmon.schemas.events import DeadLetter, FeedbackEvent, InferenceEvent
+from genmon.schemas.events import MAX_EVENT_BYTES, DeadLetter, FeedbackEvent, InferenceEvent
 from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ, dead_letter, decode, encode
 from genmon.streams.metrics import WorkerMetrics
 from genmon.streams.topics import INPUT_KINDS
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from faust.types import TP
 
     from genmon.settings import Settings
+    from genmon.streams import _native
     from genmon.streams.app import GenmonApp
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,78 @@ class SourceMessage(Protocol):
 @dataclass
 class _Registered(Generic[E]):
     name: str
-    sink: Callable[[list[E]], Awaitable[None]]
+    sink: Callable[[Any], Awaitable[None]]
+    #: Takes the whole :class:`InferenceBatch` instead of a list of events.
+    batch: bool = False
+
+
+class InferenceBatch:
+    """The valid inference events of one fetched batch.
+
+    Decoded by the native fast path (``native``, a ``genmon.streams._native.Batch``,
+    see :mod:`genmon.streams.native`) or by pydantic (``native`` is ``None``). A sink
+    registered with ``batch=True`` gets this object; other sinks get :attr:`events`, built
+    (with pydantic, once) only when such a sink exists.
+    """
+
+    def __init__(
+        self,
+        native: _native.Batch | None,
+        events: list[InferenceEvent] | None = None,
+        positions: list[tuple[int, int]] | None = None,
+        *,
+        canonical_of: list[int] | None = None,
+    ) -> None:
+        self.native = native
+        self._events = events
+        self._positions = positions
+        #: Message index of each value added to ``native`` in canonical form (a deferred
+        #: message that was valid), so :attr:`events` keeps message order.
+        self._canonical_of = canonical_of or []
+
+    def __len__(self) -> int:
+        return len(self.native) if self.native is not None else len(self._events or [])
+
+    @property
+    def events(self) -> list[InferenceEvent]:
+        """The events, in message order."""
+        if self._events is None:
+            native = self.native
+            assert native is not None
+            accepted = native.accepted()
+            if self._canonical_of:
+                # Canonical values are numbered after the batch's messages.
+                first, canonical_of = len(native.deferred) + len(native), self._canonical_of
+                first -= len(canonical_of)
+                accepted.sort(
+                    key=lambda item: item[0] if item[0] < first else canonical_of[item[0] - first]
+                )
+            self._events = [
+                InferenceEvent.model_validate_json(native.raw(index)) for index, _, _ in accepted
+            ]
+            self._positions = [(partition, offset) for _, partition, offset in accepted]
+        return self._events
+
+    @property
+    def positions(self) -> list[tuple[int, int]]:
+        """Source ``(partition, offset)`` of each of :attr:`events`."""
+        self.events  # noqa: B018 - builds both lists
+        assert self._positions is not None
+        return self._positions
+
+    def partitions(self) -> list[int]:
+        """Source partitions with events, ascending."""
+        if self.native is not None:
+            return list(self.native.partitions())
+        return sorted({partition for partition, _ in self.positions})
+
+    def items(self, partition: int) -> list[tuple[int | None, InferenceEvent]]:
+        """``(offset, event)`` of ``partition``'s events."""
+        return [
+            (offset, event)
+            for (p, offset), event in zip(self.positions, self.events, strict=True)
+            if p == partition
+        ]
 
 
 class IngestSinks:
@@ -103,6 +175,13 @@ class IngestSinks:
         self._inference.append(_Registered(name or _name_of(sink), sink))
         return sink
 
+    def add_inference_batch_sink(
+        self, sink: Callable[[InferenceBatch], Awaitable[None]], *, name: str | None = None
+    ) -> None:
+        """Call ``await sink(batch)`` with each :class:`InferenceBatch` (no pydantic events
+        are built for it)."""
+        self._inference.append(_Registered(name or _name_of(sink), sink, batch=True))
+
     def add_feedback_sink(self, sink: FeedbackSink, *, name: str | None = None) -> FeedbackSink:
         """Call ``await sink(events)`` once per batch of valid feedback. Usable as decorator."""
         self._feedback.append(_Registered(name or _name_of(sink), sink))
@@ -116,14 +195,28 @@ class IngestSinks:
     async def deliver_inference(self, events: list[InferenceEvent], metrics: WorkerMetrics) -> None:
         await _deliver("inference", self._inference, events, metrics)
 
+    async def deliver_inference_batch(self, batch: InferenceBatch, metrics: WorkerMetrics) -> None:
+        """Hand ``batch`` to batch sinks and its events (and positions) to the others."""
+        if not len(batch):
+            return
+        for entry in self._inference:
+            if entry.batch:
+                await _deliver("inference", [entry], batch, metrics)
+                continue
+            token = SOURCE_POSITIONS.set(batch.positions)
+            try:
+                await _deliver("inference", [entry], batch.events, metrics)
+            finally:
+                SOURCE_POSITIONS.reset(token)
+
     async def deliver_feedback(self, events: list[FeedbackEvent], metrics: WorkerMetrics) -> None:
         await _deliver("feedback", self._feedback, events, metrics)
 
 
 async def _deliver(
-    kind: str, registered: Sequence[_Registered[E]], events: list[E], metrics: WorkerMetrics
+    kind: str, registered: Sequence[_Registered[E]], events: Any, metrics: WorkerMetrics
 ) -> None:
-    if not events:
+    if not len(events):
         return
     for entry in registered:
         try:
@@ -215,9 +308,19 @@ class Ingestor:
         self.sinks = app.genmon.sinks
         self.deadletter = app.genmon.topics.deadletter
         self.sequences = SequenceTracker()
+        self.decoder: Any | None = None
+        if self.settings.worker.native_ingest:
+            from genmon.streams import native
+            from genmon.streams.quality_signals import QualitySignals
 
-    def validate(self, model: type[E], messages: Sequence[SourceMessage]) -> BatchResult[E]:
-        """Decode a batch and update the counters; no I/O."""
+            quality = QualitySignals.from_file(self.settings.windows.refusal_phrases_file)
+            self.decoder = native.decoder_for(quality)
+
+    def validate(
+        self, model: type[E], messages: Sequence[SourceMessage], *, sequences: bool = True
+    ) -> BatchResult[E]:
+        """Decode a batch and update the counters (the sequence counters only with
+        ``sequences``); no I/O."""
         valid: list[E] = []
         positions: list[tuple[int, int]] = []
         dead: list[tuple[bytes | None, DeadLetter]] = []
@@ -229,7 +332,7 @@ class Ingestor:
         max_payload = self.settings.worker.dlq_max_payload_bytes
         for message in messages:
             topic = message.topic
-            check = self._check_sequence(message)
+            check = self._check_sequence(message) if sequences else None
             if check is not None:
                 gaps[topic] += check.missing
                 late[topic] += check.out_of_order
@@ -267,6 +370,70 @@ class Ingestor:
                     metric.labels(topic).inc(count)
         return BatchResult(valid, dead, positions)
 
+    def validate_inferences(
+        self, messages: Sequence[SourceMessage]
+    ) -> tuple[InferenceBatch, list[tuple[bytes | None, DeadLetter]]]:
+        """:meth:`validate` for inferences, through the native decoder when there is one.
+
+        Messages the decoder defers go through :func:`~genmon.streams.codec.decode` as in
+        :meth:`validate`: rejects become dead letters, valid ones join the batch in their
+        canonical JSON.
+        """
+        decoder = self.decoder
+        if decoder is None:
+            result = self.validate(InferenceEvent, messages)
+            return InferenceBatch(None, result.valid, result.positions), result.dead
+        values = [message.value for message in messages]
+        partitions = [message.partition for message in messages]
+        offsets = [message.offset for message in messages]
+        batch = decoder.decode(values, partitions, offsets, MAX_EVENT_BYTES)
+        self._count_sequences(messages)  # in message order, before any deferred one
+        deferred = [messages[i] for i in batch.deferred]
+        deferred_index = {(messages[i].partition, messages[i].offset): i for i in batch.deferred}
+        result = self.validate(InferenceEvent, deferred, sequences=False)
+        if result.valid:
+            again = decoder.extend(
+                batch,
+                [event.model_dump_json().encode() for event in result.valid],
+                [partition for partition, _ in result.positions],
+                [offset for _, offset in result.positions],
+                MAX_EVENT_BYTES,
+            )
+            if again:  # pragma: no cover - a canonical form the fast path cannot read
+                log.warning("native decoder refused %d canonical events", len(again))
+                result = self.validate(InferenceEvent, messages, sequences=False)
+                return InferenceBatch(None, result.valid, result.positions), result.dead
+        by_topic = Counter(message.topic for message in messages)
+        by_topic.subtract(message.topic for message in deferred)
+        for topic, count in by_topic.items():
+            if count:
+                self.metrics.ingest_valid.labels(topic).inc(count)
+        canonical_of = [deferred_index[position] for position in result.positions]
+        return InferenceBatch(batch, canonical_of=canonical_of), result.dead
+
+    def _count_sequences(self, messages: Sequence[SourceMessage]) -> None:
+        gaps: Counter[str] = Counter()
+        late: Counter[str] = Counter()
+        twice: Counter[str] = Counter()
+        for message in messages:
+            if not message.headers:
+                continue
+            check = self._check_sequence(message)
+            if check is not None:
+                topic = message.topic
+                gaps[topic] += check.missing
+                late[topic] += check.out_of_order
+                twice[topic] += check.duplicate
+        metrics = self.metrics
+        for counter, metric in (
+            (gaps, metrics.sequence_gaps),
+            (late, metrics.out_of_order),
+            (twice, metrics.duplicates),
+        ):
+            for topic, count in counter.items():
+                if count:
+                    metric.labels(topic).inc(count)
+
     def _check_sequence(self, message: SourceMessage) -> SequenceCheck | None:
         producer, seq = _producer_headers(message.headers)
         if producer is None or seq is None:
@@ -301,13 +468,9 @@ class Ingestor:
 
     async def handle_inference(self, messages: Sequence[SourceMessage]) -> None:
         started = time.perf_counter()
-        batch = self.validate(InferenceEvent, messages)
-        await self.send_dead_letters(batch.dead)
-        token = SOURCE_POSITIONS.set(batch.positions)
-        try:
-            await self.sinks.deliver_inference(batch.valid, self.metrics)
-        finally:
-            SOURCE_POSITIONS.reset(token)
+        batch, dead = self.validate_inferences(messages)
+        await self.send_dead_letters(dead)
+        await self.sinks.deliver_inference_batch(batch, self.metrics)
         self.metrics.batch_seconds.labels("inference").observe(time.perf_counter() - started)
 
     async def handle_feedback(self, messages: Sequence[SourceMessage]) -> None:

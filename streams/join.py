@@ -114,11 +114,18 @@ class FeedbackJoiner:
         self, entry: dict[str, Any] | None, event: InferenceEvent
     ) -> tuple[dict[str, Any], list[JoinedPair]]:
         """The entry after ``event`` arrives, and the pairs it completes (waiting feedback)."""
-        record = self.inference_record(event)
+        return self.on_inference_record(
+            entry, event.model_id, event.request_id, self.inference_record(event)
+        )
+
+    def on_inference_record(
+        self, entry: dict[str, Any] | None, model_id: str, request_id: str, record: dict[str, Any]
+    ) -> tuple[dict[str, Any], list[JoinedPair]]:
+        """:meth:`on_inference` with the inference already as :meth:`inference_record`."""
         entry = _copy(entry)
         entry["inf"] = record
         entry["exp"] = max(entry["exp"], record["t"] + self.ttl_ms)
-        pairs = [JoinedPair(event.model_id, event.request_id, record, fb) for fb in entry["fb"]]
+        pairs = [JoinedPair(model_id, request_id, record, fb) for fb in entry["fb"]]
         entry["seen"].extend(fb["id"] for fb in entry["fb"])
         entry["fb"] = []
         return entry, pairs

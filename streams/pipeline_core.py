@@ -45,6 +45,14 @@ panes contain; source events at or below the marked offset are skipped on redeli
 That makes the aggregates effectively-once per partition when the caller passes offsets.
 Closed windows are emitted at least once: a crash between emitting and writing the mark
 re-emits them, and consumers deduplicate on ``(model_id, kind, window_end)``.
+
+A *buffered* core (the worker's) holds these writes in a :class:`BufferedStore` and
+writes them on :meth:`PipelineCore.flush`, which the worker calls before each offset
+commit: one write per changed key per flush instead of per batch, and panes stay live
+:class:`WindowStats` between batches, serialised by the flush. The flush writes the
+partition's records, then its deletes, then its mark, so the argument above holds for
+all the batches since the last flush as for one batch: a crash loses them whole, or
+part-way leaves the old mark, and redelivery from the last commit replays them.
 """
 
 from __future__ import annotations
@@ -55,10 +63,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
+from genmon.streams import native
 from genmon.streams.aggregates import (
     PaneKey,
     WindowPlan,
@@ -66,7 +76,7 @@ from genmon.streams.aggregates import (
     aggregate_inferences,
     event_time_ms,
 )
-from genmon.streams.exemplars import fit_window_budget
+from genmon.streams.exemplars import Exemplars, fit_window_budget
 from genmon.streams.join import FeedbackJoiner, JoinedPair, join_key
 from genmon.streams.quality_signals import QualitySignals
 from genmon.streams.segment_cap import SegmentCap, fold_to_budget, overflow_counts
@@ -110,6 +120,95 @@ class DictStore:
         return list(self.data)
 
 
+class _Deleted:
+    """What a held delete holds (``None`` is a value a store may hold)."""
+
+
+_DELETED = _Deleted()
+
+
+class BufferedStore:
+    """A :class:`StateStore` that holds each partition's writes in memory until :meth:`flush`.
+
+    Reads see the held writes. A value with a ``to_state()`` (a pane's :class:`WindowStats`)
+    stays that object, also after a flush, until its key is deleted or its partition
+    dropped: only the flush after a put of it serialises it.
+
+    :meth:`flush` writes a partition's puts, then its deletes, then its mark
+    (``mark_key(partition)``). A crash part-way leaves the old mark over newer records,
+    as a crash within a batch does; deletes come after the puts so that a join segment
+    record is never gone before the record superseding its entries is written.
+    """
+
+    def __init__(self, inner: StateStore, mark_key: Callable[[int], str]) -> None:
+        self.inner = inner
+        self.mark_key = mark_key
+        self._held: dict[str, tuple[int, Any]] = {}
+        self._live: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any | None:
+        held = self._held.get(key)
+        if held is not None:
+            return None if held[1] is _DELETED else held[1]
+        live = self._live.get(key)
+        return live if live is not None else self.inner.get(key)
+
+    def put(self, partition: int, key: str, value: Any) -> None:
+        self._held[key] = (partition, value)
+        if hasattr(value, "to_state"):
+            self._live[key] = value
+        else:
+            self._live.pop(key, None)
+
+    def delete(self, partition: int, key: str) -> None:
+        self._held[key] = (partition, _DELETED)
+        self._live.pop(key, None)
+
+    def all_keys(self) -> Iterable[str]:
+        keys = dict.fromkeys(self.inner.all_keys())
+        for key, (_, value) in self._held.items():
+            if value is _DELETED:
+                keys.pop(key, None)
+            else:
+                keys[key] = None
+        return list(keys)
+
+    def flush(self) -> None:
+        """Write the held writes to the inner store, each partition's mark last."""
+        by_partition: dict[int, list[tuple[str, Any]]] = {}
+        for key, (partition, value) in self._held.items():
+            by_partition.setdefault(partition, []).append((key, value))
+        self._held = {}
+        inner = self.inner
+        for partition, writes in by_partition.items():
+            mark = self.mark_key(partition)
+            last = [(key, value) for key, value in writes if key == mark]
+            deletes = [key for key, value in writes if value is _DELETED and key != mark]
+            for key, value in writes:
+                if value is not _DELETED and key != mark:
+                    inner.put(partition, key, _serialised(value))
+            for key in deletes:
+                # A record put and deleted between two flushes never reached the store.
+                if inner.get(key) is not None:
+                    inner.delete(partition, key)
+            for key, value in last:
+                if value is _DELETED:
+                    inner.delete(partition, key)
+                else:
+                    inner.put(partition, key, value)
+
+    def drop(self, partitions: Iterable[int]) -> None:
+        """Forget the held writes and live objects of ``partitions`` (unflushed: lost)."""
+        dropped = set(partitions)
+        prefixes = tuple(f"{p}{SEP}" for p in dropped)
+        self._held = {k: held for k, held in self._held.items() if held[0] not in dropped}
+        self._live = {k: live for k, live in self._live.items() if not k.startswith(prefixes)}
+
+
+def _serialised(value: Any) -> Any:
+    return value.to_state() if hasattr(value, "to_state") else value
+
+
 @dataclass
 class Counters:
     """Monotonic counters the metrics layer exports (summed over partitions)."""
@@ -150,7 +249,7 @@ class _Clock:
     due_wm: int | None = None
 
     def to_state(self) -> dict[str, Any]:
-        return {"wm": self.watermark, "closed": self.closed}
+        return {"wm": self.watermark, "closed": dict(self.closed)}
 
 
 @dataclass
@@ -172,11 +271,16 @@ class _Partition:
     #: Models with entries (live or not) in each segment record.
     segment_models: dict[int, set[str]] = field(default_factory=dict)
     segment_cap: SegmentCap = field(kw_only=True)
+    #: Highest inference offset a restored pane holds (it can be above the mark after a
+    #: crash between writing panes and the mark; the native path defers to the Python one
+    #: for events up to it).
+    panes_ahead_until: int = -1
 
     def mark(self) -> dict[str, Any]:
         return {
             "models": {m: c.to_state() for m, c in self.clocks.items()},
-            "off": self.offsets,
+            # Copies: a store may serialise the mark after the next batch has moved on.
+            "off": dict(self.offsets),
             "evicted": {m: list(floor) for m, floor in self.evicted_floors.items()},
         }
 
@@ -186,7 +290,11 @@ class _Partition:
 
 
 class PipelineCore:
-    """Aggregates, joins and closes windows for the partitions this worker owns."""
+    """Aggregates, joins and closes windows for the partitions this worker owns.
+
+    Writes go through to ``store`` unless ``buffered``: then they are held in a
+    :class:`BufferedStore` over it, panes as live :class:`WindowStats`, until :meth:`flush`.
+    """
 
     def __init__(
         self,
@@ -194,6 +302,8 @@ class PipelineCore:
         store: StateStore,
         quality: QualitySignals | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        buffered: bool = False,
     ) -> None:
         w = settings.windows
         self.plan = WindowPlan(
@@ -211,8 +321,16 @@ class PipelineCore:
         self.join_max_entries = settings.feedback.join_max_entries
         self.max_segment_values = w.max_segment_values
         self.quality = quality or QualitySignals.from_file(w.refusal_phrases_file)
-        self.store = store
+        self._buffer = BufferedStore(store, self._mark_key) if buffered else None
+        self.store: StateStore = self._buffer or store
         self.clock = clock
+        #: Window geometry for the native path's lateness test.
+        self._native_plan = SimpleNamespace(
+            pane_ms=self.plan.pane_ms,
+            specs=[(spec.size_ms, spec.step_ms) for spec in self.plan.specs],
+            lateness_ms=self.plan.lateness_ms,
+            expires_ms=self.plan.expires_ms,
+        )
         self.counters = Counters()
         self._parts: dict[int, _Partition] = {}
 
@@ -249,6 +367,8 @@ class PipelineCore:
                 pane = PaneKey(model, version, segment, int(start))
                 part.panes.add(pane)
                 part.segment_cap.add_pane(pane)
+                applied = self._applied(int(p_text), pane, "inference")
+                part.panes_ahead_until = max(part.panes_ahead_until, applied)
             elif kind == "S":
                 segments.setdefault(int(p_text), []).append((int(rest[2:]), key))
             elif kind == "M":
@@ -299,9 +419,21 @@ class PipelineCore:
                 del part.segment_models[seq]
 
     def forget(self, partitions: Iterable[int]) -> None:
-        """Drop in-memory indexes of revoked partitions (their state stays in the table)."""
-        for p in partitions:
+        """Drop in-memory indexes of revoked partitions (their state stays in the table).
+
+        A buffered core also drops their unflushed writes and live panes: the store keeps
+        their state as of the last :meth:`flush`.
+        """
+        dropped = set(partitions)
+        for p in dropped:
             self._parts.pop(p, None)
+        if self._buffer is not None:
+            self._buffer.drop(dropped)
+
+    def flush(self) -> None:
+        """Write a buffered core's held state to its store (each partition's mark last)."""
+        if self._buffer is not None:
+            self._buffer.flush()
 
     def _part(self, p: int) -> _Partition:
         part = self._parts.get(p)
@@ -365,6 +497,75 @@ class PipelineCore:
         self.counters.segment_overflow += part.segment_cap.end_batch()
         self._advance(part, newest)
         self._offsets(part, "inference", events)
+        if checkpoint:
+            self.checkpoint(partition)
+        return out
+
+    def on_native_inferences(
+        self, partition: int, batch: Any, *, checkpoint: bool = True
+    ) -> Output | None:
+        """:meth:`on_inferences` for the events of ``partition`` in a native batch.
+
+        The per-event work runs in :mod:`genmon.streams.native`; the result is the same
+        state. Returns ``None``, having changed nothing, when the batch redelivers events
+        into panes restored ahead of the mark (after a crash between writing a pane and
+        the mark): the caller then takes :meth:`on_inferences`, which skips per pane.
+        """
+        part = self._part(partition)
+        done = part.offsets.get("inference", -1)
+        watermarks = {model: clock.watermark for model, clock in part.clocks.items()}
+        result = batch.aggregate(
+            partition,
+            done,
+            int(self.clock() * 1000),
+            self.skew_ms,
+            watermarks,
+            self._native_plan,
+            self.joiner.ttl_ms,
+            self.joiner.max_text_chars,
+            part.joins,
+        )
+        groups = result["groups"]
+        if part.panes_ahead_until > done and any(
+            group["min_offset"] <= part.panes_ahead_until for group in groups
+        ):
+            return None
+        counters = self.counters
+        counters.inference_events += result["fresh"]
+        counters.redelivered_skipped += result["skipped"]
+        counters.skew_dropped += result["skew"]
+        counters.late_events += result["late"]
+        out = Output()
+        aggregated = native.pane_stats(
+            groups,
+            batch,
+            self.quality,
+            self.alpha,
+            self.exemplars,
+            self.redact_exemplars,
+            part.segment_cap,
+        )
+        for key, stats in aggregated.items():
+            self._merge_pane(partition, part, key, stats)
+        entries = result["entries"]
+        part.joins.update(entries)
+        part.unwritten.update(entries)
+        for model, items in result["heap"].items():
+            heap = part.join_heaps.setdefault(model, [])
+            for item in items:
+                heapq.heappush(heap, item)
+        pairs: list[tuple[int | None, JoinedPair]] = []
+        for jkey, model, request_id, record, offset in result["replay"]:
+            entry, joined = self.joiner.on_inference_record(
+                part.joins.get(jkey), model, request_id, record
+            )
+            self._put_join(part, model, jkey, entry)
+            pairs += [(offset, pair) for pair in joined]
+        self._joined(partition, part, "join:inference", pairs, out)
+        counters.segment_overflow += part.segment_cap.end_batch()
+        self._advance(part, result["newest"])
+        if result["max_offset"] is not None:
+            part.offsets["inference"] = max(done, result["max_offset"])
         if checkpoint:
             self.checkpoint(partition)
         return out
@@ -447,8 +648,8 @@ class PipelineCore:
             if old is not None:
                 self._release(partition, part, old)
 
-    def _release(self, partition: int, part: _Partition, seq: int) -> None:
-        left = part.segment_live[seq] - 1
+    def _release(self, partition: int, part: _Partition, seq: int, count: int = 1) -> None:
+        left = part.segment_live[seq] - count
         if left:
             part.segment_live[seq] = left
         else:
@@ -565,6 +766,8 @@ class PipelineCore:
                 state = self.store.get(self._pane_key(partition, pane))
                 if state is None:
                     continue
+                if isinstance(state, WindowStats):
+                    state = state.to_state()  # a copy: a window's series merge into it
                 stats = series.get((pane.model_version, pane.segment))
                 pane_stats = WindowStats.from_state(state, exemplars, self.redact_exemplars)
                 if stats is None:
@@ -596,23 +799,24 @@ class PipelineCore:
         }
 
     def _sweep_joins(self, partition: int, part: _Partition) -> int:
-        swept = 0
+        joins, heappop = part.joins, heapq.heappop
+        expired: dict[str, dict[str, Any]] = {}
         for model, heap in part.join_heaps.items():
             clock = part.clocks.get(model)
             if clock is None or clock.due_wm is None:
                 continue
             wm = clock.due_wm
             while heap and heap[0][0] <= wm:
-                _, key = heapq.heappop(heap)
-                entry = part.joins.get(key)
-                if entry is None:
+                _, key = heappop(heap)
+                entry = joins.get(key)
+                if entry is None or key in expired:
                     continue
                 if entry["exp"] > wm:  # refreshed since it was pushed
                     heapq.heappush(heap, (entry["exp"], key))
                     continue
-                self._drop_join(partition, part, key, entry)
-                swept += 1
-        return swept
+                expired[key] = entry
+        self._drop_joins(partition, part, expired)
+        return len(expired)
 
     def _evict_joins(self, partition: int, part: _Partition) -> int:
         """Evict the soonest-expiring entries beyond ``feedback.join_max_entries``.
@@ -620,14 +824,28 @@ class PipelineCore:
         Also evicts entries at or below their model's eviction floor (a late event can
         create one), which keeps every live entry above the floor restore filters by.
         """
-        evicted = 0
-        floors = part.evicted_floors
+        floors, joins, heappop = part.evicted_floors, part.joins, heapq.heappop
+        evicted: dict[str, dict[str, Any]] = {}
+
+        def evict_next(model: str, heap: list[tuple[int, str]]) -> int:
+            """Pop ``model``'s soonest item and evict its entry unless stale; 1 if evicted."""
+            item = heappop(heap)
+            entry = joins.get(item[1])
+            if entry is None or entry["exp"] != item[0] or item[1] in evicted:
+                return 0  # a stale item: the entry is gone or has a newer item of its own
+            evicted[item[1]] = entry
+            floor = floors.get(model)
+            if floor is None or item > floor:
+                floors[model] = item
+            return 1
+
         for model, heap in part.join_heaps.items():
             floor = floors.get(model)
             while heap and floor is not None and heap[0] <= floor:
-                evicted += self._pop_join(partition, part, model, heap)
+                evict_next(model, heap)
                 floor = floors.get(model)
-        if len(part.joins) > self.join_max_entries:
+        excess = len(joins) - len(evicted) - self.join_max_entries
+        if excess > 0:
             # Models by how soon their next entry expires; the index keeps min()'s
             # first-in-order tie-break, so which entries go does not depend on the heap.
             soonest = [
@@ -636,32 +854,20 @@ class PipelineCore:
                 if heap
             ]
             heapq.heapify(soonest)
-            while soonest and len(part.joins) > self.join_max_entries:
-                _, index, model = heapq.heappop(soonest)
+            while soonest and excess > 0:
+                _, index, model = heappop(soonest)
                 heap = part.join_heaps[model]
-                evicted += self._pop_join(partition, part, model, heap)
+                excess -= evict_next(model, heap)
                 if heap:
                     heapq.heappush(soonest, (self._time_left(part, model, heap), index, model))
+        self._drop_joins(partition, part, evicted)
         for model, (exp, _) in list(floors.items()):
             watermark = part.watermark(model)
             if watermark is not None and exp <= watermark:
                 del floors[model]
-        self.counters.join_evicted += evicted
+        self.counters.join_evicted += len(evicted)
         self._compact_join_heaps(part)
-        return evicted
-
-    def _pop_join(
-        self, partition: int, part: _Partition, model: str, heap: list[tuple[int, str]]
-    ) -> int:
-        """Pop ``model``'s soonest item and drop its entry unless stale; 1 if dropped."""
-        exp, key = heapq.heappop(heap)
-        entry = part.joins.get(key)
-        if entry is None or entry["exp"] != exp:
-            return 0  # a stale item: the entry is gone or has a newer item of its own
-        self._drop_join(partition, part, key, entry)
-        floors = part.evicted_floors
-        floors[model] = max(floors.get(model, (exp, key)), (exp, key))
-        return 1
+        return len(evicted)
 
     @staticmethod
     def _time_left(part: _Partition, model: str, heap: list[tuple[int, str]]) -> float:
@@ -687,15 +893,30 @@ class PipelineCore:
             heapq.heapify(heap)
         part.join_heaps = heaps
 
-    def _drop_join(self, partition: int, part: _Partition, key: str, entry: dict[str, Any]) -> None:
-        """Forget an expired or evicted entry; its segment record goes once none is live."""
-        self.counters.orphaned += self.joiner.orphans(entry)
-        part.pending.discard(key)
-        del part.joins[key]
-        part.unwritten.pop(key, None)
-        seq = part.join_segment.pop(key, None)
-        if seq is not None:
-            self._release(partition, part, seq)
+    def _drop_joins(
+        self, partition: int, part: _Partition, dropped: dict[str, dict[str, Any]]
+    ) -> None:
+        """Forget expired or evicted entries; a segment record goes once none is live."""
+        pending, joins, unwritten, join_segment = (
+            part.pending,
+            part.joins,
+            part.unwritten,
+            part.join_segment,
+        )
+        orphaned = 0
+        released: dict[int, int] = {}
+        for key, entry in dropped.items():
+            if entry["fb"]:
+                orphaned += self.joiner.orphans(entry)
+                pending.discard(key)
+            del joins[key]
+            unwritten.pop(key, None)
+            seq = join_segment.pop(key, None)
+            if seq is not None:
+                released[seq] = released.get(seq, 0) + 1
+        self.counters.orphaned += orphaned
+        for seq, count in released.items():
+            self._release(partition, part, seq, count)
 
     def _forget_idle_models(self, part: _Partition) -> None:
         """Drop clocks of models without panes or join entries and without events for
@@ -730,18 +951,27 @@ class PipelineCore:
 
     def _applied(self, partition: int, key: PaneKey, topic: str) -> int:
         state = self.store.get(self._pane_key(partition, key))
-        return -1 if state is None else int(state.get("off", {}).get(topic, -1))
+        if state is None:
+            return -1
+        offsets = state.offsets if isinstance(state, WindowStats) else state.get("off", {})
+        return int(offsets.get(topic, -1))
 
     def _merge_pane(
         self, partition: int, part: _Partition, key: PaneKey, stats: WindowStats
     ) -> None:
         skey = self._pane_key(partition, key)
         state = self.store.get(skey)
-        if state is not None:
+        if isinstance(state, WindowStats):  # live in a buffered store: merged in place
+            stats = state.merge(stats)
+        elif state is not None:
             stats = WindowStats.from_state(state, self.exemplars, self.redact_exemplars).merge(
                 stats
             )
-        self.store.put(partition, skey, stats.to_state())
+        elif self._buffer is not None and stats.exemplars is None and self.exemplars:
+            # A new segment pane has no sample; read back from the store, it would have one
+            # (and collect joined negative examples): so does the live pane.
+            stats.exemplars = Exemplars(self.exemplars, self.redact_exemplars)
+        self.store.put(partition, skey, stats if self._buffer is not None else stats.to_state())
         if key not in part.panes:
             part.panes.add(key)
             part.segment_cap.add_pane(key)

@@ -76,8 +76,9 @@ class SegmentCap:
         self._cache: dict[tuple[str, tuple[tuple[str, str], ...]], _Decision] = {}
         self._folded = 0
 
-    def segments(self, model: str, attributes: dict[str, str]) -> tuple[str, ...]:
-        """``("*", "k1=v1", ...)`` with refused values replaced by :data:`OVERFLOW_VALUE`."""
+    def segments(self, model: str, attributes: dict[str, str], events: int = 1) -> tuple[str, ...]:
+        """``("*", "k1=v1", ...)`` with refused values replaced by :data:`OVERFLOW_VALUE`,
+        for ``events`` events with these attributes."""
         key = (model, tuple(attributes.items()))
         decided = self._cache.get(key)
         if decided is None:
@@ -87,7 +88,7 @@ class SegmentCap:
                     value, folded = OVERFLOW_VALUE, folded + 1
                 names.append(f"{attribute}={value}")
             decided = self._cache[key] = (tuple(names), folded)
-        self._folded += decided[1]
+        self._folded += decided[1] * events
         return decided[0]
 
     def end_batch(self) -> int:

@@ -460,7 +460,11 @@ def test_restart_after_kill9_continues_aggregates_and_detector_state(harness):
 
 
 def test_two_workers_split_partitions_and_each_window_finding_is_emitted_once(harness):
-    h = harness(GENMON_WINDOWS__SLOW_LATENCY_MS="100")
+    # A model idle for windows.idle_timeout_s has its windows closed by the wall clock; on
+    # a loaded machine a worker can pause that long between two batches of one model
+    # (two workers, a rebalance, the test's own producer), which would close a window
+    # early. Every event is sent at once here, so a longer timeout only delays the close.
+    h = harness(GENMON_WINDOWS__SLOW_LATENCY_MS="100", GENMON_WINDOWS__IDLE_TIMEOUT_S="8")
     a, b = h.worker().start(), h.worker().start()
     a.wait_ready()
     b.wait_ready()

@@ -91,6 +91,8 @@ class RefusalPhrases:
         every = {p for plist in self.phrases.values() for p in plist}
         openings = sorted(p[1:].lstrip() for p in every if p.startswith(OPENING_MARK))
         anywhere = sorted(p for p in every if not p.startswith(OPENING_MARK))
+        #: Phrases that count at the opening (without the mark), and anywhere.
+        self.openings, self.anywhere = tuple(openings), tuple(anywhere)
         # Two patterns, not one with a "\A" branch: re.search would try that branch at
         # every position (1.4x slower per response).
         self._opening = re.compile(prefix_tree_pattern(openings)) if openings else None

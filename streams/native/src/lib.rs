@@ -1,0 +1,643 @@
+//! genmon's native ingest path (the Python module `genmon.streams._native`).
+//!
+//! A *fast path* beside the pydantic one, never instead of it: [`Decoder::decode`] accepts
+//! only inference events whose JSON it can read exactly as `InferenceEvent.model_validate_json`
+//! would, and *defers* every other message (missing defaults, exotic types or timestamps,
+//! anything invalid) to the Python validator, which stays the one authority on what is valid
+//! and why not. [`Batch::aggregate`] then does the per-event work of
+//! `PipelineCore.on_inferences` (offset filter, skew and lateness, quality signals, grouping,
+//! join records) and hands Python a few groups and dicts per batch. The module docstring of
+//! `genmon.streams.native` states the contract; `tests/test_native.py` checks it against the
+//! Python path.
+
+mod event;
+mod quality;
+
+use std::collections::HashMap;
+
+use pyo3::prelude::*;
+use pyo3::intern;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+use event::{parse_event, Event, STATUSES};
+use quality::Quality;
+
+/// Decodes inference batches; holds the quality-signal configuration.
+#[pyclass(module = "genmon.streams._native", frozen)]
+struct Decoder {
+    quality: Quality,
+}
+
+#[pymethods]
+impl Decoder {
+    /// `openings`: refusal phrases that count at the start (folded, without `^`);
+    /// `anywhere`: phrases that count anywhere in the first `scan_chars` characters;
+    /// `function_words`: word -> languages (indices into `languages`, in ambiguity order).
+    #[new]
+    fn new(
+        openings: Vec<String>,
+        anywhere: Vec<String>,
+        scan_chars: usize,
+        languages: Vec<String>,
+        function_words: HashMap<String, Vec<usize>>,
+    ) -> PyResult<Self> {
+        let quality = Quality::new(openings, anywhere, scan_chars, languages, function_words)
+            .map_err(pyo3::exceptions::PyValueError::new_err)?;
+        Ok(Decoder { quality })
+    }
+
+    /// Decode `values` (bytes) read at `partitions[i]`, `offsets[i]`.
+    fn decode(
+        &self,
+        values: &Bound<'_, PyList>,
+        partitions: Vec<i64>,
+        offsets: Vec<i64>,
+        max_bytes: usize,
+    ) -> PyResult<Batch> {
+        let mut batch = self.empty_batch();
+        self.add(&mut batch, values, &partitions, &offsets, max_bytes)?;
+        Ok(batch)
+    }
+
+    /// Decode more values into `batch` (canonical forms of deferred events, say); returns
+    /// the indices of `values` the fast path deferred again.
+    fn extend(
+        &self,
+        mut batch: PyRefMut<'_, Batch>,
+        values: &Bound<'_, PyList>,
+        partitions: Vec<i64>,
+        offsets: Vec<i64>,
+        max_bytes: usize,
+    ) -> PyResult<Vec<usize>> {
+        let mut more = self.empty_batch();
+        self.add(&mut more, values, &partitions, &offsets, max_bytes)?;
+        let base = batch.raws.len();
+        for mut event in more.events {
+            event.raw_index += base;
+            batch.events.push(event);
+        }
+        batch.raws.extend(more.raws);
+        Ok(more.deferred)
+    }
+
+    /// The quality signals of one response: (empty, refusal, chars, language), for tests.
+    fn signals(&self, response: &str) -> (bool, bool, usize, String) {
+        let s = self.quality.of(response);
+        (s.empty, s.refusal, s.chars, self.quality.language_name(s.language).to_string())
+    }
+}
+
+impl Decoder {
+    fn empty_batch(&self) -> Batch {
+        Batch {
+            events: Vec::new(),
+            raws: Vec::new(),
+            deferred: Vec::new(),
+            languages: self.quality.language_names(),
+        }
+    }
+
+    fn add(
+        &self,
+        batch: &mut Batch,
+        values: &Bound<'_, PyList>,
+        partitions: &[i64],
+        offsets: &[i64],
+        max_bytes: usize,
+    ) -> PyResult<()> {
+        if partitions.len() != values.len() || offsets.len() != values.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "values, partitions and offsets must have the same length",
+            ));
+        }
+        for (i, value) in values.iter().enumerate() {
+            let raw_index = batch.raws.len();
+            let parsed = match value.downcast::<PyBytes>() {
+                Ok(bytes) if bytes.as_bytes().len() <= max_bytes => {
+                    parse_event(bytes.as_bytes(), &self.quality)
+                }
+                _ => None,
+            };
+            batch.raws.push(value.unbind());
+            match parsed {
+                Some(mut event) => {
+                    event.partition = partitions[i];
+                    event.offset = offsets[i];
+                    event.raw_index = raw_index;
+                    batch.events.push(event);
+                }
+                None => batch.deferred.push(i),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decoded events of one fetched batch (any number of partitions).
+#[pyclass(module = "genmon.streams._native")]
+struct Batch {
+    events: Vec<Event>,
+    /// The bytes of every decoded value, accepted or not, by input index.
+    raws: Vec<PyObject>,
+    /// Input indices the fast path left to the Python validator.
+    #[pyo3(get)]
+    deferred: Vec<usize>,
+    /// Language labels by index (the decoder's), for the groups' `languages`.
+    languages: Vec<String>,
+}
+
+/// Window geometry the lateness test needs (see `WindowPlan.pane_done`).
+#[derive(FromPyObject)]
+struct Plan {
+    pane_ms: i64,
+    /// (size_ms, step_ms) of each window family.
+    specs: Vec<(i64, i64)>,
+    lateness_ms: i64,
+    expires_ms: i64,
+}
+
+impl Plan {
+    fn pane_done(&self, pane_start: i64, watermark: i64) -> bool {
+        let last_end = self
+            .specs
+            .iter()
+            .map(|&(size, step)| pane_start - pane_start.rem_euclid(step) + size)
+            .max()
+            .unwrap_or(pane_start);
+        last_end + self.lateness_ms <= watermark || pane_start + self.expires_ms <= watermark
+    }
+}
+
+#[derive(Default)]
+struct Summary {
+    n: u64,
+    sum: f64,
+    max: f64,
+}
+
+impl Summary {
+    fn add(&mut self, value: f64) {
+        self.n += 1;
+        self.sum += value;
+        if value > self.max {
+            self.max = value;
+        }
+    }
+}
+
+/// Statistics of the events sharing (model, version, pane, attributes).
+struct Group {
+    first: usize,
+    min_offset: i64,
+    max_offset: i64,
+    requests: u64,
+    errors: u64,
+    by_status: Vec<(usize, u64)>,
+    by_error_code: Vec<(String, u64)>,
+    latencies: Vec<f64>,
+    ttfts: Vec<f64>,
+    prompt_tokens: Summary,
+    completion_tokens: Summary,
+    chars: Summary,
+    empty: u64,
+    truncated: u64,
+    refusal: u64,
+    languages: Vec<(usize, u64)>,
+    flagged: Vec<usize>,
+}
+
+fn bump<K: PartialEq>(counts: &mut Vec<(K, u64)>, key: K) {
+    match counts.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((key, 1)),
+    }
+}
+
+impl Group {
+    fn new(first: usize, offset: i64) -> Self {
+        Group {
+            first,
+            min_offset: offset,
+            max_offset: offset,
+            requests: 0,
+            errors: 0,
+            by_status: Vec::new(),
+            by_error_code: Vec::new(),
+            latencies: Vec::new(),
+            ttfts: Vec::new(),
+            prompt_tokens: Summary::default(),
+            completion_tokens: Summary::default(),
+            chars: Summary::default(),
+            empty: 0,
+            truncated: 0,
+            refusal: 0,
+            languages: Vec::new(),
+            flagged: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, event: &Event) {
+        self.min_offset = self.min_offset.min(event.offset);
+        self.max_offset = self.max_offset.max(event.offset);
+        self.requests += 1;
+        bump(&mut self.by_status, event.status);
+        let error = event.is_error();
+        if error {
+            self.errors += 1;
+        }
+        if let Some(code) = &event.error_code {
+            match self.by_error_code.iter_mut().find(|(k, _)| k == code) {
+                Some((_, n)) => *n += 1,
+                None => self.by_error_code.push((code.clone(), 1)),
+            }
+        }
+        self.latencies.push(event.latency_ms);
+        if let Some(ttft) = event.ttft_ms {
+            self.ttfts.push(ttft);
+        }
+        if let Some(n) = event.prompt_tokens {
+            self.prompt_tokens.add(n as f64);
+        }
+        if let Some(n) = event.completion_tokens {
+            self.completion_tokens.add(n as f64);
+        }
+        let s = &event.signals;
+        self.chars.add(s.chars as f64);
+        self.empty += s.empty as u64;
+        self.truncated += event.truncated as u64;
+        self.refusal += s.refusal as u64;
+        bump(&mut self.languages, s.language);
+        if s.empty || event.truncated || s.refusal || error {
+            self.flagged.push(event.raw_index);
+        }
+    }
+}
+
+fn summary<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(py, [s.n.into_pyobject(py)?.into_any(), s.sum.into_pyobject(py)?.into_any(), s.max.into_pyobject(py)?.into_any()])
+}
+
+#[pymethods]
+impl Batch {
+    fn __len__(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The bytes behind input index `i` (for building a pydantic event when one is needed).
+    fn raw(&self, py: Python<'_>, i: usize) -> PyObject {
+        self.raws[i].clone_ref(py)
+    }
+
+    /// `(input index, partition, offset)` of the accepted events, by input index (values
+    /// added by `Decoder.extend` are numbered after those of `Decoder.decode`).
+    fn accepted(&self) -> Vec<(usize, i64, i64)> {
+        self.events.iter().map(|e| (e.raw_index, e.partition, e.offset)).collect()
+    }
+
+    /// Partitions with accepted events, ascending.
+    fn partitions(&self) -> Vec<i64> {
+        let mut out: Vec<i64> = self.events.iter().map(|e| e.partition).collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The per-event work of `PipelineCore.on_inferences` for one partition's events.
+    ///
+    /// Returns a dict: `fresh`, `skipped`, `skew`, `late` (counts), `max_offset`,
+    /// `newest` (model -> latest event time of non-future events), `groups` (see
+    /// `genmon.streams.native`), `entries` (join key -> new join entry, for keys not in
+    /// `joins`), `heap` (model -> [(exp, join key)] of those entries) and `replay`
+    /// ([(join key, model, request id, record, offset)] for keys already in `joins`, in order).
+    #[allow(clippy::too_many_arguments)]
+    fn aggregate<'py>(
+        &self,
+        py: Python<'py>,
+        partition: i64,
+        done_offset: i64,
+        now_ms: i64,
+        skew_ms: i64,
+        watermarks: HashMap<String, i64>,
+        plan: Plan,
+        ttl_ms: i64,
+        max_text_chars: usize,
+        joins: &Bound<'py, PyDict>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mut order: Vec<usize> =
+            (0..self.events.len()).filter(|&i| self.events[i].partition == partition).collect();
+        order.sort_by_key(|&i| self.events[i].offset);
+        let (mut fresh, mut skipped, mut skew, mut late) = (0u64, 0u64, 0u64, 0u64);
+        let mut max_offset: Option<i64> = None;
+        let mut newest: Vec<(&str, i64)> = Vec::new();
+        let mut group_index: HashMap<(&str, &str, i64, &[(String, String)]), usize> = HashMap::new();
+        let mut groups: Vec<Group> = Vec::new();
+        for &i in &order {
+            let e = &self.events[i];
+            max_offset = Some(max_offset.map_or(e.offset, |m| m.max(e.offset)));
+            if e.offset <= done_offset {
+                skipped += 1;
+                continue;
+            }
+            fresh += 1;
+            if e.t_ms > now_ms + skew_ms {
+                skew += 1;
+                continue;
+            }
+            match newest.iter_mut().find(|(m, _)| *m == e.model) {
+                Some((_, t)) => *t = (*t).max(e.t_ms),
+                None => newest.push((&e.model, e.t_ms)),
+            }
+            let pane = e.t_ms - e.t_ms.rem_euclid(plan.pane_ms);
+            if let Some(&wm) = watermarks.get(&e.model) {
+                if plan.pane_done(pane, wm) {
+                    late += 1;
+                    continue;
+                }
+            }
+            let key = (e.model.as_str(), e.version.as_str(), pane, e.sorted_segment.as_slice());
+            let g = *group_index.entry(key).or_insert_with(|| {
+                groups.push(Group::new(i, e.offset));
+                groups.len() - 1
+            });
+            groups[g].add(e);
+        }
+
+        let out = PyDict::new(py);
+        out.set_item("fresh", fresh)?;
+        out.set_item("skipped", skipped)?;
+        out.set_item("skew", skew)?;
+        out.set_item("late", late)?;
+        out.set_item("max_offset", max_offset)?;
+        let newest_dict = PyDict::new(py);
+        for (model, t) in &newest {
+            newest_dict.set_item(*model, *t)?;
+        }
+        out.set_item("newest", newest_dict)?;
+
+        let py_groups = PyList::empty(py);
+        // Groups are numbered in the order their first event came (offset order), which is
+        // the order the Python path meets them (segment-cap admissions depend on it).
+        let mut keys: Vec<Option<(&str, &str, i64)>> = vec![None; groups.len()];
+        for (key, &g) in &group_index {
+            keys[g] = Some((key.0, key.1, key.2));
+        }
+        for (g, key) in keys.into_iter().enumerate() {
+            let key = key.expect("every group has a key");
+            let group = &groups[g];
+            let e = &self.events[group.first];
+            let attrs = PyDict::new(py);
+            for (k, v) in &e.segment {
+                attrs.set_item(k, v)?;
+            }
+            let by_status = PyDict::new(py);
+            for (s, n) in &group.by_status {
+                by_status.set_item(STATUSES[*s], n)?;
+            }
+            let by_code = PyDict::new(py);
+            for (c, n) in &group.by_error_code {
+                by_code.set_item(c, n)?;
+            }
+            let languages = PyDict::new(py);
+            for (l, n) in &group.languages {
+                languages.set_item(self.language_name(*l), n)?;
+            }
+            let item = PyDict::new(py);
+            item.set_item("model", key.0)?;
+            item.set_item("version", key.1)?;
+            item.set_item("pane", key.2)?;
+            item.set_item("attributes", attrs)?;
+            item.set_item("min_offset", group.min_offset)?;
+            item.set_item("max_offset", group.max_offset)?;
+            item.set_item("requests", group.requests)?;
+            item.set_item("errors", group.errors)?;
+            item.set_item("by_status", by_status)?;
+            item.set_item("by_error_code", by_code)?;
+            item.set_item("latencies", PyList::new(py, &group.latencies)?)?;
+            item.set_item("ttfts", PyList::new(py, &group.ttfts)?)?;
+            item.set_item("prompt_tokens", summary(py, &group.prompt_tokens)?)?;
+            item.set_item("completion_tokens", summary(py, &group.completion_tokens)?)?;
+            item.set_item("response_chars", summary(py, &group.chars)?)?;
+            item.set_item("empty", group.empty)?;
+            item.set_item("truncated", group.truncated)?;
+            item.set_item("refusal", group.refusal)?;
+            item.set_item("languages", languages)?;
+            item.set_item("flagged", PyList::new(py, &group.flagged)?)?;
+            py_groups.append(item)?;
+        }
+        out.set_item("groups", py_groups)?;
+
+        // Join records of every fresh event (late and future ones too), in offset order.
+        let entries = PyDict::new(py);
+        let heap = PyDict::new(py);
+        let replay = PyList::empty(py);
+        let mut strings = Interner::default();
+        // New entries in first-seen order: (join key, entry, exp, model).
+        let mut new: Vec<(Bound<'py, PyString>, Bound<'py, PyDict>, i64, &str)> = Vec::new();
+        let mut new_index: HashMap<String, usize> = HashMap::new();
+        let mut replayed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for &i in &order {
+            let e = &self.events[i];
+            if e.offset <= done_offset {
+                continue;
+            }
+            let jkey = format!("{}\u{1f}{}", e.model, e.request_id);
+            let record = join_record(py, &mut strings, e, max_text_chars)?;
+            let exp = e.t_ms + ttl_ms;
+            if let Some(&at) = new_index.get(&jkey) {
+                let (_, entry, old_exp, _) = &mut new[at];
+                *old_exp = (*old_exp).max(exp);
+                entry.set_item(intern!(py, "inf"), record)?;
+                entry.set_item(intern!(py, "exp"), *old_exp)?;
+                continue;
+            }
+            let key = PyString::new(py, &jkey);
+            if replayed.contains(&jkey) || joins.contains(&key)? {
+                replay.append((key, strings.get(py, &e.model), &e.request_id, record, e.offset))?;
+                replayed.insert(jkey);
+                continue;
+            }
+            let entry = PyDict::new(py);
+            entry.set_item(intern!(py, "inf"), record)?;
+            entry.set_item(intern!(py, "fb"), PyList::empty(py))?;
+            entry.set_item(intern!(py, "seen"), PyList::empty(py))?;
+            entry.set_item(intern!(py, "exp"), exp)?;
+            new_index.insert(jkey, new.len());
+            new.push((key, entry, exp, &e.model));
+        }
+        let mut by_model: Vec<(&str, Bound<'py, PyList>)> = Vec::new();
+        for (key, entry, exp, model) in new {
+            entries.set_item(&key, entry)?;
+            let item = PyTuple::new(py, [exp.into_pyobject(py)?.into_any(), key.into_any()])?;
+            match by_model.iter().find(|(m, _)| *m == model) {
+                Some((_, list)) => list.append(item)?,
+                None => by_model.push((model, PyList::new(py, [item])?)),
+            }
+        }
+        for (model, list) in by_model {
+            heap.set_item(strings.get(py, model), list)?;
+        }
+        out.set_item("entries", entries)?;
+        out.set_item("heap", heap)?;
+        out.set_item("replay", replay)?;
+        Ok(out)
+    }
+}
+
+impl Batch {
+    fn language_name(&self, l: usize) -> &str {
+        &self.languages[l]
+    }
+}
+
+/// Python strings of a batch's repeated values (models, versions, attributes), made once.
+#[derive(Default)]
+struct Interner<'py> {
+    made: HashMap<String, Bound<'py, PyString>>,
+}
+
+impl<'py> Interner<'py> {
+    fn get(&mut self, py: Python<'py>, text: &str) -> Bound<'py, PyString> {
+        if let Some(s) = self.made.get(text) {
+            return s.clone();
+        }
+        let s = PyString::new(py, text);
+        self.made.insert(text.to_owned(), s.clone());
+        s
+    }
+}
+
+/// `FeedbackJoiner.inference_record` of an event.
+fn join_record<'py>(
+    py: Python<'py>,
+    strings: &mut Interner<'py>,
+    e: &Event,
+    max_text_chars: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let record = PyDict::new(py);
+    record.set_item(intern!(py, "version"), strings.get(py, &e.version))?;
+    record.set_item(intern!(py, "prompt"), cut(&e.prompt, max_text_chars))?;
+    record.set_item(intern!(py, "response"), cut(&e.response, max_text_chars))?;
+    let segment = PyDict::new(py);
+    for (k, v) in &e.segment {
+        segment.set_item(strings.get(py, k), strings.get(py, v))?;
+    }
+    record.set_item(intern!(py, "segment"), segment)?;
+    match &e.subject_id {
+        Some(subject) => record.set_item(intern!(py, "subject"), strings.get(py, subject))?,
+        None => record.set_item(intern!(py, "subject"), py.None())?,
+    }
+    record.set_item(intern!(py, "t"), e.t_ms)?;
+    Ok(record)
+}
+
+/// The first `max_chars` characters of `text` (Python's `text[:max_chars]`).
+fn cut(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
+/// JSON bytes of `value` (dicts with str keys, lists, tuples, str, int, float, bool, None),
+/// read back by `json.loads` as `json.dumps` output is (NaN and infinities included).
+/// Raises `TypeError` for anything else, so the caller can fall back to `json.dumps`.
+#[pyfunction]
+fn dumps<'py>(py: Python<'py>, value: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    let mut out = Vec::with_capacity(256);
+    write_json(&mut out, value)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+fn write_json(out: &mut Vec<u8>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    if value.is_none() {
+        out.extend_from_slice(b"null");
+    } else if let Ok(s) = value.downcast::<PyString>() {
+        write_str(out, s.to_str()?);
+    } else if let Ok(b) = value.downcast::<pyo3::types::PyBool>() {
+        out.extend_from_slice(if b.is_true() { b"true" } else { b"false" });
+    } else if let Ok(i) = value.downcast::<pyo3::types::PyInt>() {
+        let n: i64 = i.extract()?;
+        out.extend_from_slice(n.to_string().as_bytes());
+    } else if let Ok(f) = value.downcast::<pyo3::types::PyFloat>() {
+        let x = f.value();
+        if x.is_nan() {
+            out.extend_from_slice(b"NaN");
+        } else if x.is_infinite() {
+            out.extend_from_slice(if x > 0.0 { b"Infinity" } else { b"-Infinity" });
+        } else {
+            // Debug keeps a fraction or exponent, so the value reads back as a float.
+            out.extend_from_slice(format!("{x:?}").as_bytes());
+        }
+    } else if let Ok(d) = value.downcast::<PyDict>() {
+        out.push(b'{');
+        for (i, (k, v)) in d.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let key = k.downcast::<PyString>().map_err(|_| {
+                pyo3::exceptions::PyTypeError::new_err("dict keys must be str")
+            })?;
+            write_str(out, key.to_str()?);
+            out.push(b':');
+            write_json(out, &v)?;
+        }
+        out.push(b'}');
+    } else if let Ok(l) = value.downcast::<PyList>() {
+        out.push(b'[');
+        for (i, item) in l.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json(out, &item)?;
+        }
+        out.push(b']');
+    } else if let Ok(t) = value.downcast::<PyTuple>() {
+        out.push(b'[');
+        for (i, item) in t.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json(out, &item)?;
+        }
+        out.push(b']');
+    } else {
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "cannot encode {} as JSON",
+            value.get_type().name()?
+        )));
+    }
+    Ok(())
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: Option<&[u8]> = match b {
+            b'"' => Some(b"\\\""),
+            b'\\' => Some(b"\\\\"),
+            b'\n' => Some(b"\\n"),
+            b'\r' => Some(b"\\r"),
+            b'\t' => Some(b"\\t"),
+            0..=0x1f => None,
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        match escape {
+            Some(e) => out.extend_from_slice(e),
+            None => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Decoder>()?;
+    m.add_class::<Batch>()?;
+    m.add_function(wrap_pyfunction!(dumps, m)?)?;
+    Ok(())
+}

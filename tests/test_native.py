@@ -1,0 +1,376 @@
+"""The native ingest path against the Python one: same acceptance, same signals, same state."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from genmon.schemas.events import MAX_EVENT_BYTES, FeedbackEvent, InferenceEvent
+from genmon.settings import Settings
+from genmon.streams import native
+from genmon.streams.pipeline_core import SEP, DictStore, PipelineCore
+from genmon.streams.quality_signals import QualitySignals
+
+QUALITY = QualitySignals.default()
+DECODER = native.decoder_for(QUALITY)
+BASE = datetime(2026, 11, 29, 9, 0, tzinfo=UTC)
+
+TEXTS = [
+    "",
+    " \t\n",
+    "\x1c\u3000",
+    "I'm sorry, but I can't help with that.",
+    "**I cannot** do this",
+    "\u2019I\u2019m sorry",
+    "No, never.",
+    "I know, no, not that.",
+    "It is not appropriate to ask. Still, here you go.",
+    "The cat is on the table and it is happy.",
+    "Le chat est sur la table et il est content.",
+    "Der Hund ist nicht hier, und die Katze auch nicht.",
+    "El perro está en la casa con los niños.",
+    "O gato está em casa, não é?",
+    "Il gatto è sul tavolo e non dorme.",
+    "こんにちは、元気ですか",
+    "你好，世界",
+    "안녕하세요",
+    "Привет, мир",
+    "مرحبا بالعالم",
+    "नमस्ते दुनिया",
+    "Γειά σου Κόσμε ΣΑΣ",
+    "שלום עולם",
+    "สวัสดีชาวโลก",
+    "Bonjour ÷ é à",
+    "it's it's it's le chat",
+    "d'il est l'été÷the",
+    "İstanbul ÇAĞ",
+    "12345 !!!",
+    "Lo siento, pero no puedo hacer eso.",
+    "x" * 400,
+    "word " * 100 + "I cannot provide",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compiled() -> None:
+    assert native.available(), (
+        "genmon.streams._native is not built: reinstall with a Rust toolchain "
+        "(infra/bootstrap.sh) so the native ingest path is tested"
+    )
+
+
+def python_signals(text: str) -> tuple[bool, bool, int, str]:
+    event = InferenceEvent(model_id="m", latency_ms=1, response=text)
+    s = QUALITY.of(event)
+    return s.empty, s.refusal, s.response_chars, s.language
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_signals_match_the_python_definition(text: str) -> None:
+    assert DECODER is not None
+    assert DECODER.signals(text) == python_signals(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(TEXTS),
+            st.text(max_size=60),
+            st.text(alphabet="aeiouéèàüñßΣσς'’ \t*\"nosrycatI,.", max_size=60),
+        ),
+        max_size=4,
+    ).map("".join)
+)
+def test_signals_match_the_python_definition_on_any_text(text: str) -> None:
+    assert DECODER is not None
+    assert DECODER.signals(text) == python_signals(text)
+
+
+def _fields() -> st.SearchStrategy[dict[str, Any]]:
+    """Event objects mixing valid values with every kind of value the fast path defers."""
+    junk = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 10**8),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=5),
+        st.just("5.0"),
+        st.just([]),
+        st.just({}),
+    )
+    times = st.sampled_from(
+        [
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T10:00:00.123+02:00",
+            "2026-11-29T10:00:00.1234567Z",
+            "2026-11-29T10:00:00",
+            "2026-11-29 10:00:00Z",
+            "2026-02-30T10:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-11-29T10:00:00z",
+            "2026-11-29T10:00:00+0200",
+            "2026-11-29T09:00:00-05:30",
+        ]
+    )
+    return st.fixed_dictionaries(
+        {"model_id": st.one_of(st.just("chat"), junk)},
+        optional={
+            "request_id": st.one_of(st.just("r1"), st.just(""), junk),
+            "latency_ms": st.one_of(st.floats(0, 9e7), junk),
+            "started_at": st.one_of(times, junk),
+            "finished_at": st.one_of(times, junk),
+            "model_version": st.one_of(st.just("v1"), junk),
+            "prompt": st.one_of(st.sampled_from(TEXTS), junk),
+            "response": st.one_of(st.sampled_from(TEXTS), junk),
+            "time_to_first_token_ms": st.one_of(st.floats(0, 9e7), junk),
+            "prompt_tokens": st.one_of(st.integers(-1, 2 * 10**7), junk),
+            "status": st.one_of(st.sampled_from(["ok", "error", "truncated", "nope"]), junk),
+            "error_code": st.one_of(st.just("E" * 129), st.just("E1"), junk),
+            "finish_reason": st.one_of(st.sampled_from(["stop", "length", "x"]), junk),
+            "segment": st.one_of(
+                st.dictionaries(st.text(max_size=3), st.one_of(st.text(max_size=3), junk)), junk
+            ),
+            "subject_id": st.one_of(st.just("s"), junk),
+            "metadata": st.one_of(st.dictionaries(st.text(max_size=3), junk), junk),
+            "schema_version": st.one_of(st.just(1), junk),
+            "extra": junk,
+        },
+    )
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fields())
+def test_the_fast_path_accepts_only_what_pydantic_accepts(fields: dict[str, Any]) -> None:
+    raw = json.dumps(fields).encode()
+    assert DECODER is not None
+    batch = DECODER.decode([raw], [0], [0], MAX_EVENT_BYTES)
+    try:
+        event = InferenceEvent.model_validate_json(raw)
+    except ValidationError:
+        assert batch.deferred == [0], f"accepted what pydantic rejects: {raw!r}"
+        return
+    if batch.deferred:
+        # Deferred but valid: its canonical form is always read.
+        again = DECODER.extend(batch, [event.model_dump_json().encode()], [0], [0], MAX_EVENT_BYTES)
+        assert again == []
+    assert len(batch) == 1
+
+
+def test_repeated_keys_and_oversized_messages_are_deferred() -> None:
+    assert DECODER is not None
+    repeated = b'{"model_id": "a", "model_id": "b", "latency_ms": 1, "request_id": "r",'
+    repeated += b' "started_at": "2026-11-29T10:00:00Z"}'
+    segment = b'{"model_id": "a", "latency_ms": 1, "request_id": "r", "segment": {"k": "1",'
+    segment += b' "k": "2"}, "started_at": "2026-11-29T10:00:00Z"}'
+    big = json.dumps(
+        {
+            "model_id": "a",
+            "latency_ms": 1,
+            "request_id": "r",
+            "prompt": "x" * 20_000,
+            "response": "y" * 20_000,
+            "started_at": "2026-11-29T10:00:00Z",
+        }
+    ).encode()
+    batch = DECODER.decode([repeated, segment, big, None], [0] * 4, [1, 2, 3, 4], 30_000)
+    assert batch.deferred == [0, 1, 2, 3]
+
+
+def _stream(seed: int, n: int) -> list[tuple[str, bytes]]:
+    """Inferences and feedback: late, future and repeated ones, many segment values."""
+    rng = random.Random(seed)
+    out: list[tuple[str, bytes]] = []
+    for i in range(n):
+        t = BASE + timedelta(milliseconds=i * 37 + rng.randint(-25_000, 3_000))
+        if rng.random() < 0.01:
+            t += timedelta(hours=2)  # beyond windows.max_future_skew_s
+        request = f"r{rng.randint(0, n // 2)}"
+        model = rng.choice(["a", "b", "c"])
+        if rng.random() < 0.15:
+            feedback = {
+                "request_id": request,
+                "model_id": model,
+                "created_at": t.isoformat(),
+                "score": rng.random(),
+                "feedback_id": f"f{i % (n // 3)}",
+            }
+            out.append(("feedback", json.dumps(feedback).encode()))
+            continue
+        event: dict[str, Any] = {
+            "request_id": request,
+            "model_id": model,
+            "model_version": rng.choice(["v1", "v2"]),
+            "started_at": t.isoformat().replace("+00:00", rng.choice(["Z", "+00:00"])),
+            "prompt": rng.choice(TEXTS),
+            "response": rng.choice(TEXTS),
+            "latency_ms": round(rng.lognormvariate(5, 1), 3),
+            "status": rng.choice(["ok"] * 8 + ["error", "timeout", "truncated"]),
+            "segment": {
+                k: rng.choice("vwxyz")
+                for k in rng.sample(["locale", "tier", "user"], rng.randint(0, 3))
+            },
+        }
+        for name, value in (
+            ("time_to_first_token_ms", rng.random() * 100),
+            ("prompt_tokens", rng.randint(0, 500)),
+            ("completion_tokens", rng.randint(0, 500)),
+            ("error_code", rng.choice(["E1", "E2"])),
+            ("finish_reason", rng.choice(["stop", "length"])),
+            ("subject_id", "s1"),
+        ):
+            if rng.random() < 0.4:
+                event[name] = value
+        out.append(("inference", json.dumps(event).encode()))
+    return out
+
+
+def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 200) -> Any:
+    settings_ = Settings.model_validate(
+        {
+            "windows": {
+                "tumbling_s": 10,
+                "hopping_size_s": 30,
+                "hopping_step_s": 10,
+                "allowed_lateness_s": 2,
+                "idle_timeout_s": 2,
+                "expires_s": 600,
+                "max_segment_values": 3,
+            },
+            "feedback": {"join_ttl_s": 60, "join_max_entries": 400},
+            "detectors": {"exemplars_per_window": 4},
+        }
+    )
+    now = [BASE.timestamp() + 100]
+    store = DictStore()
+    core = PipelineCore(settings_, store, clock=lambda: now[0])
+    decoder = native.decoder_for(core.quality)
+    assert decoder is not None
+    windows: list[dict[str, Any]] = []
+    offsets = {"inference": 0, "feedback": 0}
+    for start in range(0, len(stream), batch_size):
+        chunk = stream[start : start + batch_size]
+        for kind in ("inference", "feedback"):
+            values = [raw for k, raw in chunk if k == kind]
+            first = offsets[kind]
+            # Every fifth batch is delivered twice (a redelivery after a rebalance).
+            rounds = 2 if start // batch_size % 5 == 4 else 1
+            for _ in range(rounds):
+                if kind == "feedback":
+                    items = [
+                        (first + j, FeedbackEvent.model_validate_json(v))
+                        for j, v in enumerate(values)
+                    ]
+                    core.on_feedback(0, items)
+                elif use_native:
+                    positions = list(range(first, first + len(values)))
+                    batch = decoder.decode(values, [0] * len(values), positions, MAX_EVENT_BYTES)
+                    assert batch.deferred == []
+                    assert core.on_native_inferences(0, batch) is not None
+                else:
+                    items = [
+                        (first + j, InferenceEvent.model_validate_json(v))
+                        for j, v in enumerate(values)
+                    ]
+                    core.on_inferences(0, items)
+            offsets[kind] += len(values)
+        now[0] += 1
+        windows += core.tick(0).windows
+    now[0] += 1000
+    windows += core.tick(0).windows
+    return store, core, windows
+
+
+def _state(store: DictStore) -> dict[str, Any]:
+    # Join segment records may split differently; the live entries are compared instead.
+    return {k: v for k, v in store.data.items() if f"{SEP}S{SEP}" not in k}
+
+
+def _windows(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in w.items() if k != "closed_at"} for w in windows]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_native_and_python_paths_write_the_same_state(seed: int) -> None:
+    stream = _stream(seed, 4000)
+    py_store, py_core, py_windows = _run(stream, use_native=False)
+    nat_store, nat_core, nat_windows = _run(stream, use_native=True)
+    assert py_core.counters == nat_core.counters
+    counters = nat_core.counters
+    # The stream exercises what it is meant to.
+    assert counters.late_events and counters.skew_dropped and counters.redelivered_skipped
+    assert counters.joined and counters.join_evicted and counters.segment_overflow
+    assert _state(py_store) == _state(nat_store)
+    assert _windows(py_windows) == _windows(nat_windows)
+    assert any("exemplars" in s for w in nat_windows for s in w["series"])
+    assert py_core._parts[0].joins == nat_core._parts[0].joins
+    assert py_core._parts[0].pending == nat_core._parts[0].pending
+
+
+def test_panes_restored_ahead_of_the_mark_take_the_python_path() -> None:
+    stream = [raw for kind, raw in _stream(4, 300) if kind == "inference"]
+    settings_ = Settings()
+    store = DictStore()
+    core = PipelineCore(settings_, store, clock=lambda: BASE.timestamp() + 100)
+    assert DECODER is not None
+    batch = DECODER.decode(stream, [0] * len(stream), list(range(len(stream))), MAX_EVENT_BYTES)
+    assert core.on_native_inferences(0, batch) is not None
+    # A crash after the panes were written but before the mark: the mark is older.
+    mark = f"0{SEP}M"
+    store.data[mark] = {**store.data[mark], "off": {"inference": 100}}
+    restarted = PipelineCore(settings_, store, clock=lambda: BASE.timestamp() + 100)
+    restarted.restore([0])
+    before = dict(store.data)
+    again = DECODER.decode(stream, [0] * len(stream), list(range(len(stream))), MAX_EVENT_BYTES)
+    assert restarted.on_native_inferences(0, again) is None
+    assert store.data == before
+    # The Python path skips per pane: nothing is counted twice.
+    restarted.on_inferences(
+        0, [(i, InferenceEvent.model_validate_json(v)) for i, v in enumerate(stream)]
+    )
+    for key, value in store.data.items():
+        if f"{SEP}P{SEP}" in key:
+            assert value["requests"] == before[key]["requests"]
+
+
+_json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(),
+        st.text(),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_values)
+def test_dumps_reads_back_as_json_dumps_does(value: Any) -> None:
+    try:
+        encoded = native.dumps(value)
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be UTF-8; the table store falls back to json.dumps.
+        assert "\\ud" in json.dumps(value)
+        return
+    # NaN != NaN, so compare the standard library's text of both readings.
+    assert json.dumps(json.loads(encoded)) == json.dumps(json.loads(json.dumps(value)))
+
+
+def test_dumps_refuses_what_it_cannot_encode() -> None:
+    for value in ({1: "a"}, 2**64, {"a": {1, 2}}, b"bytes"):
+        with pytest.raises((TypeError, OverflowError)):
+            native.dumps(value)
