@@ -8,12 +8,17 @@ from their streams. Per batch:
 
 1. decodes every message with :func:`genmon.streams.codec.decode`; a message that
    fails becomes a :class:`~genmon.schemas.events.DeadLetter` (reason code, error
-   text, source topic/partition/offset, original bytes) keyed by the source key;
+   text, source topic/partition/offset, original bytes) keyed by the source key.
+   Inference batches go through the native decoder first (:mod:`genmon.streams.native`,
+   ``worker.native_ingest``), which reads most events without building pydantic objects
+   and leaves every other message to ``decode``: same events, same dead letters;
 2. follows the SDK's ``genmon-producer``/``genmon-seq`` headers to count events
    lost (``gaps``), arriving late (``out_of_order``) or twice (``duplicates``);
 3. writes the dead letters, then waits for the broker to accept them, so a batch is
    acknowledged only after its rejects are safe;
-4. hands the valid events, as one list, to each registered sink in order.
+4. hands the valid events, as one list, to each registered sink in order (a sink
+   registered with :meth:`IngestSinks.add_inference_batch_sink` gets the
+   :class:`InferenceBatch` instead, natively decoded events included).
 
 Sinks are the extension point of the streaming pipeline::
 
@@ -70,7 +75,8 @@ FeedbackSink = Callable[[list[FeedbackEvent]], Awaitable[None]]
 
 
 class SourceMessage(Protocol):
-    """What ingest reads of a Kafka message (a ``faust.types.Message`` fits)."""
+    """What ingest reads of a Kafka message (an aiokafka ``ConsumerRecord`` or a
+    ``faust.types.Message`` fits)."""
 
     @property
     def topic(self) -> str: ...
