@@ -105,8 +105,8 @@ class InferenceBatch:
 
     Decoded by the native fast path (``native``, a ``genmon.streams._native.Batch``,
     see :mod:`genmon.streams.native`) or by pydantic (``native`` is ``None``). A sink
-    registered with ``batch=True`` gets this object; other sinks get :attr:`events`, built
-    (with pydantic, once) only when such a sink exists.
+    added with :meth:`IngestSinks.add_inference_batch_sink` gets this object; other sinks
+    get :attr:`events`, built (with pydantic, once) only when such a sink exists.
     """
 
     def __init__(
@@ -314,7 +314,7 @@ class Ingestor:
         self.sinks = app.genmon.sinks
         self.deadletter = app.genmon.topics.deadletter
         self.sequences = SequenceTracker()
-        self.decoder: Any | None = None
+        self.decoder: _native.Decoder | None = None
         if self.settings.worker.native_ingest:
             from genmon.streams import native
             from genmon.streams.quality_signals import QualitySignals
@@ -332,17 +332,11 @@ class Ingestor:
         dead: list[tuple[bytes | None, DeadLetter]] = []
         valid_by_topic: Counter[str] = Counter()
         invalid: Counter[tuple[str, str]] = Counter()
-        gaps: Counter[str] = Counter()
-        late: Counter[str] = Counter()
-        twice: Counter[str] = Counter()
         max_payload = self.settings.worker.dlq_max_payload_bytes
+        if sequences:
+            self._count_sequences(messages)
         for message in messages:
             topic = message.topic
-            check = self._check_sequence(message) if sequences else None
-            if check is not None:
-                gaps[topic] += check.missing
-                late[topic] += check.out_of_order
-                twice[topic] += check.duplicate
             try:
                 event = decode(message.value, model)
             except SchemaError as exc:
@@ -366,14 +360,6 @@ class Ingestor:
             metrics.ingest_valid.labels(topic).inc(count)
         for (topic, reason), count in invalid.items():
             metrics.ingest_invalid.labels(topic, reason).inc(count)
-        for counter, metric in (
-            (gaps, metrics.sequence_gaps),
-            (late, metrics.out_of_order),
-            (twice, metrics.duplicates),
-        ):
-            for topic, count in counter.items():
-                if count:
-                    metric.labels(topic).inc(count)
         return BatchResult(valid, dead, positions)
 
     def validate_inferences(
@@ -418,6 +404,7 @@ class Ingestor:
         return InferenceBatch(batch, canonical_of=canonical_of), result.dead
 
     def _count_sequences(self, messages: Sequence[SourceMessage]) -> None:
+        """Follow the producers' sequence headers, in message order, into the counters."""
         gaps: Counter[str] = Counter()
         late: Counter[str] = Counter()
         twice: Counter[str] = Counter()

@@ -281,3 +281,59 @@ def test_sinks_see_the_source_position_of_each_event(app: GenmonApp) -> None:
     asyncio.run(Ingestor(app).handle_inference(messages))
     assert seen == [(["a", "b", "c"], [(1, 10), (3, 4), (1, 11)])]
     assert SOURCE_POSITIONS.get() is None
+
+
+def test_native_batches_count_like_the_python_path_and_keep_message_order(
+    app: GenmonApp,
+) -> None:
+    """The native decoder defers some messages (no request_id: its default is generated,
+    a number in a string, invalid ones): the counters, dead letters, sequence checks and
+    the order sinks see are those of the pydantic path."""
+    native_ingestor = Ingestor(app)
+    assert native_ingestor.decoder is not None
+    python_app = create_app(
+        Settings.model_validate({"worker": {"dlq_max_payload_bytes": 16, "native_ingest": False}}),
+        installers=(),
+    )
+    python_ingestor = Ingestor(python_app)
+    assert python_ingestor.decoder is None
+    started = '"started_at": "2026-11-29T10:00:00Z"'
+    values = [
+        _json(**VALID, request_id="a", started_at="2026-11-29T10:00:00Z"),  # read natively
+        _json(**VALID),  # deferred (no request_id, no started_at), valid
+        b'{"model_id": "chat", "latency_ms": "12", "request_id": "c", ' + started.encode() + b"}",
+        b"{nope",
+        _json(**VALID, request_id="e", started_at="2026-11-29T10:00:01Z"),
+    ]
+    seqs = [0, 1, 3, 2, 3]  # 1 lost, 1 late, 1 twice
+
+    def messages() -> list[Message]:
+        return [
+            Message(
+                value,
+                10 + i,
+                partition=i % 2,
+                headers=[(codec.HEADER_PRODUCER, b"p"), (codec.HEADER_SEQ, str(seq).encode())],
+            )
+            for i, (value, seq) in enumerate(zip(values, seqs, strict=True))
+        ]
+
+    native_batch, native_dead = native_ingestor.validate_inferences(messages())
+    python_batch, python_dead = python_ingestor.validate_inferences(messages())
+    assert native_batch.native is not None and python_batch.native is None
+    assert native_batch.native.deferred == [1, 2, 3]
+    ids = [e.request_id for e in native_batch.events]
+    assert ids[0] == "a" and ids[2:] == ["c", "e"]
+    assert [(e.model_id, e.latency_ms) for e in native_batch.events] == [
+        (e.model_id, e.latency_ms) for e in python_batch.events
+    ]
+    assert native_batch.positions == python_batch.positions == [(0, 10), (1, 11), (0, 12), (0, 14)]
+    assert (
+        [record.reason for _, record in native_dead]
+        == [record.reason for _, record in python_dead]
+        == ["bad_json"]
+    )
+    assert app.genmon.metrics.snapshot()["ingest"] == python_app.genmon.metrics.snapshot()["ingest"]
+    stats = app.genmon.metrics.snapshot()["ingest"]
+    assert (stats["valid"], stats["invalid"]) == (4, 1)
+    assert (stats["gaps"], stats["out_of_order"], stats["duplicates"]) == (1, 1, 1)

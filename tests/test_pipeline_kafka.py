@@ -394,7 +394,9 @@ def test_feedback_join_out_of_order_late_redelivered_and_orphaned(harness):
 
 
 def test_restart_after_kill9_continues_aggregates_and_detector_state(harness):
-    h = harness(GENMON_WINDOWS__SLOW_LATENCY_MS="100")
+    # A longer idle timeout than the harness's 2 s, as in the two-workers test: a pause
+    # between two batches on a loaded machine must not close a window early.
+    h = harness(GENMON_WINDOWS__SLOW_LATENCY_MS="100", GENMON_WINDOWS__IDLE_TIMEOUT_S="8")
     first = h.worker().start()
     first.wait_ready()
     t0 = grid_start(40)

@@ -27,7 +27,14 @@ const MAX_MS: f64 = 86_400_000.0;
 const MAX_TOKENS: u64 = 10_000_000;
 
 /// `InferenceStatus` values; an event's status is an index into this.
-pub const STATUSES: [&str; 6] = ["ok", "error", "timeout", "cancelled", "content_filtered", "truncated"];
+pub const STATUSES: [&str; 6] = [
+    "ok",
+    "error",
+    "timeout",
+    "cancelled",
+    "content_filtered",
+    "truncated",
+];
 const FINISH_REASONS: [&str; 5] = ["stop", "length", "content_filter", "tool_calls", "other"];
 
 /// An accepted inference event with its quality signals.
@@ -200,7 +207,7 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
     if chars(&prompt) > MAX_TEXT_CHARS || chars(&response) > MAX_TEXT_CHARS {
         return None;
     }
-    if !in_ms_range(raw.latency_ms) || !raw.time_to_first_token_ms.map_or(true, in_ms_range) {
+    if !in_ms_range(raw.latency_ms) || !raw.time_to_first_token_ms.is_none_or(in_ms_range) {
         return None;
     }
     if raw.prompt_tokens.is_some_and(|n| n > MAX_TOKENS)
@@ -216,7 +223,11 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
         None => None,
         Some(s) => Some(FINISH_REASONS.iter().position(|&x| x == s)?),
     };
-    if raw.error_code.as_deref().is_some_and(|c| chars(c) > MAX_ERROR_CODE_CHARS) {
+    if raw
+        .error_code
+        .as_deref()
+        .is_some_and(|c| chars(c) > MAX_ERROR_CODE_CHARS)
+    {
         return None;
     }
     if raw.subject_id.as_deref().is_some_and(|s| !identifier(s)) {
@@ -305,12 +316,21 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 
 fn parse_timestamp(text: &str) -> Option<Instant> {
     let b = text.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':'
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return None;
     }
     let (year, month, day) = (digits(&b[0..4])?, digits(&b[5..7])?, digits(&b[8..10])?);
-    let (hour, minute, second) = (digits(&b[11..13])?, digits(&b[14..16])?, digits(&b[17..19])?);
+    let (hour, minute, second) = (
+        digits(&b[11..13])?,
+        digits(&b[14..16])?,
+        digits(&b[17..19])?,
+    );
     if !(1970..=2200).contains(&year) || !(1..=12).contains(&month) {
         return None;
     }
@@ -343,8 +363,8 @@ fn parse_timestamp(text: &str) -> Option<Instant> {
         }
         _ => return None,
     };
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
-        - offset_s;
+    let seconds =
+        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
     Some(Instant(seconds * 1_000_000 + micros))
 }
 

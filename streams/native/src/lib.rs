@@ -15,8 +15,8 @@ mod quality;
 
 use std::collections::HashMap;
 
-use pyo3::prelude::*;
 use pyo3::intern;
+use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use event::{parse_event, Event, STATUSES};
@@ -83,7 +83,12 @@ impl Decoder {
     /// The quality signals of one response: (empty, refusal, chars, language), for tests.
     fn signals(&self, response: &str) -> (bool, bool, usize, String) {
         let s = self.quality.of(response);
-        (s.empty, s.refusal, s.chars, self.quality.language_name(s.language).to_string())
+        (
+            s.empty,
+            s.refusal,
+            s.chars,
+            self.quality.language_name(s.language).to_string(),
+        )
     }
 }
 
@@ -185,6 +190,9 @@ impl Summary {
     }
 }
 
+/// (model, version, pane start, attributes sorted by name) of a group.
+type GroupKey<'a> = (&'a str, &'a str, i64, &'a [(String, String)]);
+
 /// Statistics of the events sharing (model, version, pane, attributes).
 struct Group {
     first: usize,
@@ -274,7 +282,14 @@ impl Group {
 }
 
 fn summary<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyTuple>> {
-    PyTuple::new(py, [s.n.into_pyobject(py)?.into_any(), s.sum.into_pyobject(py)?.into_any(), s.max.into_pyobject(py)?.into_any()])
+    PyTuple::new(
+        py,
+        [
+            s.n.into_pyobject(py)?.into_any(),
+            s.sum.into_pyobject(py)?.into_any(),
+            s.max.into_pyobject(py)?.into_any(),
+        ],
+    )
 }
 
 #[pymethods]
@@ -291,7 +306,10 @@ impl Batch {
     /// `(input index, partition, offset)` of the accepted events, by input index (values
     /// added by `Decoder.extend` are numbered after those of `Decoder.decode`).
     fn accepted(&self) -> Vec<(usize, i64, i64)> {
-        self.events.iter().map(|e| (e.raw_index, e.partition, e.offset)).collect()
+        self.events
+            .iter()
+            .map(|e| (e.raw_index, e.partition, e.offset))
+            .collect()
     }
 
     /// Partitions with accepted events, ascending.
@@ -323,13 +341,14 @@ impl Batch {
         max_text_chars: usize,
         joins: &Bound<'py, PyDict>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let mut order: Vec<usize> =
-            (0..self.events.len()).filter(|&i| self.events[i].partition == partition).collect();
+        let mut order: Vec<usize> = (0..self.events.len())
+            .filter(|&i| self.events[i].partition == partition)
+            .collect();
         order.sort_by_key(|&i| self.events[i].offset);
         let (mut fresh, mut skipped, mut skew, mut late) = (0u64, 0u64, 0u64, 0u64);
         let mut max_offset: Option<i64> = None;
         let mut newest: Vec<(&str, i64)> = Vec::new();
-        let mut group_index: HashMap<(&str, &str, i64, &[(String, String)]), usize> = HashMap::new();
+        let mut group_index: HashMap<GroupKey, usize> = HashMap::new();
         let mut groups: Vec<Group> = Vec::new();
         for &i in &order {
             let e = &self.events[i];
@@ -354,7 +373,12 @@ impl Batch {
                     continue;
                 }
             }
-            let key = (e.model.as_str(), e.version.as_str(), pane, e.sorted_segment.as_slice());
+            let key = (
+                e.model.as_str(),
+                e.version.as_str(),
+                pane,
+                e.sorted_segment.as_slice(),
+            );
             let g = *group_index.entry(key).or_insert_with(|| {
                 groups.push(Group::new(i, e.offset));
                 groups.len() - 1
@@ -452,7 +476,13 @@ impl Batch {
             }
             let key = PyString::new(py, &jkey);
             if replayed.contains(&jkey) || joins.contains(&key)? {
-                replay.append((key, strings.get(py, &e.model), &e.request_id, record, e.offset))?;
+                replay.append((
+                    key,
+                    strings.get(py, &e.model),
+                    &e.request_id,
+                    record,
+                    e.offset,
+                ))?;
                 replayed.insert(jkey);
                 continue;
             }
@@ -574,9 +604,9 @@ fn write_json(out: &mut Vec<u8>, value: &Bound<'_, PyAny>) -> PyResult<()> {
             if i > 0 {
                 out.push(b',');
             }
-            let key = k.downcast::<PyString>().map_err(|_| {
-                pyo3::exceptions::PyTypeError::new_err("dict keys must be str")
-            })?;
+            let key = k
+                .downcast::<PyString>()
+                .map_err(|_| pyo3::exceptions::PyTypeError::new_err("dict keys must be str"))?;
             write_str(out, key.to_str()?);
             out.push(b':');
             write_json(out, &v)?;

@@ -21,7 +21,9 @@ const LANGUAGE_SCAN_CHARS: usize = 200;
 /// Fixed labels after the configured Latin languages.
 const NONE: usize = 0;
 const LATIN: usize = 1;
-const SCRIPTS: [&str; 11] = ["none", "latin", "ja", "zh", "ko", "ru", "ar", "hi", "el", "he", "th"];
+const SCRIPTS: [&str; 11] = [
+    "none", "latin", "ja", "zh", "ko", "ru", "ar", "hi", "el", "he", "th",
+];
 const HAN: usize = 100;
 
 pub struct Signals {
@@ -49,7 +51,11 @@ impl Quality {
         languages: Vec<String>,
         function_words: HashMap<String, Vec<usize>>,
     ) -> Result<Self, String> {
-        if function_words.values().flatten().any(|&l| l >= languages.len()) {
+        if function_words
+            .values()
+            .flatten()
+            .any(|&l| l >= languages.len())
+        {
             return Err("function word language index out of range".into());
         }
         let anywhere = if anywhere.is_empty() {
@@ -57,12 +63,22 @@ impl Quality {
         } else {
             Some(AhoCorasick::new(&anywhere).map_err(|e| e.to_string())?)
         };
-        Ok(Quality { openings, anywhere, scan_chars, languages, function_words })
+        Ok(Quality {
+            openings,
+            anywhere,
+            scan_chars,
+            languages,
+            function_words,
+        })
     }
 
     /// Labels by index: the fixed script labels, then the configured languages.
     pub fn language_names(&self) -> Vec<String> {
-        SCRIPTS.iter().map(|s| s.to_string()).chain(self.languages.iter().cloned()).collect()
+        SCRIPTS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.languages.iter().cloned())
+            .collect()
     }
 
     pub fn language_name(&self, index: usize) -> &str {
@@ -75,7 +91,11 @@ impl Quality {
 
     pub fn of(&self, response: &str) -> Signals {
         let empty = response.trim_matches(python_space).is_empty();
-        let chars = if response.is_ascii() { response.len() } else { response.chars().count() };
+        let chars = if response.is_ascii() {
+            response.len()
+        } else {
+            response.chars().count()
+        };
         Signals {
             empty,
             refusal: !empty && self.is_refusal(response),
@@ -91,10 +111,16 @@ impl Quality {
             folded = folded.replace(['\u{2019}', '\u{2018}', '\u{2bc}'], "'");
         }
         let opening = folded.trim_start_matches(LEADING);
-        if self.openings.iter().any(|p| opening.starts_with(p.as_str())) {
+        if self
+            .openings
+            .iter()
+            .any(|p| opening.starts_with(p.as_str()))
+        {
             return true;
         }
-        self.anywhere.as_ref().is_some_and(|ac| ac.is_match(opening))
+        self.anywhere
+            .as_ref()
+            .is_some_and(|ac| ac.is_match(opening))
     }
 
     fn language(&self, text: &str) -> usize {
