@@ -1,7 +1,7 @@
 # The genmon image: `genmon worker`, `genmon infra topics` and the other commands.
 # Kafka and PostgreSQL run in their own containers (see docker-compose.yml).
 
-# genmon's native ingest module (streams/native/, Rust) is built into a wheel here, so the
+# genmon's native ingest module (streams/native-rs/, Rust) is built into a wheel here, so the
 # image itself carries no compiler.
 FROM python:3.11-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends curl gcc libc6-dev \

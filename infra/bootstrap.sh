@@ -19,8 +19,8 @@ fi
 # pip is only asked again when pyproject.toml or the native module's sources (built by cargo
 # at install, see genmon.streams.native) changed since the last install.
 stamp=.venv/.genmon-pyproject.sha256
-wanted=$(cat pyproject.toml streams/native/Cargo.toml streams/native/Cargo.lock \
-  streams/native/src/*.rs | sha256sum | cut -d' ' -f1)
+wanted=$(cat pyproject.toml streams/native-rs/Cargo.toml streams/native-rs/Cargo.lock \
+  streams/native-rs/src/*.rs | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \
   || ! .venv/bin/python -c 'import genmon.cli, genmon.streams._native' 2>/dev/null; then
   echo "bootstrap: installing genmon and its dev dependencies into .venv"

@@ -13,7 +13,7 @@ infra/bootstrap.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy genmon schemas detectors streams infra
 # The native module's own unit tests (tests/test_native.py checks it against Python).
-PATH="$HOME/.cargo/bin:$PATH" cargo test --quiet --release --manifest-path streams/native/Cargo.toml
+PATH="$HOME/.cargo/bin:$PATH" cargo test --quiet --release --manifest-path streams/native-rs/Cargo.toml
 
 # PostgreSQL runs as the `postgres` OS user, which must reach the database files under this
 # checkout; a clone in a folder private to root (as `mktemp -d` makes) would hide them.

@@ -1,4 +1,4 @@
-"""Types of the compiled fast path (streams/native/src); see :mod:`genmon.streams.native`."""
+"""Types of the compiled fast path (streams/native-rs/src); see :mod:`genmon.streams.native`."""
 
 from typing import Any
 

@@ -1,6 +1,6 @@
 """The native ingest path: inference batches decoded and aggregated in Rust.
 
-``genmon.streams._native`` (the crate in ``streams/native/``, built by ``pip install``) is
+``genmon.streams._native`` (the crate in ``streams/native-rs/``, built by ``pip install``) is
 a *fast path* beside the pydantic one, never a second definition of the schema:
 
 - :meth:`Decoder.decode` accepts only events it reads exactly as
