@@ -451,15 +451,31 @@ def aggregate_inferences(
         stats.saw("inference", offset)
     out: dict[PaneKey, WindowStats] = {}
     for (model, version, pane, _, segments), stats in groups.items():
-        stats.flush()
-        for segment in segments:
-            key = PaneKey(model, version, segment, pane)
-            into = out.get(key)
-            if into is None:
-                keep = exemplars if segment == ALL_SEGMENTS else 0
-                into = out[key] = WindowStats(relative_accuracy, keep, redact_exemplars)
-            into.merge(stats)
+        merge_group(out, model, version, pane, segments, stats, exemplars, redact_exemplars)
     return out
+
+
+def merge_group(
+    out: dict[PaneKey, WindowStats],
+    model: str,
+    version: str,
+    pane: int,
+    segments: Iterable[str],
+    stats: WindowStats,
+    exemplars: int,
+    redact_exemplars: bool,
+) -> None:
+    """Merge one group's statistics into the pane of each segment series it counts in.
+
+    Examples are kept in the ``"*"`` series only (the quality detectors judge versions).
+    """
+    for segment in segments:
+        key = PaneKey(model, version, segment, pane)
+        into = out.get(key)
+        if into is None:
+            keep = exemplars if segment == ALL_SEGMENTS else 0
+            into = out[key] = WindowStats(stats.latency.relative_accuracy, keep, redact_exemplars)
+        into.merge(stats)
 
 
 _GroupKey = tuple[str, str, int, tuple[tuple[str, str], ...], tuple[str, ...]]

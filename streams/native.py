@@ -37,7 +37,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from genmon.schemas.events import MAX_EVENT_BYTES, InferenceEvent
-from genmon.streams.aggregates import ALL_SEGMENTS, PaneKey, WindowStats, _keep_flagged, _Summary
+from genmon.streams.aggregates import PaneKey, WindowStats, _keep_flagged, _Summary, merge_group
 from genmon.streams.quality_signals import (
     _AMBIGUITY_ORDER,
     _LANGUAGES_OF_WORD,
@@ -104,13 +104,8 @@ def pane_stats(
     for group in groups:
         stats = _group_stats(group, batch, quality, relative_accuracy, exemplars, redact_exemplars)
         model, version, pane = group["model"], group["version"], group["pane"]
-        for segment in segment_cap.segments(model, group["attributes"], group["requests"]):
-            key = PaneKey(model, version, segment, pane)
-            into = out.get(key)
-            if into is None:
-                keep = exemplars if segment == ALL_SEGMENTS else 0
-                into = out[key] = WindowStats(relative_accuracy, keep, redact_exemplars)
-            into.merge(stats)
+        segments = segment_cap.segments(model, group["attributes"], group["requests"])
+        merge_group(out, model, version, pane, segments, stats, exemplars, redact_exemplars)
     return out
 
 

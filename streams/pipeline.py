@@ -340,18 +340,11 @@ class Pipeline:
     async def on_inference_batch(self, batch: InferenceBatch) -> None:
         """The ingest sink: :meth:`on_inferences`, natively decoded batches without
         building pydantic events (:mod:`genmon.streams.native`)."""
-        if batch.native is None:
-            from genmon.streams.ingest import SOURCE_POSITIONS
-
-            token = SOURCE_POSITIONS.set(batch.positions)
-            try:
-                await self.on_inferences(batch.events)
-            finally:
-                SOURCE_POSITIONS.reset(token)
-            return
         async with self._lock:
             for partition in batch.partitions():
-                out = self.core.on_native_inferences(partition, batch.native, checkpoint=False)
+                out = None
+                if batch.native is not None:
+                    out = self.core.on_native_inferences(partition, batch.native, checkpoint=False)
                 if out is None:
                     out = self.core.on_inferences(
                         partition, batch.items(partition), checkpoint=False

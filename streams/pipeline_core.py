@@ -488,17 +488,10 @@ class PipelineCore:
             self._merge_pane(partition, part, key, stats)
         pairs: list[tuple[int | None, JoinedPair]] = []
         for offset, event in fresh:
-            jkey = join_key(event.model_id, event.request_id)
-            entry, joined = self.joiner.on_inference(part.joins.get(jkey), event)
-            self._put_join(part, event.model_id, jkey, entry)
-            pairs += [(offset, pair) for pair in joined]
-        # Its own offset channel: the pane's "inference" offset already covers this batch.
-        self._joined(partition, part, "join:inference", pairs, out)
-        self.counters.segment_overflow += part.segment_cap.end_batch()
-        self._advance(part, newest)
+            record = self.joiner.inference_record(event)
+            self._join_inference(part, event.model_id, event.request_id, record, offset, pairs)
         self._offsets(part, "inference", events)
-        if checkpoint:
-            self.checkpoint(partition)
+        self._end_inference_batch(partition, part, pairs, out, newest, checkpoint)
         return out
 
     def on_native_inferences(
@@ -555,20 +548,46 @@ class PipelineCore:
             for item in items:
                 heapq.heappush(heap, item)
         pairs: list[tuple[int | None, JoinedPair]] = []
-        for jkey, model, request_id, record, offset in result["replay"]:
-            entry, joined = self.joiner.on_inference_record(
-                part.joins.get(jkey), model, request_id, record
-            )
-            self._put_join(part, model, jkey, entry)
-            pairs += [(offset, pair) for pair in joined]
-        self._joined(partition, part, "join:inference", pairs, out)
-        counters.segment_overflow += part.segment_cap.end_batch()
-        self._advance(part, result["newest"])
+        for _, model, request_id, record, offset in result["replay"]:
+            self._join_inference(part, model, request_id, record, offset, pairs)
         if result["max_offset"] is not None:
             part.offsets["inference"] = max(done, result["max_offset"])
+        self._end_inference_batch(partition, part, pairs, out, result["newest"], checkpoint)
+        return out
+
+    def _join_inference(
+        self,
+        part: _Partition,
+        model: str,
+        request_id: str,
+        record: dict[str, Any],
+        offset: int | None,
+        pairs: list[tuple[int | None, JoinedPair]],
+    ) -> None:
+        """Put an inference's join record in its entry; add the pairs it completes."""
+        jkey = join_key(model, request_id)
+        entry, joined = self.joiner.on_inference_record(
+            part.joins.get(jkey), model, request_id, record
+        )
+        self._put_join(part, model, jkey, entry)
+        pairs += [(offset, pair) for pair in joined]
+
+    def _end_inference_batch(
+        self,
+        partition: int,
+        part: _Partition,
+        pairs: list[tuple[int | None, JoinedPair]],
+        out: Output,
+        newest: dict[str, int],
+        checkpoint: bool,
+    ) -> None:
+        """What ends an inference batch on either path, after its offsets are recorded."""
+        # Its own offset channel: the pane's "inference" offset already covers this batch.
+        self._joined(partition, part, "join:inference", pairs, out)
+        self.counters.segment_overflow += part.segment_cap.end_batch()
+        self._advance(part, newest)
         if checkpoint:
             self.checkpoint(partition)
-        return out
 
     # -- feedback -----------------------------------------------------------------------
     def on_feedback(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,6 +17,9 @@ from pydantic import ValidationError
 from genmon.schemas.events import MAX_EVENT_BYTES, FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams import native
+from genmon.streams.app import create_app
+from genmon.streams.ingest import Ingestor
+from genmon.streams.pipeline import install_pipeline
 from genmon.streams.pipeline_core import SEP, DictStore, PipelineCore
 from genmon.streams.quality_signals import QualitySignals
 
@@ -288,8 +293,9 @@ def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 20
     return store, core, windows
 
 
-def _state(store: DictStore) -> dict[str, Any]:
-    # Join segment records may split differently; the live entries are compared instead.
+def _state(store: Any) -> dict[str, Any]:
+    """A store's or Faust table's records but the join segments, which may split
+    differently; the live join entries are compared instead."""
     return {k: v for k, v in store.data.items() if f"{SEP}S{SEP}" not in k}
 
 
@@ -374,3 +380,34 @@ def test_dumps_refuses_what_it_cannot_encode() -> None:
     for value in ({1: "a"}, 2**64, {"a": {1, 2}}, b"bytes"):
         with pytest.raises((TypeError, OverflowError)):
             native.dumps(value)
+
+
+def test_the_pipeline_sink_keeps_the_same_state_from_native_and_pydantic_batches() -> None:
+    """Through ingest and the worker's sink (Faust tables, buffered core): a batch decoded
+    natively and one decoded by pydantic (``worker.native_ingest`` off) end the same."""
+    stream = [raw for kind, raw in _stream(5, 600) if kind == "inference"]
+    messages = [
+        SimpleNamespace(
+            topic="genmon.inference", partition=i % 2, offset=i, key=b"k", value=value, headers=[]
+        )
+        for i, value in enumerate(stream)
+    ]
+
+    async def ingest(native_ingest: bool) -> Any:
+        app = create_app(
+            Settings.model_validate({"worker": {"native_ingest": native_ingest}}), installers=()
+        )
+        ingestor, pipeline = Ingestor(app), install_pipeline(app)
+        for start in range(0, len(messages), 100):
+            batch, dead = ingestor.validate_inferences(messages[start : start + 100])
+            assert dead == [] and (batch.native is not None) is native_ingest
+            await pipeline.on_inference_batch(batch)
+        await pipeline.flush()
+        return pipeline
+
+    native_run, pydantic_run = (asyncio.run(ingest(flag)) for flag in (True, False))
+    state = _state(native_run.state_table)
+    assert any(f"{SEP}P{SEP}" in key for key in state)
+    assert state == _state(pydantic_run.state_table)
+    for p in (0, 1):
+        assert native_run.core._parts[p].joins == pydantic_run.core._parts[p].joins != {}
