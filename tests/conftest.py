@@ -21,6 +21,7 @@ from incident_support import migrated_engine, postgres_schema_url, sqlite_url
 from sqlalchemy.engine import Engine
 
 from genmon.settings import Settings
+from genmon.streams.incidents.receiver import WebhookReceiver
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +139,11 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine = migrated_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    """genmon's reference webhook receiver on loopback, without a signing secret (a test
+    module whose pages are signed defines its own, with the secret)."""
+    with WebhookReceiver() as running:
+        yield running

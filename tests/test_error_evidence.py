@@ -368,12 +368,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    with WebhookReceiver() as running:
-        yield running
-
-
 def fired_refusal_finding(**detectors: Any) -> Finding:
     settings = tfidf_settings(**detectors)
     now = [T0.timestamp() + 3600]

@@ -55,12 +55,6 @@ def engine(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.fixture
-def receiver() -> Iterator[WebhookReceiver]:
-    with WebhookReceiver() as running:
-        yield running
-
-
 def _destination_configs(receiver: WebhookReceiver) -> list[dict[str, str]]:
     base = f"http://{receiver.host}:{receiver.port}"
     return [
