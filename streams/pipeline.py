@@ -72,7 +72,7 @@ import numpy as np
 from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge, Histogram
 
-from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent
+from genmon.schemas.events import FeedbackEvent, Finding
 from genmon.settings import Settings
 from genmon.streams import native
 from genmon.streams.codec import encode
@@ -329,17 +329,9 @@ class Pipeline:
         self._embedding_lock = asyncio.Lock()
 
     # -- ingest sinks ---------------------------------------------------------------------
-    async def on_inferences(self, events: list[InferenceEvent]) -> None:
-        async with self._lock:
-            for partition, items in self._by_partition(events).items():
-                out = self.core.on_inferences(partition, items, checkpoint=False)
-                await self._persist(out.examples)
-                self.core.checkpoint(partition)
-            self.metrics.sync(self.core)
-
     async def on_inference_batch(self, batch: InferenceBatch) -> None:
-        """The ingest sink: :meth:`on_inferences`, natively decoded batches without
-        building pydantic events (:mod:`genmon.streams.native`)."""
+        """The ingest sink of inferences: each source partition's events through the core,
+        natively decoded ones without pydantic events (:mod:`genmon.streams.native`)."""
         async with self._lock:
             for partition in batch.partitions():
                 out = None

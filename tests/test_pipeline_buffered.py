@@ -19,6 +19,7 @@ from genmon.schemas.events import FeedbackEvent, InferenceEvent, InferenceStatus
 from genmon.settings import Settings
 from genmon.streams.aggregates import WindowStats
 from genmon.streams.app import create_app
+from genmon.streams.ingest import InferenceBatch
 from genmon.streams.pipeline import install_pipeline, partition_for
 from genmon.streams.pipeline_core import SEP, BufferedStore, DictStore, PipelineCore
 
@@ -343,7 +344,8 @@ def test_the_workers_consumer_flushes_the_pipeline_before_committing() -> None:
     revoked = {TP(pipeline.inference_topic, 1)}
 
     async def scenario() -> None:
-        await pipeline.on_inferences([event])
+        partition = partition_for("m", pipeline.partitions)
+        await pipeline.on_inference_batch(InferenceBatch(None, [event], [(partition, 0)]))
         pipeline.core.on_inferences(1, [(0, event)])
         assert pipeline.state_table.data == {}  # held until a commit
         # Nothing is acknowledged here, so Faust commits no offsets, but the hooks run.
