@@ -95,9 +95,9 @@ class WorkerSettings(BaseModel):
     native_ingest: bool = Field(
         True,
         description=(
-            "decode and aggregate inference batches with the compiled fast path"
-            " (genmon.streams.native) when it is installed; same results, pydantic decides"
-            " every message it does not accept"
+            "decode and aggregate inference batches, and keep feedback-join entries, with the"
+            " compiled fast path (genmon.streams.native) when it is installed; same results,"
+            " pydantic decides every message it does not accept"
         ),
     )
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from genmon.schemas.events import InferenceEvent, InferenceStatus
 from genmon.streams.exemplars import Exemplars
 from genmon.streams.quality_signals import QualitySignals
-from genmon.streams.sketch import DEFAULT_RELATIVE_ACCURACY, QuantileSketch
+from genmon.streams.sketch import DEFAULT_RELATIVE_ACCURACY, QuantileSketch, add_counts
 
 if TYPE_CHECKING:
     from genmon.streams.segment_cap import SegmentCap
@@ -127,11 +127,6 @@ def _keep_flagged(
                 note,
                 event.subject_id,
             )
-
-
-def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
-    for key, n in other.items():
-        into[key] = into.get(key, 0) + n
 
 
 class WindowStats:
@@ -269,8 +264,8 @@ class WindowStats:
         self.flush()
         self.requests += other.requests
         self.errors += other.errors
-        _add_counts(self.by_status, other.by_status)
-        _add_counts(self.by_error_code, other.by_error_code)
+        add_counts(self.by_status, other.by_status)
+        add_counts(self.by_error_code, other.by_error_code)
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
         self.prompt_tokens.merge(other.prompt_tokens)
@@ -279,7 +274,7 @@ class WindowStats:
         self.empty += other.empty
         self.truncated += other.truncated
         self.refusal += other.refusal
-        _add_counts(self.languages, other.languages)
+        add_counts(self.languages, other.languages)
         self.feedback += other.feedback
         self.fb_positive += other.fb_positive
         self.fb_negative += other.fb_negative

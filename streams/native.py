@@ -16,9 +16,12 @@ a *fast path* beside the pydantic one, never a second definition of the schema:
   :meth:`~genmon.streams.pipeline_core.PipelineCore.on_inferences` for one partition:
   the offset filter, future and late events, the quality signals
   (:mod:`genmon.streams.quality_signals`, the same phrase list), grouping by
-  ``(model, version, pane, attributes)`` and the join records. Python then does the
-  per-group and per-pane work it did before, so both paths write the same state;
-  ``tests/test_native.py`` runs both on the same streams and compares.
+  ``(model, version, pane, attributes)``, and putting every inference into the
+  partition's native :class:`JoinTable` (:func:`join_table`, the Rust twin of
+  :class:`genmon.streams.join.JoinTable`). Python then does the per-group and per-pane
+  work it did before, so both paths write the same state; ``tests/test_native.py`` runs
+  both on the same streams and compares, and drives both join tables with the same
+  operations.
 
 Without the compiled module (a source checkout without a Rust toolchain) :func:`decoder_for`
 returns ``None`` and ingest takes the Python path.
@@ -52,7 +55,7 @@ try:
 except ImportError:  # pragma: no cover - a checkout built without Rust
     _native = None
 
-__all__ = ["MAX_EVENT_BYTES", "available", "decoder_for", "dumps", "pane_stats"]
+__all__ = ["MAX_EVENT_BYTES", "available", "decoder_for", "dumps", "join_table", "pane_stats"]
 
 
 def available() -> bool:
@@ -72,6 +75,16 @@ def dumps(value: Any) -> bytes:
     if _native is None:
         raise TypeError("genmon.streams._native is not built")
     return _native.dumps(value)
+
+
+def join_table(ttl_ms: int, max_text_chars: int) -> _native.JoinTable:
+    """The native :class:`genmon.streams.join.JoinTable` (the module must be built)."""
+    if _native is None:
+        raise RuntimeError(
+            "genmon.streams._native is not built: reinstall genmon with a Rust toolchain"
+            " (infra/bootstrap.sh) or set GENMON_WORKER__NATIVE_INGEST=false"
+        )
+    return _native.JoinTable(ttl_ms, max_text_chars)
 
 
 def decoder_for(quality: QualitySignals) -> _native.Decoder | None:

@@ -121,10 +121,12 @@ def insert_examples(engine: Any, rows: list[dict[str, Any]]) -> int:
 class TableStore:
     """:class:`~genmon.streams.pipeline_core.StateStore` over a Faust table.
 
-    Writes go to ``table.data`` and to the changelog partition given by the caller. With
-    ``native_json`` values are encoded by the native module's ``dumps`` (4x the standard
-    library's speed; the table's JSON codec reads them back on recovery), falling back to
-    the table's codec for a value it cannot encode.
+    Writes go to ``table.data`` and to the changelog partition given by the caller. A
+    ``bytes`` value is JSON already (the native join table's segment records); the
+    table's JSON codec reads it back on recovery as it reads the others. With
+    ``native_json`` other values are encoded by the native module's ``dumps`` (4x the
+    standard library's speed), falling back to the table's codec for a value it cannot
+    encode.
     """
 
     def __init__(self, table: Any, *, native_json: bool = False) -> None:
@@ -136,6 +138,9 @@ class TableStore:
 
     def put(self, partition: int, key: str, value: Any) -> None:
         self.table.data[key] = value
+        if isinstance(value, bytes):  # JSON already: a native join segment record
+            self.table.send_changelog(partition, key, value, value_serializer="raw")
+            return
         if self._dumps is not None:
             try:
                 encoded = self._dumps(value)
@@ -312,8 +317,12 @@ class Pipeline:
             internal=True,
         )
         # Held in memory between offset commits (see flush()).
+        use_native = native.available() and settings.worker.native_ingest
         self.core = PipelineCore(
-            settings, TableStore(self.state_table, native_json=native.available()), buffered=True
+            settings,
+            TableStore(self.state_table, native_json=use_native),
+            buffered=True,
+            native_joins=use_native,
         )
         self.runner = DetectorRunner(settings)
         self.detector_store = TableStore(self.detector_table)

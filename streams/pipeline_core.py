@@ -57,8 +57,6 @@ part-way leaves the old mark, and redelivery from the last commit replays them.
 
 from __future__ import annotations
 
-import heapq
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +75,13 @@ from genmon.streams.aggregates import (
     event_time_ms,
 )
 from genmon.streams.exemplars import Exemplars, fit_window_budget
-from genmon.streams.join import FeedbackJoiner, JoinedPair, join_key
+from genmon.streams.join import (
+    JoinedPair,
+    JoinTable,
+    feedback_record,
+    inference_record,
+    record_entries,
+)
 from genmon.streams.quality_signals import QualitySignals
 from genmon.streams.segment_cap import SegmentCap, fold_to_budget, overflow_counts
 
@@ -257,20 +261,10 @@ class _Partition:
     clocks: dict[str, _Clock] = field(default_factory=dict)
     offsets: dict[str, int] = field(default_factory=dict)
     panes: set[PaneKey] = field(default_factory=set)
-    join_heaps: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-    pending: set[str] = field(default_factory=set)
     dirty: bool = False
-    #: Live join entries by join key, the segment record holding each, live entries per
-    #: segment, and entries changed since the last checkpoint (written as new segments).
-    joins: dict[str, dict[str, Any]] = field(default_factory=dict)
-    join_segment: dict[str, int] = field(default_factory=dict)
-    segment_live: dict[int, int] = field(default_factory=dict)
-    unwritten: dict[str, dict[str, Any]] = field(default_factory=dict)
-    next_segment: int = 0
-    evicted_floors: dict[str, tuple[int, str]] = field(default_factory=dict)
-    #: Models with entries (live or not) in each segment record.
-    segment_models: dict[int, set[str]] = field(default_factory=dict)
     segment_cap: SegmentCap = field(kw_only=True)
+    #: A :class:`~genmon.streams.join.JoinTable` (or the native one).
+    joins: Any = field(kw_only=True)
     #: Highest inference offset a restored pane holds (it can be above the mark after a
     #: crash between writing panes and the mark; the native path defers to the Python one
     #: for events up to it).
@@ -281,12 +275,15 @@ class _Partition:
             "models": {m: c.to_state() for m, c in self.clocks.items()},
             # Copies: a store may serialise the mark after the next batch has moved on.
             "off": dict(self.offsets),
-            "evicted": {m: list(floor) for m, floor in self.evicted_floors.items()},
+            "evicted": {m: list(floor) for m, floor in self.joins.floors.items()},
         }
 
     def watermark(self, model_id: str) -> int | None:
         clock = self.clocks.get(model_id)
         return None if clock is None else clock.watermark
+
+    def watermarks(self) -> dict[str, int]:
+        return {model: clock.watermark for model, clock in self.clocks.items()}
 
 
 class PipelineCore:
@@ -294,6 +291,8 @@ class PipelineCore:
 
     Writes go through to ``store`` unless ``buffered``: then they are held in a
     :class:`BufferedStore` over it, panes as live :class:`WindowStats`, until :meth:`flush`.
+    Join entries live in the native join table when the module is built, unless
+    ``native_joins`` is false (see :mod:`genmon.streams.join`).
     """
 
     def __init__(
@@ -304,6 +303,7 @@ class PipelineCore:
         clock: Callable[[], float] = time.time,
         *,
         buffered: bool = False,
+        native_joins: bool | None = None,
     ) -> None:
         w = settings.windows
         self.plan = WindowPlan(
@@ -312,9 +312,10 @@ class PipelineCore:
         self.alpha = w.sketch_relative_accuracy
         self.idle_s = w.idle_timeout_s
         self.skew_ms = round(w.max_future_skew_s * 1000)
-        self.joiner = FeedbackJoiner(
-            round(settings.feedback.join_ttl_s * 1000), settings.feedback.join_max_text_chars
-        )
+        self.join_ttl_ms = round(settings.feedback.join_ttl_s * 1000)
+        self.join_max_text_chars = settings.feedback.join_max_text_chars
+        self.native_joins = native.available() if native_joins is None else native_joins
+        self._join_table(0)  # invalid join settings fail here, not at the first event
         self.negative_below = settings.feedback.negative_score_below
         self.exemplars = settings.detectors.exemplars_per_window
         self.redact_exemplars = settings.detectors.redact_exemplars
@@ -342,7 +343,7 @@ class PipelineCore:
     @property
     def pending_feedback(self) -> int:
         """Join entries holding feedback that has not met its inference yet."""
-        return sum(len(part.pending) for part in self._parts.values())
+        return sum(part.joins.pending for part in self._parts.values())
 
     @property
     def join_entries(self) -> int:
@@ -353,9 +354,12 @@ class PipelineCore:
         """(Re)build in-memory indexes of ``partitions`` from the store (after recovery)."""
         wanted = set(partitions)
         now = self.clock()
-        segments: dict[int, list[tuple[int, str]]] = {}
+        segments: dict[int, list[tuple[int, str]]] = {p: [] for p in wanted}
+        floors: dict[int, dict[str, tuple[int, str]]] = {p: {} for p in wanted}
         for p in wanted:
-            self._parts[p] = _Partition(segment_cap=SegmentCap(self.max_segment_values))
+            self._parts[p] = _Partition(
+                segment_cap=SegmentCap(self.max_segment_values), joins=self._join_table(p)
+            )
         for key in self.store.all_keys():
             p_text, _, rest = key.partition(SEP)
             if not p_text.isdigit() or int(p_text) not in wanted:
@@ -370,53 +374,25 @@ class PipelineCore:
                 applied = self._applied(int(p_text), pane, "inference")
                 part.panes_ahead_until = max(part.panes_ahead_until, applied)
             elif kind == "S":
-                segments.setdefault(int(p_text), []).append((int(rest[2:]), key))
+                segments[int(p_text)].append((int(rest[2:]), key))
             elif kind == "M":
                 mark = self.store.get(key) or {}
                 part.offsets = dict(mark.get("off", {}))
-                part.evicted_floors = {
+                floors[int(p_text)] = {
                     model: (int(exp), str(jkey))
                     for model, (exp, jkey) in mark.get("evicted", {}).items()
                 }
                 for model, clock in mark.get("models", {}).items():
                     part.clocks[model] = _Clock(clock["wm"], now, now, dict(clock["closed"]))
-        for p, found in segments.items():
-            self._restore_joins(p, self._parts[p], sorted(found))
         for p in wanted:
             part = self._parts[p]
-            for heap in part.join_heaps.values():
-                heapq.heapify(heap)
+            records = [(seq, record_entries(self.store.get(key))) for seq, key in segments[p]]
+            part.joins.restore(records, part.watermarks(), floors[p])
+            self._delete_dead_segments(p, part)
             # A lowered feedback.join_max_entries takes effect now; the mark with the new
             # floor is written by the partition's next checkpoint.
             if self._evict_joins(p, part):
                 part.dirty = True
-
-    def _restore_joins(self, p: int, part: _Partition, segments: list[tuple[int, str]]) -> None:
-        # Later segments hold newer versions of an entry; expired ones stay dropped.
-        for seq, key in segments:
-            entries = (self.store.get(key) or {}).get("e", {})
-            part.segment_models[seq] = {jkey.split(SEP, 1)[0] for jkey in entries}
-            for jkey, entry in entries.items():
-                part.joins[jkey] = entry
-                part.join_segment[jkey] = seq
-            part.next_segment = seq + 1
-        for jkey, entry in list(part.joins.items()):
-            model = jkey.split(SEP, 1)[0]
-            watermark = part.watermark(model)
-            expired = watermark is not None and entry["exp"] <= watermark
-            floor = part.evicted_floors.get(model)
-            if expired or (floor is not None and (entry["exp"], jkey) <= floor):
-                del part.joins[jkey], part.join_segment[jkey]
-                continue
-            seq = part.join_segment[jkey]
-            part.segment_live[seq] = part.segment_live.get(seq, 0) + 1
-            part.join_heaps.setdefault(model, []).append((entry["exp"], jkey))
-            if entry["fb"]:
-                part.pending.add(jkey)
-        for seq, key in segments:
-            if seq not in part.segment_live:
-                self.store.delete(p, key)
-                del part.segment_models[seq]
 
     def forget(self, partitions: Iterable[int]) -> None:
         """Drop in-memory indexes of revoked partitions (their state stays in the table).
@@ -441,6 +417,11 @@ class PipelineCore:
             self.restore([p])
             part = self._parts[p]
         return part
+
+    def _join_table(self, partition: int) -> Any:
+        if self.native_joins:
+            return native.join_table(self.join_ttl_ms, self.join_max_text_chars)
+        return JoinTable(self.join_ttl_ms, self.join_max_text_chars)
 
     # -- inference ----------------------------------------------------------------------
     def on_inferences(
@@ -487,9 +468,11 @@ class PipelineCore:
         for key, stats in aggregated.items():
             self._merge_pane(partition, part, key, stats)
         pairs: list[tuple[int | None, JoinedPair]] = []
+        cut = self.join_max_text_chars
         for offset, event in fresh:
-            record = self.joiner.inference_record(event)
-            self._join_inference(part, event.model_id, event.request_id, record, offset, pairs)
+            record = inference_record(event, cut)
+            joined = part.joins.add_inference(event.model_id, event.request_id, record)
+            pairs += [(offset, JoinedPair(*pair)) for pair in joined]
         self._offsets(part, "inference", events)
         self._end_inference_batch(partition, part, pairs, out, newest, checkpoint)
         return out
@@ -502,27 +485,28 @@ class PipelineCore:
         The per-event work runs in :mod:`genmon.streams.native`; the result is the same
         state. Returns ``None``, having changed nothing, when the batch redelivers events
         into panes restored ahead of the mark (after a crash between writing a pane and
-        the mark): the caller then takes :meth:`on_inferences`, which skips per pane.
+        the mark), or when the core keeps its join entries in Python: the caller then takes
+        :meth:`on_inferences`, which skips per pane.
         """
+        if not self.native_joins:
+            return None
         part = self._part(partition)
         done = part.offsets.get("inference", -1)
-        watermarks = {model: clock.watermark for model, clock in part.clocks.items()}
+        ahead = part.panes_ahead_until
+        if ahead > done and any(
+            p == partition and done < offset <= ahead for _, p, offset in batch.accepted()
+        ):
+            return None
         result = batch.aggregate(
             partition,
             done,
             int(self.clock() * 1000),
             self.skew_ms,
-            watermarks,
+            part.watermarks(),
             self._native_plan,
-            self.joiner.ttl_ms,
-            self.joiner.max_text_chars,
             part.joins,
         )
         groups = result["groups"]
-        if part.panes_ahead_until > done and any(
-            group["min_offset"] <= part.panes_ahead_until for group in groups
-        ):
-            return None
         counters = self.counters
         counters.inference_events += result["fresh"]
         counters.redelivered_skipped += result["skipped"]
@@ -540,37 +524,11 @@ class PipelineCore:
         )
         for key, stats in aggregated.items():
             self._merge_pane(partition, part, key, stats)
-        entries = result["entries"]
-        part.joins.update(entries)
-        part.unwritten.update(entries)
-        for model, items in result["heap"].items():
-            heap = part.join_heaps.setdefault(model, [])
-            for item in items:
-                heapq.heappush(heap, item)
-        pairs: list[tuple[int | None, JoinedPair]] = []
-        for _, model, request_id, record, offset in result["replay"]:
-            self._join_inference(part, model, request_id, record, offset, pairs)
+        pairs = [(offset, JoinedPair(*pair)) for offset, *pair in result["pairs"]]
         if result["max_offset"] is not None:
             part.offsets["inference"] = max(done, result["max_offset"])
         self._end_inference_batch(partition, part, pairs, out, result["newest"], checkpoint)
         return out
-
-    def _join_inference(
-        self,
-        part: _Partition,
-        model: str,
-        request_id: str,
-        record: dict[str, Any],
-        offset: int | None,
-        pairs: list[tuple[int | None, JoinedPair]],
-    ) -> None:
-        """Put an inference's join record in its entry; add the pairs it completes."""
-        jkey = join_key(model, request_id)
-        entry, joined = self.joiner.on_inference_record(
-            part.joins.get(jkey), model, request_id, record
-        )
-        self._put_join(part, model, jkey, entry)
-        pairs += [(offset, pair) for pair in joined]
 
     def _end_inference_batch(
         self,
@@ -603,10 +561,9 @@ class PipelineCore:
         out = Output()
         pairs: list[tuple[int | None, JoinedPair]] = []
         for offset, event in fresh:
-            jkey = join_key(event.model_id, event.request_id)
-            entry, joined = self.joiner.on_feedback(part.joins.get(jkey), event)
-            self._put_join(part, event.model_id, jkey, entry)
-            pairs += [(offset, pair) for pair in joined]
+            record = feedback_record(event)
+            joined = part.joins.add_feedback(event.model_id, event.request_id, record)
+            pairs += [(offset, JoinedPair(*pair)) for pair in joined]
         self._joined(partition, part, "feedback", pairs, out)
         self.counters.segment_overflow += part.segment_cap.end_batch()
         # Feedback keeps a model's clock awake but does not move it. A model first seen
@@ -640,40 +597,12 @@ class PipelineCore:
 
     def _write_segments(self, partition: int, part: _Partition) -> None:
         """Changed join entries as few records as possible (one changelog message each)."""
-        chunk: dict[str, dict[str, Any]] = {}
-        size = 0
-        for jkey, entry in part.unwritten.items():
-            chunk[jkey] = entry
-            inference = entry["inf"]
-            size += 256 * (1 + len(entry["fb"]))
-            if inference is not None:
-                size += len(inference["prompt"]) + len(inference["response"])
-            if size >= SEGMENT_BYTES:
-                self._write_segment(partition, part, chunk)
-                chunk, size = {}, 0
-        if chunk:
-            self._write_segment(partition, part, chunk)
-        part.unwritten = {}
+        for seq, record in part.joins.segments(SEGMENT_BYTES):
+            self.store.put(partition, self._segment_key(partition, seq), record)
+        self._delete_dead_segments(partition, part)
 
-    def _write_segment(self, partition: int, part: _Partition, chunk: dict[str, Any]) -> None:
-        seq = part.next_segment
-        part.next_segment += 1
-        self.store.put(partition, self._segment_key(partition, seq), {"e": chunk})
-        part.segment_live[seq] = len(chunk)
-        part.segment_models[seq] = {jkey.split(SEP, 1)[0] for jkey in chunk}
-        for jkey in chunk:
-            old = part.join_segment.get(jkey)
-            part.join_segment[jkey] = seq
-            if old is not None:
-                self._release(partition, part, old)
-
-    def _release(self, partition: int, part: _Partition, seq: int, count: int = 1) -> None:
-        left = part.segment_live[seq] - count
-        if left:
-            part.segment_live[seq] = left
-        else:
-            del part.segment_live[seq]
-            del part.segment_models[seq]
+    def _delete_dead_segments(self, partition: int, part: _Partition) -> None:
+        for seq in part.joins.take_dead():
             self.store.delete(partition, self._segment_key(partition, seq))
 
     def _joined(
@@ -785,10 +714,12 @@ class PipelineCore:
                 state = self.store.get(self._pane_key(partition, pane))
                 if state is None:
                     continue
-                if isinstance(state, WindowStats):
-                    state = state.to_state()  # a copy: a window's series merge into it
+                if isinstance(state, WindowStats):  # a live pane: copied by merging
+                    pane_stats = WindowStats(self.alpha, exemplars, self.redact_exemplars)
+                    pane_stats.merge(state)
+                else:
+                    pane_stats = WindowStats.from_state(state, exemplars, self.redact_exemplars)
                 stats = series.get((pane.model_version, pane.segment))
-                pane_stats = WindowStats.from_state(state, exemplars, self.redact_exemplars)
                 if stats is None:
                     series[(pane.model_version, pane.segment)] = pane_stats
                 else:
@@ -818,124 +749,19 @@ class PipelineCore:
         }
 
     def _sweep_joins(self, partition: int, part: _Partition) -> int:
-        joins, heappop = part.joins, heapq.heappop
-        expired: dict[str, dict[str, Any]] = {}
-        for model, heap in part.join_heaps.items():
-            clock = part.clocks.get(model)
-            if clock is None or clock.due_wm is None:
-                continue
-            wm = clock.due_wm
-            while heap and heap[0][0] <= wm:
-                _, key = heappop(heap)
-                entry = joins.get(key)
-                if entry is None or key in expired:
-                    continue
-                if entry["exp"] > wm:  # refreshed since it was pushed
-                    heapq.heappush(heap, (entry["exp"], key))
-                    continue
-                expired[key] = entry
-        self._drop_joins(partition, part, expired)
-        return len(expired)
+        watermarks = {m: c.due_wm for m, c in part.clocks.items() if c.due_wm is not None}
+        expired, orphaned = part.joins.expire(watermarks)
+        self.counters.orphaned += orphaned
+        self._delete_dead_segments(partition, part)
+        return int(expired)
 
     def _evict_joins(self, partition: int, part: _Partition) -> int:
-        """Evict the soonest-expiring entries beyond ``feedback.join_max_entries``.
-
-        Also evicts entries at or below their model's eviction floor (a late event can
-        create one), which keeps every live entry above the floor restore filters by.
-        """
-        floors, joins, heappop = part.evicted_floors, part.joins, heapq.heappop
-        evicted: dict[str, dict[str, Any]] = {}
-
-        def evict_next(model: str, heap: list[tuple[int, str]]) -> int:
-            """Pop ``model``'s soonest item and evict its entry unless stale; 1 if evicted."""
-            item = heappop(heap)
-            entry = joins.get(item[1])
-            if entry is None or entry["exp"] != item[0] or item[1] in evicted:
-                return 0  # a stale item: the entry is gone or has a newer item of its own
-            evicted[item[1]] = entry
-            floor = floors.get(model)
-            if floor is None or item > floor:
-                floors[model] = item
-            return 1
-
-        for model, heap in part.join_heaps.items():
-            floor = floors.get(model)
-            while heap and floor is not None and heap[0] <= floor:
-                evict_next(model, heap)
-                floor = floors.get(model)
-        excess = len(joins) - len(evicted) - self.join_max_entries
-        if excess > 0:
-            # Models by how soon their next entry expires; the index keeps min()'s
-            # first-in-order tie-break, so which entries go does not depend on the heap.
-            soonest = [
-                (self._time_left(part, model, heap), index, model)
-                for index, (model, heap) in enumerate(part.join_heaps.items())
-                if heap
-            ]
-            heapq.heapify(soonest)
-            while soonest and excess > 0:
-                _, index, model = heappop(soonest)
-                heap = part.join_heaps[model]
-                excess -= evict_next(model, heap)
-                if heap:
-                    heapq.heappush(soonest, (self._time_left(part, model, heap), index, model))
-        self._drop_joins(partition, part, evicted)
-        for model, (exp, _) in list(floors.items()):
-            watermark = part.watermark(model)
-            if watermark is not None and exp <= watermark:
-                del floors[model]
-        self.counters.join_evicted += len(evicted)
-        self._compact_join_heaps(part)
-        return len(evicted)
-
-    @staticmethod
-    def _time_left(part: _Partition, model: str, heap: list[tuple[int, str]]) -> float:
-        watermark = part.watermark(model)
-        # Without a clock (all its inferences were too far in the future) the model's
-        # entries would never expire: they go first.
-        return -math.inf if watermark is None else heap[0][0] - watermark
-
-    @staticmethod
-    def _compact_join_heaps(part: _Partition) -> None:
-        """Rebuild the heaps once stale items (left by refreshed entries) outnumber live ones.
-
-        Items are only popped at the top, so without this a partition whose entries are
-        refreshed often would keep growing its heaps while its entries stay capped.
-        """
-        items = sum(len(heap) for heap in part.join_heaps.values())
-        if items <= 2 * len(part.joins) + 1024:
-            return
-        heaps: dict[str, list[tuple[int, str]]] = {}
-        for key, entry in part.joins.items():
-            heaps.setdefault(key.split(SEP, 1)[0], []).append((entry["exp"], key))
-        for heap in heaps.values():
-            heapq.heapify(heap)
-        part.join_heaps = heaps
-
-    def _drop_joins(
-        self, partition: int, part: _Partition, dropped: dict[str, dict[str, Any]]
-    ) -> None:
-        """Forget expired or evicted entries; a segment record goes once none is live."""
-        pending, joins, unwritten, join_segment = (
-            part.pending,
-            part.joins,
-            part.unwritten,
-            part.join_segment,
-        )
-        orphaned = 0
-        released: dict[int, int] = {}
-        for key, entry in dropped.items():
-            if entry["fb"]:
-                orphaned += self.joiner.orphans(entry)
-                pending.discard(key)
-            del joins[key]
-            unwritten.pop(key, None)
-            seq = join_segment.pop(key, None)
-            if seq is not None:
-                released[seq] = released.get(seq, 0) + 1
+        """Evict the entries with least time left beyond ``feedback.join_max_entries``."""
+        evicted, orphaned = part.joins.evict(self.join_max_entries, part.watermarks())
+        self.counters.join_evicted += evicted
         self.counters.orphaned += orphaned
-        for seq, count in released.items():
-            self._release(partition, part, seq, count)
+        self._delete_dead_segments(partition, part)
+        return int(evicted)
 
     def _forget_idle_models(self, part: _Partition) -> None:
         """Drop clocks of models without panes or join entries and without events for
@@ -943,10 +769,7 @@ class PipelineCore:
         entries (the next checkpoint writes the live entries anew and deletes the records).
         """
         now = self.clock()
-        busy = {pane.model_id for pane in part.panes}
-        busy |= {model for model, heap in part.join_heaps.items() if heap}
-        for model in [m for m in part.join_heaps if not part.join_heaps[m]]:
-            del part.join_heaps[model]
+        busy = {pane.model_id for pane in part.panes} | part.joins.models()
         forgotten = {
             model
             for model, clock in part.clocks.items()
@@ -956,12 +779,8 @@ class PipelineCore:
             return
         for model in forgotten:
             del part.clocks[model]
-            part.evicted_floors.pop(model, None)
+        part.joins.forget(forgotten)
         part.dirty = True
-        stale = {seq for seq, models in part.segment_models.items() if models & forgotten}
-        for jkey, seq in part.join_segment.items():
-            if seq in stale:
-                part.unwritten.setdefault(jkey, part.joins[jkey])
 
     # -- helpers --------------------------------------------------------------------------
     def _too_late(self, t: int, watermark: int) -> bool:
@@ -994,18 +813,6 @@ class PipelineCore:
         if key not in part.panes:
             part.panes.add(key)
             part.segment_cap.add_pane(key)
-
-    @staticmethod
-    def _put_join(part: _Partition, model: str, key: str, entry: dict[str, Any]) -> None:
-        previous = part.joins.get(key)
-        part.joins[key] = entry
-        part.unwritten[key] = entry
-        if previous is None or previous["exp"] != entry["exp"]:
-            heapq.heappush(part.join_heaps.setdefault(model, []), (entry["exp"], key))
-        if entry["fb"]:
-            part.pending.add(key)
-        else:
-            part.pending.discard(key)
 
     def _fresh(
         self, part: _Partition, topic: str, events: Sequence[tuple[int | None, Any]]

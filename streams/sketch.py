@@ -35,6 +35,17 @@ from ddsketch.mapping import LogarithmicMapping
 DEFAULT_RELATIVE_ACCURACY = 0.01
 
 
+def _add_counts_python(into: dict[Any, int], other: dict[Any, int]) -> None:
+    for key, n in other.items():
+        into[key] = into.get(key, 0) + n
+
+
+try:  # the same loop in the compiled module (genmon.streams.native), ~3x faster
+    from genmon.streams._native import add_counts
+except ImportError:  # pragma: no cover - a checkout built without Rust
+    add_counts = _add_counts_python
+
+
 class QuantileSketch:
     """DDSketch over non-negative values with a sparse, JSON-serialisable store."""
 
@@ -67,9 +78,7 @@ class QuantileSketch:
         # Same formula as LogarithmicMapping.key, vectorised.
         keys = np.ceil(np.log2(positive) * self._mapping._multiplier + self._mapping._offset)
         uniq, counts = np.unique(keys.astype(np.int64), return_counts=True)
-        bins = self.bins
-        for key, n in zip(uniq.tolist(), counts.tolist(), strict=True):
-            bins[key] = bins.get(key, 0) + n
+        add_counts(self.bins, dict(zip(uniq.tolist(), counts.tolist(), strict=True)))
 
     def merge(self, other: QuantileSketch) -> None:
         """Add ``other``'s observations to this sketch (both must share the accuracy)."""
@@ -80,8 +89,7 @@ class QuantileSketch:
             )
         if other.count == 0:
             return
-        for key, n in other.bins.items():
-            self.bins[key] = self.bins.get(key, 0) + n
+        add_counts(self.bins, other.bins)
         self.zeros += other.zeros
         self.count += other.count
         self.sum += other.sum

@@ -147,3 +147,17 @@ def receiver() -> Iterator[WebhookReceiver]:
     module whose pages are signed defines its own, with the secret)."""
     with WebhookReceiver() as running:
         yield running
+
+
+@pytest.fixture(params=["python", "native"])
+def join_tables(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once with each join table (:mod:`genmon.streams.join` and its native
+    twin): the test module's ``PipelineCore`` is bound to that table."""
+    from functools import partial
+
+    from genmon.streams.pipeline_core import PipelineCore
+
+    native_joins = request.param == "native"
+    core = partial(PipelineCore, native_joins=native_joins)
+    monkeypatch.setattr(request.module, "PipelineCore", core)
+    return str(request.param)

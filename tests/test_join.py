@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
+from genmon.streams.join import record_entries
 from genmon.streams.pipeline_core import DictStore, PipelineCore
+
+pytestmark = pytest.mark.usefixtures("join_tables")
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -89,7 +94,7 @@ def test_unjoined_feedback_is_orphaned_after_the_ttl_and_entries_are_dropped():
     core.on_inferences(0, [(2, inf("tick2", 40))])
     core.tick(0)
     assert core.counters.orphaned == 2 and core.pending_feedback == 0
-    stored = [key for value in segments(core).values() for key in value["e"]]
+    stored = [key for value in segments(core).values() for key in record_entries(value)]
     assert sorted(key.split("\x1f")[-1] for key in stored) == ["tick", "tick2"]
 
 

@@ -19,6 +19,7 @@ from genmon.settings import Settings
 from genmon.streams import native
 from genmon.streams.app import create_app
 from genmon.streams.ingest import Ingestor
+from genmon.streams.join import JoinTable, record_entries
 from genmon.streams.pipeline import install_pipeline
 from genmon.streams.pipeline_core import SEP, DictStore, PipelineCore
 from genmon.streams.quality_signals import QualitySignals
@@ -255,7 +256,7 @@ def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 20
     )
     now = [BASE.timestamp() + 100]
     store = DictStore()
-    core = PipelineCore(settings_, store, clock=lambda: now[0])
+    core = PipelineCore(settings_, store, clock=lambda: now[0], native_joins=use_native)
     decoder = native.decoder_for(core.quality)
     assert decoder is not None
     windows: list[dict[str, Any]] = []
@@ -316,8 +317,8 @@ def test_native_and_python_paths_write_the_same_state(seed: int) -> None:
     assert _state(py_store) == _state(nat_store)
     assert _windows(py_windows) == _windows(nat_windows)
     assert any("exemplars" in s for w in nat_windows for s in w["series"])
-    assert py_core._parts[0].joins == nat_core._parts[0].joins
-    assert py_core._parts[0].pending == nat_core._parts[0].pending
+    assert py_core._parts[0].joins.entries() == nat_core._parts[0].joins.entries()
+    assert py_core._parts[0].joins.pending == nat_core._parts[0].joins.pending
 
 
 def test_panes_restored_ahead_of_the_mark_take_the_python_path() -> None:
@@ -410,4 +411,91 @@ def test_the_pipeline_sink_keeps_the_same_state_from_native_and_pydantic_batches
     assert any(f"{SEP}P{SEP}" in key for key in state)
     assert state == _state(pydantic_run.state_table)
     for p in (0, 1):
-        assert native_run.core._parts[p].joins == pydantic_run.core._parts[p].joins != {}
+        native_entries = native_run.core._parts[p].joins.entries()
+        assert native_entries == pydantic_run.core._parts[p].joins.entries() != {}
+
+
+# -- the join table ------------------------------------------------------------------------
+
+
+def _join_ops(seed: int, tables: list[Any]) -> None:
+    """Random operations on ``tables`` (the Python and the native join table), each
+    compared as it returns; a restore from the records written so far now and then."""
+    rng = random.Random(seed)
+    models = ["chat", "slow", "émoji🙂"]
+    watermarks = {"chat": 0, "émoji🙂": 0}
+    stores: list[dict[int, Any]] = [{} for _ in tables]
+    floors_written: dict[str, tuple[int, str]] = {}
+    feedback_ids = 0
+
+    def same(results: list[Any]) -> Any:
+        assert all(result == results[0] for result in results[1:]), results
+        return results[0]
+
+    def pairs(result: list[Any]) -> list[tuple[Any, ...]]:
+        return [tuple(pair) for pair in result]
+
+    for step in range(1500):
+        op = rng.random()
+        model = rng.choice(models)
+        request = f"r{rng.randrange(120)}"
+        t = step * 100 + rng.randrange(-3000, 500)
+        if op < 0.45:
+            record = {
+                "version": rng.choice(["v1", "v2"]),
+                "prompt": rng.choice(TEXTS)[: rng.randrange(0, 40)],
+                "response": rng.choice(TEXTS),
+                "segment": dict(rng.sample([("locale", "fr"), ("tier", "pro"), ("é", "ü")], 2)),
+                "subject": rng.choice([None, "user-1"]),
+                "t": t,
+            }
+            same([pairs(table.add_inference(model, request, dict(record))) for table in tables])
+        elif op < 0.75:
+            feedback_ids += 1
+            record = {
+                "id": f"f{rng.randrange(feedback_ids + 1)}",
+                "score": rng.choice([None, 0.0, 0.25, 1.0, 1 / 3]),
+                "label": rng.choice([None, "wrong"]),
+                "correction": rng.choice([None, 'Ça va "bien"\n']),
+                "segment": {"locale": "de"},
+                "subject": None,
+                "t": t,
+            }
+            same([pairs(table.add_feedback(model, request, dict(record))) for table in tables])
+        elif op < 0.82:
+            watermarks[model] = max(watermarks.get(model, 0), step * 100 - 2000)
+            same([table.expire(dict(watermarks)) for table in tables])
+        elif op < 0.9:
+            cap = rng.randrange(20, 80)
+            same([table.evict(cap, dict(watermarks)) for table in tables])
+        elif op < 0.96:
+            max_bytes = rng.choice([300, 3000, 256 * 1024])
+            written = [table.segments(max_bytes) for table in tables]
+            same([[(seq, record_entries(value)) for seq, value in w] for w in written])
+            dead = same([table.take_dead() for table in tables])
+            floors_written = dict(tables[0].floors)
+            for store, records in zip(stores, written, strict=True):
+                store.update(records)
+                for seq in dead:
+                    del store[seq]
+        elif op < 0.98:
+            same([table.forget({model}) for table in tables])
+        else:  # a restart: rebuild each table from what it wrote
+            rebuilt = []
+            for table, store in zip(tables, stores, strict=True):
+                fresh = type(table)(table.ttl_ms, table.max_text_chars)
+                records = [(seq, record_entries(value)) for seq, value in store.items()]
+                fresh.restore(records, dict(watermarks), floors_written)
+                rebuilt.append(fresh)
+            for store, dead in zip(stores, [t.take_dead() for t in rebuilt], strict=True):
+                for seq in dead:
+                    del store[seq]
+            tables[:] = rebuilt
+        same([table.entries() for table in tables])
+        same([(len(table), table.pending, table.models(), table.floors) for table in tables])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_native_join_table_behaves_as_the_python_one(seed: int) -> None:
+    tables = [JoinTable(5000, 16), native.join_table(5000, 16)]
+    _join_ops(seed, tables)

@@ -6,11 +6,13 @@ import doctest
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams import segment_cap
+from genmon.streams.join import record_entries
 from genmon.streams.pipeline import PipelineMetrics
 from genmon.streams.pipeline_core import SEP, DictStore, PipelineCore
 from genmon.streams.segment_cap import OVERFLOW_VALUE, SERIES_BUDGET_BYTES
@@ -161,10 +163,11 @@ def stored_join_keys(store: DictStore) -> list[str]:
         key
         for record_key, record in store.data.items()
         if record_key.split(SEP)[1] == "S"
-        for key in record["e"]
+        for key in record_entries(record)
     ]
 
 
+@pytest.mark.usefixtures("join_tables")
 def test_a_forgotten_model_leaves_no_expired_join_entry_for_a_restart_to_restore() -> None:
     now = [NOW]
     settings = Settings(

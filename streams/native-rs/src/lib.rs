@@ -11,15 +11,16 @@
 //! Python path.
 
 mod event;
+mod join;
 mod quality;
 
 use std::collections::HashMap;
 
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use event::{parse_event, Event, STATUSES};
+use join::{Inf, JoinTable, Joined};
 use quality::Quality;
 
 /// Decodes inference batches; holds the quality-signal configuration.
@@ -115,20 +116,40 @@ impl Decoder {
                 "values, partitions and offsets must have the same length",
             ));
         }
-        for (i, value) in values.iter().enumerate() {
-            let raw_index = batch.raws.len();
-            let parsed = match value.downcast::<PyBytes>() {
+        // The bytes stay alive (and immutable) in `batch.raws` while they are parsed
+        // without the GIL, so Faust's consumer thread can fetch the next batch meanwhile.
+        let mut slices = Slices(Vec::with_capacity(values.len()));
+        let first = batch.raws.len();
+        for value in values.iter() {
+            slices.0.push(match value.downcast::<PyBytes>() {
                 Ok(bytes) if bytes.as_bytes().len() <= max_bytes => {
-                    parse_event(bytes.as_bytes(), &self.quality)
+                    let data = bytes.as_bytes();
+                    Some((data.as_ptr(), data.len()))
                 }
                 _ => None,
-            };
+            });
             batch.raws.push(value.unbind());
+        }
+        let quality = &self.quality;
+        let parsed: Vec<Option<Event>> = values.py().allow_threads(move || {
+            let slices = slices;
+            slices
+                .0
+                .iter()
+                .map(|slice| {
+                    // SAFETY: each slice points into a bytes object `batch.raws` holds.
+                    slice.and_then(|(data, len)| {
+                        parse_event(unsafe { std::slice::from_raw_parts(data, len) }, quality)
+                    })
+                })
+                .collect()
+        });
+        for (i, parsed) in parsed.into_iter().enumerate() {
             match parsed {
                 Some(mut event) => {
                     event.partition = partitions[i];
                     event.offset = offsets[i];
-                    event.raw_index = raw_index;
+                    event.raw_index = first + i;
                     batch.events.push(event);
                 }
                 None => batch.deferred.push(i),
@@ -137,6 +158,12 @@ impl Decoder {
         Ok(())
     }
 }
+
+/// Pointers to the contents of live bytes objects, read without the GIL.
+struct Slices(Vec<Option<(*const u8, usize)>>);
+
+// SAFETY: bytes objects are immutable, and the caller keeps them alive while they are read.
+unsafe impl Send for Slices {}
 
 /// Decoded events of one fetched batch (any number of partitions).
 #[pyclass(module = "genmon.streams._native")]
@@ -324,9 +351,8 @@ impl Batch {
     ///
     /// Returns a dict: `fresh`, `skipped`, `skew`, `late` (counts), `max_offset`,
     /// `newest` (model -> latest event time of non-future events), `groups` (see
-    /// `genmon.streams.native`), `entries` (join key -> new join entry, for keys not in
-    /// `joins`), `heap` (model -> [(exp, join key)] of those entries) and `replay`
-    /// ([(join key, model, request id, record, offset)] for keys already in `joins`, in order).
+    /// `genmon.streams.native`) and `pairs` ([(offset, model, request id, inference record,
+    /// feedback record)]: what the batch's inferences joined in `joins`, in offset order).
     #[allow(clippy::too_many_arguments)]
     fn aggregate<'py>(
         &self,
@@ -337,10 +363,115 @@ impl Batch {
         skew_ms: i64,
         watermarks: HashMap<String, i64>,
         plan: Plan,
-        ttl_ms: i64,
-        max_text_chars: usize,
-        joins: &Bound<'py, PyDict>,
+        joins: &Bound<'py, JoinTable>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let mut guard = joins.borrow_mut();
+        let table: &mut JoinTable = &mut guard;
+        // The per-event work runs without the GIL (Faust's consumer thread fetches
+        // meanwhile); only the few groups and pairs become Python objects below.
+        let work = py.allow_threads(|| {
+            self.group_and_join(
+                partition,
+                done_offset,
+                now_ms,
+                skew_ms,
+                &watermarks,
+                &plan,
+                table,
+            )
+        });
+        let Work {
+            fresh,
+            skipped,
+            skew,
+            late,
+            max_offset,
+            newest,
+            keys,
+            groups,
+            pairs,
+        } = work;
+        let out = PyDict::new(py);
+        out.set_item("fresh", fresh)?;
+        out.set_item("skipped", skipped)?;
+        out.set_item("skew", skew)?;
+        out.set_item("late", late)?;
+        out.set_item("max_offset", max_offset)?;
+        let newest_dict = PyDict::new(py);
+        for (model, t) in &newest {
+            newest_dict.set_item(*model, *t)?;
+        }
+        out.set_item("newest", newest_dict)?;
+
+        let py_groups = PyList::empty(py);
+        for (group, key) in groups.iter().zip(keys) {
+            let e = &self.events[group.first];
+            let attrs = PyDict::new(py);
+            for (k, v) in &e.segment {
+                attrs.set_item(k, v)?;
+            }
+            let by_status = PyDict::new(py);
+            for (s, n) in &group.by_status {
+                by_status.set_item(STATUSES[*s], n)?;
+            }
+            let by_code = PyDict::new(py);
+            for (c, n) in &group.by_error_code {
+                by_code.set_item(c, n)?;
+            }
+            let languages = PyDict::new(py);
+            for (l, n) in &group.languages {
+                languages.set_item(self.language_name(*l), n)?;
+            }
+            let item = PyDict::new(py);
+            item.set_item("model", key.0)?;
+            item.set_item("version", key.1)?;
+            item.set_item("pane", key.2)?;
+            item.set_item("attributes", attrs)?;
+            item.set_item("min_offset", group.min_offset)?;
+            item.set_item("max_offset", group.max_offset)?;
+            item.set_item("requests", group.requests)?;
+            item.set_item("errors", group.errors)?;
+            item.set_item("by_status", by_status)?;
+            item.set_item("by_error_code", by_code)?;
+            item.set_item("latencies", PyList::new(py, &group.latencies)?)?;
+            item.set_item("ttfts", PyList::new(py, &group.ttfts)?)?;
+            item.set_item("prompt_tokens", summary(py, &group.prompt_tokens)?)?;
+            item.set_item("completion_tokens", summary(py, &group.completion_tokens)?)?;
+            item.set_item("response_chars", summary(py, &group.chars)?)?;
+            item.set_item("empty", group.empty)?;
+            item.set_item("truncated", group.truncated)?;
+            item.set_item("refusal", group.refusal)?;
+            item.set_item("languages", languages)?;
+            item.set_item("flagged", PyList::new(py, &group.flagged)?)?;
+            py_groups.append(item)?;
+        }
+        out.set_item("groups", py_groups)?;
+
+        let py_pairs = PyList::empty(py);
+        for (offset, event, joined) in pairs {
+            let e = &self.events[event];
+            for pair in joined {
+                let (record, feedback) = pair.into_py(py)?;
+                py_pairs.append((offset, &e.model, &e.request_id, record, feedback))?;
+            }
+        }
+        out.set_item("pairs", py_pairs)?;
+        Ok(out)
+    }
+}
+
+impl Batch {
+    #[allow(clippy::too_many_arguments)]
+    fn group_and_join<'a>(
+        &'a self,
+        partition: i64,
+        done_offset: i64,
+        now_ms: i64,
+        skew_ms: i64,
+        watermarks: &HashMap<String, i64>,
+        plan: &Plan,
+        table: &mut JoinTable,
+    ) -> Work<'a> {
         let mut order: Vec<usize> = (0..self.events.len())
             .filter(|&i| self.events[i].partition == partition)
             .collect();
@@ -386,131 +517,64 @@ impl Batch {
             groups[g].add(e);
         }
 
-        let out = PyDict::new(py);
-        out.set_item("fresh", fresh)?;
-        out.set_item("skipped", skipped)?;
-        out.set_item("skew", skew)?;
-        out.set_item("late", late)?;
-        out.set_item("max_offset", max_offset)?;
-        let newest_dict = PyDict::new(py);
-        for (model, t) in &newest {
-            newest_dict.set_item(*model, *t)?;
+        // Every fresh event (late and future ones too) goes into the join, in offset order.
+        let mut pairs = Vec::new();
+        for &i in &order {
+            let e = &self.events[i];
+            if e.offset <= done_offset {
+                continue;
+            }
+            let cut_at = table.max_text_chars();
+            let inf = Inf::new(
+                &e.version,
+                cut(&e.prompt, cut_at),
+                cut(&e.response, cut_at),
+                &e.segment,
+                e.subject_id.as_deref(),
+                e.t_ms,
+            );
+            let joined = table.add_inf(&e.model, &e.request_id, inf, e.t_ms);
+            if !joined.is_empty() {
+                pairs.push((e.offset, i, joined));
+            }
         }
-        out.set_item("newest", newest_dict)?;
-
-        let py_groups = PyList::empty(py);
         // Groups are numbered in the order their first event came (offset order), which is
         // the order the Python path meets them (segment-cap admissions depend on it).
         let mut keys: Vec<Option<(&str, &str, i64)>> = vec![None; groups.len()];
         for (key, &g) in &group_index {
             keys[g] = Some((key.0, key.1, key.2));
         }
-        for (g, key) in keys.into_iter().enumerate() {
-            let key = key.expect("every group has a key");
-            let group = &groups[g];
-            let e = &self.events[group.first];
-            let attrs = PyDict::new(py);
-            for (k, v) in &e.segment {
-                attrs.set_item(k, v)?;
-            }
-            let by_status = PyDict::new(py);
-            for (s, n) in &group.by_status {
-                by_status.set_item(STATUSES[*s], n)?;
-            }
-            let by_code = PyDict::new(py);
-            for (c, n) in &group.by_error_code {
-                by_code.set_item(c, n)?;
-            }
-            let languages = PyDict::new(py);
-            for (l, n) in &group.languages {
-                languages.set_item(self.language_name(*l), n)?;
-            }
-            let item = PyDict::new(py);
-            item.set_item("model", key.0)?;
-            item.set_item("version", key.1)?;
-            item.set_item("pane", key.2)?;
-            item.set_item("attributes", attrs)?;
-            item.set_item("min_offset", group.min_offset)?;
-            item.set_item("max_offset", group.max_offset)?;
-            item.set_item("requests", group.requests)?;
-            item.set_item("errors", group.errors)?;
-            item.set_item("by_status", by_status)?;
-            item.set_item("by_error_code", by_code)?;
-            item.set_item("latencies", PyList::new(py, &group.latencies)?)?;
-            item.set_item("ttfts", PyList::new(py, &group.ttfts)?)?;
-            item.set_item("prompt_tokens", summary(py, &group.prompt_tokens)?)?;
-            item.set_item("completion_tokens", summary(py, &group.completion_tokens)?)?;
-            item.set_item("response_chars", summary(py, &group.chars)?)?;
-            item.set_item("empty", group.empty)?;
-            item.set_item("truncated", group.truncated)?;
-            item.set_item("refusal", group.refusal)?;
-            item.set_item("languages", languages)?;
-            item.set_item("flagged", PyList::new(py, &group.flagged)?)?;
-            py_groups.append(item)?;
+        let keys = keys
+            .into_iter()
+            .map(|key| key.expect("every group has a key"))
+            .collect();
+        Work {
+            fresh,
+            skipped,
+            skew,
+            late,
+            max_offset,
+            newest,
+            keys,
+            groups,
+            pairs,
         }
-        out.set_item("groups", py_groups)?;
-
-        // Join records of every fresh event (late and future ones too), in offset order.
-        let entries = PyDict::new(py);
-        let heap = PyDict::new(py);
-        let replay = PyList::empty(py);
-        let mut strings = Interner::default();
-        // New entries in first-seen order: (join key, entry, exp, model).
-        let mut new: Vec<(Bound<'py, PyString>, Bound<'py, PyDict>, i64, &str)> = Vec::new();
-        let mut new_index: HashMap<String, usize> = HashMap::new();
-        let mut replayed: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for &i in &order {
-            let e = &self.events[i];
-            if e.offset <= done_offset {
-                continue;
-            }
-            let jkey = format!("{}\u{1f}{}", e.model, e.request_id);
-            let record = join_record(py, &mut strings, e, max_text_chars)?;
-            let exp = e.t_ms + ttl_ms;
-            if let Some(&at) = new_index.get(&jkey) {
-                let (_, entry, old_exp, _) = &mut new[at];
-                *old_exp = (*old_exp).max(exp);
-                entry.set_item(intern!(py, "inf"), record)?;
-                entry.set_item(intern!(py, "exp"), *old_exp)?;
-                continue;
-            }
-            let key = PyString::new(py, &jkey);
-            if replayed.contains(&jkey) || joins.contains(&key)? {
-                replay.append((
-                    key,
-                    strings.get(py, &e.model),
-                    &e.request_id,
-                    record,
-                    e.offset,
-                ))?;
-                replayed.insert(jkey);
-                continue;
-            }
-            let entry = PyDict::new(py);
-            entry.set_item(intern!(py, "inf"), record)?;
-            entry.set_item(intern!(py, "fb"), PyList::empty(py))?;
-            entry.set_item(intern!(py, "seen"), PyList::empty(py))?;
-            entry.set_item(intern!(py, "exp"), exp)?;
-            new_index.insert(jkey, new.len());
-            new.push((key, entry, exp, &e.model));
-        }
-        let mut by_model: Vec<(&str, Bound<'py, PyList>)> = Vec::new();
-        for (key, entry, exp, model) in new {
-            entries.set_item(&key, entry)?;
-            let item = PyTuple::new(py, [exp.into_pyobject(py)?.into_any(), key.into_any()])?;
-            match by_model.iter().find(|(m, _)| *m == model) {
-                Some((_, list)) => list.append(item)?,
-                None => by_model.push((model, PyList::new(py, [item])?)),
-            }
-        }
-        for (model, list) in by_model {
-            heap.set_item(strings.get(py, model), list)?;
-        }
-        out.set_item("entries", entries)?;
-        out.set_item("heap", heap)?;
-        out.set_item("replay", replay)?;
-        Ok(out)
     }
+}
+
+/// What `Batch.aggregate` computes without the GIL.
+struct Work<'a> {
+    fresh: u64,
+    skipped: u64,
+    skew: u64,
+    late: u64,
+    max_offset: Option<i64>,
+    newest: Vec<(&'a str, i64)>,
+    /// (model, version, pane start) of each group, in group order.
+    keys: Vec<(&'a str, &'a str, i64)>,
+    groups: Vec<Group>,
+    /// (offset, event index, pairs its inference completed).
+    pairs: Vec<(i64, usize, Vec<Joined>)>,
 }
 
 impl Batch {
@@ -519,53 +583,24 @@ impl Batch {
     }
 }
 
-/// Python strings of a batch's repeated values (models, versions, attributes), made once.
-#[derive(Default)]
-struct Interner<'py> {
-    made: HashMap<String, Bound<'py, PyString>>,
-}
-
-impl<'py> Interner<'py> {
-    fn get(&mut self, py: Python<'py>, text: &str) -> Bound<'py, PyString> {
-        if let Some(s) = self.made.get(text) {
-            return s.clone();
-        }
-        let s = PyString::new(py, text);
-        self.made.insert(text.to_owned(), s.clone());
-        s
-    }
-}
-
-/// `FeedbackJoiner.inference_record` of an event.
-fn join_record<'py>(
-    py: Python<'py>,
-    strings: &mut Interner<'py>,
-    e: &Event,
-    max_text_chars: usize,
-) -> PyResult<Bound<'py, PyDict>> {
-    let record = PyDict::new(py);
-    record.set_item(intern!(py, "version"), strings.get(py, &e.version))?;
-    record.set_item(intern!(py, "prompt"), cut(&e.prompt, max_text_chars))?;
-    record.set_item(intern!(py, "response"), cut(&e.response, max_text_chars))?;
-    let segment = PyDict::new(py);
-    for (k, v) in &e.segment {
-        segment.set_item(strings.get(py, k), strings.get(py, v))?;
-    }
-    record.set_item(intern!(py, "segment"), segment)?;
-    match &e.subject_id {
-        Some(subject) => record.set_item(intern!(py, "subject"), strings.get(py, subject))?,
-        None => record.set_item(intern!(py, "subject"), py.None())?,
-    }
-    record.set_item(intern!(py, "t"), e.t_ms)?;
-    Ok(record)
-}
-
 /// The first `max_chars` characters of `text` (Python's `text[:max_chars]`).
 fn cut(text: &str, max_chars: usize) -> &str {
     match text.char_indices().nth(max_chars) {
         Some((at, _)) => &text[..at],
         None => text,
     }
+}
+
+/// `into[k] = into.get(k, 0) + n` for every `k, n` of `other` (Python's `+`, so any int).
+#[pyfunction]
+fn add_counts(into: &Bound<'_, PyDict>, other: &Bound<'_, PyDict>) -> PyResult<()> {
+    for (key, n) in other.iter() {
+        match into.get_item(&key)? {
+            Some(old) => into.set_item(key, old.add(n)?)?,
+            None => into.set_item(key, n)?,
+        }
+    }
+    Ok(())
 }
 
 /// JSON bytes of `value` (dicts with str keys, lists, tuples, str, int, float, bool, None),
@@ -668,6 +703,8 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Decoder>()?;
     m.add_class::<Batch>()?;
+    m.add_class::<JoinTable>()?;
     m.add_function(wrap_pyfunction!(dumps, m)?)?;
+    m.add_function(wrap_pyfunction!(add_counts, m)?)?;
     Ok(())
 }
