@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -499,3 +500,27 @@ def _join_ops(seed: int, tables: list[Any]) -> None:
 def test_the_native_join_table_behaves_as_the_python_one(seed: int) -> None:
     tables = [JoinTable(5000, 16), native.join_table(5000, 16)]
     _join_ops(seed, tables)
+
+
+def test_sketch_keys_match_the_numpy_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genmon.streams import sketch as sketch_module
+
+    rng = np.random.default_rng(3)
+    values = np.concatenate(
+        [
+            rng.lognormal(6.0, 0.5, 200_000),
+            np.round(rng.lognormal(4.0, 2.0, 200_000), 1),
+            rng.uniform(-5.0, 5000.0, 50_000),
+            [0.0, 1e-320, 3.0e300],
+        ]
+    )
+    compiled = sketch_module.QuantileSketch()
+    compiled.add_many(values)
+    monkeypatch.setattr(sketch_module, "sketch_values", None)
+    vectorised = sketch_module.QuantileSketch()
+    vectorised.add_many(values)
+    assert compiled.bins == vectorised.bins
+    assert list(compiled.bins) == sorted(compiled.bins)  # numpy's order: to_state alike
+    assert (compiled.zeros, compiled.count) == (vectorised.zeros, vectorised.count)
+    assert (compiled.min, compiled.max) == (vectorised.min, vectorised.max)
+    assert compiled.sum == pytest.approx(vectorised.sum, rel=1e-12)

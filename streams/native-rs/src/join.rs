@@ -320,97 +320,29 @@ impl JoinTable {
         }
     }
 
-    fn expire(&mut self, watermarks: HashMap<String, i64>) -> (usize, usize) {
-        let (mut dropped, mut orphaned) = (0, 0);
-        for (model, &watermark) in &watermarks {
-            while self.top(model).is_some_and(|(exp, _)| exp <= watermark) {
-                orphaned += self.drop_top(model);
-                dropped += 1;
-            }
-        }
-        (dropped, orphaned)
+    fn expire(&mut self, py: Python<'_>, watermarks: HashMap<String, i64>) -> (usize, usize) {
+        py.allow_threads(|| self.expire_entries(&watermarks))
     }
 
-    fn evict(&mut self, max_entries: usize, watermarks: HashMap<String, i64>) -> (usize, usize) {
-        let (mut evicted, mut orphaned) = (0, 0);
-        let floors: Vec<(String, (i64, Key))> = self
-            .floors
-            .iter()
-            .map(|(m, f)| (m.clone(), f.clone()))
-            .collect();
-        for (model, floor) in floors {
-            while self.top(&model).is_some_and(|top| top <= floor) {
-                orphaned += self.drop_top(&model);
-                evicted += 1;
-            }
-        }
-        let mut excess = self.entries.len().saturating_sub(max_entries);
-        if excess > 0 {
-            // Least event time left first; a model without a watermark first of all.
-            let mut soonest: BTreeSet<((bool, i64), String)> = BTreeSet::new();
-            for (model, set) in &self.order {
-                let (exp, _) = set.first().expect("no empty sets");
-                soonest.insert((time_left(model, *exp, &watermarks), model.clone()));
-            }
-            while excess > 0 {
-                let Some((_, model)) = soonest.pop_first() else {
-                    break;
-                };
-                let item = self.top(&model).expect("listed models have entries");
-                orphaned += self.drop_top(&model);
-                evicted += 1;
-                excess -= 1;
-                match self.floors.get_mut(&model) {
-                    Some(floor) if *floor >= item => {}
-                    Some(floor) => *floor = item,
-                    None => {
-                        self.floors.insert(model.clone(), item);
-                    }
-                }
-                if let Some((exp, _)) = self.top(&model) {
-                    soonest.insert((time_left(&model, exp, &watermarks), model));
-                }
-            }
-        }
-        self.floors
-            .retain(|model, (exp, _)| match watermarks.get(model) {
-                Some(&watermark) => *exp > watermark,
-                None => true,
-            });
-        (evicted, orphaned)
+    fn evict(
+        &mut self,
+        py: Python<'_>,
+        max_entries: usize,
+        watermarks: HashMap<String, i64>,
+    ) -> (usize, usize) {
+        py.allow_threads(|| self.evict_entries(max_entries, &watermarks))
     }
 
     fn segments<'py>(
         &mut self,
         py: Python<'py>,
         max_bytes: usize,
-    ) -> PyResult<Vec<(u64, Bound<'py, PyBytes>)>> {
-        let mut records = Vec::new();
-        let order = std::mem::take(&mut self.unwritten_order);
-        let positions = std::mem::take(&mut self.unwritten);
-        let mut chunk: Vec<Key> = Vec::new();
-        let mut out: Vec<u8> = Vec::new();
-        let mut size = 0usize;
-        for (at, key) in order.into_iter().enumerate() {
-            if positions.get(&key) != Some(&at) {
-                continue; // dropped, or changed again after a drop: counted where it is now
-            }
-            let entry = &self.entries[&key];
-            out.extend_from_slice(if chunk.is_empty() { b"{\"e\":{" } else { b"," });
-            write_str(&mut out, &key);
-            out.push(b':');
-            write_entry(&mut out, entry);
-            size += 256 * (1 + entry.fb.len()) + entry.inf.as_ref().map_or(0, |inf| inf.chars);
-            chunk.push(key);
-            if size >= max_bytes {
-                records.push(self.record(py, std::mem::take(&mut chunk), &mut out));
-                size = 0;
-            }
-        }
-        if !chunk.is_empty() {
-            records.push(self.record(py, chunk, &mut out));
-        }
-        Ok(records)
+    ) -> Vec<(u64, Bound<'py, PyBytes>)> {
+        let records = py.allow_threads(|| self.write_segments(max_bytes));
+        records
+            .into_iter()
+            .map(|(seq, json)| (seq, PyBytes::new(py, &json)))
+            .collect()
     }
 
     fn take_dead(&mut self) -> Vec<u64> {
@@ -551,6 +483,100 @@ fn write_entry(out: &mut Vec<u8>, entry: &Entry) {
 }
 
 impl JoinTable {
+    fn expire_entries(&mut self, watermarks: &HashMap<String, i64>) -> (usize, usize) {
+        let (mut dropped, mut orphaned) = (0, 0);
+        for (model, &watermark) in watermarks {
+            while self.top(model).is_some_and(|(exp, _)| exp <= watermark) {
+                orphaned += self.drop_top(model);
+                dropped += 1;
+            }
+        }
+        (dropped, orphaned)
+    }
+
+    fn evict_entries(
+        &mut self,
+        max_entries: usize,
+        watermarks: &HashMap<String, i64>,
+    ) -> (usize, usize) {
+        let (mut evicted, mut orphaned) = (0, 0);
+        let floors: Vec<(String, (i64, Key))> = self
+            .floors
+            .iter()
+            .map(|(m, f)| (m.clone(), f.clone()))
+            .collect();
+        for (model, floor) in floors {
+            while self.top(&model).is_some_and(|top| top <= floor) {
+                orphaned += self.drop_top(&model);
+                evicted += 1;
+            }
+        }
+        let mut excess = self.entries.len().saturating_sub(max_entries);
+        if excess > 0 {
+            // Least event time left first; a model without a watermark first of all.
+            let mut soonest: BTreeSet<((bool, i64), String)> = BTreeSet::new();
+            for (model, set) in &self.order {
+                let (exp, _) = set.first().expect("no empty sets");
+                soonest.insert((time_left(model, *exp, watermarks), model.clone()));
+            }
+            while excess > 0 {
+                let Some((_, model)) = soonest.pop_first() else {
+                    break;
+                };
+                let item = self.top(&model).expect("listed models have entries");
+                orphaned += self.drop_top(&model);
+                evicted += 1;
+                excess -= 1;
+                match self.floors.get_mut(&model) {
+                    Some(floor) if *floor >= item => {}
+                    Some(floor) => *floor = item,
+                    None => {
+                        self.floors.insert(model.clone(), item);
+                    }
+                }
+                if let Some((exp, _)) = self.top(&model) {
+                    soonest.insert((time_left(&model, exp, watermarks), model));
+                }
+            }
+        }
+        self.floors
+            .retain(|model, (exp, _)| match watermarks.get(model) {
+                Some(&watermark) => *exp > watermark,
+                None => true,
+            });
+        (evicted, orphaned)
+    }
+
+    /// The changed entries as segment records `(seq, JSON)` (see `segments`).
+    fn write_segments(&mut self, max_bytes: usize) -> Vec<(u64, Vec<u8>)> {
+        let mut records = Vec::new();
+        let order = std::mem::take(&mut self.unwritten_order);
+        let positions = std::mem::take(&mut self.unwritten);
+        let mut chunk: Vec<Key> = Vec::new();
+        let mut out: Vec<u8> = Vec::new();
+        let mut size = 0usize;
+        for (at, key) in order.into_iter().enumerate() {
+            if positions.get(&key) != Some(&at) {
+                continue; // dropped, or changed again after a drop: counted where it is now
+            }
+            let entry = &self.entries[&key];
+            out.extend_from_slice(if chunk.is_empty() { b"{\"e\":{" } else { b"," });
+            write_str(&mut out, &key);
+            out.push(b':');
+            write_entry(&mut out, entry);
+            size += 256 * (1 + entry.fb.len()) + entry.inf.as_ref().map_or(0, |inf| inf.chars);
+            chunk.push(key);
+            if size >= max_bytes {
+                records.push(self.record(std::mem::take(&mut chunk), &mut out));
+                size = 0;
+            }
+        }
+        if !chunk.is_empty() {
+            records.push(self.record(chunk, &mut out));
+        }
+        records
+    }
+
     pub fn max_text_chars(&self) -> usize {
         self.max_text_chars
     }
@@ -663,17 +689,11 @@ impl JoinTable {
         }
     }
 
-    fn record<'py>(
-        &mut self,
-        py: Python<'py>,
-        chunk: Vec<Key>,
-        out: &mut Vec<u8>,
-    ) -> (u64, Bound<'py, PyBytes>) {
+    fn record(&mut self, chunk: Vec<Key>, out: &mut Vec<u8>) -> (u64, Vec<u8>) {
         let seq = self.next_segment;
         self.next_segment += 1;
         out.extend_from_slice(b"}}");
-        let json = PyBytes::new(py, out);
-        out.clear();
+        let json = std::mem::take(out);
         self.live.insert(seq, chunk.len());
         let models: FxHashSet<&str> = chunk.iter().map(|k| model_of(k)).collect();
         let models = models.into_iter().map(str::to_owned).collect();

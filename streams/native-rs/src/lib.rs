@@ -603,6 +603,44 @@ fn add_counts(into: &Bound<'_, PyDict>, other: &Bound<'_, PyDict>) -> PyResult<(
     Ok(())
 }
 
+/// What `QuantileSketch.add_many` adds for `values` (negative ones count as zero):
+/// (bins {key: count} in key order, zeros, count, sum, min, max), keys as
+/// `ceil(log2(v) * multiplier + offset)` for the values above `min_possible`.
+#[pyfunction]
+fn sketch_values(
+    py: Python<'_>,
+    values: Vec<f64>,
+    multiplier: f64,
+    offset: f64,
+    min_possible: f64,
+) -> PyResult<(Bound<'_, PyDict>, u64, u64, f64, f64, f64)> {
+    let mut bins: std::collections::BTreeMap<i64, u64> = std::collections::BTreeMap::new();
+    let (mut zeros, mut sum) = (0u64, 0.0f64);
+    let (mut low, mut high) = (f64::INFINITY, f64::NEG_INFINITY);
+    for &value in &values {
+        let v = if value < 0.0 { 0.0 } else { value };
+        sum += v;
+        if v < low {
+            low = v;
+        }
+        if v > high {
+            high = v;
+        }
+        if v > min_possible {
+            *bins
+                .entry((v.log2() * multiplier + offset).ceil() as i64)
+                .or_insert(0) += 1;
+        } else {
+            zeros += 1;
+        }
+    }
+    let out = PyDict::new(py);
+    for (key, n) in bins {
+        out.set_item(key, n)?;
+    }
+    Ok((out, zeros, values.len() as u64, sum, low, high))
+}
+
 /// JSON bytes of `value` (dicts with str keys, lists, tuples, str, int, float, bool, None),
 /// read back by `json.loads` as `json.dumps` output is (NaN and infinities included).
 /// Raises `TypeError` for anything else, so the caller can fall back to `json.dumps`.
@@ -706,5 +744,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<JoinTable>()?;
     m.add_function(wrap_pyfunction!(dumps, m)?)?;
     m.add_function(wrap_pyfunction!(add_counts, m)?)?;
+    m.add_function(wrap_pyfunction!(sketch_values, m)?)?;
     Ok(())
 }
