@@ -81,6 +81,15 @@ class WorkerSettings(BaseModel):
     batch_size: int = Field(1000, description="events taken per batch by stream agents")
     batch_within_s: float = Field(0.5, description="longest wait to fill a batch")
     loglevel: str = Field("info", description="worker log level")
+    commit_every: int = Field(
+        50_000,
+        ge=1,
+        description=(
+            "events acknowledged between offset commits (there is also one every 2.8 s);"
+            " each commit first writes the pipeline's changed state, so a larger value"
+            " writes it less often and a crash replays more events"
+        ),
+    )
     session_timeout_s: float = Field(
         60.0,
         gt=0,

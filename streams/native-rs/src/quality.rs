@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use aho_corasick::AhoCorasick;
 
 /// Characters Python's `str.isspace()` accepts (what `str.strip()` removes).
@@ -40,7 +42,7 @@ pub struct Quality {
     scan_chars: usize,
     /// Configured Latin-script languages, in the order that breaks ties.
     languages: Vec<String>,
-    function_words: HashMap<String, Vec<usize>>,
+    function_words: FxHashMap<String, Vec<usize>>,
 }
 
 impl Quality {
@@ -68,7 +70,7 @@ impl Quality {
             anywhere,
             scan_chars,
             languages,
-            function_words,
+            function_words: function_words.into_iter().collect(),
         })
     }
 
