@@ -138,11 +138,13 @@ class BatchingConsumer(faust_aiokafka.Consumer):
     message, so a rebalance's or shutdown's wait for pending messages waits for it; when
     it returns (or raises: the error is logged, as a crashed batch would crash again) the
     batch's offsets are acknowledged at once in Faust's own bookkeeping, so the periodic
-    commit covers exactly the handled records. A batch fetched while the flow was
-    suspended for a rebalance is dropped unacked; the partition's next owner reads it
-    again from the committed offset. Other topics take Faust's per-message path
-    unchanged. Faust's sensors (its own monitor) do not see batch-topic messages;
-    genmon's metrics count them.
+    commit covers exactly the handled records. While a fetch's batches are handled, the
+    next fetch is already under way in Faust's consumer thread (it unpacks records while
+    the handlers run native code without the GIL). A fetch made while the flow was
+    suspended for a rebalance, or before a rebalance that completed since, is dropped
+    unacked; the partition's owner reads it again from the committed offset. Other
+    topics take Faust's per-message path unchanged. Faust's sensors (its own monitor) do
+    not see batch-topic messages; genmon's metrics count them.
     """
 
     def _new_consumer_thread(self) -> _ConsumerThread:
@@ -161,18 +163,30 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         track_end_offset = self.app.monitor.track_tp_end_offset
         fetcher_stopped = fetcher._stopped.is_set  # type: ignore[attr-defined]
+        prefetched: asyncio.Future[tuple[Any, Any, int, bool]] | None = None
+
+        async def fetch() -> tuple[Any, Any, int, bool]:
+            # What Faust's getmany() does, without a Message per record; the generation
+            # and flow are read right after, as Faust's own loop does.
+            records, active = await self._wait_next_records(1.0)
+            return records, active, self.app.consumer_generation_id, self.flow_active
+
         try:
             while not (self._stopped.is_set() or fetcher_stopped()):
                 self.diag.set_flag(CONSUMER_FETCHING)
                 await self.sleep(0)
                 if self.should_stop:
                     continue
-                # What Faust's getmany() does, without a Message per record.
-                records, active = await self._wait_next_records(1.0)
-                generation = self.app.consumer_generation_id
+                if prefetched is None:
+                    records, active, generation, flowing = await fetch()
+                else:
+                    records, active, generation, flowing = await prefetched
+                    prefetched = None
                 if records is None or self.should_stop:
                     continue
-                if not self.flow_active:
+                if not (flowing and self.flow_active) or (
+                    self.app.consumer_generation_id != generation
+                ):
                     try:
                         await self.perform_seek()  # a rebalance began during the fetch
                     except Exception as exc:
@@ -189,6 +203,12 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                         batches.setdefault(tp.topic, []).append((tp, tp_records))
                     else:
                         others[tp] = tp_records
+                if batches and not others:
+                    # Fetch the next records while these are handled: Faust's consumer
+                    # thread unpacks them while the handlers run native code without the
+                    # GIL. The yield lets the fetch reach that thread before they start.
+                    prefetched = asyncio.ensure_future(fetch())
+                    await asyncio.sleep(0)
                 for tp, record in self.scheduler.iterate(others):
                     if not self.flow_active or self.app.consumer_generation_id != generation:
                         break
@@ -218,6 +238,8 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                 return
             raise
         finally:
+            if prefetched is not None:
+                prefetched.cancel()
             self.diag.unset_flag(CONSUMER_FETCHING)
 
     async def _deliver_batches(
