@@ -8,7 +8,8 @@ written to changelog partition ``p``:
 
 - ``<p> P <model> <version> <segment> <pane_start>``: a pane's :class:`WindowStats`;
 - ``<p> S <seq>``: a *join segment*: the join entries (:mod:`genmon.streams.join`) changed
-  in one batch, keyed by ``model, request_id``. Entries live in memory; a segment record
+  in one batch, keyed by ``model, request_id`` (a dict, or its JSON as bytes from the
+  native join table). Entries live in memory; a segment record
   is deleted once none of its entries is current (superseded by a later segment or
   expired). One record per batch instead of one per event keeps the changelog traffic
   per event small (each table write is one Kafka message through Faust's producer);
@@ -315,7 +316,7 @@ class PipelineCore:
         self.join_ttl_ms = round(settings.feedback.join_ttl_s * 1000)
         self.join_max_text_chars = settings.feedback.join_max_text_chars
         self.native_joins = native.available() if native_joins is None else native_joins
-        self._join_table(0)  # invalid join settings fail here, not at the first event
+        self._join_table()  # invalid join settings fail here, not at the first event
         self.negative_below = settings.feedback.negative_score_below
         self.exemplars = settings.detectors.exemplars_per_window
         self.redact_exemplars = settings.detectors.redact_exemplars
@@ -358,7 +359,7 @@ class PipelineCore:
         floors: dict[int, dict[str, tuple[int, str]]] = {p: {} for p in wanted}
         for p in wanted:
             self._parts[p] = _Partition(
-                segment_cap=SegmentCap(self.max_segment_values), joins=self._join_table(p)
+                segment_cap=SegmentCap(self.max_segment_values), joins=self._join_table()
             )
         for key in self.store.all_keys():
             p_text, _, rest = key.partition(SEP)
@@ -418,7 +419,7 @@ class PipelineCore:
             part = self._parts[p]
         return part
 
-    def _join_table(self, partition: int) -> Any:
+    def _join_table(self) -> Any:
         if self.native_joins:
             return native.join_table(self.join_ttl_ms, self.join_max_text_chars)
         return JoinTable(self.join_ttl_ms, self.join_max_text_chars)
