@@ -6,9 +6,9 @@
 //! anything invalid) to the Python validator, which stays the one authority on what is valid
 //! and why not. [`Batch::aggregate`] then does the per-event work of
 //! `PipelineCore.on_inferences` (offset filter, skew and lateness, quality signals, grouping,
-//! join records) and hands Python a few groups and dicts per batch. The module docstring of
-//! `genmon.streams.native` states the contract; `tests/test_native.py` checks it against the
-//! Python path.
+//! the feedback join in a [`JoinTable`]) without the GIL and hands Python a few groups per
+//! batch. The module docstring of `genmon.streams.native` states the contract;
+//! `tests/test_native.py` checks it against the Python path.
 
 mod event;
 mod join;
