@@ -692,22 +692,13 @@ fn write_json(out: &mut Vec<u8>, value: &Bound<'_, PyAny>) -> PyResult<()> {
             write_json(out, &v)?;
         }
         out.push(b'}');
-    } else if let Ok(l) = value.downcast::<PyList>() {
+    } else if value.is_instance_of::<PyList>() || value.is_instance_of::<PyTuple>() {
         out.push(b'[');
-        for (i, item) in l.iter().enumerate() {
+        for (i, item) in value.try_iter()?.enumerate() {
             if i > 0 {
                 out.push(b',');
             }
-            write_json(out, &item)?;
-        }
-        out.push(b']');
-    } else if let Ok(t) = value.downcast::<PyTuple>() {
-        out.push(b'[');
-        for (i, item) in t.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            write_json(out, &item)?;
+            write_json(out, &item?)?;
         }
         out.push(b']');
     } else {
