@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 from ddsketch import DDSketch
+from pipeline_support import WINDOWS
 
 from genmon.schemas.events import FinishReason, InferenceEvent, InferenceStatus
 from genmon.settings import Settings
@@ -118,16 +119,7 @@ def test_window_plan_rejects_settings_that_cannot_work():
 
 
 def make_core(clock, **windows):
-    settings = Settings(
-        windows={
-            "tumbling_s": 10,
-            "hopping_size_s": 20,
-            "hopping_step_s": 10,
-            "allowed_lateness_s": 2,
-            "idle_timeout_s": 1000,
-            **windows,
-        }
-    )
+    settings = Settings(windows={**WINDOWS, "allowed_lateness_s": 2, **windows})
     return PipelineCore(settings, DictStore(), clock=clock)
 
 
@@ -175,15 +167,7 @@ def test_redelivered_offsets_are_skipped_and_state_survives_restore():
     core = make_core(lambda: now[0])
     core.on_inferences(3, [(i, inference(i, i)) for i in range(4)])
     again = PipelineCore(
-        Settings(
-            windows={
-                "tumbling_s": 10,
-                "hopping_size_s": 20,
-                "hopping_step_s": 10,
-                "allowed_lateness_s": 2,
-                "idle_timeout_s": 1000,
-            }
-        ),
+        Settings(windows={**WINDOWS, "allowed_lateness_s": 2}),
         core.store,
         clock=lambda: now[0],
     )
@@ -208,15 +192,7 @@ def test_idle_partition_advances_watermark_with_wall_clock_and_expires_panes():
 
 def test_replay_after_a_crash_before_the_checkpoint_counts_each_event_once():
     now = [T0.timestamp() + 3600]
-    settings = Settings(
-        windows={
-            "tumbling_s": 10,
-            "hopping_size_s": 20,
-            "hopping_step_s": 10,
-            "allowed_lateness_s": 2,
-            "idle_timeout_s": 1000,
-        }
-    )
+    settings = Settings(windows={**WINDOWS, "allowed_lateness_s": 2})
     core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
     batch = [(i, inference(i, i, segment={"k": "a"})) for i in range(5)]
     core.on_inferences(1, batch, checkpoint=False)  # panes written, mark not: then a crash

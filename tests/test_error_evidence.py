@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 from incident_support import FakeClock, migrated_engine, settings_with, sqlite_url
+from pipeline_support import WINDOWS
 from sqlalchemy.engine import Engine
 
 from genmon.detectors import DetectorKind, DetectorResult
@@ -69,13 +70,7 @@ LIVE_REFUSAL = "I'm sorry, but I can't access real-time information from the int
 def tfidf_settings(**detectors: Any) -> Settings:
     return Settings(
         embedding={"enabled": False},
-        windows={
-            "tumbling_s": 10,
-            "hopping_size_s": 20,
-            "hopping_step_s": 10,
-            "allowed_lateness_s": 1,
-            "idle_timeout_s": 1000,
-        },
+        windows=WINDOWS,
         detectors={"min_segment_size": 10, **detectors},
     )
 

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pipeline_support import WINDOWS
 from prometheus_client import CollectorRegistry
 
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
@@ -46,16 +47,7 @@ def feedback(i: int, t_s: float, model: str = "chat", score: float = 0.0) -> Fee
 
 
 def make_core(store: DictStore | None = None, **windows: float) -> PipelineCore:
-    settings = Settings(
-        windows={
-            "tumbling_s": 10,
-            "hopping_size_s": 20,
-            "hopping_step_s": 10,
-            "allowed_lateness_s": 1,
-            "idle_timeout_s": 1000,
-            **windows,
-        }
-    )
+    settings = Settings(windows={**WINDOWS, **windows})
     return PipelineCore(settings, store or DictStore(), clock=lambda: NOW)
 
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faust.types import TP
+from pipeline_support import WINDOWS
 
 from genmon.schemas.events import FeedbackEvent, InferenceEvent, InferenceStatus
 from genmon.settings import Settings
@@ -32,13 +33,7 @@ Step = tuple[Any, ...]
 
 def settings() -> Settings:
     return Settings(
-        windows={
-            "tumbling_s": 10,
-            "hopping_size_s": 20,
-            "hopping_step_s": 10,
-            "allowed_lateness_s": 1,
-            "idle_timeout_s": 1000,
-        },
+        windows=WINDOWS,
         # Short enough for entries to expire and be evicted within the script.
         feedback={"join_ttl_s": 30, "join_max_entries": 40, "join_max_text_chars": 40},
         detectors={"exemplars_per_window": 3},

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from pipeline_support import WINDOWS
 
 from genmon.detectors import REGISTRY, load_state
 from genmon.detectors.bias import SegmentCounts
@@ -358,14 +359,7 @@ def test_without_the_bias_detector_the_overflow_series_gets_no_threshold(
 def test_overflow_from_the_real_core_does_not_page_and_stays_in_the_population() -> None:
     settings = Settings(
         embedding={"enabled": False},
-        windows={
-            "tumbling_s": 10,
-            "hopping_size_s": 20,
-            "hopping_step_s": 10,
-            "allowed_lateness_s": 1,
-            "idle_timeout_s": 1000,
-            "max_segment_values": 2,
-        },
+        windows={**WINDOWS, "max_segment_values": 2},
         detectors={"min_segment_size": 10},
     )
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
