@@ -291,9 +291,12 @@ def config(markdown: bool) -> None:
 
 
 def _add_demo_command() -> None:
+    from genmon.alerts_cli import detectors, replay
     from genmon.demo import demo
 
     main.add_command(demo)
+    main.add_command(detectors)
+    main.add_command(replay)
 
 
 _add_demo_command()

@@ -239,7 +239,9 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
         "GENMON_WINDOWS__ALLOWED_LATENESS_S": "1",
         "GENMON_WINDOWS__IDLE_TIMEOUT_S": "2",
         "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "20",
-        "GENMON_DETECTORS__MIN_SEGMENT_SIZE": "10",
+        # The model's baselines learn from the healthy phase's first windows (15 by
+        # default: minutes of 60 s windows; a demo has seconds).
+        "GENMON_DETECTORS__BASELINE_WARMUP_WINDOWS": "3",
         "GENMON_EMBEDDING__ENABLED": "false",
     }
     settings = Settings(kafka=base.kafka.model_copy(update={"topic_prefix": run}))

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Where local services keep their data, logs and pid files unless told otherwise.
@@ -147,9 +147,6 @@ class WindowSettings(BaseModel):
     hopping_size_s: float = Field(300.0, description="size of hopping windows (dashboards)")
     hopping_step_s: float = Field(60.0, description="step between hopping windows")
     expires_s: float = Field(3600.0, description="closed window state is dropped after this")
-    slow_latency_ms: float = Field(
-        2000.0, description="latency p99 above this fires the default latency detector"
-    )
     allowed_lateness_s: float = Field(
         10.0, description="a window closes when the watermark passes its end plus this"
     )
@@ -254,26 +251,90 @@ class EmbeddingSettings(BaseModel):
 
 
 class DetectorSettings(BaseModel):
-    """Defaults for the detectors the runner instantiates per model."""
+    """The default detectors: what a healthy model may cost in false pages, and how the
+    model's own baselines are learned (see genmon/streams/runner.py and budget.py)."""
 
-    ert: float = Field(1000.0, description="expected run time between false alarms, in updates")
-    drift_window: int = Field(64, description="test window of the online embedding drift detector")
-    reference_size: int = Field(1000, description="most reference rows an embedding detector keeps")
-    min_segment_size: int = Field(30, description="smallest segment sample the bias tests judge")
-    fdr_alpha: float = Field(
-        0.05, description="false discovery rate across one attribute's segments (BH)"
+    false_pages_per_week: float = Field(
+        1.0,
+        gt=0,
+        description=(
+            "how often a healthy model may page: false pages per model per week, shared by"
+            " the default detectors (`genmon detectors list` shows each one's share)"
+        ),
+    )
+    baseline_warmup_windows: int = Field(
+        15,
+        ge=2,
+        description=(
+            "tumbling windows a new model's baselines learn from before its detectors judge"
+            " it (silent; a new version of a known model is judged from its first window)"
+        ),
+    )
+    baseline_refresh_windows: int = Field(
+        1440,
+        ge=2,
+        description=(
+            "healthy windows a baseline collects before they may replace it; a young"
+            " baseline grows by doubling until it holds this many, and a candidate worse"
+            " than the baseline is refused, so a slow degradation is not learned away"
+        ),
+    )
+    latency_quantile: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description=(
+            "quantile of the baseline's per-request latencies (TTFT, time per output token,"
+            " end-to-end); the latency tests count the requests above it"
+        ),
+    )
+    rate_odds_ratio: float = Field(
+        2.0,
+        gt=1.0,
+        description=(
+            "smallest rise of a rate, as an odds ratio against its baseline, the sequential"
+            " tests are designed to catch (error, refusal, empty, negative-feedback and"
+            " latency-exceedance rates)"
+        ),
+    )
+    rate_min_increase: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "smallest absolute rise of an error, refusal, empty or negative-feedback rate"
+            " worth a page"
+        ),
+    )
+    drift_components: int = Field(
+        16, ge=1, description="principal components the embedding drift test compares"
+    )
+    drift_reference_windows: int = Field(
+        20,
+        ge=2,
+        description=(
+            "windows of sampled embeddings (after the first 256 texts, which fix the"
+            " principal components) that make an embedding drift reference"
+        ),
+    )
+    min_segment_size: int = Field(
+        1,
+        ge=1,
+        description=(
+            "least scored feedback of a series in a window that is judged (the sequential"
+            " test adds evidence over windows, so small windows count too)"
+        ),
     )
     min_window_requests: int = Field(
         10, ge=1, description="windows with fewer requests are not judged by the runner"
     )
-    error_rate_max: float = Field(0.05, description="default error-rate alarm threshold")
-    refusal_rate_max: float = Field(0.2, description="default refusal-rate alarm threshold")
-    empty_rate_max: float = Field(0.05, description="default empty-response-rate threshold")
-    negative_feedback_rate_max: float = Field(
-        0.5, description="default per-segment negative-feedback-rate threshold"
-    )
-    embedding_detector: str = Field(
-        "", description="REGISTRY name of the embedding drift detector ('' = first that fits)"
+    slos: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description=(
+            "service-level objectives a user writes per model id ('*' for every model), e.g."
+            ' {"support-bot": ["ttft_p95 <= 1.5s", "error_rate <= 2%"]}; a breached one'
+            " pages whatever the baseline says; none by default"
+        ),
     )
     exemplars_per_window: int = Field(
         32,
@@ -315,6 +376,17 @@ class DetectorSettings(BaseModel):
         ),
     )
 
+    @field_validator("slos")
+    @classmethod
+    def _slos_parse(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        # Read now, so a typo fails at start-up with what to write, not in the runner.
+        from genmon.streams.slos import parse_slo
+
+        for texts in value.values():
+            for text in texts:
+                parse_slo(text)
+        return value
+
 
 class RunbookSettings(BaseModel):
     """Where an on-call engineer reads what to do about one kind of problem."""
@@ -348,7 +420,12 @@ class IncidentSettings(BaseModel):
         2, ge=0, description="reopens within the cool-down after which the incident is flapping"
     )
     group_window_s: float = Field(
-        600.0, ge=0, description="new incidents of one model within this group under a parent"
+        600.0,
+        ge=0,
+        description=(
+            "incidents of one model opened within this are linked as related (each still pages"
+            " on its own)"
+        ),
     )
     severity_score_ratio_bands: dict[str, float] = Field(
         default_factory=lambda: {"warning": 1.0, "error": 2.0, "critical": 4.0},

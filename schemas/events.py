@@ -240,6 +240,20 @@ class Finding(_Event):
     n_seen: int = 0
     evidence: dict[str, Any] = Field(default_factory=dict)
     emitted_at: AwareDatetime = Field(default_factory=utcnow)
+    severity: Severity | None = Field(
+        None,
+        description=(
+            "how bad, as the detector judged it from effect size and confidence; unset: the"
+            " incident manager derives it from score/threshold and effect-size bands"
+        ),
+    )
+    title: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+        None,
+        description=(
+            "what happened, with numbers (e.g. 'TTFT p95 2.4 s, baseline 0.6 s, support-bot"
+            " v3, locale=de'); unset: the incident manager names model, detector and signal"
+        ),
+    )
 
     @property
     def fingerprint(self) -> str:

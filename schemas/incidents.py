@@ -132,7 +132,10 @@ class Incident(IncidentBase, table=True):
         foreign_key="incident.id",
         ondelete="SET NULL",
         max_length=INCIDENT_ID_CHARS,
-        description="the incident this one is grouped under",
+        description=(
+            "an open incident of the same model this one is related to (linked when it opened;"
+            " each pages on its own)"
+        ),
     )
     finding_count: int = 0
     peak_score: float = 0.0

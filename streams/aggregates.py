@@ -24,6 +24,7 @@ touched series instead of one entry per overlapping hopping window.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -37,12 +38,16 @@ from genmon.streams.sketch import DEFAULT_RELATIVE_ACCURACY, QuantileSketch, add
 if TYPE_CHECKING:
     from genmon.streams.segment_cap import SegmentCap
 
-#: Quantiles reported for latency and time-to-first-token.
-QUANTILES = (0.5, 0.9, 0.99)
+#: Quantiles reported for latency, time to first token and time per output token.
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
 ALL_SEGMENTS = "*"
 #: Statuses counted as errors; truncated and content-filtered answers are quality signals,
 #: cancelled requests are the client's choice. ``by_status`` keeps every status anyway.
 ERROR_STATUSES = frozenset({InferenceStatus.ERROR, InferenceStatus.TIMEOUT})
+#: Most bytes (as JSON) the raw sketches of one closed window record may take (see
+#: :func:`window_sketches`); they come out of the series budget
+#: (:data:`genmon.streams.segment_cap.SERIES_BUDGET_BYTES`), so the record's bound holds.
+SKETCH_BUDGET_BYTES = 64 * 1024
 
 
 class SeriesKey(NamedTuple):
@@ -64,7 +69,14 @@ def segments_of(attributes: dict[str, str]) -> list[str]:
 
 
 def event_time_ms(event: InferenceEvent) -> int:
-    return int(event.started_at.timestamp() * 1000)
+    """When an inference counts: when it completed, ``started_at`` plus its latency.
+
+    LLM calls take seconds to minutes and services log them when they finish, so windows
+    by start time would miss every call slower than the allowed lateness (the slow ones a
+    latency detector must see); by completion they arrive in order, as metrics do.
+    Integer milliseconds on both paths (the native decoder adds the same truncated latency).
+    """
+    return int(event.started_at.timestamp() * 1000) + int(event.latency_ms)
 
 
 class _Summary:
@@ -102,6 +114,22 @@ class _Summary:
         }
 
 
+def tpot_ms(event: InferenceEvent) -> float | None:
+    """Time per output token after the first, or None where it is not measured.
+
+    Errors are left out (their timing says nothing about decoding speed), and so are
+    events without a time to first token, with fewer than two completion tokens or with a
+    first token after the end. The native path (``streams/native-rs``) computes the same
+    float expression, so both add bit-identical values.
+    """
+    ttft, tokens = event.time_to_first_token_ms, event.completion_tokens
+    if event.status in ERROR_STATUSES or ttft is None or tokens is None or tokens < 2:
+        return None
+    if event.latency_ms < ttft:
+        return None
+    return (event.latency_ms - ttft) / (tokens - 1)
+
+
 def _segment_label(attributes: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(attributes.items()))
 
@@ -109,12 +137,15 @@ def _segment_label(attributes: dict[str, str]) -> str:
 def _keep_flagged(
     exemplars: Exemplars, event: InferenceEvent, empty: bool, truncated: bool, refusal: bool
 ) -> None:
+    """Offer ``event`` as an example of each signal it counts in; an error counts as an error
+    only (its empty or refusing answer is not one more incident), as in the counts."""
     label = _segment_label(event.segment)
     code = event.error_code or ""
+    error = event.status in ERROR_STATUSES
     for signal, flagged, note in (
-        ("error", event.status in ERROR_STATUSES, code or event.status.value),
-        ("refusal", refusal, code),
-        ("empty", empty, code),
+        ("error", error, code or event.status.value),
+        ("refusal", refusal and not error, code),
+        ("empty", empty and not error, code),
         ("truncated", truncated, code),
     ):
         if flagged:
@@ -134,6 +165,7 @@ class WindowStats:
 
     __slots__ = (
         "_latencies",
+        "_tpots",
         "_ttfts",
         "by_error_code",
         "by_status",
@@ -152,6 +184,7 @@ class WindowStats:
         "refusal",
         "requests",
         "response_chars",
+        "tpot",
         "truncated",
         "ttft",
     )
@@ -170,6 +203,8 @@ class WindowStats:
         self.by_error_code: dict[str, int] = {}
         self.latency = QuantileSketch(relative_accuracy)
         self.ttft = QuantileSketch(relative_accuracy)
+        #: Time per output token (:func:`tpot_ms`).
+        self.tpot = QuantileSketch(relative_accuracy)
         self.prompt_tokens = _Summary()
         self.completion_tokens = _Summary()
         self.response_chars = _Summary()
@@ -188,6 +223,7 @@ class WindowStats:
         # Per-batch buffers, flushed into the sketches in one vectorised call.
         self._latencies: list[float] = []
         self._ttfts: list[float] = []
+        self._tpots: list[float] = []
 
     # -- building -------------------------------------------------------------------
     def add_inference(
@@ -199,17 +235,24 @@ class WindowStats:
         chars: int,
         language: str,
     ) -> None:
+        """Count one event; ``empty`` and ``refusal`` count among answered (non-error)
+        requests only, so an error burst is not also an empty-answer burst."""
         self.requests += 1
         status = event.status.value
         self.by_status[status] = self.by_status.get(status, 0) + 1
-        if event.status in ERROR_STATUSES:
+        error = event.status in ERROR_STATUSES
+        if error:
             self.errors += 1
+            empty = refusal = False
         if event.error_code is not None:
             code = event.error_code
             self.by_error_code[code] = self.by_error_code.get(code, 0) + 1
         self._latencies.append(event.latency_ms)
         if event.time_to_first_token_ms is not None:
             self._ttfts.append(event.time_to_first_token_ms)
+        tpot = tpot_ms(event)
+        if tpot is not None:
+            self._tpots.append(tpot)
         if event.prompt_tokens is not None:
             self.prompt_tokens.add(event.prompt_tokens)
         if event.completion_tokens is not None:
@@ -219,9 +262,7 @@ class WindowStats:
         self.truncated += truncated
         self.refusal += refusal
         self.languages[language] = self.languages.get(language, 0) + 1
-        if self.exemplars is not None and (
-            empty or truncated or refusal or event.status in ERROR_STATUSES
-        ):
+        if self.exemplars is not None and (empty or truncated or refusal or error):
             _keep_flagged(self.exemplars, event, empty, truncated, refusal)
 
     def add_negative_example(
@@ -257,6 +298,9 @@ class WindowStats:
         if self._ttfts:
             self.ttft.add_many(self._ttfts)
             self._ttfts = []
+        if self._tpots:
+            self.tpot.add_many(self._tpots)
+            self._tpots = []
         return self
 
     def merge(self, other: WindowStats) -> WindowStats:
@@ -268,6 +312,7 @@ class WindowStats:
         add_counts(self.by_error_code, other.by_error_code)
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
+        self.tpot.merge(other.tpot)
         self.prompt_tokens.merge(other.prompt_tokens)
         self.completion_tokens.merge(other.completion_tokens)
         self.response_chars.merge(other.response_chars)
@@ -301,6 +346,7 @@ class WindowStats:
             "by_error_code": dict(self.by_error_code),
             "latency": self.latency.to_state(),
             "ttft": self.ttft.to_state(),
+            "tpot": self.tpot.to_state(),
             "prompt_tokens": self.prompt_tokens.to_state(),
             "completion_tokens": self.completion_tokens.to_state(),
             "response_chars": self.response_chars.to_state(),
@@ -329,6 +375,8 @@ class WindowStats:
         stats.by_error_code = dict(state["by_error_code"])
         stats.latency = QuantileSketch.from_state(state["latency"])
         stats.ttft = QuantileSketch.from_state(state["ttft"])
+        if "tpot" in state:  # panes stored before TPOT have none: an empty sketch
+            stats.tpot = QuantileSketch.from_state(state["tpot"])
         stats.prompt_tokens = _Summary.from_state(state["prompt_tokens"])
         stats.completion_tokens = _Summary.from_state(state["completion_tokens"])
         stats.response_chars = _Summary.from_state(state["response_chars"])
@@ -343,19 +391,36 @@ class WindowStats:
             stats.exemplars = Exemplars.from_state(exemplars, state.get("ex", {}), redact_exemplars)
         return stats
 
+    def sketch_states(self) -> dict[str, dict[str, Any]]:
+        """The raw timing sketches (:meth:`QuantileSketch.to_state`), for consumers that
+        compare whole distributions (the detector runner's latency baseline), not only the
+        quantiles of :meth:`summary`."""
+        self.flush()
+        return {
+            "latency_ms": self.latency.to_state(),
+            "ttft_ms": self.ttft.to_state(),
+            "tpot_ms": self.tpot.to_state(),
+        }
+
     def summary(self) -> dict[str, Any]:
-        """What goes downstream for a closed window: counts, rates, quantiles."""
+        """What goes downstream for a closed window: counts, rates, quantiles.
+
+        ``empty_rate`` and ``refusal_rate`` are over ``answered`` (non-error) requests, the
+        only ones counted in ``empty`` and ``refusal``.
+        """
         self.flush()
         n = self.requests
+        answered = n - self.errors
 
-        def rate(count: int) -> float | None:
-            return count / n if n else None
+        def rate(count: int, of: int = n) -> float | None:
+            return count / of if of else None
 
         scored = self.fb_score.n
         return {
             "requests": n,
             "errors": self.errors,
             "error_rate": rate(self.errors),
+            "answered": answered,
             "by_status": dict(self.by_status),
             "by_error_code": dict(self.by_error_code),
             "latency_ms": {
@@ -364,15 +429,16 @@ class WindowStats:
                 "max": self.latency.max if self.latency.count else None,
             },
             "ttft_ms": {**self.ttft.quantiles(QUANTILES), "n": self.ttft.count},
+            "tpot_ms": {**self.tpot.quantiles(QUANTILES), "n": self.tpot.count},
             "prompt_tokens": self.prompt_tokens.summary(),
             "completion_tokens": self.completion_tokens.summary(),
             "response_chars": self.response_chars.summary(),
             "empty": self.empty,
-            "empty_rate": rate(self.empty),
+            "empty_rate": rate(self.empty, answered),
             "truncated": self.truncated,
             "truncated_rate": rate(self.truncated),
             "refusal": self.refusal,
-            "refusal_rate": rate(self.refusal),
+            "refusal_rate": rate(self.refusal, answered),
             "languages": dict(self.languages),
             "sketch_relative_accuracy": self.latency.relative_accuracy,
             "feedback": {
@@ -467,13 +533,43 @@ def merge_group(
     for segment in segments:
         key = PaneKey(model, version, segment, pane)
         into = out.get(key)
+        if into is None and segment == ALL_SEGMENTS:
+            # The group's own statistics become the pane's (it keeps examples as "*" does):
+            # one merge less per group. The caller never reads the group again.
+            out[key] = stats
+            continue
         if into is None:
-            keep = exemplars if segment == ALL_SEGMENTS else 0
-            into = out[key] = WindowStats(stats.latency.relative_accuracy, keep, redact_exemplars)
+            into = out[key] = WindowStats(stats.latency.relative_accuracy, 0, redact_exemplars)
         into.merge(stats)
 
 
 _GroupKey = tuple[str, str, int, tuple[tuple[str, str], ...], tuple[str, ...]]
+
+
+def window_sketches(
+    series: dict[tuple[str, str], WindowStats], budget: int = SKETCH_BUDGET_BYTES
+) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
+    """The :meth:`WindowStats.sketch_states` of each version's ``"*"`` series in ``series``
+    (``(version, segment) -> stats`` of one window), and the bytes they take as JSON.
+
+    A sketch holds a few hundred buckets for realistic timings, but values spread over many
+    orders of magnitude make it longer: the busiest versions get theirs while they fit
+    ``budget``, the others none (their quantiles are still in the summary).
+    """
+    busiest_first = sorted(
+        (-stats.requests, version)
+        for (version, segment), stats in series.items()
+        if segment == ALL_SEGMENTS
+    )
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    used = 0
+    for _, version in busiest_first:
+        states = series[(version, ALL_SEGMENTS)].sketch_states()
+        size = len(json.dumps(states)) + len(', "sketches": ')
+        if used + size <= budget:
+            out[version] = states
+            used += size
+    return out, used
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ Flow (``<prefix>`` is ``kafka.topic_prefix``)::
 * **Sampling.** Each ``prompt``/``response`` (``embedding.fields``) of a valid inference is
   kept with probability ``rate`` and then offered to a reservoir (Vitter's algorithm R)
   of ``embedding.reservoir_per_window`` texts per model, version, field and tumbling
-  window (``windows.tumbling_s``, by the event's ``started_at``). A window closes like the
+  window (``windows.tumbling_s``, by when the call completed). A window closes like the
   pipeline's: when the model's newest event time passes its end plus
   ``windows.allowed_lateness_s``, or when the model has been idle
   ``windows.idle_timeout_s`` and the wall clock passes it. Its reservoir is then written
@@ -245,7 +245,7 @@ class Sampler:
             texts = [(f, getattr(event, f)) for f in self.fields if getattr(event, f)]
             if not texts:
                 continue
-            at = event.started_at.timestamp()
+            at = event.started_at.timestamp() + event.latency_ms / 1000  # when it completed
             if at > now + self.max_skew:
                 self.dropped["future"] += len(texts)
                 continue
@@ -310,6 +310,10 @@ class Sampler:
     @property
     def open_reservoirs(self) -> int:
         return sum(len(state.reservoirs) for state in self._models.values())
+
+    def open_models(self) -> set[str]:
+        """Models with a window's sample still being collected."""
+        return {model for model, state in self._models.items() if state.reservoirs}
 
 
 # -- reassembly on the encoder side ------------------------------------------------------------
@@ -749,11 +753,6 @@ def install_embed_role(app: GenmonApp) -> None:
     # Only the pipeline's tables and hook are used here: no sinks, timers or agents of its own.
     pipeline = Pipeline(app, settings)
     app.genmon.extras["pipeline"] = pipeline
-
-    @app.on_partitions_revoked.connect
-    async def forget(sender: Any, revoked: set[Any], **kwargs: Any) -> None:
-        pipeline.runner.forget_live_detectors()
-
     install_encoder(app, settings, metrics, pipeline.submit_embeddings)
 
 

@@ -8,8 +8,9 @@ that a rate went up. Every pane therefore keeps, per signal, at most
 signal                 counted when                                  kept in series
 =====================  ============================================  ===================
 ``error``              status ``error`` or ``timeout``               ``*``
-``refusal``            the response matches a refusal phrase         ``*``
-``empty``              the response is empty                         ``*``
+``refusal``            an answered (non-error) response matches a    ``*``
+                       refusal phrase
+``empty``              an answered (non-error) response is empty     ``*``
 ``truncated``          finish reason ``length`` (or status)          ``*``
 ``negative_feedback``  a joined feedback scored negative             every segment series
 =====================  ============================================  ===================
@@ -54,6 +55,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -119,8 +121,10 @@ def stored_subject_id(subject_id: str) -> str:
     return "sha256:" + hashlib.sha256(subject_id.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=256)
 def _redacted(text: str, keep: int) -> str:
-    """``text`` redacted, then cut to ``keep`` characters.
+    """``text`` redacted, then cut to ``keep`` characters (cached: one negative feedback
+    offers the same texts to the pane of every segment series it counts in).
 
     Redaction reads at most ``REDACT_READ_FACTOR * keep`` characters (its cost grows with
     the square of a long run of address characters), cut at the last space or newline

@@ -48,6 +48,7 @@ import json
 from typing import Any, NamedTuple
 
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
+from genmon.streams.aggregates import event_time_ms
 
 SEP = "\x1f"
 
@@ -102,7 +103,7 @@ def inference_record(event: InferenceEvent, max_text_chars: int) -> dict[str, An
         "response": event.response[:max_text_chars],
         "segment": dict(event.segment),
         "subject": event.subject_id,
-        "t": int(event.started_at.timestamp() * 1000),
+        "t": event_time_ms(event),
     }
 
 

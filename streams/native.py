@@ -137,6 +137,7 @@ def _group_stats(
     stats.by_error_code = group["by_error_code"]
     stats._latencies = group["latencies"]
     stats._ttfts = group["ttfts"]
+    stats._tpots = group["tpots"]
     stats.prompt_tokens = _Summary(*group["prompt_tokens"])
     stats.completion_tokens = _Summary(*group["completion_tokens"])
     stats.response_chars = _Summary(*group["response_chars"])

@@ -25,16 +25,23 @@ series). All are recovered from their changelogs on restart or rebalance.
 writes (and touched panes as live objects) in memory, and :meth:`Pipeline.flush`, a
 pre-commit hook, writes them before Faust commits the offsets they cover.
 
-**The window record** (JSON, ``<prefix>.windows``, key = model id): ``model_id``,
+**The window record** (JSON, ``<prefix>.windows``, key = model id; an inference counts in
+the windows holding the time it completed): ``model_id``,
 ``kind`` (``tumbling`` or ``hopping``), ``window_start``/``window_end`` (ISO 8601, UTC),
 ``start_ms``/``end_ms``, ``partition``, ``closed_at``, and ``series``: one entry per
-``(model_version, segment)`` with ``requests``, ``errors``, ``error_rate``, ``by_status``,
-``by_error_code``, ``latency_ms`` and ``ttft_ms`` (``p50``/``p90``/``p99`` from DDSketch,
-within ``sketch_relative_accuracy``), ``prompt_tokens``/``completion_tokens``/
-``response_chars`` (``n``, ``sum``, ``mean``, ``max``), ``empty``/``truncated``/``refusal``
-counts and rates, ``languages`` (label -> count) and ``feedback`` (``n``, ``positive``,
-``negative``, ``negative_rate``, ``mean_score``). Segment ``"*"`` is all traffic of the
-version; ``"key=value"`` one segment attribute. An attribute has at most
+``(model_version, segment)`` with ``requests``, ``errors``, ``error_rate``, ``answered``
+(``requests - errors``), ``by_status``, ``by_error_code``, ``latency_ms`` (also ``mean``,
+``max``), ``ttft_ms`` and ``tpot_ms`` (time per output token after the first,
+``(latency - ttft) / (completion_tokens - 1)`` of non-error requests with a time to first
+token no later than the latency and at least two completion tokens; both with ``n``), each
+with ``p50``/``p90``/``p95``/``p99`` from DDSketch, within ``sketch_relative_accuracy``;
+``prompt_tokens``/``completion_tokens``/``response_chars`` (``n``, ``sum``, ``mean``,
+``max``), ``empty``/``truncated``/``refusal`` counts and rates (``empty`` and ``refusal``
+count answered requests only, their rates are over ``answered``: an error is one cause,
+not also an empty answer; ``truncated_rate`` is over ``requests``), ``languages``
+(label -> count) and ``feedback`` (``n``, ``positive``, ``negative``, ``negative_rate``,
+``mean_score``). Segment ``"*"`` is all traffic of the version; ``"key=value"`` one
+segment attribute. An attribute has at most
 ``windows.max_segment_values`` value series per window; traffic of its other values is
 in the series ``"key=__other__"`` (also where values are folded to keep the record's
 series under 640 KiB), and ``segment_overflow`` maps each such attribute to the
@@ -45,6 +52,12 @@ series under 640 KiB), and ``segment_overflow`` maps each such attribute to the
 to ``detectors.exemplars_per_window`` affected examples (``request_id``, ``prompt``,
 ``response``, ``segment``, ``note``), which the runner clusters into a firing finding's
 evidence (:mod:`~genmon.streams.exemplars`, :mod:`~genmon.streams.error_evidence`).
+Their ``"*"`` series (tumbling windows only) also carry ``sketches``: ``latency_ms``,
+``ttft_ms`` and ``tpot_ms`` as raw DDSketch states (``QuantileSketch.to_state``:
+``alpha``, ``bins`` as ``[[key, count], ...]``, ``zeros``, ``count``, ``sum``, ``min``,
+``max``), for the runner to compare whole distributions with a baseline; the busiest
+versions' sketches while they fit ``aggregates.SKETCH_BUDGET_BYTES`` (64 KiB, taken from
+the series budget). Hopping windows and segment series carry none.
 
 **Delivery guarantees.** Aggregates and joins are effectively-once per partition when
 ingest reports source offsets (redelivered events at or below the checkpointed offset are
@@ -422,8 +435,11 @@ class Pipeline:
                     self.metrics.windows_closed.labels(window["kind"]).inc()
                     # Judged here, at once, by the owner of the partition; the agent on the
                     # windows topic then finds them applied (it judges windows whose worker
-                    # died after sending them).
-                    await self.on_window(partition, window)
+                    # died after sending them, and retries one whose judging failed here).
+                    try:
+                        await self.on_window(partition, window)
+                    except Exception:
+                        log.exception("detector runner failed on a closed window")
                 sent += len(windows)
             self.metrics.sync(self.core)
         self._update_lag()
@@ -480,7 +496,7 @@ class Pipeline:
         series under :func:`~genmon.streams.runner.embedding_key`, bounded through one
         index per model (:meth:`~genmon.streams.runner.DetectorRunner.admit_embedding_series`);
         findings are published like window findings (signal ``embedding_<field>``). The
-        detector runs in a thread: fitting or rebuilding one calibrates it for about a second.
+        detector runs in a thread (fitting its principal components takes a moment).
         """
         partition = partition_for(model_id, self.partitions)
         key = embedding_key(model_id, model_version, field)
@@ -510,6 +526,7 @@ class Pipeline:
                 field,
                 window_end,
                 np.asarray(array),
+                self.runner.field_series(new_index, field),
             )
             await self._publish(findings)
             if new_state != state:
@@ -561,7 +578,6 @@ class Pipeline:
         """
         async with self._lock:
             self.core.forget(tp.partition for tp in revoked if tp.topic == self.inference_topic)
-        self.runner.forget_live_detectors()
 
 
 def install_pipeline(app: GenmonApp, settings: Settings | None = None) -> Pipeline:

@@ -32,8 +32,10 @@ after a restart. A floor only rises, because every live entry of the model lies 
 watermark passes it, since the watermark then drops those entries anyway.
 
 Event time is tracked per model (the Kafka key, so its events are ordered): one model's
-producer running behind does not make another model's events late. A model's watermark
-is the largest event time seen; when the model has been idle for
+producer running behind does not make another model's events late. An inference's event
+time is when it completed (``started_at`` plus its latency,
+:func:`~genmon.streams.aggregates.event_time_ms`), the order services log calls in. A
+model's watermark is the largest event time seen; when the model has been idle for
 ``windows.idle_timeout_s`` it advances with the wall clock, so its last windows close.
 A model without events for ``windows.expires_s`` (wall clock) and without panes or live
 join entries is forgotten. Its expired entries may still sit in segment records kept by
@@ -69,11 +71,13 @@ from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams import native
 from genmon.streams.aggregates import (
+    ALL_SEGMENTS,
     PaneKey,
     WindowPlan,
     WindowStats,
     aggregate_inferences,
     event_time_ms,
+    window_sketches,
 )
 from genmon.streams.exemplars import Exemplars, fit_window_budget
 from genmon.streams.join import (
@@ -84,7 +88,12 @@ from genmon.streams.join import (
     record_entries,
 )
 from genmon.streams.quality_signals import QualitySignals
-from genmon.streams.segment_cap import SegmentCap, fold_to_budget, overflow_counts
+from genmon.streams.segment_cap import (
+    SERIES_BUDGET_BYTES,
+    SegmentCap,
+    fold_to_budget,
+    overflow_counts,
+)
 
 SEP = "\x1f"
 #: Approximate size at which changed join entries are split into another record.
@@ -270,6 +279,11 @@ class _Partition:
     #: crash between writing panes and the mark; the native path defers to the Python one
     #: for events up to it).
     panes_ahead_until: int = -1
+    #: Per model, the earliest watermark at which one of its windows becomes closable, as
+    #: of the last scan; valid until a pane is added or a window closes (``rescan``). Lets
+    #: the closing timer skip the scan of every pane when nothing can be due.
+    next_close: dict[str, int] = field(default_factory=dict)
+    rescan: bool = True
 
     def mark(self) -> dict[str, Any]:
         return {
@@ -341,6 +355,10 @@ class PipelineCore:
     def partitions(self) -> list[int]:
         return sorted(self._parts)
 
+    def models_with_panes(self) -> set[str]:
+        """Models with panes in an owned partition (windows not all closed yet)."""
+        return {pane.model_id for part in self._parts.values() for pane in part.panes}
+
     @property
     def pending_feedback(self) -> int:
         """Join entries holding feedback that has not met its inference yet."""
@@ -371,6 +389,7 @@ class PipelineCore:
                 model, version, segment, start = rest[2:].split(SEP)
                 pane = PaneKey(model, version, segment, int(start))
                 part.panes.add(pane)
+                part.rescan = True
                 part.segment_cap.add_pane(pane)
                 applied = self._applied(int(p_text), pane, "inference")
                 part.panes_ahead_until = max(part.panes_ahead_until, applied)
@@ -669,17 +688,30 @@ class PipelineCore:
                 clock.last_advance_wall = now
                 part.dirty = True
             clock.due_wm = clock.watermark
+        if not part.rescan and all(
+            part.clocks[model].watermark < at
+            for model, at in part.next_close.items()
+            if model in part.clocks
+        ):
+            return []
         due: set[tuple[str, str, int, int]] = set()
-        for pane in part.panes:
-            pane_clock = part.clocks.get(pane.model_id)
+        next_close: dict[str, int] = {}
+        lateness = self.plan.lateness_ms
+        # Every series of a model shares its pane starts: look at each start once.
+        for model, pane_start in {(pane.model_id, pane.pane_start_ms) for pane in part.panes}:
+            pane_clock = part.clocks.get(model)
             if pane_clock is None:
                 continue
             closed = pane_clock.closed
-            for kind, start, end in self.plan.windows_of_pane(pane.pane_start_ms):
-                if self.plan.closable(end, pane_clock.watermark) and end > closed.get(
-                    kind, -(2**62)
-                ):
-                    due.add((pane.model_id, kind, start, end))
+            for kind, start, end in self.plan.windows_of_pane(pane_start):
+                if end <= closed.get(kind, -(2**62)):
+                    continue
+                if self.plan.closable(end, pane_clock.watermark):
+                    due.add((model, kind, start, end))
+                else:
+                    at = next_close.get(model)
+                    next_close[model] = end + lateness if at is None else min(at, end + lateness)
+        part.next_close, part.rescan = next_close, bool(due)
         windows: list[dict[str, Any]] = []
         for model, kind, start, end in sorted(due, key=lambda w: (w[3], w[1], w[0])):
             windows.append(self._close(partition, part, model, kind, start, end))
@@ -692,10 +724,15 @@ class PipelineCore:
             closed = part.clocks[window["model_id"]].closed
             closed[window["kind"]] = max(closed.get(window["kind"], -(2**62)), window["end_ms"])
         self.counters.windows_closed += len(windows)
+        done: dict[tuple[str, int], bool] = {}
         for pane in list(part.panes):
-            clock = part.clocks.get(pane.model_id)
-            wm = None if clock is None else clock.due_wm
-            if wm is not None and self.plan.pane_done(pane.pane_start_ms, wm):
+            start = (pane.model_id, pane.pane_start_ms)
+            finished = done.get(start)
+            if finished is None:
+                clock = part.clocks.get(pane.model_id)
+                wm = None if clock is None else clock.due_wm
+                finished = done[start] = wm is not None and self.plan.pane_done(start[1], wm)
+            if finished:
                 part.panes.discard(pane)
                 part.segment_cap.drop_pane(pane)
                 self.store.delete(partition, self._pane_key(partition, pane))
@@ -725,7 +762,10 @@ class PipelineCore:
                     series[(pane.model_version, pane.segment)] = pane_stats
                 else:
                     stats.merge(pane_stats)
-        self.counters.segment_folded += fold_to_budget(series)
+        # The runner compares tumbling windows' latency distributions with a baseline, so
+        # their "*" series carry the raw sketches, whose bytes the segment series give up.
+        sketches, sketch_bytes = window_sketches(series) if kind == "tumbling" else ({}, 0)
+        self.counters.segment_folded += fold_to_budget(series, SERIES_BUDGET_BYTES - sketch_bytes)
         return {
             "model_id": model,
             "kind": kind,
@@ -743,6 +783,11 @@ class PipelineCore:
                         "segment": segment,
                         **stats.summary(),
                         **({"exemplars": stats.exemplars.records()} if stats.exemplars else {}),
+                        **(
+                            {"sketches": sketches[version]}
+                            if segment == ALL_SEGMENTS and version in sketches
+                            else {}
+                        ),
                     }
                     for (version, segment), stats in sorted(series.items())
                 ]
@@ -813,6 +858,7 @@ class PipelineCore:
         self.store.put(partition, skey, stats if self._buffer is not None else stats.to_state())
         if key not in part.panes:
             part.panes.add(key)
+            part.rescan = True
             part.segment_cap.add_pane(key)
 
     def _fresh(

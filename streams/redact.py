@@ -10,6 +10,13 @@ Luhn check) and API-key-like strings by ``[REDACTED:<what>]``. Two places use it
   prompt, response and note are redacted when an example is taken, so window records,
   findings and incident snapshots never hold the raw text.
 
+genmon's own ids (incident ids, fingerprints, finding ids: 32 hex characters) look like
+long tokens, and an id's digits can pass for a card number; on-call needs them to find
+the incident. Callers pass the ids they put into a text as ``keep``: a string of
+``keep`` that stands alone (no token character or ``@`` either side) is left as it is
+and the text around it is redacted as usual. So a secret next to an id is still caught,
+and one that contains an id (``sk-<id>``) is caught whole.
+
 The email and long-token rules try every start in a run of address or token characters:
 quadratic in the run's length (20,000 characters take 0.4 s and 3 s here), so callers
 redact bounded texts: :class:`Redactor` reads ``max_text_chars`` plus
@@ -20,12 +27,16 @@ redact bounded texts: :class:`Redactor` reads ``max_text_chars`` plus
 'mail [REDACTED:email], card [REDACTED:card], key [REDACTED:api_key]'
 >>> r.text("order 1234 5678 9012 3456")  # fails Luhn: not a card
 'order 1234 5678 9012 3456'
+>>> incident = "4111111111111111a0b1c2d3e4f5a6b7"
+>>> r.text(f"related {incident}, key sk-abcdefghijklmnopqrstuvwx", keep={incident})
+'related 4111111111111111a0b1c2d3e4f5a6b7, key [REDACTED:api_key]'
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
@@ -44,6 +55,9 @@ _API_KEY = re.compile(
     r"|(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{32,}"  # long mixed tokens
     r")"
 )
+#: Characters of a token (an API key, a long id) or an email address: a kept string must
+#: have none either side, so it is never a piece of a longer secret.
+_ATTACHED = "A-Za-z0-9_@-"
 #: Characters past the cut that :meth:`Redactor.text` still reads, so that a secret
 #: starting before the cut is recognised (the longest fixed-form key is 40 characters).
 CUT_MARGIN_CHARS = 256
@@ -84,11 +98,34 @@ _RULES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str] | str], ...]
 )
 
 
-def redact(text: str) -> str:
-    """``text`` with emails, API keys, Luhn-valid card numbers and phone numbers replaced."""
+def redact(text: str, keep: Collection[str] = ()) -> str:
+    """``text`` with emails, API keys, Luhn-valid card numbers and phone numbers replaced.
+
+    ``keep``: exact strings (genmon's own ids) left as they are where they stand alone;
+    the text between them is redacted piece by piece.
+    """
+    kept = _kept_pattern(frozenset(keep)) if keep else None
+    if kept is None:
+        return _redact_all(text)
+    # split() with one group puts the kept strings at the odd indices.
+    parts = kept.split(text)
+    return "".join(part if index % 2 else _redact_all(part) for index, part in enumerate(parts))
+
+
+def _redact_all(text: str) -> str:
     for pattern, replacement in _RULES:
         text = pattern.sub(replacement, text)
     return text
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_pattern(keep: frozenset[str]) -> re.Pattern[str] | None:
+    """Matches a string of ``keep`` standing alone; cached, as a payload's strings share it."""
+    words = sorted(filter(None, keep), key=len, reverse=True)  # the longest of two overlaps
+    if not words:
+        return None
+    alternatives = "|".join(map(re.escape, words))
+    return re.compile(f"(?<![{_ATTACHED}])({alternatives})(?![{_ATTACHED}])")
 
 
 def truncate(text: str, max_chars: int, unread: int = 0) -> str:
@@ -112,23 +149,24 @@ class Redactor:
         self.enabled = enabled
         self.max_text_chars = max_text_chars
 
-    def text(self, value: str) -> str:
+    def text(self, value: str, keep: Collection[str] = ()) -> str:
+        """``value`` redacted (but for the strings of ``keep``, see :func:`redact`) and cut."""
         if not self.enabled:
             return truncate(value, self.max_text_chars)
         # Redact before cutting, so a secret straddling the cut is caught whole, but only
         # what can show plus a margin: the rules are quadratic on long runs.
         read = value[: self.max_text_chars + CUT_MARGIN_CHARS]
-        return truncate(redact(read), self.max_text_chars, unread=len(value) - len(read))
+        return truncate(redact(read, keep), self.max_text_chars, unread=len(value) - len(read))
 
-    def scrub(self, value: Any, _depth: int = 0) -> Any:
+    def scrub(self, value: Any, keep: Collection[str] = (), _depth: int = 0) -> Any:
         """A copy of ``value`` (JSON-like) with every string passed through :meth:`text`."""
         if isinstance(value, str):
-            return self.text(value)
+            return self.text(value, keep)
         if _depth >= _MAX_DEPTH:
             return "[truncated: too deep]"
         if isinstance(value, dict):
             items = list(value.items())[:_MAX_ITEMS]
-            return {str(k): self.scrub(v, _depth + 1) for k, v in items}
+            return {str(k): self.scrub(v, keep, _depth + 1) for k, v in items}
         if isinstance(value, list | tuple):
-            return [self.scrub(v, _depth + 1) for v in list(value)[:_MAX_ITEMS]]
+            return [self.scrub(v, keep, _depth + 1) for v in list(value)[:_MAX_ITEMS]]
         return value

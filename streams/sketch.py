@@ -131,9 +131,61 @@ class QuantileSketch:
                 return min(max(self._mapping.value(key), self.min), self.max)
         return self.max
 
+    def key_at(self, q: float) -> int | None:
+        """The bucket key holding quantile ``q`` (None when empty or in the zero bucket).
+
+        The latency baselines count requests *above* this bucket: a count read off the
+        same bucket boundaries in every window, so no interpolation error enters the test.
+        """
+        if self.count == 0:
+            return None
+        rank = q * (self.count - 1)
+        if rank < self.zeros:
+            return None
+        running = float(self.zeros)
+        keys = sorted(self.bins)
+        for key in keys:
+            running += self.bins[key]
+            if running > rank:
+                return key
+        return keys[-1] if keys else None
+
+    def count_above(self, key: int | None) -> int:
+        """Values in buckets above ``key`` (``None``: every positive value)."""
+        if key is None:
+            return self.count - self.zeros
+        return sum(n for k, n in self.bins.items() if k > key)
+
+    def key_value(self, key: int) -> float:
+        """The value a bucket key stands for (within the relative accuracy)."""
+        return float(self._mapping.value(key))
+
     def quantiles(self, qs: Iterable[float]) -> dict[str, float | None]:
-        """``{"p50": ..., "p90": ...}`` for the given quantiles."""
-        return {f"p{round(q * 100):d}": self.quantile(q) for q in qs}
+        """``{"p50": ..., "p90": ...}`` for the given quantiles (one pass over the buckets;
+        each value is what :meth:`quantile` returns)."""
+        wanted = sorted((float(q), f"p{round(q * 100):d}") for q in qs)
+        out: dict[str, float | None] = {}
+        pending = []
+        for q, name in wanted:
+            if self.count == 0 or q in (0.0, 1.0):
+                out[name] = self.quantile(q)
+            elif q * (self.count - 1) < self.zeros:
+                out[name] = 0.0
+            else:
+                pending.append((q * (self.count - 1), name))
+        if pending:
+            running, index = float(self.zeros), 0
+            for key in sorted(self.bins):
+                running += self.bins[key]
+                while index < len(pending) and running > pending[index][0]:
+                    value = min(max(self._mapping.value(key), self.min), self.max)
+                    out[pending[index][1]] = value
+                    index += 1
+                if index == len(pending):
+                    break
+            for _, name in pending[index:]:
+                out[name] = self.max
+        return {f"p{round(q * 100):d}": out[f"p{round(q * 100):d}"] for q in qs}
 
     @property
     def mean(self) -> float | None:

@@ -12,7 +12,12 @@ from pipeline_support import WINDOWS
 
 from genmon.schemas.events import FinishReason, InferenceEvent, InferenceStatus
 from genmon.settings import Settings
-from genmon.streams.aggregates import WindowPlan, WindowStats, aggregate_inferences
+from genmon.streams.aggregates import (
+    WindowPlan,
+    WindowStats,
+    aggregate_inferences,
+    window_sketches,
+)
 from genmon.streams.pipeline_core import DictStore, PipelineCore
 from genmon.streams.quality_signals import QualitySignals, detect_language
 from genmon.streams.sketch import QuantileSketch
@@ -215,3 +220,97 @@ def test_each_model_has_its_own_clock_so_one_lagging_producer_is_not_late():
     assert ("behind", "tumbling") in closed
     core.on_inferences(0, [(3, inference(3, 2, model_id="behind"))])  # now it is late
     assert core.counters.late_events == 1
+
+
+def _star(events: list[InferenceEvent], exemplars: int = 0) -> WindowStats:
+    acc = aggregate_inferences(
+        list(enumerate(events)), 60_000, QualitySignals.default(), exemplars=exemplars
+    )
+    return next(stats for key, stats in acc.items() if key.segment == "*")
+
+
+def test_tpot_counts_answered_requests_with_two_tokens_and_a_first_token_in_time():
+    timed = {"latency_ms": 120.0, "time_to_first_token_ms": 20.0}
+    events = [
+        inference(0, 0, completion_tokens=5, **timed),  # (120 - 20) / 4 = 25
+        inference(1, 0, completion_tokens=3, latency_ms=60.0, time_to_first_token_ms=20.0),
+        inference(2, 0, completion_tokens=1, **timed),  # one token: no time between tokens
+        inference(3, 0, completion_tokens=5, latency_ms=10.0, time_to_first_token_ms=20.0),
+        inference(4, 0, completion_tokens=5, latency_ms=120.0),  # no time to first token
+        inference(5, 0, completion_tokens=5, status=InferenceStatus.TIMEOUT, **timed),
+    ]
+    stats = _star(events)
+    tpot = stats.summary()["tpot_ms"]
+    assert tpot["n"] == 2
+    assert tpot["p50"] == pytest.approx(20.0, rel=0.01)
+    assert (stats.tpot.sum, stats.tpot.max) == (45.0, 25.0)  # 25 + 20, exactly
+    assert set(stats.summary()["latency_ms"]) >= {"p50", "p90", "p95", "p99"}
+    state = json.loads(json.dumps(stats.to_state()))
+    assert WindowStats.from_state(state).summary()["tpot_ms"] == tpot
+    del state["tpot"]  # a pane stored before TPOT
+    assert WindowStats.from_state(state).summary()["tpot_ms"]["n"] == 0
+
+
+def test_empty_and_refusal_rates_are_over_answered_requests_and_errors_count_once():
+    error = InferenceStatus.ERROR
+    events = [
+        inference(0, 0, status=error, response=""),
+        inference(1, 0, status=error, response="I'm sorry, but I can't help with that."),
+        inference(2, 0, response=""),
+        inference(3, 0, response="I'm sorry, but I can't help with that."),
+        inference(4, 0),
+        inference(5, 0),
+    ]
+    stats = _star(events, exemplars=8)
+    summary = stats.summary()
+    assert (summary["requests"], summary["errors"], summary["answered"]) == (6, 2, 4)
+    assert (summary["empty"], summary["refusal"]) == (1, 1)
+    assert summary["empty_rate"] == summary["refusal_rate"] == pytest.approx(1 / 4)
+    assert summary["error_rate"] == pytest.approx(2 / 6)
+    assert stats.exemplars is not None
+    examples = {k: [e["request_id"] for e in v] for k, v in stats.exemplars.records().items()}
+    assert examples["empty"] == ["r2"] and examples["refusal"] == ["r3"]
+    assert sorted(examples["error"]) == ["r0", "r1"]
+    only_errors = _star(events[:2]).summary()
+    assert only_errors["answered"] == 0 and only_errors["empty"] == 0
+    assert only_errors["empty_rate"] is None and only_errors["refusal_rate"] is None
+
+
+def test_tumbling_all_traffic_series_carry_the_raw_sketches_and_nothing_else_does():
+    now = [T0.timestamp() + 3600]
+    core = make_core(lambda: now[0])
+    timed = {"time_to_first_token_ms": 10.0, "completion_tokens": 3, "segment": {"k": "a"}}
+    batch = [(i, inference(i, i, latency_ms=float(20 + i), **timed)) for i in range(5)]
+    core.on_inferences(0, [*batch, (5, inference(5, 45))])
+    closed = core.tick(0).windows
+    tumbling = next(w for w in closed if w["kind"] == "tumbling")
+    by_segment = {s["segment"]: s for s in tumbling["series"]}
+    sketches = by_segment["*"]["sketches"]
+    assert set(sketches) == {"latency_ms", "ttft_ms", "tpot_ms"}
+    latency = QuantileSketch.from_state(json.loads(json.dumps(sketches["latency_ms"])))
+    assert latency.count == 5 and latency.max == 24.0
+    assert QuantileSketch.from_state(sketches["tpot_ms"]).count == 5
+    assert latency.quantile(0.5) == by_segment["*"]["latency_ms"]["p50"]
+    assert "sketches" not in by_segment["k=a"]
+    hopping = [w for w in closed if w["kind"] == "hopping"]
+    assert hopping and not any("sketches" in s for w in hopping for s in w["series"])
+
+
+def test_window_sketches_go_to_the_busiest_versions_within_the_budget():
+    series = {}
+    # The busy version sorts last by name: it is chosen for its requests.
+    for version, n in (("a-quiet", 2), ("z-busy", 9)):
+        stats = WindowStats()
+        for i in range(n):
+            stats.add_inference(
+                inference(i, 0, latency_ms=float(3**i)), False, False, False, 1, "en"
+            )
+        series[(version, "*")] = stats
+        series[(version, "k=a")] = WindowStats()
+    everything, used = window_sketches(series)
+    assert set(everything) == {"z-busy", "a-quiet"}
+    assert used >= len(json.dumps(everything))
+    one = len(json.dumps(everything["z-busy"])) + 20
+    some, used = window_sketches(series, budget=one)
+    assert set(some) == {"z-busy"} and used <= one
+    assert window_sketches(series, budget=10) == ({}, 0)

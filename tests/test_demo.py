@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,9 +44,13 @@ def test_demo_opens_incidents_and_pages_a_signed_receiver(
     )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
-    # The regression: Llama-2 refuses XSTest's safe prompts far more often than GPT-4.
-    assert "refusal_rate [model_version=v2]" in out, out
-    assert "latency_p99" in out, out
+    # The regression: Llama-2 refuses XSTest's safe prompts far more often than GPT-4, on
+    # the new version, judged against the model's baseline from its first window...
+    assert re.search(r"Refusal rate \d+% \(\d+ of \d+\), baseline [\d.]+%, support-bot v2", out), (
+        out
+    )
+    # ... and everyone's time to first token moved to Bedrock's.
+    assert re.search(r"TTFT p95 [\d.]+ m?s, baseline [\d.]+ m?s, support-bot", out), out
     assert "trigger" in out, out
     assert "(0 rejected)" in out, out
     assert '"invalid": 5' in out, out

@@ -2,10 +2,10 @@
 
 A `genmon worker` subprocess samples every prompt (rate 1.0), writes each closed window's
 sample to ``<prefix>.embed-requests``, encodes it with the bundled model and feeds the
-embedding drift detector. The test writes its own prompts: a window of cooking questions
-(the reference), then a window of questions about cars and engines. Event times are set
-in the past on a 10 s grid so the windows are known exactly; the second window closes
-when the model goes idle. The same flow runs with the encoder in its own
+embedding drift detector. The test writes its own prompts: windows of cooking questions
+(the basis and the reference), then a window of questions about cars and engines. Event
+times are set in the past on a 10 s grid so the windows are known exactly; the last window
+closes when the model goes idle. The same flow runs with the encoder in its own
 `genmon worker --role embed` process.
 """
 
@@ -37,7 +37,11 @@ pytestmark = pytest.mark.kafka
 
 GENMON = str(Path(sys.executable).parent / "genmon")
 WINDOW_S = 10
-PER_WINDOW = 240
+PER_WINDOW = 200
+#: Windows of cooking prompts: 2 fix the drift test's principal components (256 rows),
+#: 5 make its reference (1000 rows); the car prompts come in the window after.
+COOKING_WINDOWS = 7
+WINDOWS_SENT = COOKING_WINDOWS + 1
 MODEL = "assistant"
 OPENERS = ("", "Quick question: ")
 
@@ -172,6 +176,7 @@ def start_worker(
         "GENMON_EMBEDDING__SAMPLE_RATE": "1.0",
         "GENMON_EMBEDDING__BATCH_WITHIN_S": "0.2",
         "GENMON_EMBEDDING__BACKLOG_CHECK_INTERVAL_S": "1",
+        "GENMON_DETECTORS__DRIFT_REFERENCE_WINDOWS": "5",
         # The worker's own cache: a warm cache spares each test the int8 export.
         "GENMON_EMBEDDING__CACHE_DIR": str(Settings().embedding.cache_dir.resolve()),
     }
@@ -189,13 +194,15 @@ def start_worker(
 
 
 def send_domain_switch(settings: Settings) -> datetime:
-    """Cooking prompts in one window, car prompts in the next; return the second's end."""
-    now = int(time.time()) - 60
+    """Cooking prompts for seven windows, car prompts in the next; return the last's end."""
+    now = int(time.time()) - 30 - WINDOWS_SENT * WINDOW_S
     first = datetime.fromtimestamp(now - now % WINDOW_S, UTC)
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=5)
-    for window, prompts in enumerate((cooking_prompts(), car_prompts())):
-        assert len(prompts) >= PER_WINDOW
-        for i, prompt in enumerate(prompts[:PER_WINDOW]):
+    cooking, cars = itertools.cycle(cooking_prompts()), car_prompts()
+    assert len(cars) >= PER_WINDOW
+    for window in range(WINDOWS_SENT):
+        prompts = cars if window == COOKING_WINDOWS else cooking
+        for i, prompt in zip(range(PER_WINDOW), prompts, strict=False):
             at = first + timedelta(seconds=window * WINDOW_S + 2 + i * 0.02)
             event = InferenceEvent(
                 model_id=MODEL, model_version="v1", prompt=prompt, response="ok",
@@ -208,7 +215,7 @@ def send_domain_switch(settings: Settings) -> datetime:
             )
     producer.flush()
     producer.close()
-    return first + timedelta(seconds=2 * WINDOW_S)
+    return first + timedelta(seconds=WINDOWS_SENT * WINDOW_S)
 
 
 def wait_for_drift(settings: Settings, workers: list[Worker], timeout: float) -> Finding:
@@ -249,16 +256,16 @@ def test_a_prompt_domain_switch_is_found_by_the_worker(start_worker) -> None:
     worker = start_worker()
     worker.wait_ready()
     switch_end = send_domain_switch(settings)
-    finding = wait_for_drift(settings, [worker], timeout=90)
+    finding = wait_for_drift(settings, [worker], timeout=150)
     assert (finding.model_id, finding.model_version, finding.kind) == (MODEL, "v1", "drift")
     assert finding.window_end == switch_end
     assert finding.evidence["window_n"] == PER_WINDOW
     # The backlog counts what the encoder has not committed; commits lag a few seconds.
     metrics = wait_for_metrics(worker, lambda m: m["genmon_embedding_backlog"] == 0, 30)
     assert metrics["genmon_embedding_backlog_errors_total"] == 0
-    assert metrics["genmon_embedding_texts_queued_total"] == 2 * PER_WINDOW
-    assert metrics["genmon_embedding_encoded_total"] == 2 * PER_WINDOW
-    assert metrics["genmon_embedding_samples_submitted_total"] == {"complete=true": 2}
+    assert metrics["genmon_embedding_texts_queued_total"] == WINDOWS_SENT * PER_WINDOW
+    assert metrics["genmon_embedding_encoded_total"] == WINDOWS_SENT * PER_WINDOW
+    assert metrics["genmon_embedding_samples_submitted_total"] == {"complete=true": WINDOWS_SENT}
     assert metrics["genmon_embedding_sample_rate"] == 1
     assert metrics["genmon_embedding_sentences_per_second"] > 0
     assert list(metrics["genmon_embedding_encoder_info"]) == ["backend=onnx,device=cpu"]
@@ -271,15 +278,17 @@ def test_the_encoder_can_run_in_its_own_worker_process(start_worker) -> None:
     main.wait_ready()
     encoder.wait_ready()
     send_domain_switch(settings)
-    finding = wait_for_drift(settings, [main, encoder], timeout=90)
+    finding = wait_for_drift(settings, [main, encoder], timeout=150)
     assert finding.model_id == MODEL
     sampler_side = wait_for_metrics(main, lambda m: m["genmon_embedding_backlog"] == 0, 30)
     assert sampler_side["genmon_embedding_backlog_errors_total"] == 0
-    assert sampler_side["genmon_embedding_texts_queued_total"] == 2 * PER_WINDOW
+    assert sampler_side["genmon_embedding_texts_queued_total"] == WINDOWS_SENT * PER_WINDOW
     assert sampler_side["genmon_embedding_encoded_total"] == 0
     encoder_side = encoder.metrics()
-    assert encoder_side["genmon_embedding_encoded_total"] == 2 * PER_WINDOW
-    assert encoder_side["genmon_embedding_samples_submitted_total"] == {"complete=true": 2}
+    assert encoder_side["genmon_embedding_encoded_total"] == WINDOWS_SENT * PER_WINDOW
+    assert encoder_side["genmon_embedding_samples_submitted_total"] == {
+        "complete=true": WINDOWS_SENT
+    }
 
 
 def test_backlog_probe_counts_messages_beyond_the_groups_commits(

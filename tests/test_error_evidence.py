@@ -116,6 +116,43 @@ def star(window: dict) -> dict:
     return next(s for s in window["series"] if s["segment"] == "*")
 
 
+def warm(runner: DetectorRunner, segments: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The runner's state after the warm-up of a healthy model: 2 % refusals, 10 % of the
+    feedback negative, in the version and in each of ``segments``. Its windows end before
+    the scripted ones, which are then judged against this baseline."""
+    state: dict[str, Any] | None = None
+    warmup = runner.settings.detectors.baseline_warmup_windows
+    for k in range(warmup, 0, -1):
+        end = int(T0.timestamp() * 1000) - 10_000 * k
+        series = [
+            {
+                "model_version": "v1",
+                "segment": segment,
+                "requests": 100,
+                "errors": 0,
+                "answered": 100,
+                "refusal": 2 if segment == "*" else 0,
+                "empty": 0,
+                # The version's feedback, and each segment's share of it.
+                "feedback": {"negative": 3, "positive": 27}
+                if segment == "*"
+                else {"negative": 1, "positive": 9},
+            }
+            for segment in ("*", *segments)
+        ]
+        window = {"model_id": "chat", "kind": "tumbling", "end_ms": end, "series": series}
+        window["window_end"] = datetime.fromtimestamp(end / 1000, UTC).isoformat()
+        state, findings = runner.on_window(state, window)
+        assert not findings
+    assert state is not None
+    return state
+
+
+def rate(finding: Finding) -> float:
+    """The window's rate a rate finding saw."""
+    return dict(finding.evidence["values"])["rate"]
+
+
 def test_a_firing_refusal_detector_publishes_clusters_of_the_two_scripted_refusal_kinds():
     settings = tfidf_settings()
     now = [T0.timestamp() + 3600]
@@ -127,9 +164,10 @@ def test_a_firing_refusal_detector_publishes_clusters_of_the_two_scripted_refusa
     assert len(star(window)["exemplars"]["refusal"]) == 11
     assert all("exemplars" not in s for s in window["series"] if s["segment"] != "*")
 
-    _, findings = DetectorRunner(settings).on_window(None, window)
+    runner = DetectorRunner(settings)
+    _, findings = runner.on_window(warm(runner), window)
     (refusal,) = [f for f in findings if f.signal == "refusal_rate"]
-    assert refusal.detected and refusal.score == pytest.approx(11 / 31)
+    assert refusal.detected and rate(refusal) == pytest.approx(11 / 31)
     # Through the wire format, as the incident manager sees it.
     evidence = Finding.model_validate_json(refusal.model_dump_json()).evidence
     clusters = evidence["clusters"]
@@ -157,24 +195,27 @@ def test_a_window_that_does_not_fire_carries_no_clusters_and_neither_do_its_clea
     now = [T0.timestamp() + 3600]
     core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
     runner = DetectorRunner(settings)
-    # Window 1 fires; window 2 has two refusals in 40 (5 % < refusal_rate_max 20 %).
+    # Window 1 fires; then calm windows with one refusal in 60 each, until the alarm ends.
     core.on_inferences(0, list(enumerate(scripted_refusals())))
-    calm = [
-        inference(f"c{i}", 10 + 0.1 * i, "hi", "Hello there, what can I do?") for i in range(38)
-    ]
-    calm += [
-        inference("r1", 14, "dose?", MEDICAL_REFUSAL),
-        inference("r2", 15, "news?", LIVE_REFUSAL),
-    ]
+    calm = []
+    for w in range(1, 13):
+        calm += [
+            inference(f"c{w}-{i}", 10 * w + 0.1 * i, "hi", "Hello there, what can I do?")
+            for i in range(59)
+        ]
+        calm.append(inference(f"r{w}", 10 * w + 7, "dose?", MEDICAL_REFUSAL))
     core.on_inferences(0, [(100 + i, e) for i, e in enumerate(calm)])
-    first, second = closed_tumbling(core, 35)
-    assert len(star(second)["exemplars"]["refusal"]) == 2  # examples are there ...
-    state, fired = runner.on_window(None, first)
-    state, calm_findings = runner.on_window(state, second)
+    first, *rest = closed_tumbling(core, 135)
+    state, fired = runner.on_window(warm(runner), first)
     assert any(f.signal == "refusal_rate" and f.detected for f in fired)
-    (clear,) = [f for f in calm_findings if f.signal == "refusal_rate"]
-    assert not clear.detected  # ... but a clear signal is not explained
-    assert clear.evidence["clusters"] == [] and "error_analysis" not in clear.evidence
+    clears = []
+    for window in rest:
+        assert len(star(window)["exemplars"]["refusal"]) == 1  # examples are there ...
+        state, findings = runner.on_window(state, window)
+        clears += [f for f in findings if f.signal == "refusal_rate" and not f.detected]
+    assert clears  # the alarm ended
+    for clear in clears:  # ... but a clear signal is not explained
+        assert clear.evidence["clusters"] == [] and "error_analysis" not in clear.evidence
 
 
 def test_negative_feedback_findings_cluster_the_flagged_segments_own_examples():
@@ -211,7 +252,9 @@ def test_negative_feedback_findings_cluster_the_flagged_segments_own_examples():
     negatives = fr["feedback"]["negative"]
     assert len(fr["exemplars"]["negative_feedback"]) == negatives == 24
 
-    _, findings = DetectorRunner(settings).on_window(None, window)
+    runner = DetectorRunner(settings)
+    state = warm(runner, ("locale=fr", "locale=en", "locale=de"))
+    _, findings = runner.on_window(state, window)
     (flagged,) = [f for f in findings if f.signal == "negative_feedback" and f.detected]
     assert flagged.segment == "model_version=v1,locale=fr"
     clusters = flagged.evidence["clusters"]
@@ -277,7 +320,7 @@ def test_zero_exemplars_per_window_keeps_no_examples_and_explains_nothing():
     assert all("exemplars" not in s for s in window["series"])
     runner = DetectorRunner(settings)
     assert runner.error_analyzer is None
-    _, findings = runner.on_window(None, window)
+    _, findings = runner.on_window(warm(runner), window)
     (refusal,) = [f for f in findings if f.signal == "refusal_rate"]
     assert refusal.detected and refusal.evidence["clusters"] == []
 
@@ -369,7 +412,8 @@ def fired_refusal_finding(**detectors: Any) -> Finding:
     core = PipelineCore(settings, DictStore(), clock=lambda: now[0])
     core.on_inferences(0, list(enumerate(scripted_refusals())))
     (window,) = closed_tumbling(core, 25)
-    _, findings = DetectorRunner(settings).on_window(None, window)
+    runner = DetectorRunner(settings)
+    _, findings = runner.on_window(warm(runner), window)
     return next(f for f in findings if f.signal == "refusal_rate" and f.detected)
 
 
@@ -468,7 +512,8 @@ def test_examples_are_redacted_in_panes_window_records_and_finding_evidence():
         assert example["subject_id"] == subject_of(events)[example["request_id"]]
     assert EMAIL not in json.dumps(window) and API_KEY not in json.dumps(window)
 
-    _, findings = DetectorRunner(settings).on_window(None, window)
+    runner = DetectorRunner(settings)
+    _, findings = runner.on_window(warm(runner), window)
     (refusal,) = [f for f in findings if f.signal == "refusal_rate" and f.detected]
     evidence = Finding.model_validate_json(refusal.model_dump_json()).evidence
     assert EMAIL not in json.dumps(evidence) and API_KEY not in json.dumps(evidence)
@@ -488,7 +533,8 @@ def test_redaction_off_keeps_the_raw_text_of_the_examples():
     core.on_inferences(0, list(enumerate(leaky_refusals())))
     (window,) = closed_tumbling(core, 25)
     assert {e["response"] for e in star(window)["exemplars"]["refusal"]} == {LEAKY_REFUSAL}
-    _, findings = DetectorRunner(settings).on_window(None, window)
+    runner = DetectorRunner(settings)
+    _, findings = runner.on_window(warm(runner), window)
     (refusal,) = [f for f in findings if f.signal == "refusal_rate" and f.detected]
     assert EMAIL in json.dumps(refusal.evidence)
 

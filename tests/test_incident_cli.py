@@ -58,6 +58,16 @@ def test_incident_lifecycle_from_the_command_line(url: str) -> None:
     assert stored is not None and stored.status is IncidentStatus.RESOLVED
 
 
+def test_show_names_related_incidents_both_ways(url: str) -> None:
+    engine = migrated_engine(url)
+    manager = IncidentManager(engine, settings_with())
+    first = str(manager.process(finding(0, signal="latency_ms")).incident_id)
+    second = str(manager.process(finding(0, signal="error_rate")).incident_id)
+    assert f"related to {first}" in _run("incidents", "show", second, "--url", url)
+    assert f"related: {second}" in _run("incidents", "show", first, "--url", url)
+    engine.dispose()
+
+
 def test_errors_are_one_line_messages(url: str) -> None:
     migrated_engine(url)
     result = CliRunner().invoke(main, ["incidents", "ack", "nope", "--url", url])

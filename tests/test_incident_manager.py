@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -77,8 +78,8 @@ def test_thousand_findings_and_replay_after_restart_give_one_incident_one_trigge
 
 
 def test_two_fingerprints_give_two_incidents_each_paged_once(engine: Engine) -> None:
-    settings = settings_with(HOOK, incidents={"group_window_s": 0})
-    manager = IncidentManager(engine, settings)
+    # Within the group window: linked as related, yet each pages on its own.
+    manager = IncidentManager(engine, settings_with(HOOK))
     for window in range(50):
         manager.process(finding(window, signal="latency_ms"))
         manager.process(finding(window, signal="error_rate"))
@@ -208,64 +209,150 @@ def test_flapping_incident_stays_open_until_quiet_for_the_cooldown(engine: Engin
     assert _triggers(engine) == 3
 
 
-def test_related_findings_group_under_a_parent(engine: Engine) -> None:
+def _payloads(engine: Engine, incident_id: str | None) -> list[dict[str, Any]]:
+    """Payloads of an incident's pages, oldest first."""
+    with Session(engine) as session:
+        query = (
+            select(Notification.payload)
+            .where(Notification.incident_id == incident_id)
+            .order_by(Notification.id)
+        )
+        return list(session.exec(query).all())
+
+
+def test_a_related_problem_is_linked_and_pages_as_itself(engine: Engine) -> None:
     clock = FakeClock()
     manager = IncidentManager(engine, settings_with(HOOK), clock=clock)
-    parent = manager.process(finding(0, signal="latency_ms"))
+    first = manager.process(finding(0, signal="latency_ms"))
     clock.advance(60)
-    child = manager.process(finding(1, signal="error_rate"))
+    second = manager.process(finding(1, signal="error_rate"))
     other_model = manager.process(finding(1, model_id="search"))
-    assert child.action == "grouped"
-    assert other_model.action == "opened"
+    assert (first.action, second.action, other_model.action) == ("opened", "opened", "opened")
+    assert second.notifications == 1
     with Session(engine) as session:
-        stored_child = session.get(Incident, child.incident_id)
-        parent_events = session.exec(
-            select(Notification.event).where(Notification.incident_id == parent.incident_id)
-        ).all()
-        child_notifications = session.exec(
-            select(Notification).where(Notification.incident_id == child.incident_id)
-        ).all()
-    assert stored_child is not None and stored_child.parent_id == parent.incident_id
-    assert parent_events == [NotificationEvent.TRIGGER, NotificationEvent.UPDATE]
-    assert child_notifications == []
-    # Resolving the parent while the child is still a problem pages the child.
-    manager.resolve(str(parent.incident_id), actor="bob")
-    with Session(engine) as session:
-        child_events = session.exec(
-            select(Notification.event).where(Notification.incident_id == child.incident_id)
-        ).all()
-    assert child_events == [NotificationEvent.TRIGGER]
+        stored = {i.id: i for i in session.exec(select(Incident)).all()}
+    assert stored[str(second.incident_id)].parent_id == first.incident_id
+    assert stored[str(other_model.incident_id)].parent_id is None
+    # The first incident gets no "update" about the second: each is a page of its own.
+    assert [event for event, _ in _pages(engine, first.incident_id)] == [NotificationEvent.TRIGGER]
+    assert [event for event, _ in _pages(engine, second.incident_id)] == [NotificationEvent.TRIGGER]
+    (trigger,) = _payloads(engine, second.incident_id)
+    assert trigger["incident"]["parent_id"] == first.incident_id
+    assert trigger["incident"]["related"] == [first.incident_id]
+    assert f"related to open incident {first.incident_id}" in trigger["reason"]
+    # Resolving one leaves the other open and unpaged; each resolves on its own.
+    manager.resolve(str(first.incident_id), actor="bob")
+    assert [event for event, _ in _pages(engine, second.incident_id)] == [NotificationEvent.TRIGGER]
+    assert _payloads(engine, first.incident_id)[-1]["incident"]["related"] == [second.incident_id]
+    manager.resolve(str(second.incident_id), actor="bob")
+    assert [event for event, _ in _pages(engine, second.incident_id)] == [
+        NotificationEvent.TRIGGER,
+        NotificationEvent.RESOLVE,
+    ]
 
 
-def test_a_reopened_child_pages_like_an_opened_one(engine: Engine) -> None:
+def test_incidents_outside_the_group_window_are_not_linked(engine: Engine) -> None:
+    clock = FakeClock()
+    settings = settings_with(HOOK, incidents={"group_window_s": 300})
+    manager = IncidentManager(engine, settings, clock=clock)
+    manager.process(finding(0, signal="latency_ms"))
+    clock.advance(301)
+    later = manager.process(finding(5, signal="error_rate"))
+    assert later.action == "opened" and later.notifications == 1
+    (trigger,) = _payloads(engine, later.incident_id)
+    assert trigger["incident"]["parent_id"] is None and trigger["incident"]["related"] == []
+
+
+def test_a_reopened_related_incident_pages_its_own_trigger(engine: Engine) -> None:
     clock = FakeClock()
     manager = IncidentManager(
         engine, settings_with(HOOK, incidents={"auto_resolve_quiet_windows": 1}), clock=clock
     )
-    parent = manager.process(finding(0, signal="latency_ms"))
-    child = manager.process(finding(0, signal="error_rate"))
-    assert child.action == "grouped"
-    manager.process(finding(1, signal="error_rate", detected=False))  # the child resolves
+    first = manager.process(finding(0, signal="latency_ms"))
+    second = manager.process(finding(0, signal="error_rate"))
+    assert second.action == "opened"
+    manager.process(finding(1, signal="error_rate", detected=False))  # the second resolves
     clock.advance(60)
-    # Reopened while its parent is open: the parent's page covers it, as at opening.
+    # Reopened while the first is open: its own trigger again, under its own id.
     assert manager.process(finding(2, signal="error_rate")).action == "reopened"
-    assert _pages(engine, child.incident_id) == []
-    assert [event for event, _ in _pages(engine, parent.incident_id)] == [
-        NotificationEvent.TRIGGER,
-        NotificationEvent.UPDATE,
-        NotificationEvent.UPDATE,
-    ]
-    # Once the parent is resolved the child pages on its own, then resolves, then a
-    # reopening (no open parent any more) is a trigger of its own.
-    manager.resolve(str(parent.incident_id), actor="bob")
-    manager.process(finding(3, signal="error_rate", detected=False))
-    clock.advance(60)
-    assert manager.process(finding(4, signal="error_rate")).action == "reopened"
-    assert [event for event, _ in _pages(engine, child.incident_id)] == [
+    assert [event for event, _ in _pages(engine, second.incident_id)] == [
         NotificationEvent.TRIGGER,
         NotificationEvent.RESOLVE,
         NotificationEvent.TRIGGER,
     ]
+    assert [event for event, _ in _pages(engine, first.incident_id)] == [NotificationEvent.TRIGGER]
+    reopened = _payloads(engine, second.incident_id)[-1]
+    assert reopened["reason"].startswith("reopened")
+    assert reopened["incident"]["related"] == [first.incident_id]
+
+
+def test_a_findings_own_severity_and_title_are_used(engine: Engine) -> None:
+    manager = IncidentManager(engine, settings_with(HOOK))
+    title = "TTFT p95 2.4 s, baseline 0.6 s, support-bot v3, locale=de"
+    # By its score the bands would say critical; the detector's judgement wins.
+    own = finding(0, score=5.0).model_copy(update={"severity": Severity.WARNING, "title": title})
+    manager.process(own)
+    (incident,) = _incidents(engine)
+    assert (incident.severity, incident.title) == (Severity.WARNING, title)
+    (trigger,) = _payloads(engine, incident.id)
+    assert trigger["incident"]["title"] == title and trigger["labels"]["severity"] == "warning"
+    # Without them, the bands and the generic title, as before.
+    manager.process(finding(0, signal="error_rate", score=5.0))
+    generic = next(i for i in _incidents(engine) if i.signal == "error_rate")
+    assert generic.severity is Severity.CRITICAL
+    assert generic.title == "anomaly on chat: page_hinkley flagged error_rate"
+
+
+def test_an_escalation_takes_the_newer_findings_severity_and_title(engine: Engine) -> None:
+    manager = IncidentManager(engine, settings_with(HOOK))
+    mild = finding(0).model_copy(
+        update={"severity": Severity.WARNING, "title": "error rate 2%, baseline 0.5%"}
+    )
+    worse = finding(1).model_copy(
+        update={"severity": Severity.CRITICAL, "title": "error rate 31%, baseline 0.5%"}
+    )
+    same = finding(2).model_copy(
+        update={"severity": Severity.CRITICAL, "title": "error rate 30%, baseline 0.5%"}
+    )
+    manager.process(mild)
+    assert manager.process(worse).notifications == 1
+    assert manager.process(same).notifications == 0  # not worse: no page, title kept
+    (incident,) = _incidents(engine)
+    assert incident.severity is Severity.CRITICAL
+    assert incident.title == "error rate 31%, baseline 0.5%"
+    trigger, update = _payloads(engine, incident.id)
+    assert trigger["incident"]["title"] == "error rate 2%, baseline 0.5%"
+    assert update["event"] == "update"
+    assert update["incident"]["title"] == "error rate 31%, baseline 0.5%"
+    assert update["reason"] == "escalated warning -> critical: error rate 31%, baseline 0.5%"
+    with Session(engine) as session:
+        escalated = session.exec(
+            select(IncidentTransition.reason).where(
+                IncidentTransition.transition == Transition.ESCALATED
+            )
+        ).one()
+    assert escalated.startswith("escalated warning -> critical: error rate 31%")
+
+
+def test_a_related_incident_id_is_not_redacted_but_a_secret_beside_it_is(engine: Engine) -> None:
+    clock = FakeClock()
+    manager = IncidentManager(engine, settings_with(HOOK), clock=clock)
+    secret = "sk-proj-AbCdEfGhIjKlMnOpQrStUv"
+    leaky = finding(0).model_copy(update={"title": f"refusals after prompts with {secret}"})
+    first = manager.process(leaky)
+    clock.advance(120)
+    second = finding(1, signal="error_rate")
+    token = "9f8e7d6c5b4a39281706f5e4d3c2b1a0ffeeddcc"  # a long token that is not genmon's own
+    second = second.model_copy(update={"evidence": {"note": f"{second.finding_id} {token}"}})
+    second_id = manager.process(second).incident_id
+    (trigger,) = _payloads(engine, second_id)
+    reason = trigger["reason"]
+    assert f"related to open incident {first.incident_id}: refusals after prompts" in reason
+    assert secret not in reason and reason.endswith("[REDACTED:api_key]")
+    assert trigger["incident"]["evidence"]["finding_id"] == second.finding_id
+    note = trigger["incident"]["evidence"]["details"]["note"]
+    assert note == f"{second.finding_id} [REDACTED:api_key]"
+    assert trigger["incident"]["id"] == second_id
 
 
 def test_repeated_findings_update_counters_peak_and_escalate(engine: Engine) -> None:

@@ -235,6 +235,11 @@ def _stream(seed: int, n: int) -> list[tuple[str, bytes]]:
         ):
             if rng.random() < 0.4:
                 event[name] = value
+        if rng.random() < 0.4:  # streamed: time per output token, or a first token too late
+            event["time_to_first_token_ms"] = event["latency_ms"] * rng.choice([0.1, 0.7, 1, 1.2])
+            event["completion_tokens"] = rng.choice([0, 1, 2, 3, 417])
+        if event["status"] in ("error", "timeout") and rng.random() < 0.5:
+            event["response"] = rng.choice(["", " \t\n"])  # errors: not also empty answers
         out.append(("inference", json.dumps(event).encode()))
     return out
 
@@ -318,6 +323,10 @@ def test_native_and_python_paths_write_the_same_state(seed: int) -> None:
     assert _state(py_store) == _state(nat_store)
     assert _windows(py_windows) == _windows(nat_windows)
     assert any("exemplars" in s for w in nat_windows for s in w["series"])
+    series = [s for w in nat_windows for s in w["series"]]
+    assert any(s["tpot_ms"]["n"] for s in series) and any("sketches" in s for s in series)
+    inferences = [json.loads(raw) for kind, raw in stream if kind == "inference"]
+    assert any(e["status"] == "error" and not e["response"].strip() for e in inferences)
     assert py_core._parts[0].joins.entries() == nat_core._parts[0].joins.entries()
     assert py_core._parts[0].joins.pending == nat_core._parts[0].joins.pending
 

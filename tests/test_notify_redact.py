@@ -81,3 +81,46 @@ def test_a_secret_across_the_cut_is_redacted_and_unread_text_counts_as_cut() -> 
 
 def test_a_short_text_that_redaction_lengthens_is_still_cut() -> None:
     assert Redactor(max_text_chars=10).text("a@b.cc") == "[REDACTED:…[+6 chars]"
+
+
+# genmon's own ids: 32 hex characters, which the long-token rule (and, for a run of digits,
+# the card rule) would otherwise mask.
+INCIDENT_ID = "4111111111111111a0b1c2d3e4f5a6b7"
+FINGERPRINT = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+def test_genmon_ids_are_masked_unless_kept() -> None:
+    text = f"related to open incident {INCIDENT_ID} ({FINGERPRINT})"
+    assert redact(text) == "related to open incident [REDACTED:api_key] ([REDACTED:api_key])"
+    assert redact(text, keep={INCIDENT_ID, FINGERPRINT}) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a secret beside a kept id is still masked
+        (f"{INCIDENT_ID} sk-proj-AbCdEfGhIjKlMnOpQrStUv", f"{INCIDENT_ID} [REDACTED:api_key]"),
+        (f"{INCIDENT_ID}, card 4111 1111 1111 1111", f"{INCIDENT_ID}, card [REDACTED:card]"),
+        (f"id={INCIDENT_ID};mail=jo@example.org", f"id={INCIDENT_ID};mail=[REDACTED:email]"),
+        # a secret that contains a kept id is masked whole, never split around it
+        (f"sk-{INCIDENT_ID}", "[REDACTED:api_key]"),
+        (f"{INCIDENT_ID}9f8e7d6c5b4a", "[REDACTED:api_key]"),
+        (f"{INCIDENT_ID}@example.org", "[REDACTED:email]"),
+        # an id among genmon's own separators stays
+        (f"{INCIDENT_ID}.3.trigger.pd", f"{INCIDENT_ID}.3.trigger.pd"),
+    ],
+)
+def test_kept_ids_stay_and_secrets_around_them_do_not(text: str, expected: str) -> None:
+    assert redact(text, keep={INCIDENT_ID}) == expected
+
+
+def test_scrub_keeps_ids_at_every_depth() -> None:
+    value = {
+        "reason": f"opened {INCIDENT_ID}",
+        "evidence": {"ids": [FINGERPRINT, "jo@example.org"]},
+    }
+    scrubbed = Redactor().scrub(value, keep={INCIDENT_ID, FINGERPRINT})
+    assert scrubbed == {
+        "reason": f"opened {INCIDENT_ID}",
+        "evidence": {"ids": [FINGERPRINT, "[REDACTED:email]"]},
+    }

@@ -4,6 +4,7 @@ files `genmon schemas export` writes for producers in other languages."""
 from __future__ import annotations
 
 import doctest
+import hashlib
 import importlib
 import json
 from datetime import UTC, datetime, timedelta, timezone
@@ -82,6 +83,8 @@ def sample_events() -> dict[str, BaseModel]:
             p_value=0.001,
             n_seen=512,
             evidence={"reference_mean": 120.0},
+            severity=Severity.ERROR,
+            title="latency p95 2.4 s, baseline 0.6 s, chat, locale=en-GB",
         ),
         "incidents": IncidentEvent(
             incident_id="i1",
@@ -206,6 +209,25 @@ def test_finding_fingerprint_ignores_the_window_and_dedup_key_does_not() -> None
     assert later.dedup_key != finding.dedup_key
     other_segment = finding.model_copy(update={"segment": "locale=fr"})
     assert other_segment.fingerprint != finding.fingerprint
+
+
+def test_finding_severity_and_title_are_optional_and_not_part_of_its_identity() -> None:
+    finding = sample_events()["findings"]
+    assert isinstance(finding, Finding)
+    document = json.loads(finding.model_dump_json(exclude={"severity", "title"}))
+    bare = Finding.model_validate(document)  # what producers sent before these fields
+    assert bare.severity is None and bare.title is None
+    assert (bare.fingerprint, bare.dedup_key) == (finding.fingerprint, finding.dedup_key)
+    # The same key as before the fields existed: open incidents keep matching their findings.
+    key = "\x1f".join(["chat", "ks", "latency_ms", "locale=en-GB"]).encode()
+    assert finding.fingerprint == hashlib.sha256(key).hexdigest()[:32]
+    assert finding.dedup_key == f"{finding.fingerprint}:{(T0 + timedelta(minutes=1)).isoformat()}"
+
+
+def finding_document(**changes: Any) -> dict[str, Any]:
+    document = json.loads(sample_events()["findings"].model_dump_json())
+    document.update(changes)
+    return dict(document)
 
 
 # --- properties -------------------------------------------------------------------------
@@ -345,6 +367,8 @@ def inference(**changes: Any) -> dict[str, Any]:
         ("feedback", {"request_id": "r1", "model_id": "chat"}),
         ("feedback", {"request_id": "r1", "model_id": "chat", "score": None}),
         ("feedback", {"request_id": "r1", "model_id": "chat", "thumbs": "sideways"}),
+        ("findings", finding_document(severity="fatal")),
+        ("findings", finding_document(title="t" * 513)),
     ],
 )
 def test_exported_schema_refuses_what_the_worker_refuses(

@@ -21,8 +21,8 @@ over genmon's own validation; (b) runs with ``GENMON_EMBEDDING__ENABLED=false``.
 
 Throughput is measured from the first to the last event processed, so worker start-up
 and recovery are excluded. Also printed: p99 of window close -> finding published (every
-window fires the latency detector: ``slow_latency_ms`` is set below the scripted
-latencies), and the worker's RSS when it became ready and at the end.
+window fires: an SLO ``latency_p99 <= 1ms`` is set below the scripted latencies), and the
+worker's RSS when it became ready and at the end.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def close_to_finding_p99(settings: Settings) -> tuple[float, int]:
             if value["kind"] == "tumbling":
                 key = (value["model_id"], datetime.fromisoformat(value["window_end"]).isoformat())
                 closed.setdefault(key, datetime.fromisoformat(value["closed_at"]).timestamp())
-        elif value["detector"] == "threshold" and value["signal"] == "latency_p99":
+        elif value["detector"] == "slo" and value["signal"] == "latency_p99":
             key = (value["model_id"], datetime.fromisoformat(value["window_end"]).isoformat())
             found.setdefault(key, datetime.fromisoformat(value["emitted_at"]).timestamp())
     consumer.close()
@@ -290,7 +290,7 @@ def main() -> None:
         "GENMON_WINDOWS__ALLOWED_LATENESS_S": "2",
         "GENMON_WINDOWS__IDLE_TIMEOUT_S": "2",
         "GENMON_WINDOWS__EXPIRES_S": "600",
-        "GENMON_WINDOWS__SLOW_LATENCY_MS": "1",
+        "GENMON_DETECTORS__SLOS": '{"*": ["latency_p99 <= 1ms"]}',
         "GENMON_FEEDBACK__JOIN_TTL_S": "60",
         "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "1",
     }

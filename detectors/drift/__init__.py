@@ -2,6 +2,7 @@
 
 from genmon.detectors.drift.chi_square import ChiSquareDrift
 from genmon.detectors.drift.cvm import CramerVonMisesDrift
+from genmon.detectors.drift.embedding_shift import EmbeddingShiftDrift
 from genmon.detectors.drift.ks import KSDrift
 from genmon.detectors.drift.ks_embedding import EmbeddingKSDrift
 from genmon.detectors.drift.mmd import MMDDrift
@@ -14,6 +15,7 @@ __all__ = [
     "ChiSquareDrift",
     "CramerVonMisesDrift",
     "EmbeddingKSDrift",
+    "EmbeddingShiftDrift",
     "KSDrift",
     "MMDDrift",
     "OnlineLSDDDrift",

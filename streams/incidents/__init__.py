@@ -4,8 +4,9 @@ Pieces (each module's docstring has the details):
 
 - :mod:`~genmon.streams.incidents.manager`: one incident per *fingerprint* (sha256 of
   model id, detector, signal, segment), enforced by a partial unique index; dedup keys of
-  applied findings; severity bands; auto-resolve after quiet windows; reopen within a
-  cool-down; flapping; grouping under a parent; audit trail; notes.
+  applied findings; the finding's own severity and title (else bands and a generic
+  title); auto-resolve after quiet windows; reopen within a cool-down; flapping; related
+  incidents linked, each paging as itself; audit trail; notes.
 - :mod:`~genmon.streams.incidents.dispatcher`: the transactional outbox's delivery:
   ordered per incident, retries with backoff + jitter, ``Retry-After``, rate limits,
   leases, dead notifications, delivery log; incident transitions go through the same

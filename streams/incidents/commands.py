@@ -175,7 +175,7 @@ def incidents_show(incident_id: str, as_json: bool, url: str | None) -> None:
         + (" (flapping)" if incident.flapping else "")
     )
     if incident.parent_id:
-        click.echo(f"  grouped under {incident.parent_id}")
+        click.echo(f"  related to {incident.parent_id}")
     if children:
         click.echo(f"  related: {', '.join(children)}")
     if incident.runbook_url or incident.remediation:

@@ -41,11 +41,24 @@ a destination is still open or acknowledged, :meth:`IncidentManager.repeat_unsil
 for an acknowledged incident the acknowledge after it, so the receiver learns about the
 problem and that someone has it (PagerDuty would otherwise escalate it as unhandled).
 
-A new incident of a model that already has an open top-level incident opened within
-``group_window_s`` is grouped under it: it links to its parent, does not page on its own
-and the parent's destinations get an update instead. When the parent resolves, children
-that are still open page on their own; a child that reopens while its parent is open
-updates the parent, as when it opened.
+Every problem pages as itself: a new incident queues its own trigger (its own PagerDuty
+dedup key, its own Alertmanager alert with its own labels, its own resolve later), and a
+reopened one its own trigger again, whatever else of the same model is open. Making a
+real problem an "update" of whatever opened first (often a false alarm) would reach
+on-call under the wrong title and leave its resolve unsent. Related problems are only
+*linked*: a new incident of a model that has an open top-level incident opened within
+``group_window_s`` gets it as ``parent_id`` (read "related to"), and its trigger's reason
+and payload (``incident.parent_id``, ``incident.related``) name it.
+
+A finding may carry its own ``severity`` and ``title`` (the detector runner judges them
+from effect size and confidence, and says what happened with numbers); without them the
+manager uses :func:`severity_for` and :func:`title_for`. A later finding of an open
+incident with a higher severity escalates it: severity and title become the newer
+finding's, and the update says so.
+
+genmon's own ids (incident, fingerprint, parent and related incidents, finding) are kept
+as they are when a payload is redacted (:mod:`~genmon.streams.redact`): they look like
+API keys to the redactor, and on-call needs them.
 """
 
 from __future__ import annotations
@@ -128,6 +141,7 @@ def severity_for(finding: Finding, settings: IncidentSettings) -> Severity:
 
 
 def title_for(finding: Finding) -> str:
+    """A title for a finding that brings none: model, detector, signal and segment."""
     segment = f" [{finding.segment}]" if finding.segment else ""
     title = f"{finding.kind.value} on {finding.model_id}: {finding.detector} flagged "
     return f"{title}{finding.signal}{segment}"[:512]
@@ -137,7 +151,7 @@ def title_for(finding: Finding) -> str:
 class Outcome:
     """What applying one finding did."""
 
-    action: str  # duplicate, ignored, opened, grouped, updated, quiet, resolved, reopened
+    action: str  # duplicate, ignored, opened, updated, quiet, resolved, reopened
     incident_id: str | None = None
     notifications: int = 0
     """Pages queued for delivery (suppressed ones and topic events not counted)."""
@@ -252,8 +266,8 @@ class IncidentManager:
             kind=finding.kind,
             signal=finding.signal,
             segment=finding.segment,
-            severity=severity_for(finding, self.config),
-            title=title_for(finding),
+            severity=self._severity(finding),
+            title=self._title(finding),
             runbook_url=runbook.url if runbook else None,
             remediation=list(runbook.remediation) if runbook else [],
             first_seen_at=now,
@@ -261,24 +275,20 @@ class IncidentManager:
             updated_at=now,
         )
         self._observe(incident, finding, now)
-        parent = self._group_parent(session, incident, now)
+        reason = self._why(finding)
+        related = self._related_open(session, incident, now)
+        if related is not None:
+            # A link, not a merge: this problem still pages on its own, under its own key.
+            incident.parent_id = related.id
+            reason += f"; related to open incident {related.id}: {related.title}"
         session.add(incident)
-        if parent is not None:
-            incident.parent_id = parent.id
-            session.flush()
-            self._record(
-                session, incident, Transition.OPENED, None, reason=f"grouped under {parent.id}"
-            )
-            sent = self._notify(
-                session, parent, NotificationEvent.UPDATE, f"related incident {incident.id} opened"
-            )
-            return Outcome("grouped", incident.id, sent)
         session.flush()
-        self._record(session, incident, Transition.OPENED, None, reason=self._why(finding))
-        sent = self._notify(session, incident, NotificationEvent.TRIGGER, self._why(finding))
+        self._record(session, incident, Transition.OPENED, None, reason=reason)
+        sent = self._notify(session, incident, NotificationEvent.TRIGGER, reason)
         return Outcome("opened", incident.id, sent)
 
-    def _group_parent(self, session: Session, incident: Incident, now: datetime) -> Incident | None:
+    def _related_open(self, session: Session, incident: Incident, now: datetime) -> Incident | None:
+        """The model's first open top-level incident opened within ``group_window_s``."""
         if self.config.group_window_s <= 0:
             return None
         since = now - timedelta(seconds=self.config.group_window_s)
@@ -298,21 +308,22 @@ class IncidentManager:
     ) -> Outcome:
         before = incident.severity
         self._observe(incident, finding, now)
-        severity = severity_for(finding, self.config)
-        if _RANK[severity] > _RANK[before]:
-            incident.severity = severity
-            self._record(
-                session,
-                incident,
-                Transition.ESCALATED,
-                incident.status,
-                reason=f"severity {before.value} -> {severity.value}: {self._why(finding)}",
-            )
-            sent = self._notify(
-                session, incident, NotificationEvent.UPDATE, f"escalated to {severity.value}"
-            )
-            return Outcome("updated", incident.id, sent)
-        return Outcome("updated", incident.id)
+        severity = self._severity(finding)
+        if _RANK[severity] <= _RANK[before]:
+            return Outcome("updated", incident.id)
+        # The worse finding says what the problem is now: its title replaces the old one.
+        incident.severity = severity
+        incident.title = self._title(finding)
+        escalated = f"escalated {before.value} -> {severity.value}: {incident.title}"
+        self._record(
+            session,
+            incident,
+            Transition.ESCALATED,
+            incident.status,
+            reason=f"{escalated} ({self._why(finding)})",
+        )
+        sent = self._notify(session, incident, NotificationEvent.UPDATE, escalated)
+        return Outcome("updated", incident.id, sent)
 
     def _reopen(
         self, session: Session, incident: Incident, finding: Finding, now: datetime
@@ -325,9 +336,8 @@ class IncidentManager:
         limit = self.config.flap_max_reopens
         if limit and incident.reopen_count >= limit:
             incident.flapping = True
-        incident.severity = max(
-            incident.severity, severity_for(finding, self.config), key=_RANK.__getitem__
-        )
+        incident.severity = max(incident.severity, self._severity(finding), key=_RANK.__getitem__)
+        incident.title = self._title(finding)  # the new page says what is happening now
         self._observe(incident, finding, now)
         # Flush the status change first: the partial unique index rejects it here if
         # another worker already opened a fresh incident for this fingerprint.
@@ -336,22 +346,9 @@ class IncidentManager:
         if incident.flapping:
             reason += f"; flapping ({incident.reopen_count} reopenings)"
         self._record(session, incident, Transition.REOPENED, IncidentStatus.RESOLVED, reason=reason)
-        parent = self._open_parent(session, incident)
-        if parent is not None:
-            related = f"related incident {incident.id} reopened"
-            sent = self._notify(session, parent, NotificationEvent.UPDATE, related)
-        else:
-            sent = self._notify(session, incident, NotificationEvent.TRIGGER, f"reopened: {reason}")
+        # Its own trigger, whatever it is related to: every destination was told it resolved.
+        sent = self._notify(session, incident, NotificationEvent.TRIGGER, f"reopened: {reason}")
         return Outcome("reopened", incident.id, sent)
-
-    @staticmethod
-    def _open_parent(session: Session, incident: Incident) -> Incident | None:
-        if incident.parent_id is None:
-            return None
-        parent = session.get(Incident, incident.parent_id)
-        if parent is None or parent.status is IncidentStatus.RESOLVED:
-            return None
-        return parent
 
     def _quiet_window(
         self, session: Session, incident: Incident, finding: Finding, now: datetime
@@ -429,6 +426,15 @@ class IncidentManager:
         at = finding.window_end or finding.emitted_at
         point = {"at": at.isoformat(), "score": finding.score, "detected": finding.detected}
         return [*incident.chart, point][-self.config.chart_points :]
+
+    def _severity(self, finding: Finding) -> Severity:
+        """The finding's own severity, else the one its score and effect size band to."""
+        return finding.severity or severity_for(finding, self.config)
+
+    @staticmethod
+    def _title(finding: Finding) -> str:
+        """The finding's own title (it says what happened, with numbers), else a generic one."""
+        return finding.title or title_for(finding)
 
     def _runbook(self, finding: Finding) -> RunbookSettings | None:
         runbooks = self.config.runbooks
@@ -513,21 +519,8 @@ class IncidentManager:
         incident.resolved_at = now
         incident.updated_at = now
         self._record(session, incident, Transition.RESOLVED, before, actor, reason)
-        sent = self._notify(session, incident, NotificationEvent.RESOLVE, reason)
-        children = session.exec(
-            select(Incident)
-            .where(Incident.parent_id == incident.id)
-            .where(Incident.status != IncidentStatus.RESOLVED)
-        ).all()
-        for child in children:
-            # The parent's page is over; a child that is still a problem pages on its own.
-            sent += self._notify(
-                session,
-                child,
-                NotificationEvent.TRIGGER,
-                f"still open after parent {incident.id} resolved",
-            )
-        return sent
+        # Related incidents are untouched: each paged on its own and resolves on its own.
+        return self._notify(session, incident, NotificationEvent.RESOLVE, reason)
 
     def _record(
         self,
@@ -596,7 +589,7 @@ class IncidentManager:
         if not announcement:
             targets = self._paged_destinations(session, incident)
         elif event is NotificationEvent.UPDATE and not self._is_paged(session, incident):
-            # Not announced now (a grouped child, or resolved since): nothing to update.
+            # Never announced (no route took its trigger): nothing to update.
             return 0
         else:
             targets = [
@@ -692,13 +685,16 @@ class IncidentManager:
         labels: dict[str, str],
         now: datetime,
     ) -> dict[str, Any]:
-        scrub = self.redactor.scrub
-        # Only a top-level incident that has been around can have grouped children.
-        related = (
-            session.exec(select(Incident.id).where(Incident.parent_id == incident.id)).all()
-            if incident.parent_id is None and incident.notify_seq > 1
-            else []
-        )
+        related = self._related_ids(session, incident)
+        # genmon's own ids stay readable in reasons, titles and evidence; secrets do not.
+        keep = {incident.id, incident.fingerprint, *related}
+        finding_id = incident.evidence.get("finding_id")
+        if isinstance(finding_id, str):
+            keep.add(finding_id)
+
+        def scrub(value: Any) -> Any:
+            return self.redactor.scrub(value, keep)
+
         return {
             "event": event.value,
             "sequence": incident.notify_seq,
@@ -731,12 +727,26 @@ class IncidentManager:
                 "reopen_count": incident.reopen_count,
                 "flapping": incident.flapping,
                 "parent_id": incident.parent_id,
-                "related": list(related),
+                "related": related,
                 "evidence": scrub(incident.evidence),
                 "chart": incident.chart[-NOTIFICATION_CHART_POINTS:],
             },
             "runbook": {"url": incident.runbook_url, "remediation": list(incident.remediation)},
         }
+
+    @staticmethod
+    def _related_ids(session: Session, incident: Incident) -> list[str]:
+        """The incident it is related to (``parent_id``), or those related to it."""
+        if incident.parent_id is not None:
+            return [incident.parent_id]  # linking is one level deep: it has none of its own
+        if incident.notify_seq <= 1:
+            return []  # its first page, at opening: nothing has been linked to it yet
+        query = (
+            select(Incident.id)
+            .where(Incident.parent_id == incident.id)
+            .order_by(Incident.opened_at)
+        )
+        return list(session.exec(query).all())
 
     # --- silences that end ---------------------------------------------------------------
 

@@ -256,7 +256,9 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
         request_id: request_id.into_owned(),
         model: raw.model_id.into_owned(),
         version: version.into_owned(),
-        t_ms: started.event_time_ms(),
+        // Completion time: started_at plus the latency truncated to whole milliseconds,
+        // as Python's `aggregates.event_time_ms` computes it.
+        t_ms: started.event_time_ms() + raw.latency_ms as i64,
         prompt: prompt.into_owned(),
         response: response.into_owned(),
         latency_ms: raw.latency_ms,

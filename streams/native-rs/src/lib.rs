@@ -238,6 +238,8 @@ struct Group {
     by_error_code: Vec<(String, u64)>,
     latencies: Vec<f64>,
     ttfts: Vec<f64>,
+    /// Time per output token of each event that has one (see `tpot_ms`).
+    tpots: Vec<f64>,
     prompt_tokens: Summary,
     completion_tokens: Summary,
     chars: Summary,
@@ -267,6 +269,7 @@ impl Group {
             by_error_code: Vec::new(),
             latencies: Vec::new(),
             ttfts: Vec::new(),
+            tpots: Vec::new(),
             prompt_tokens: Summary::default(),
             completion_tokens: Summary::default(),
             chars: Summary::default(),
@@ -297,6 +300,9 @@ impl Group {
         if let Some(ttft) = event.ttft_ms {
             self.ttfts.push(ttft);
         }
+        if let Some(tpot) = tpot_ms(event, error) {
+            self.tpots.push(tpot);
+        }
         if let Some(n) = event.prompt_tokens {
             self.prompt_tokens.add(n as f64);
         }
@@ -305,14 +311,28 @@ impl Group {
         }
         let s = &event.signals;
         self.chars.add(s.chars as f64);
-        self.empty += s.empty as u64;
+        // Empty and refusing answers count among answered (non-error) requests only.
+        let empty = s.empty && !error;
+        let refusal = s.refusal && !error;
+        self.empty += empty as u64;
         self.truncated += event.truncated as u64;
-        self.refusal += s.refusal as u64;
+        self.refusal += refusal as u64;
         bump(&mut self.languages, s.language);
-        if s.empty || event.truncated || s.refusal || error {
+        if empty || event.truncated || refusal || error {
             self.flagged.push(event.raw_index);
         }
     }
+}
+
+/// Python's `genmon.streams.aggregates.tpot_ms`, the same float expression (so both paths
+/// add bit-identical values): `(latency - ttft) / (tokens - 1)` for a non-error event with a
+/// time to first token no later than its latency and at least two completion tokens.
+fn tpot_ms(event: &Event, error: bool) -> Option<f64> {
+    let (ttft, tokens) = (event.ttft_ms?, event.completion_tokens?);
+    if error || tokens < 2 || event.latency_ms < ttft {
+        return None;
+    }
+    Some((event.latency_ms - ttft) / ((tokens - 1) as f64))
 }
 
 fn summary<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyTuple>> {
@@ -442,6 +462,7 @@ impl Batch {
             item.set_item("by_error_code", by_code)?;
             item.set_item("latencies", PyList::new(py, &group.latencies)?)?;
             item.set_item("ttfts", PyList::new(py, &group.ttfts)?)?;
+            item.set_item("tpots", PyList::new(py, &group.tpots)?)?;
             item.set_item("prompt_tokens", summary(py, &group.prompt_tokens)?)?;
             item.set_item("completion_tokens", summary(py, &group.completion_tokens)?)?;
             item.set_item("response_chars", summary(py, &group.chars)?)?;
@@ -744,4 +765,46 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(add_counts, m)?)?;
     m.add_function(wrap_pyfunction!(sketch_values, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group_of(events: &[&str]) -> Group {
+        let quality = Quality::new(vec![], vec![], 100, vec!["none".into()], HashMap::new())
+            .expect("a valid configuration");
+        let mut group = Group::new(0, 0);
+        for json in events {
+            let head =
+                r#"{"request_id": "r", "model_id": "m", "started_at": "2026-01-01T00:00:00Z""#;
+            let event = parse_event(format!("{head}, {json}}}").as_bytes(), &quality)
+                .expect("accepted by the fast path");
+            group.add(&event);
+        }
+        group
+    }
+
+    #[test]
+    fn tpot_only_for_answered_events_with_tokens_after_the_first() {
+        let group = group_of(&[
+            r#""latency_ms": 110, "time_to_first_token_ms": 10, "completion_tokens": 5"#,
+            r#""latency_ms": 110, "time_to_first_token_ms": 10, "completion_tokens": 1"#,
+            r#""latency_ms": 5, "time_to_first_token_ms": 10, "completion_tokens": 5"#,
+            r#""latency_ms": 110, "completion_tokens": 5"#,
+            r#""latency_ms": 110, "time_to_first_token_ms": 10, "completion_tokens": 5,
+                "status": "error""#,
+        ]);
+        assert_eq!(group.tpots, vec![25.0]);
+    }
+
+    #[test]
+    fn empty_errors_are_errors_only() {
+        let group = group_of(&[
+            r#""latency_ms": 1, "response": "", "status": "timeout""#,
+            r#""latency_ms": 1, "response": """#,
+        ]);
+        assert_eq!((group.errors, group.empty), (1, 1));
+        assert_eq!(group.flagged.len(), 2);
+    }
 }
