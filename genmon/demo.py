@@ -42,6 +42,10 @@ DEFAULT_DATA_DIR = Path("../shared/datasets")
 MODEL_ID = "support-bot"
 LOCALES = ("en", "de", "fr")
 WINDOW_S = 5.0
+#: Windows of healthy traffic the model's baselines learn before it is judged: ten windows
+#: keep a reference's bounds useful (three leave its spread so uncertain that a demo's
+#: short regression may not page); the healthy phase must be longer than this.
+WARMUP_WINDOWS = 10
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,12 @@ def _incident_rows(url: str) -> list[Any]:
     help="the shared public data sets",
 )
 @click.option("--rate", default=60.0, show_default=True, help="requests per second replayed")
-@click.option("--healthy-s", default=30.0, show_default=True, help="seconds of healthy traffic")
+@click.option(
+    "--healthy-s",
+    default=60.0,
+    show_default=True,
+    help=f"seconds of healthy traffic (baselines learn the first {WARMUP_WINDOWS * WINDOW_S:g} s)",
+)
 @click.option(
     "--regression-s",
     default=30.0,
@@ -241,7 +250,7 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
         "GENMON_DETECTORS__MIN_WINDOW_REQUESTS": "20",
         # The model's baselines learn from the healthy phase's first windows (15 by
         # default: minutes of 60 s windows; a demo has seconds).
-        "GENMON_DETECTORS__BASELINE_WARMUP_WINDOWS": "3",
+        "GENMON_DETECTORS__BASELINE_WARMUP_WINDOWS": str(WARMUP_WINDOWS),
         "GENMON_EMBEDDING__ENABLED": "false",
     }
     settings = Settings(kafka=base.kafka.model_copy(update={"topic_prefix": run}))
