@@ -149,23 +149,18 @@ class CountSums:
         return max(0.0, bound - df) / spread
 
     def to_state(self) -> list[float]:
+        """Windows' sums, blocks' sums, then the open block: eleven numbers."""
         w, b = self.windows, self.blocks
-        return [w.count, w.events, w.total, w.squares, b.count, b.events, b.total, b.squares]
-
-    def open_state(self) -> list[float]:
-        return list(self.open)
+        sums = [w.count, w.events, w.total, w.squares, b.count, b.events, b.total, b.squares]
+        return [*sums, *self.open]
 
     @classmethod
-    def from_state(
-        cls, state: list[float] | None, open_block: list[float] | None = None
-    ) -> CountSums:
+    def from_state(cls, state: list[float] | None) -> CountSums:
         if not state:
             return cls()
         windows = _Pearson(int(state[0]), float(state[1]), float(state[2]), float(state[3]))
-        blocks = _Pearson()
-        if len(state) >= 8:
-            blocks = _Pearson(int(state[4]), float(state[5]), float(state[6]), float(state[7]))
-        return cls(windows, blocks, list(open_block or [0.0, 0.0, 0.0]))
+        blocks = _Pearson(int(state[4]), float(state[5]), float(state[6]), float(state[7]))
+        return cls(windows, blocks, [float(v) for v in state[8:11]])
 
 
 def upper_rate(events: float, total: float, dispersion: float) -> float:
@@ -206,8 +201,8 @@ class RateBaseline:
     def __init__(self, state: dict[str, Any] | None, warmup: int, refresh: int) -> None:
         state = state or {}
         self.warmup, self.refresh = warmup, refresh
-        self.ref = CountSums.from_state(state.get("ref"), state.get("ref_open"))
-        self.cand = CountSums.from_state(state.get("cand"), state.get("cand_open"))
+        self.ref = CountSums.from_state(state.get("ref"))
+        self.cand = CountSums.from_state(state.get("cand"))
         self.ready = bool(state.get("ready", False))
         self.refused = int(state.get("refused", 0))
         cached = state.get("reference")
@@ -230,13 +225,14 @@ class RateBaseline:
         if not healthy:
             return
         self.cand.add(events, total)
-        if self.cand.count < min(self.ref.count, self.refresh):
+        verdict = _refresh(self.ref, self.cand, self.refresh, limit)
+        if verdict is None:
             return
-        if self.cand.rate <= limit(self.ref.rate):
-            self.ref = self.ref.merged(self.cand) if self.ref.count < self.refresh else self.cand
-            self._reference = None
-        else:
+        if verdict == "refuse":
             self.refused += 1
+        else:
+            self.ref = self.ref.merged(self.cand) if verdict == "grow" else self.cand
+            self._reference = None
         self.cand = CountSums()
 
     def to_state(self) -> dict[str, Any]:
@@ -244,9 +240,7 @@ class RateBaseline:
         return {
             "ready": self.ready,
             "ref": self.ref.to_state(),
-            "ref_open": self.ref.open_state(),
             "cand": self.cand.to_state(),
-            "cand_open": self.cand.open_state(),
             "refused": self.refused,
             "reference": list(reference) if reference is not None else None,
         }
@@ -271,9 +265,9 @@ class LatencyBaseline:
         self.key: int | None = state.get("key")
         self.ready = bool(state.get("ready", False))
         self.sketch = _sketch(state.get("sketch"))
-        self.sums = CountSums.from_state(state.get("sums"), state.get("sums_open"))
+        self.sums = CountSums.from_state(state.get("sums"))
         self.cand_sketch = _sketch(state.get("cand_sketch"))
-        self.cand = CountSums.from_state(state.get("cand"), state.get("cand_open"))
+        self.cand = CountSums.from_state(state.get("cand"))
         self.refused = int(state.get("refused", 0))
         cached = state.get("reference")
         self._reference = Reference(*cached) if cached else None
@@ -312,19 +306,19 @@ class LatencyBaseline:
             self.cand_sketch = QuantileSketch(window.relative_accuracy)
         self.cand_sketch.merge(window)
         self.cand.add(*self.above(window))
-        if self.cand.count < min(self.sums.count, self.refresh):
+        verdict = _refresh(self.sums, self.cand, self.refresh, limit)
+        if verdict is None:
             return
-        if self.cand.rate <= limit(self.sums.rate):
-            grow = self.sums.count < self.refresh and self.sketch is not None
+        if verdict == "refuse":
+            self.refused += 1
+        else:
+            grow = verdict == "grow" and self.sketch is not None
             merged = _merge(self.sketch, self.cand_sketch) if grow else self.cand_sketch
-            sums = self.sums.merged(self.cand) if grow else self.cand
             self.sketch, self.key = merged, merged.key_at(self.quantile)
             # The candidate's counts were taken against the old key: their spread stands
             # for the new one's (the same traffic around a nearby quantile).
-            self.sums = sums
+            self.sums = self.sums.merged(self.cand) if grow else self.cand
             self._reference = None
-        else:
-            self.refused += 1
         self.cand_sketch, self.cand = None, CountSums()
 
     def _become_reference(self, windows: list[QuantileSketch]) -> None:
@@ -345,13 +339,23 @@ class LatencyBaseline:
             "key": self.key,
             "sketch": self.sketch.to_state() if self.sketch is not None else None,
             "sums": self.sums.to_state(),
-            "sums_open": self.sums.open_state(),
             "cand_sketch": self.cand_sketch.to_state() if self.cand_sketch is not None else None,
             "cand": self.cand.to_state(),
-            "cand_open": self.cand.open_state(),
             "refused": self.refused,
             "reference": list(reference) if (reference := self.reference()) else None,
         }
+
+
+def _refresh(ref: CountSums, cand: CountSums, refresh: int, limit: AcceptLimit) -> str | None:
+    """What a candidate does to its reference, the one rule of both baselines: nothing yet
+    (``None``) until it holds as many windows as a young reference (or ``refresh``); then
+    ``"refuse"`` when its rate is over ``limit`` of the reference's, else ``"grow"`` the
+    young reference by it, or ``"replace"`` a grown one."""
+    if cand.count < min(ref.count, refresh):
+        return None
+    if cand.rate > limit(ref.rate):
+        return "refuse"
+    return "grow" if ref.count < refresh else "replace"
 
 
 def _reference(sums: CountSums, events: float, total: float) -> Reference:

@@ -356,13 +356,7 @@ class Pipeline:
         natively decoded ones without pydantic events (:mod:`genmon.streams.native`)."""
         async with self._lock:
             for partition in batch.partitions():
-                out = None
-                if batch.native is not None:
-                    out = self.core.on_native_inferences(partition, batch.native, checkpoint=False)
-                if out is None:
-                    out = self.core.on_inferences(
-                        partition, batch.items(partition), checkpoint=False
-                    )
+                out = self.core.on_batch(partition, batch)
                 await self._persist(out.examples)
                 self.core.checkpoint(partition)
             self.metrics.sync(self.core)

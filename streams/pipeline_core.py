@@ -497,6 +497,19 @@ class PipelineCore:
         self._end_inference_batch(partition, part, pairs, out, newest, checkpoint)
         return out
 
+    def on_batch(self, partition: int, batch: Any) -> Output:
+        """One partition's events of an ingest batch (an
+        :class:`~genmon.streams.ingest.InferenceBatch`), without the checkpoint: natively
+        decoded ones through :meth:`on_native_inferences` where it takes them, else the
+        pydantic events through :meth:`on_inferences`. The caller persists the output's
+        examples, then calls :meth:`checkpoint`."""
+        out = None
+        if batch.native is not None:
+            out = self.on_native_inferences(partition, batch.native, checkpoint=False)
+        if out is None:
+            out = self.on_inferences(partition, batch.items(partition), checkpoint=False)
+        return out
+
     def on_native_inferences(
         self, partition: int, batch: Any, *, checkpoint: bool = True
     ) -> Output | None:

@@ -287,13 +287,7 @@ class Replay:
             batch, dead = self.ingestor.validate_inferences(messages)
             self._dead(dead)
             for partition in batch.partitions():
-                out = None
-                if batch.native is not None:
-                    out = self.core.on_native_inferences(partition, batch.native, checkpoint=False)
-                if out is None:
-                    out = self.core.on_inferences(
-                        partition, batch.items(partition), checkpoint=False
-                    )
+                out = self.core.on_batch(partition, batch)
                 self.counts["labelled_examples"] += len(out.examples)
                 self.core.checkpoint(partition)
             if self.sampler is not None and len(batch):

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
 from datetime import datetime
 from typing import Any
@@ -212,19 +211,22 @@ class DetectorRunner:
         self._save(state, skey, det.state_dict(), end)
 
     def _new_cusum(self, signal: str, threshold: float) -> RateCUSUM:
-        d = self.settings.detectors
-        # Latency exceedance starts near 5 %: the odds ratio alone sets its design rise.
-        floor = 0.0 if signal in ("ttft", "tpot", "latency") else d.rate_min_increase
-        return RateCUSUM(threshold=threshold, odds_ratio=d.rate_odds_ratio, min_increase=floor)
+        odds_ratio = self.settings.detectors.rate_odds_ratio
+        floor = self._min_increase(signal)
+        return RateCUSUM(threshold=threshold, odds_ratio=odds_ratio, min_increase=floor)
+
+    def _min_increase(self, signal: str) -> float:
+        """The smallest absolute rise worth a page: none for latency exceedance (it starts
+        near 5 %, the odds ratio alone sets its design rise)."""
+        return 0.0 if signal in sig.LATENCY else self.settings.detectors.rate_min_increase
 
     def _learn(self, obs: Observation) -> None:
-        d = self.settings.detectors
-        floor = 0.0 if obs.sketch is not None else d.rate_min_increase
+        odds_ratio, floor = self.settings.detectors.rate_odds_ratio, self._min_increase(obs.signal)
 
         def limit(rate: float) -> float:
             # Half-way to the rise the test is designed for: a candidate worse than that
             # is a degradation to page about, not a baseline to learn.
-            return (rate + design_rate(max(rate, 1e-9), d.rate_odds_ratio, floor)) / 2
+            return (rate + design_rate(rate, odds_ratio, floor)) / 2
 
         baseline = obs.baseline
         if isinstance(baseline, LatencyBaseline):
@@ -264,11 +266,8 @@ class DetectorRunner:
     ) -> tuple[Severity, str, dict[str, Any]]:
         """Severity, title and the baseline evidence of a judged observation."""
         assert obs.result is not None
-        # Confident: this window alone proves it (its evidence passes the threshold, or its
-        # p-value the per-window alpha, which is exp(-threshold) by the budget's split).
-        window_llr = float(obs.result.evidence.value("window_llr") or 0.0)
-        p_value = 1.0 if obs.result.p_value is None else obs.result.p_value  # None: not above
-        confident = window_llr >= obs.result.threshold or p_value < math.exp(-obs.result.threshold)
+        # Confident: this window alone would have alarmed.
+        confident = bool(obs.result.evidence.value("window_alone"))
         baseline: dict[str, Any] = {
             "rate": reference.observed,
             "tested_rate": reference.rate,

@@ -84,6 +84,8 @@ LATENCY_SIGNALS = (
     LatencySignal("tpot", "Time per output token", "tpot_ms"),
     LatencySignal("latency", "Latency", "latency_ms"),
 )
+#: The latency signals (judged as the share of requests above the baseline's quantile).
+LATENCY = frozenset(lat.signal for lat in LATENCY_SIGNALS)
 #: Signals that explain the end-to-end latency: when one fires, ``latency`` does not page.
 PRIMARY_LATENCY = frozenset({"ttft", "tpot"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
@@ -17,6 +19,22 @@ from genmon.schemas import Finding
 from genmon.settings import DestinationSettings, Settings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+#: A PagerDuty routing key of the length PagerDuty issues (32 characters).
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
+def vendor_schema(name: str) -> dict[str, Any]:
+    """A vendor's payload JSON Schema from tests/schemas/, itself checked first."""
+    schema: dict[str, Any] = json.loads((SCHEMAS / name).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+PAGERDUTY = vendor_schema("pagerduty_events_v2.schema.json")
+ALERTMANAGER = vendor_schema("alertmanager_webhook_v4.schema.json")
+SLACK = vendor_schema("slack_message.schema.json")
 
 
 class FakeClock:

@@ -19,7 +19,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from incident_support import FakeClock, migrated_engine, settings_with, sqlite_url
+from incident_support import SLACK, FakeClock, migrated_engine, settings_with, sqlite_url
 from pipeline_support import WINDOWS
 from sqlalchemy.engine import Engine
 
@@ -45,9 +45,6 @@ from genmon.streams.pipeline_core import DictStore, PipelineCore
 from genmon.streams.runner import DetectorRunner
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
-SLACK_SCHEMA = json.loads(
-    (Path(__file__).parent / "schemas" / "slack_message.schema.json").read_text()
-)
 MEDICAL_PROMPTS = [
     "Can you diagnose my chest pain?",
     "What dose of ibuprofen should I take for my back?",
@@ -450,7 +447,7 @@ def test_incident_and_pages_carry_the_clusters_redacted(
     body = json.dumps(hook.json)
     assert "jo@example.org" not in body and "[REDACTED:email]" in body
     (slack,) = [r.json for r in receiver.requests if r.path == "/slack"]
-    jsonschema.validate(slack, SLACK_SCHEMA)
+    jsonschema.validate(slack, SLACK)
     text = "\n".join(b["text"]["text"] for b in slack["blocks"] if "text" in b)
     assert "*Affected examples* (11 sampled, by cluster)" in text
     assert "• 6× " in text and "• 5× " in text and "medical advice" in text

@@ -6,12 +6,17 @@ with -m postgres, PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 from typing import Any
 
 import jsonschema
-from incident_support import FakeClock, finding, settings_with
+from incident_support import (
+    ALERTMANAGER,
+    PAGERDUTY,
+    ROUTING_KEY,
+    FakeClock,
+    finding,
+    settings_with,
+)
 from sqlalchemy.engine import Engine
 
 from genmon.schemas import Finding, Severity
@@ -20,20 +25,8 @@ from genmon.streams.incidents.dispatcher import Dispatcher
 from genmon.streams.incidents.manager import IncidentManager
 from genmon.streams.incidents.receiver import WebhookReceiver
 
-SCHEMAS = Path(__file__).parent / "schemas"
-ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"  # PagerDuty keys are 32 characters
 MODEL = "support-bot"
 REAL_TITLE = "error rate 18%, baseline 0.4%, support-bot v3, locale=de"
-
-
-def _schema(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads((SCHEMAS / name).read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return schema
-
-
-PAGERDUTY = _schema("pagerduty_events_v2.schema.json")
-ALERTMANAGER = _schema("alertmanager_webhook_v4.schema.json")
 
 
 def _settings(receiver: WebhookReceiver) -> Settings:

@@ -13,7 +13,17 @@ from typing import Any
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from incident_support import FakeClock, finding, migrated_engine, settings_with, sqlite_url
+from incident_support import (
+    ALERTMANAGER,
+    PAGERDUTY,
+    ROUTING_KEY,
+    SLACK,
+    FakeClock,
+    finding,
+    migrated_engine,
+    settings_with,
+    sqlite_url,
+)
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
@@ -32,20 +42,6 @@ from genmon.streams.incidents.dispatcher import Dispatcher
 from genmon.streams.incidents.manager import IncidentManager
 from genmon.streams.incidents.receiver import Received, WebhookReceiver
 from genmon.streams.incidents.routing import Router
-
-SCHEMAS = Path(__file__).parent / "schemas"
-ROUTING_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"  # PagerDuty keys are 32 characters
-
-
-def _schema(name: str) -> dict[str, Any]:
-    schema: dict[str, Any] = json.loads((SCHEMAS / name).read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return schema
-
-
-PAGERDUTY = _schema("pagerduty_events_v2.schema.json")
-ALERTMANAGER = _schema("alertmanager_webhook_v4.schema.json")
-SLACK = _schema("slack_message.schema.json")
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def design_rate(baseline: float, odds_ratio: float, min_increase: float) -> floa
     >>> design_rate(0.001, 2.0, 0.01)
     0.011
     """
-    baseline = min(max(baseline, _EPS), 1.0 - _EPS)
+    baseline = _clamp(baseline)
     odds = baseline / (1.0 - baseline) * odds_ratio
     return min(max(odds / (1.0 + odds), baseline + min_increase), 1.0 - _EPS)
 
@@ -129,14 +129,14 @@ class RateCUSUM(Detector):
         if not windows:
             raise InputError("RateCUSUM.update() needs at least one RateWindow")
         detected, alarms, peak, last = False, 0, 0.0, windows[-1]
-        last_llr = 0.0
+        last_llr, last_p = 0.0, None
         for window in windows:
             _check(window)
             self._n_seen += window.total
-            llr = self.llr(window)
+            llr, p = self.llr(window), self._p_value(window)
             self._sum = max(0.0, self._sum + llr)
             peak = max(peak, self._sum)
-            if not self._firing and self._shewhart(window):
+            if not self._firing and self._improbable(p):
                 self._sum = self.threshold + 1e-9  # alarms below, as a crossing would
             if self._firing:
                 # Hysteresis: the sum is held at the threshold while the problem lasts and
@@ -149,14 +149,11 @@ class RateCUSUM(Detector):
             elif self._sum > self.threshold:
                 alarms += 1
                 self._sum, self._firing, detected = self.threshold, True, True
-            last_llr = llr
-        return self._report(last, detected, alarms, peak, last_llr)
+            last_llr, last_p = llr, p
+        return self._report(last, detected, alarms, peak, last_llr, last_p)
 
-    def _shewhart(self, window: RateWindow) -> bool:
-        """The window alone is too improbable under the baseline (``window_alpha``)."""
-        if self.window_alpha <= 0:
-            return False
-        p = self._p_value(window)
+    def _improbable(self, p: float | None) -> bool:
+        """A window's p-value below ``window_alpha``: too improbable under the baseline."""
         return p is not None and p < self.window_alpha
 
     @staticmethod
@@ -171,7 +168,7 @@ class RateCUSUM(Detector):
     def llr(self, window: RateWindow) -> float:
         """The window's binomial log-likelihood ratio of the design rate against the
         baseline, scaled by :func:`evidence_scale` for the window's dispersion."""
-        p0 = min(max(window.baseline_rate, _EPS), 1.0 - _EPS)
+        p0 = _clamp(window.baseline_rate)
         p1 = design_rate(p0, self.odds_ratio, self.min_increase)
         x, n = window.events, window.total
         ratio = x * math.log(p1 / p0) + (n - x) * math.log((1.0 - p1) / (1.0 - p0))
@@ -183,17 +180,26 @@ class RateCUSUM(Detector):
         return ratio * evidence_scale(int(_up(n)), _sig(p0), _sig(p1), _up(rho))
 
     def _report(
-        self, window: RateWindow, detected: bool, alarms: int, peak: float, llr: float
+        self,
+        window: RateWindow,
+        detected: bool,
+        alarms: int,
+        peak: float,
+        llr: float,
+        p_value: float | None,
     ) -> DetectorResult:
         x, n, p0, phi = window.events, window.total, window.baseline_rate, window.dispersion
         rate = x / n if n else 0.0
-        p1 = design_rate(min(max(p0, _EPS), 1.0 - _EPS), self.odds_ratio, self.min_increase)
+        p1 = design_rate(p0, self.odds_ratio, self.min_increase)
+        # Whether this window alone would have alarmed (its own evidence passes the
+        # threshold, or its p-value the per-window alpha): what a severity is confident of.
+        alone = llr >= self.threshold or self._improbable(p_value)
         return self._result(
             score=peak,
             threshold=self.threshold,
             detected=detected,
             n_seen=self._n_seen,
-            p_value=self._p_value(window),
+            p_value=p_value,
             # Cohen's h: the arcsine distance of two proportions (0.2 small, 0.8 large).
             effect_size=2.0 * math.asin(math.sqrt(rate)) - 2.0 * math.asin(math.sqrt(p0)),
             evidence=Evidence(
@@ -206,6 +212,7 @@ class RateCUSUM(Detector):
                     ("design_rate", p1),
                     ("dispersion", max(phi, 1.0)),
                     ("window_llr", llr),
+                    ("window_alone", float(alone)),
                     ("cusum", self._sum),
                     ("alarms", float(alarms)),
                 ),
@@ -287,6 +294,11 @@ def evidence_scale(total: int, p0: float, p1: float, rho: float) -> float:
     return low
 
 
+def _clamp(rate: float) -> float:
+    """A rate kept :data:`_EPS` away from 0 and 1, where log-likelihoods stay finite."""
+    return min(max(rate, _EPS), 1.0 - _EPS)
+
+
 def _up(value: float) -> float:
     """``value`` rounded up to two significant digits."""
     if value <= 0:
@@ -306,7 +318,7 @@ def window_p_value(events: int, total: int, baseline: float, dispersion: float =
     1e-6 levels of the budget is the difference between calibrated and 9x too many."""
     if total <= 0 or events <= 0:
         return 1.0
-    p0 = min(max(baseline, _EPS), 1.0 - _EPS)
+    p0 = _clamp(baseline)
     rho = intraclass(dispersion, total)
     if rho == 0.0:
         # P(X >= x) = P(X > x - 1): the C ufunc, ~50x faster than scipy.stats' frozen sf.
