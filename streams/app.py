@@ -82,7 +82,9 @@ class WorkerContext:
     """Awaited, in order, before every offset commit (:meth:`BatchingConsumer.force_commit`):
     a component that holds back state writes flushes them here, so the offsets committed
     never run ahead of the state written. The offsets are taken right after the last hook
-    returns, with no await in between: a hook must not await after it has flushed."""
+    returns, with no await in between: a hook that awaits after it has flushed (for the
+    broker's acks) must keep batches from being handled meanwhile, as the pipeline's lock
+    does, or their acknowledged offsets would be committed ahead of their held state."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Objects an installer publishes for later installers or tests, by name."""
 
@@ -194,15 +196,19 @@ class BatchingConsumer(faust_aiokafka.Consumer):
                     continue
                 batches: dict[str, list[tuple[TP, list[Any]]]] = {}
                 others: dict[TP, list[Any]] = {}
+                set_aside: dict[TP, int] = {}
                 buffered = self._buffered_partitions
                 for tp, tp_records in records.items():
                     if active is not None and tp not in active and tp not in buffered:
+                        set_aside[tp] = tp_records[0].offset
                         continue
                     track_end_offset(tp, self.highwater(tp))
                     if tp.topic in handlers:
                         batches.setdefault(tp.topic, []).append((tp, tp_records))
                     else:
                         others[tp] = tp_records
+                if set_aside:
+                    await self._read_again(set_aside)
                 if batches and not others:
                     # Fetch the next records while these are handled: Faust's consumer
                     # thread unpacks them while the handlers run native code without the
@@ -241,6 +247,24 @@ class BatchingConsumer(faust_aiokafka.Consumer):
             if prefetched is not None:
                 prefetched.cancel()
             self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _read_again(self, firsts: Mapping[TP, int]) -> None:
+        """Seek partitions whose fetched records were set aside back to the first of them.
+
+        Faust's active set is live: a partition paused between the fetch and this loop
+        (recovery ending, a full buffer) has its records set aside, as Faust's own loop
+        does. Without this seek they would be lost until the next rebalance, and for
+        good where the group has no committed offset yet: recovery's seek to committed
+        offsets then leaves the position where the fetch left it. (A worker restarted
+        after SIGKILL, before its first commit, read nothing of the 1,200 events a test
+        had sent.) Redelivered events are skipped by the pipeline's checkpointed offsets.
+        """
+        assigned = self.assignment()
+        for tp, offset in firsts.items():
+            if tp in assigned:
+                await self.seek(tp, offset)
+                # Faust's seek marks ``offset`` itself as read; it has not been.
+                self._read_offset[tp] = offset - 1 if offset > 0 else None
 
     async def _deliver_batches(
         self,
@@ -359,8 +383,9 @@ class BatchingConsumer(faust_aiokafka.Consumer):
         """Run ``app.genmon.pre_commit_hooks``, then commit as Faust does.
 
         Every commit (periodic, every ``broker_commit_every`` acks, at shutdown, after a
-        task error) comes through here. Faust takes the acknowledged offsets and flushes
-        the producer (the hooks' changelog writes) before committing them.
+        task error) comes through here. A hook waits for its own changelog writes (see
+        :meth:`~genmon.streams.pipeline.TableStore.wait_sent`); Faust then takes the
+        acknowledged offsets and flushes the producer before committing them.
         """
         context: WorkerContext | None = getattr(self.app, "genmon", None)
         for hook in context.pre_commit_hooks if context is not None else ():

@@ -142,9 +142,29 @@ class TableStore:
     encode.
     """
 
-    def __init__(self, table: Any, *, native_json: bool = False) -> None:
+    def __init__(self, table: Any, *, native_json: bool = False, track_sends: bool = False) -> None:
         self.table = table
         self._dumps = native.dumps if native_json else None
+        #: With ``track_sends``, the changelog sends since the last :meth:`wait_sent`.
+        self._sends: list[asyncio.Future[Any]] | None = [] if track_sends else None
+
+    async def wait_sent(self) -> None:
+        """Wait until the broker has acknowledged every changelog write since the last call.
+
+        Faust's ``Producer.flush`` gives up on its buffer after 0.1 s without a send (a
+        new changelog topic's metadata, a loaded machine), and the commit that follows
+        would then pass state still in that buffer: a crash loses the state of events
+        whose offsets are committed. A failed send raises here, before any commit.
+        """
+        if not self._sends:
+            return
+        sends, self._sends = self._sends, []
+        await asyncio.gather(*sends)
+
+    def _send(self, partition: int, key: str, value: Any, **kwargs: Any) -> None:
+        sent = self.table.send_changelog(partition, key, value, **kwargs)
+        if self._sends is not None:
+            self._sends.append(sent)
 
     def get(self, key: str) -> Any | None:
         return self.table.data.get(key)
@@ -152,7 +172,7 @@ class TableStore:
     def put(self, partition: int, key: str, value: Any) -> None:
         self.table.data[key] = value
         if isinstance(value, bytes):  # JSON already: a native join segment record
-            self.table.send_changelog(partition, key, value, value_serializer="raw")
+            self._send(partition, key, value, value_serializer="raw")
             return
         if self._dumps is not None:
             try:
@@ -160,13 +180,13 @@ class TableStore:
             except (TypeError, ValueError, OverflowError):
                 pass
             else:
-                self.table.send_changelog(partition, key, encoded, value_serializer="raw")
+                self._send(partition, key, encoded, value_serializer="raw")
                 return
-        self.table.send_changelog(partition, key, value)
+        self._send(partition, key, value)
 
     def delete(self, partition: int, key: str) -> None:
         self.table.data.pop(key, None)
-        self.table.send_changelog(partition, key, None, value_serializer="raw")
+        self._send(partition, key, None, value_serializer="raw")
 
     def all_keys(self) -> Iterable[str]:
         return list(self.table.data.keys())
@@ -331,9 +351,10 @@ class Pipeline:
         )
         # Held in memory between offset commits (see flush()).
         use_native = native.available() and settings.worker.native_ingest
+        self.state_store = TableStore(self.state_table, native_json=use_native, track_sends=True)
         self.core = PipelineCore(
             settings,
-            TableStore(self.state_table, native_json=use_native),
+            self.state_store,
             buffered=True,
             native_joins=use_native,
         )
@@ -548,12 +569,14 @@ class Pipeline:
 
     # -- commits and rebalancing ---------------------------------------------------------------
     async def flush(self) -> None:
-        """Write the core's held state to the changelog: a pre-commit hook (see
-        :class:`~genmon.streams.app.WorkerContext`), so the committed offsets never pass it.
-        Under the pipeline lock, so no flush splits a batch or a window closing.
+        """Write the core's held state to the changelog and wait for the broker's acks: a
+        pre-commit hook (see :class:`~genmon.streams.app.WorkerContext`), so the committed
+        offsets never pass it. Under the pipeline lock, so no flush splits a batch or a
+        window closing, and no batch is handled (so none acknowledged) while it waits.
         """
         async with self._lock:
             self.core.flush()
+            await self.state_store.wait_sent()
 
     async def on_recovered(self) -> None:
         self.core.restore(self.owned_partitions())

@@ -238,3 +238,24 @@ def test_bulk_acknowledgement_leaves_faust_the_offsets_to_commit() -> None:
     assert consumer._acked[second] == [0, 1, 2, 3, 4, 5]
     assert consumer._n_acked == 3 + 6
     assert consumer._new_offset(first) == 10 and consumer._new_offset(second) == 6
+
+
+def test_records_of_a_partition_paused_since_the_fetch_are_read_again() -> None:
+    # Faust's active set is live: recovery's end can pause a partition between a fetch
+    # and its handling. The records are set aside and the partition sought back to the
+    # first of them, or a worker without a committed offset would never read them.
+    async def scenario() -> None:
+        consumer = _consumer()
+        paused, revoked = TP("t", 0), TP("t", 1)
+        sought: list[tuple[TP, int]] = []
+
+        async def seek(tp: TP, offset: int) -> None:
+            sought.append((tp, offset))
+
+        consumer.assignment = lambda: {paused}  # type: ignore[method-assign]
+        consumer._seek = seek  # type: ignore[method-assign]
+        await consumer._read_again({paused: 40, revoked: 7})
+        assert sought == [(paused, 40)]  # not a partition this worker no longer owns
+        assert consumer._read_offset[paused] == 39  # so the loop reads offset 40 again
+
+    asyncio.run(scenario())

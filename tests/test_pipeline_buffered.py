@@ -330,9 +330,23 @@ def test_forget_drops_a_revoked_partitions_unflushed_writes_and_live_panes() -> 
     assert of(store.data, 0) != of(flushed, 0)
 
 
+def acknowledged_sends(table: Any) -> list[asyncio.Future[None]]:
+    """Replace ``table.send_changelog`` (no broker here) by one whose futures the test
+    resolves, as the broker's acknowledgements would; returns them as they are made."""
+    sends: list[asyncio.Future[None]] = []
+
+    def send_changelog(partition: int, key: str, value: Any, **kwargs: Any) -> Any:
+        sends.append(asyncio.get_running_loop().create_future())
+        return sends[-1]
+
+    table.send_changelog = send_changelog
+    return sends
+
+
 def test_the_workers_consumer_flushes_the_pipeline_before_committing() -> None:
     app = create_app(Settings(), installers=())
     pipeline = install_pipeline(app)
+    sends = acknowledged_sends(pipeline.state_table)
     event = InferenceEvent(
         request_id="r1", model_id="m", latency_ms=5.0, started_at=datetime.now(UTC)
     )
@@ -345,7 +359,14 @@ def test_the_workers_consumer_flushes_the_pipeline_before_committing() -> None:
         assert pipeline.state_table.data == {}  # held until a commit
         # Nothing is acknowledged here, so Faust commits no offsets, but the hooks run.
         await pipeline.on_revoked(revoked)
-        await app.consumer.force_commit()
+        commit = asyncio.ensure_future(app.consumer.force_commit())
+        await asyncio.sleep(0.2)
+        # Written, but no commit before the broker has acknowledged every write: Faust's
+        # own producer flush gives up on its buffer after 0.1 s without a send.
+        assert sends and not commit.done()
+        for sent in sends:
+            sent.set_result(None)
+        await commit
 
     asyncio.run(scenario())
     partitions = {key.split(SEP)[0] for key in pipeline.state_table.data}

@@ -172,7 +172,22 @@ class Harness:
             if condition():
                 return
         logs = "\n".join(w.log.read_text()[-2000:] for w in self.workers)
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        raise AssertionError(f"timed out waiting for {what}\n{self._state()}\n{logs}")
+
+    def _state(self) -> str:
+        """What a timed-out test saw: the windows read, and each live worker's counters."""
+        seen = sorted((w["model_id"], w["kind"], w["start_ms"]) for w in self.windows)
+        lines = [f"windows read: {seen}"]
+        for n, worker in enumerate(self.workers):
+            if worker.proc is not None and worker.proc.poll() is None:
+                try:
+                    metrics = worker.stats()
+                except OSError as error:
+                    lines.append(f"worker {n}: no stats ({error})")
+                    continue
+                counters = {k: v for k, v in metrics.items() if k.startswith("genmon_pipeline")}
+                lines.append(f"worker {n}: {json.dumps(counters, sort_keys=True)}")
+        return "\n".join(lines)
 
     def window(self, model: str, kind: str, start_ms: int) -> dict[str, Any] | None:
         return next(
