@@ -92,7 +92,6 @@ from genmon.streams.codec import encode
 from genmon.streams.pipeline_core import PipelineCore
 from genmon.streams.runner import (
     DetectorRunner,
-    embedding_index_key,
     embedding_key,
     embedding_series_model,
 )
@@ -515,22 +514,16 @@ class Pipeline:
         """
         partition = partition_for(model_id, self.partitions)
         key = embedding_key(model_id, model_version, field)
-        index_key = embedding_index_key(model_id)
         async with self._embedding_lock:
-            index = self.embedding_store.get(index_key)
-            new_index, evicted = self.runner.admit_embedding_series(
-                index if index is not None else self._embedding_index(model_id),
+            index = self.runner.admit_embedding_series(
+                self.embedding_store,
+                partition,
                 model_id,
                 model_version,
                 field,
                 window_end,
+                missing_index=lambda: self._embedding_index(model_id),
             )
-            # Deleted before the index forgets them: a crash in between repeats a deletion
-            # rather than leaving a record no index lists.
-            for stale in evicted:
-                self.embedding_store.delete(partition, stale)
-            if new_index != index:
-                self.embedding_store.put(partition, index_key, new_index)
             self.metrics.sync_runner(self.runner)
             state = self.embedding_store.get(key)
             new_state, findings = await asyncio.to_thread(
@@ -541,7 +534,7 @@ class Pipeline:
                 field,
                 window_end,
                 np.asarray(array),
-                self.runner.field_series(new_index, field),
+                self.runner.field_series(index, field),
             )
             await self._publish(findings)
             if new_state != state:

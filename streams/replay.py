@@ -46,7 +46,7 @@ from genmon.schemas.events import FeedbackEvent, Finding
 from genmon.settings import DestinationSettings, Settings
 from genmon.streams.pipeline import partition_for
 from genmon.streams.pipeline_core import DictStore, PipelineCore
-from genmon.streams.runner import DetectorRunner, embedding_index_key, embedding_key
+from genmon.streams.runner import DetectorRunner, embedding_key
 
 #: The outbox destination a replay pages (nothing is delivered).
 REPLAY_DESTINATION = "replay"
@@ -345,13 +345,9 @@ class Replay:
         """:meth:`genmon.streams.pipeline.Pipeline.submit_embeddings` on dict stores."""
         store, model = self.embedding_state, first.model_id
         key = embedding_key(model, first.model_version, first.field)
-        index_key = embedding_index_key(model)
-        index, evicted = self.runner.admit_embedding_series(
-            store.get(index_key), model, first.model_version, first.field, first.window_end
+        index = self.runner.admit_embedding_series(
+            store, 0, model, first.model_version, first.field, first.window_end
         )
-        for stale in evicted:
-            store.delete(0, stale)
-        store.put(0, index_key, index)
         state, findings = self.runner.on_embeddings(
             store.get(key),
             model,

@@ -76,6 +76,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -496,29 +497,42 @@ class DetectorRunner:
 
     def admit_embedding_series(
         self,
-        index: dict[str, Any] | None,
+        store: Any,
+        partition: int,
         model_id: str,
         model_version: str,
         field: str,
         window_end: datetime,
-    ) -> tuple[dict[str, Any], list[str]]:
-        """Bound a model's embedding series before one of them takes a sample.
+        *,
+        missing_index: Callable[[], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Bound a model's embedding series in ``store`` (a
+        :class:`~genmon.streams.pipeline_core.StateStore`) before one of them takes a
+        sample; returns the model's index (its record under :func:`embedding_index_key`).
 
-        ``index`` is the model's record under :func:`embedding_index_key` (``None``: build
-        it with :meth:`embedding_index`). Returns the new index and the series keys whose
-        stored state must be deleted before the sample is applied: those not sampled for
-        ``detectors.series_ttl_s`` before ``window_end`` (the sampled series itself when it
-        is back after that: it starts fresh), then, beyond
+        Where no index is stored, ``missing_index`` builds one (from series stored before
+        indexes existed), else it starts empty. Deleted are the series not sampled for
+        ``detectors.series_ttl_s`` before ``window_end`` (the sampled series itself when
+        it is back after that: it starts fresh), then, beyond
         ``detectors.max_embedding_series_per_model``, the least recently sampled others
-        (ties by key). Only window ends decide, so a replay evicts the same series.
+        (ties by key). Only window ends decide, so a replay evicts the same series. Their
+        state is deleted before the index forgets them: a crash in between repeats a
+        deletion rather than leaving a record no index lists.
         """
+        index_key = embedding_index_key(model_id)
+        stored = store.get(index_key)
+        index = stored if stored is not None or missing_index is None else missing_index()
         key = embedding_key(model_id, model_version, field)
         new_index, expired, capped = admit(
             index, key, window_end, self.series_ttl_ms, self.max_embedding_series
         )
         self.series_evicted["ttl"] += len(expired)
         self.series_evicted["cap"] += len(capped)
-        return new_index, [*expired, *capped]
+        for stale in (*expired, *capped):
+            store.delete(partition, stale)
+        if new_index != stored:
+            store.put(partition, index_key, new_index)
+        return new_index
 
     embedding_index = staticmethod(index_of)
     field_series = staticmethod(field_series)
