@@ -18,7 +18,6 @@ from genmon.detectors._base import (
     load_state,
     register,
 )
-from genmon.detectors._threshold import ThresholdDetector
 from genmon.detectors.anomaly import (
     CUSUM,
     EmbeddingOutlierDetector,
@@ -28,6 +27,7 @@ from genmon.detectors.anomaly import (
     RateWindow,
     RobustZScore,
     SeasonalThroughputDetector,
+    ThresholdDetector,
     ThroughputDetector,
 )
 from genmon.detectors.bias import (

@@ -10,9 +10,14 @@ A detector is pure computation: no I/O, no clocks, no global state.
   :class:`DetectorResult`.
 - :meth:`Detector.state_dict` / :meth:`Detector.from_state` round-trip through
   JSON (``json.dumps`` must accept the dict) so Faust tables can hold it; no pickle.
+  Each class states its own :attr:`Detector.state_version`: bump it when that class's
+  state layout changes, and stored states of that detector alone stop loading
+  (:class:`~genmon.detectors.exceptions.StateError`; the worker starts that series
+  afresh) while every other detector's state still loads.
 
 Subclasses implement ``reset``, ``update``, ``_get_state`` and ``_set_state`` and
-declare ``name`` and ``kind``; ``@register`` puts them in :data:`REGISTRY`.
+declare ``name`` and ``kind``; ``@register`` puts them in :data:`REGISTRY`. Copy
+:mod:`genmon.detectors.anomaly.threshold` (the simplest detector) to start a new one.
 """
 
 from __future__ import annotations
@@ -30,9 +35,6 @@ from genmon.detectors.exceptions import InvalidParameterError, StateError
 
 if TYPE_CHECKING:
     import numpy as np
-
-#: Bumped when a detector's state layout changes incompatibly.
-STATE_FORMAT = 1
 
 
 class DetectorKind(StrEnum):
@@ -152,6 +154,9 @@ class Detector(abc.ABC):
 
     name: ClassVar[str]
     kind: ClassVar[DetectorKind]
+    #: Version of this class's state layout (``state_dict()["format"]``): bumped when the
+    #: layout changes incompatibly, which invalidates stored states of this detector only.
+    state_version: ClassVar[int] = 1
 
     # -- the parts a subclass writes ------------------------------------------------
     @abc.abstractmethod
@@ -197,7 +202,7 @@ class Detector(abc.ABC):
         """Everything needed to rebuild this detector, as a JSON-serialisable dict."""
         return {
             "detector": self.name,
-            "format": STATE_FORMAT,
+            "format": self.state_version,
             "params": self.get_params(),
             "state": self._get_state(),
         }
@@ -212,10 +217,10 @@ class Detector(abc.ABC):
                 f"state belongs to detector {state.get('detector')!r}, not {cls.name!r}; "
                 "use genmon.detectors.load_state() to pick the class from the state"
             )
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") != cls.state_version:
             raise StateError(
-                f"state format {state.get('format')!r} is not {STATE_FORMAT}; "
-                "re-create the detector from its parameters"
+                f"{cls.name} state has format {state.get('format')!r}, this genmon reads"
+                f" {cls.state_version}; re-create the detector from its parameters"
             )
         detector = cls(**state["params"])
         detector._set_state(state["state"])

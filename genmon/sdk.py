@@ -12,7 +12,7 @@ How it behaves:
   for the network and never raise because of the broker.
 * Invalid input (a missing ``model_id``, a latency that is not a number, ...) is a
   programming error: by default it raises :class:`genmon.exceptions.SchemaError`
-  whose ``reason`` is one of :data:`genmon.streams.codec.REASONS`.
+  whose ``reason`` is one of :data:`genmon.schemas.codec.REASONS`.
   ``Monitor(on_invalid="count")`` instead counts it in ``stats.invalid``, logs it
   (rate-limited) and returns ``False``. Prompts and responses longer than
   ``max_text_chars`` are cut to that length (``stats.truncated``), not rejected.
@@ -56,9 +56,9 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from genmon.exceptions import ConfigurationError, SchemaError
+from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings, get_settings
-from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
 
 __all__ = ["Monitor", "MonitorStats"]
 

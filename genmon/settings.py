@@ -252,7 +252,8 @@ class EmbeddingSettings(BaseModel):
 
 class DetectorSettings(BaseModel):
     """The default detectors: what a healthy model may cost in false pages, and how the
-    model's own baselines are learned (see genmon/streams/runner.py and budget.py)."""
+    model's own baselines are learned (see :mod:`genmon.detectors.calibration` and
+    :mod:`genmon.streams.detection.runner`)."""
 
     false_pages_per_week: float = Field(
         1.0,
@@ -380,7 +381,7 @@ class DetectorSettings(BaseModel):
     @classmethod
     def _slos_parse(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         # Read now, so a typo fails at start-up with what to write, not in the runner.
-        from genmon.streams.slos import parse_slo
+        from genmon.schemas.slos import parse_slo
 
         for texts in value.values():
             for text in texts:
@@ -396,7 +397,7 @@ class RunbookSettings(BaseModel):
 
 
 class IncidentSettings(BaseModel):
-    """Turning findings into incidents (see streams/incidents/manager.py)."""
+    """Turning findings into incidents (see incidents/manager.py)."""
 
     run_in_worker: bool = Field(
         True,

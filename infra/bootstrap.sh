@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 python=${PYTHON:-python3.11}
-# pip builds the native ingest module with cargo; rustup puts it in ~/.cargo/bin, which a
-# non-login shell may not have on its PATH.
+# pip builds the native ingest module (streams/native-rs/, the genmon-native distribution)
+# with cargo; rustup puts it in ~/.cargo/bin, which a non-login shell may not have on its PATH.
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
@@ -19,12 +19,13 @@ fi
 # pip is only asked again when pyproject.toml or the native module's sources (built by cargo
 # at install, see genmon.streams.native) changed since the last install.
 stamp=.venv/.genmon-pyproject.sha256
-wanted=$(cat pyproject.toml streams/native-rs/Cargo.toml streams/native-rs/Cargo.lock \
+wanted=$(cat pyproject.toml streams/native-rs/pyproject.toml streams/native-rs/Cargo.toml streams/native-rs/Cargo.lock \
   streams/native-rs/src/*.rs | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \
-  || ! .venv/bin/python -c 'import genmon.cli, genmon.streams._native' 2>/dev/null; then
+  || ! .venv/bin/python -c 'import genmon.cli, genmon_native' 2>/dev/null; then
   echo "bootstrap: installing genmon and its dev dependencies into .venv"
   .venv/bin/python -m pip install --quiet -e '.[dev]'
+  .venv/bin/python -m pip install --quiet --force-reinstall --no-deps ./streams/native-rs
   echo "$wanted" > "$stamp"
 fi
 

@@ -1,12 +1,12 @@
 """Ingest agents: validate raw inference/feedback messages, dead-letter the bad ones.
 
 Each topic is read in batches: in ``genmon worker`` the app's
-:class:`~genmon.streams.app.BatchingConsumer` hands each fetched batch (at most
+:class:`~genmon.streams.faust_consumer.BatchingConsumer` hands each fetched batch (at most
 ``settings.worker.batch_size`` messages) straight to the handler; on Faust's own consumer
 the agents below take batches (``batch_size`` within ``settings.worker.batch_within_s``)
 from their streams. Per batch:
 
-1. decodes every message with :func:`genmon.streams.codec.decode`; a message that
+1. decodes every message with :func:`genmon.schemas.codec.decode`; a message that
    fails becomes a :class:`~genmon.schemas.events.DeadLetter` (reason code, error
    text, source topic/partition/offset, original bytes) keyed by the source key.
    Inference batches go through the native decoder first (:mod:`genmon.streams.native`,
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 from genmon.exceptions import SchemaError
+from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, dead_letter, decode, encode
 from genmon.schemas.events import MAX_EVENT_BYTES, DeadLetter, FeedbackEvent, InferenceEvent
-from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ, dead_letter, decode, encode
 from genmon.streams.metrics import WorkerMetrics
 from genmon.streams.topics import INPUT_KINDS
 
@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from faust import Stream
     from faust.types import TP
 
+    import genmon_native as _native
     from genmon.settings import Settings
-    from genmon.streams import _native
     from genmon.streams.app import GenmonApp
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class _Registered(Generic[E]):
 class InferenceBatch:
     """The valid inference events of one fetched batch.
 
-    Decoded by the native fast path (``native``, a ``genmon.streams._native.Batch``,
+    Decoded by the native fast path (``native``, a ``genmon_native.Batch``,
     see :mod:`genmon.streams.native`) or by pydantic (``native`` is ``None``). A sink
     added with :meth:`IngestSinks.add_inference_batch_sink` gets this object; other sinks
     get :attr:`events`, built (with pydantic, once) only when such a sink exists.
@@ -317,10 +317,17 @@ class Ingestor:
         self.decoder: _native.Decoder | None = None
         if self.settings.worker.native_ingest:
             from genmon.streams import native
-            from genmon.streams.quality_signals import QualitySignals
+            from genmon.streams.windows.quality_signals import QualitySignals
 
             quality = QualitySignals.from_file(self.settings.windows.refusal_phrases_file)
             self.decoder = native.decoder_for(quality)
+            if self.decoder is None:
+                log.warning(
+                    "genmon-native is not installed: ingest takes the Python path (same"
+                    " results, several times the CPU per event); install it with"
+                    " `pip install 'genmon[native]'` (from a checkout: `pip install"
+                    " ./streams/native-rs`), or set GENMON_WORKER__NATIVE_INGEST=false"
+                )
 
     def validate(
         self, model: type[E], messages: Sequence[SourceMessage], *, sequences: bool = True
@@ -367,7 +374,7 @@ class Ingestor:
     ) -> tuple[InferenceBatch, list[tuple[bytes | None, DeadLetter]]]:
         """:meth:`validate` for inferences, through the native decoder when there is one.
 
-        Messages the decoder defers go through :func:`~genmon.streams.codec.decode` as in
+        Messages the decoder defers go through :func:`~genmon.schemas.codec.decode` as in
         :meth:`validate`: rejects become dead letters, valid ones join the batch in their
         canonical JSON.
         """

@@ -1,11 +1,11 @@
 """The native ingest path: inference batches decoded and aggregated in Rust.
 
-``genmon.streams._native`` (the crate in ``streams/native-rs/``, built by ``pip install``) is
+``genmon_native`` (the crate in ``streams/native-rs/``, built by ``pip install``) is
 a *fast path* beside the pydantic one, never a second definition of the schema:
 
 - :meth:`Decoder.decode` accepts only events it reads exactly as
   ``InferenceEvent.model_validate_json`` would, and defers every other message to the
-  Python validator (:func:`genmon.streams.codec.decode`), which stays the one authority on
+  Python validator (:func:`genmon.schemas.codec.decode`), which stays the one authority on
   what is valid and on the dead-letter reason. A deferred message that is valid joins the
   batch in its canonical form (``model_dump_json``), which the fast path always reads.
   What it defers: absent ``request_id`` or ``started_at`` (their defaults are generated),
@@ -13,20 +13,20 @@ a *fast path* beside the pydantic one, never a second definition of the schema:
   ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)`` or outside 1970-2200, repeated keys, and
   anything invalid.
 - :meth:`Batch.aggregate` does the per-event work of
-  :meth:`~genmon.streams.pipeline_core.PipelineCore.on_inferences` for one partition:
+  :meth:`~genmon.streams.windows.state.WindowState.on_inferences` for one partition:
   the offset filter, future and late events, the quality signals
-  (:mod:`genmon.streams.quality_signals`, the same phrase list), grouping by
+  (:mod:`genmon.streams.windows.quality_signals`, the same phrase list), grouping by
   ``(model, version, pane, attributes)``, and putting every inference into the
   partition's native :class:`JoinTable` (:func:`join_table`, the Rust twin of
-  :class:`genmon.streams.join.JoinTable`). Python then does the per-group and per-pane
-  work it did before, so both paths write the same state; ``tests/test_native.py`` runs
+  :class:`genmon.streams.windows.join.JoinTable`). Python then does the per-group and per-pane
+  work it did before, so both paths write the same state; ``tests/streams/test_native.py`` runs
   both on the same streams and compares, and drives both join tables with the same
   operations.
 
 Without the compiled module (a source checkout without a Rust toolchain) :func:`decoder_for`
 returns ``None`` and ingest takes the Python path.
 
->>> from genmon.streams.quality_signals import QualitySignals
+>>> from genmon.streams.windows.quality_signals import QualitySignals
 >>> decoder = decoder_for(QualitySignals.default())
 >>> batch = decoder.decode([b'{"request_id": "r1", "model_id": "chat", "latency_ms": 5,'
 ...                         b' "started_at": "2026-11-29T10:00:00Z"}', b'{"model_id": "chat"}'],
@@ -40,20 +40,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from genmon.schemas.events import MAX_EVENT_BYTES, InferenceEvent
-from genmon.streams.aggregates import PaneKey, WindowStats, _keep_flagged, _Summary, merge_group
-from genmon.streams.quality_signals import (
+from genmon.streams.windows.aggregates import PaneKey, merge_group
+from genmon.streams.windows.quality_signals import (
     _AMBIGUITY_ORDER,
     _LANGUAGES_OF_WORD,
     QualitySignals,
 )
+from genmon.streams.windows.stats import WindowStats, _keep_flagged, _Summary
 
 if TYPE_CHECKING:
-    from genmon.streams.segment_cap import SegmentCap
+    from genmon.streams.windows.segment_cap import SegmentCap
 
 try:
-    from genmon.streams import _native
+    import genmon_native as _native
 except ImportError:  # pragma: no cover - a checkout built without Rust
-    _native = None
+    _native = None  # type: ignore[assignment]
 
 __all__ = ["MAX_EVENT_BYTES", "available", "decoder_for", "dumps", "join_table", "pane_stats"]
 
@@ -73,15 +74,15 @@ def dumps(value: Any) -> bytes:
     b'{"a":[1,2.0,null,"x\\\\n"]}'
     """
     if _native is None:
-        raise TypeError("genmon.streams._native is not built")
+        raise TypeError("genmon_native is not built")
     return _native.dumps(value)
 
 
 def join_table(ttl_ms: int, max_text_chars: int) -> _native.JoinTable:
-    """The native :class:`genmon.streams.join.JoinTable` (the module must be built)."""
+    """The native :class:`genmon.streams.windows.join.JoinTable` (the module must be built)."""
     if _native is None:
         raise RuntimeError(
-            "genmon.streams._native is not built: reinstall genmon with a Rust toolchain"
+            "genmon_native is not built: reinstall genmon with a Rust toolchain"
             " (infra/bootstrap.sh) or set GENMON_WORKER__NATIVE_INGEST=false"
         )
     return _native.JoinTable(ttl_ms, max_text_chars)
@@ -112,7 +113,7 @@ def pane_stats(
     redact_exemplars: bool,
     segment_cap: SegmentCap,
 ) -> dict[PaneKey, WindowStats]:
-    """:func:`~genmon.streams.aggregates.aggregate_inferences` for native groups."""
+    """:func:`~genmon.streams.windows.aggregates.aggregate_inferences` for native groups."""
     out: dict[PaneKey, WindowStats] = {}
     for group in groups:
         stats = _group_stats(group, batch, quality, relative_accuracy, exemplars, redact_exemplars)

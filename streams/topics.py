@@ -4,9 +4,9 @@ They are created on the broker by ``genmon infra up`` and by ``genmon worker``
 (:meth:`genmon.infra.kafka.KafkaBroker.ensure_topics`).
 
 Every genmon topic carries raw bytes (``value_serializer='raw'``): agents decode
-with :func:`genmon.streams.codec.decode` so bad bytes become dead letters instead
+with :func:`genmon.schemas.codec.decode` so bad bytes become dead letters instead
 of crashing a Faust deserializer, and producers encode with
-:func:`genmon.streams.codec.encode`.
+:func:`genmon.schemas.codec.encode`.
 """
 
 from __future__ import annotations

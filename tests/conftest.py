@@ -20,8 +20,8 @@ import pytest
 from incident_support import migrated_engine, postgres_schema_url, sqlite_url
 from sqlalchemy.engine import Engine
 
+from genmon.incidents.receiver import WebhookReceiver
 from genmon.settings import Settings
-from genmon.streams.incidents.receiver import WebhookReceiver
 
 
 @pytest.fixture(scope="session")
@@ -151,13 +151,13 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 @pytest.fixture(params=["python", "native"])
 def join_tables(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test once with each join table (:mod:`genmon.streams.join` and its native
-    twin): the test module's ``PipelineCore`` is bound to that table."""
+    """Runs a test once with each join table (:mod:`genmon.streams.windows.join` and its native
+    twin): the test module's ``WindowState`` is bound to that table."""
     from functools import partial
 
-    from genmon.streams.pipeline_core import PipelineCore
+    from genmon.streams.windows.state import WindowState
 
     native_joins = request.param == "native"
-    core = partial(PipelineCore, native_joins=native_joins)
-    monkeypatch.setattr(request.module, "PipelineCore", core)
+    core = partial(WindowState, native_joins=native_joins)
+    monkeypatch.setattr(request.module, "WindowState", core)
     return str(request.param)

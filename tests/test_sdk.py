@@ -14,9 +14,9 @@ from kafka_support import consume
 from genmon import Monitor
 from genmon.exceptions import ConfigurationError, SchemaError
 from genmon.infra.kafka import KafkaBroker
+from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings, get_settings
-from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ
 from genmon.streams.ingest import SequenceCheck, SequenceTracker
 
 

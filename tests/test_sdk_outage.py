@@ -19,8 +19,8 @@ from kafka_support import consume
 
 from genmon import Monitor
 from genmon.infra.kafka import KafkaBroker
+from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ
 from genmon.settings import Settings
-from genmon.streams.codec import HEADER_PRODUCER, HEADER_SEQ
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

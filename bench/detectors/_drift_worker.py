@@ -52,7 +52,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        import genmon.detectors.alibi_backend  # noqa: F401 - registers the alibi classes
+        import genmon.detectors.backends.alibi  # noqa: F401 - registers the alibi classes
     from genmon.detectors import REGISTRY
 
     data = np.load(cfg["data"])

@@ -21,8 +21,8 @@ from scipy import special, stats
 
 from genmon.detectors import RateCUSUM, RateWindow
 from genmon.detectors.anomaly.rate_cusum import design_rate, intraclass
+from genmon.detectors.calibration.budget import Budget
 from genmon.settings import Settings
-from genmon.streams.budget import Budget
 
 P0 = 0.05
 REQUESTS = 300

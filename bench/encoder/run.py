@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from genmon.settings import Settings
-from genmon.streams.encoder import TextEncoder, bundled_model_path
+from genmon.streams.embedding.encoder import TextEncoder, bundled_model_path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
 LENGTHS = (16, 64, 128)
@@ -105,7 +105,7 @@ def dynamic_int8(reference: TextEncoder, workdir: Path) -> TextEncoder:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from genmon.streams.encoder import _export_fp32
+    from genmon.streams.embedding.encoder import _export_fp32
 
     fp32, int8 = workdir / "fp32.onnx", workdir / "dynamic-int8.onnx"
     _export_fp32(bundled_model_path(), fp32)

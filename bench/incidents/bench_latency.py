@@ -38,12 +38,12 @@ from pathlib import Path
 import yaml
 
 from genmon import db
+from genmon.incidents.dispatcher import Dispatcher
+from genmon.incidents.manager import IncidentManager
+from genmon.incidents.receiver import WebhookReceiver
 from genmon.schemas import Finding
+from genmon.schemas.codec import encode
 from genmon.settings import DestinationSettings, Settings
-from genmon.streams.codec import encode
-from genmon.streams.incidents.dispatcher import Dispatcher
-from genmon.streams.incidents.manager import IncidentManager
-from genmon.streams.incidents.receiver import WebhookReceiver
 
 SECRET = "bench-secret"
 

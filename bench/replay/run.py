@@ -12,7 +12,7 @@ One command, three tables (results in BENCHMARKS.md):
    (the three production traces, 5 req/s each, 1 KB texts, 20 % feedback, 9 apps).
 2. **False pages on healthy real traffic**: block-bootstrapped Azure (code, conversation)
    and Mooncake traces, six hours per model and seed, default settings (embeddings off
-   here: they are judged in ``tests/test_replay.py``), in pages per model-week with a
+   here: they are judged in ``tests/replay/test_replay.py``), in pages per model-week with a
    95 % upper bound.
 3. **Detection delay** of each injected change, per trace, in seconds of traffic from the
    change to the first page, with its signal, segment and severity.
@@ -31,8 +31,8 @@ from typing import Any
 from scipy import stats
 
 from bench.replay import traffic
+from genmon.replay.engine import Replay, ReplayReport
 from genmon.settings import Settings
-from genmon.streams.replay import Replay, ReplayReport
 
 START = datetime(2026, 1, 5, tzinfo=UTC)
 TRACES = ("azure_code", "azure_conv", "mooncake")

@@ -7,6 +7,7 @@ from genmon.detectors.anomaly.page_hinkley import PageHinkley
 from genmon.detectors.anomaly.rate_cusum import RateCUSUM, RateWindow
 from genmon.detectors.anomaly.robust_zscore import RobustZScore
 from genmon.detectors.anomaly.seasonal import SeasonalThroughputDetector
+from genmon.detectors.anomaly.threshold import ThresholdDetector
 from genmon.detectors.anomaly.throughput import ThroughputDetector
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "RateWindow",
     "RobustZScore",
     "SeasonalThroughputDetector",
+    "ThresholdDetector",
     "ThroughputDetector",
 ]

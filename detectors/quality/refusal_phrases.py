@@ -1,7 +1,7 @@
 """The one definition of a refusal: a phrase list per language and the matcher for it.
 
 genmon's list is ``refusal_phrases.yaml`` beside this module (package data, read once on
-first use). The windowed aggregates (``genmon.streams.quality_signals``) and
+first use). The windowed aggregates (``genmon.streams.windows.quality_signals``) and
 :class:`~genmon.detectors.quality.refusal.RefusalRateDetector` both match with it, so the
 ``refusal`` counts of a window and the detector's rate mean the same thing.
 

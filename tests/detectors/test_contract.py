@@ -21,7 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import genmon.detectors
-from genmon.detectors import REGISTRY, ContractExample, Detector, InvalidParameterError, load_state
+from genmon.detectors import (
+    REGISTRY,
+    ContractExample,
+    Detector,
+    InvalidParameterError,
+    StateError,
+    load_state,
+)
 
 
 def _import_all() -> list[ModuleType]:
@@ -77,6 +84,22 @@ def test_state_round_trip_mid_stream_gives_identical_future(cls: type[Detector])
     assert [ex.detector.update(b).to_dict() for b in batches] == [
         restored.update(b).to_dict() for b in batches
     ]
+
+
+def test_a_state_version_bump_invalidates_only_that_detectors_state(
+    cls: type[Detector], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ex = _example(cls)
+    _feed(ex.detector, ex.stream, np.random.default_rng(3), [ex.warmup + 3])
+    stored = json.loads(json.dumps(ex.detector.state_dict()))
+    other = REGISTRY["ks_drift" if cls.name == "threshold" else "threshold"]
+    other_stored = _example(other).detector.state_dict()
+
+    monkeypatch.setattr(cls, "state_version", cls.state_version + 1)
+    with pytest.raises(StateError, match=f"{cls.name} state has format"):
+        load_state(stored)
+    assert type(load_state(other_stored)) is other  # untouched by the bump
+    assert load_state(ex.detector.state_dict()).state_dict()["format"] == cls.state_version
 
 
 def test_reset_equals_a_fresh_instance(cls: type[Detector]) -> None:

@@ -12,7 +12,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from genmon.detectors.alibi_backend import AlibiKSDrift, AlibiMMDDriftOnline
+from genmon.detectors.backends.alibi import AlibiKSDrift, AlibiMMDDriftOnline
 from genmon.exceptions import ConfigurationError
 
 HAS_ALIBI = importlib.util.find_spec("alibi_detect") is not None

@@ -1,7 +1,7 @@
 //! `JoinTable`: one partition's feedback-join entries, without a Python object per entry.
 //!
-//! The same table as `genmon.streams.join.JoinTable` (the reference, whose docstring
-//! states the semantics); `tests/test_native.py` drives both with the same operations and
+//! The same table as `genmon.streams.windows.join.JoinTable` (the reference, whose docstring
+//! states the semantics); `tests/streams/test_native.py` drives both with the same operations and
 //! compares what they return and write. Every inference costs a handful of allocations:
 //! its join key (shared by the indexes) and its record, kept as the JSON the segment
 //! records hold. Feedback records, which are few, are kept as the caller's dict plus its
@@ -22,7 +22,7 @@ const SEP: char = '\u{1f}';
 
 type Key = Arc<str>;
 
-/// An inference as an entry keeps it (`genmon.streams.join.inference_record`): its JSON,
+/// An inference as an entry keeps it (`genmon.streams.windows.join.inference_record`): its JSON,
 /// and the characters of prompt and response (the record size estimate counts them).
 pub struct Inf {
     json: Box<[u8]>,
@@ -162,7 +162,7 @@ impl Joined {
     }
 }
 
-#[pyclass(module = "genmon.streams._native")]
+#[pyclass(module = "genmon_native")]
 pub struct JoinTable {
     #[pyo3(get)]
     ttl_ms: i64,

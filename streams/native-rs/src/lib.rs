@@ -1,14 +1,14 @@
-//! genmon's native ingest path (the Python module `genmon.streams._native`).
+//! genmon's native ingest path (the Python module `genmon_native`).
 //!
 //! A *fast path* beside the pydantic one, never instead of it: [`Decoder::decode`] accepts
 //! only inference events whose JSON it can read exactly as `InferenceEvent.model_validate_json`
 //! would, and *defers* every other message (missing defaults, exotic types or timestamps,
 //! anything invalid) to the Python validator, which stays the one authority on what is valid
 //! and why not. [`Batch::aggregate`] then does the per-event work of
-//! `PipelineCore.on_inferences` (offset filter, skew and lateness, quality signals, grouping,
+//! `WindowState.on_inferences` (offset filter, skew and lateness, quality signals, grouping,
 //! the feedback join in a [`JoinTable`]) without the GIL and hands Python a few groups per
 //! batch. The module docstring of `genmon.streams.native` states the contract;
-//! `tests/test_native.py` checks it against the Python path.
+//! `tests/streams/test_native.py` checks it against the Python path.
 
 mod event;
 mod join;
@@ -31,7 +31,7 @@ use join::{Inf, JoinTable, Joined};
 use quality::Quality;
 
 /// Decodes inference batches; holds the quality-signal configuration.
-#[pyclass(module = "genmon.streams._native", frozen)]
+#[pyclass(module = "genmon_native", frozen)]
 struct Decoder {
     quality: Quality,
 }
@@ -173,7 +173,7 @@ struct Slices(Vec<Option<(*const u8, usize)>>);
 unsafe impl Send for Slices {}
 
 /// Decoded events of one fetched batch (any number of partitions).
-#[pyclass(module = "genmon.streams._native")]
+#[pyclass(module = "genmon_native")]
 struct Batch {
     events: Vec<Event>,
     /// The bytes of every decoded value, accepted or not, by input index.
@@ -324,7 +324,7 @@ impl Group {
     }
 }
 
-/// Python's `genmon.streams.aggregates.tpot_ms`, the same float expression (so both paths
+/// Python's `genmon.streams.windows.stats.tpot_ms`, the same float expression (so both paths
 /// add bit-identical values): `(latency - ttft) / (tokens - 1)` for a non-error event with a
 /// time to first token no later than its latency and at least two completion tokens.
 fn tpot_ms(event: &Event, error: bool) -> Option<f64> {
@@ -374,7 +374,7 @@ impl Batch {
         out
     }
 
-    /// The per-event work of `PipelineCore.on_inferences` for one partition's events.
+    /// The per-event work of `WindowState.on_inferences` for one partition's events.
     ///
     /// Returns a dict: `fresh`, `skipped`, `skew`, `late` (counts), `max_offset`,
     /// `newest` (model -> latest event time of non-future events), `groups` (see
@@ -757,7 +757,7 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 }
 
 #[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn genmon_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Decoder>()?;
     m.add_class::<Batch>()?;
     m.add_class::<JoinTable>()?;

@@ -1,4 +1,4 @@
-//! `genmon.streams.quality_signals` for one response, character for character.
+//! `genmon.streams.windows.quality_signals` for one response, character for character.
 
 use std::collections::HashMap;
 

@@ -1,0 +1,188 @@
+"""What the detector runner judges in a closed window: one observation per default series.
+
+An :class:`Observation` is one series' count in one window (see
+:mod:`~genmon.detectors.calibration.signals` for what each signal counts) with the model's
+baseline it is judged against. :func:`observe` lists a window's observations;
+:func:`one_cause` keeps the less specific of two findings of one cause from paging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from genmon.detectors import DetectorResult
+from genmon.detectors.calibration import signals as sig
+from genmon.detectors.calibration.baselines import LatencyBaseline, RateBaseline
+from genmon.detectors.sketch import QuantileSketch
+from genmon.schemas.events import FindingKind
+from genmon.settings import Settings
+from genmon.streams.windows.segment_cap import is_overflow
+
+ALL = sig.ALL
+
+
+@dataclass
+class Observation:
+    """One series' count in one window, before and after it is judged."""
+
+    signal: str
+    kind: FindingKind
+    version: str
+    segment: str
+    events: int
+    total: int
+    series: dict[str, Any]
+    baseline: RateBaseline | LatencyBaseline
+    sketch: QuantileSketch | None = None
+    label: str = ""
+    result: DetectorResult | None = None
+    healthy: bool = True
+
+
+class ModelBaselines:
+    """A model's baselines in its state (``state["baselines"]``), by signal and segment."""
+
+    def __init__(self, stored: dict[str, Any], settings: Settings) -> None:
+        self.stored = stored
+        d = settings.detectors
+        self.warmup, self.refresh = d.baseline_warmup_windows, d.baseline_refresh_windows
+        self.quantile = d.latency_quantile
+
+    def rate(self, signal: str, segment: str) -> RateBaseline:
+        return RateBaseline(self.stored.get(key(signal, segment)), self.warmup, self.refresh)
+
+    def latency(self, signal: str) -> LatencyBaseline:
+        stored = self.stored.get(key(signal, ALL))
+        return LatencyBaseline(stored, self.warmup, self.refresh, self.quantile)
+
+    def save(self, obs: Observation, end_ms: int) -> None:
+        self.stored[key(obs.signal, obs.segment)] = {**obs.baseline.to_state(), "seen_ms": end_ms}
+
+    def expire(self, now_ms: int, ttl_ms: int) -> None:
+        """Drop segment baselines not judged for ``ttl_ms`` (the model's own stay)."""
+        for stale in [
+            k
+            for k, b in self.stored.items()
+            if not k.endswith(f"\x1f{ALL}") and now_ms - b["seen_ms"] > ttl_ms
+        ]:
+            del self.stored[stale]
+
+
+def key(signal: str, segment: str) -> str:
+    """Key of a baseline in a model's state."""
+    return f"{signal}\x1f{segment}"
+
+
+def observe(
+    window: dict[str, Any], baselines: ModelBaselines, min_requests: int, min_feedback: int
+) -> list[Observation]:
+    """Every default series of a window with enough traffic to be judged: each version's
+    rates and latencies (from ``min_requests`` requests), and the negative feedback of each
+    version and segment (from ``min_feedback`` scored items), but not a segment holding all
+    of its version's feedback (no second test of the same counts) nor an overflow series."""
+    out: list[Observation] = []
+    overall = {
+        s["model_version"]: sig.FEEDBACK.counts(s) for s in window["series"] if s["segment"] == ALL
+    }
+    for series in sorted(window["series"], key=lambda s: (s["model_version"], s["segment"])):
+        version, segment = series["model_version"], series["segment"]
+        if segment == ALL and series["requests"] >= min_requests:
+            out += _version(series, version, baselines, min_requests)
+        if segment != ALL and is_overflow(segment):
+            continue
+        negative, scored = sig.FEEDBACK.counts(series)
+        if segment != ALL and (negative, scored) == overall.get(version):
+            continue
+        if scored >= min_feedback:
+            kind = FindingKind.QUALITY if segment == ALL else FindingKind.BIAS
+            baseline = baselines.rate(sig.FEEDBACK.signal, segment)
+            out.append(
+                Observation(
+                    sig.FEEDBACK.signal,
+                    kind,
+                    version,
+                    segment,
+                    negative,
+                    scored,
+                    series,
+                    baseline,
+                    label=sig.FEEDBACK.label,
+                )
+            )
+    return out
+
+
+def _version(
+    series: dict[str, Any], version: str, baselines: ModelBaselines, min_requests: int
+) -> list[Observation]:
+    out: list[Observation] = []
+    sketches = series.get("sketches", {})
+    ttft_reported = series.get("ttft_ms", {}).get("n", 0) * 2 >= series["requests"]
+    for lat in sig.LATENCY_SIGNALS:
+        if lat.sketch not in sketches:
+            continue
+        if lat.signal == "latency" and ttft_reported:
+            # End-to-end latency grows with the answer's length, which is the users' doing:
+            # with TTFT and TPOT reported it explains nothing they do not.
+            continue
+        sketch = QuantileSketch.from_state(sketches[lat.sketch])
+        if sketch.count < min_requests:
+            continue
+        baseline = baselines.latency(lat.signal)
+        events, total = baseline.above(sketch) if baseline.ready else (0, sketch.count)
+        out.append(
+            Observation(
+                lat.signal,
+                lat.kind,
+                version,
+                ALL,
+                events,
+                total,
+                series,
+                baseline,
+                sketch=sketch,
+                label=lat.label,
+            )
+        )
+    for rate in sig.RATE_SIGNALS:
+        events, total = rate.counts(series)
+        if total > 0:
+            baseline = baselines.rate(rate.signal, ALL)
+            out.append(
+                Observation(
+                    rate.signal,
+                    rate.kind,
+                    version,
+                    ALL,
+                    events,
+                    total,
+                    series,
+                    baseline,
+                    label=rate.label,
+                )
+            )
+    return out
+
+
+def one_cause(observations: Sequence[Observation]) -> None:
+    """The more specific finding explains the less specific one, which does not page too:
+    end-to-end latency when TTFT or TPOT fires for the version, and the version's negative
+    feedback when one of its segments' fires."""
+
+    def firing(obs: Observation) -> bool:
+        return obs.result is not None and obs.result.detected
+
+    latency = {o.version for o in observations if o.signal in sig.PRIMARY_LATENCY and firing(o)}
+    feedback = {
+        o.version
+        for o in observations
+        if o.signal == sig.FEEDBACK.signal and o.segment != ALL and firing(o)
+    }
+    for obs in observations:
+        explained = (obs.signal == "latency" and obs.version in latency) or (
+            obs.signal == sig.FEEDBACK.signal and obs.segment == ALL and obs.version in feedback
+        )
+        if explained and obs.result is not None:
+            obs.result = replace(obs.result, detected=False)

@@ -1,0 +1,346 @@
+"""Destination payloads, validated against JSON Schemas written from the vendors' docs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+from incident_support import (
+    ALERTMANAGER,
+    PAGERDUTY,
+    ROUTING_KEY,
+    SLACK,
+    FakeClock,
+    finding,
+    migrated_engine,
+    settings_with,
+    sqlite_url,
+)
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from genmon.cli import main
+from genmon.db import session_scope
+from genmon.incidents.dispatcher import Dispatcher
+from genmon.incidents.manager import IncidentManager
+from genmon.incidents.receiver import Received, WebhookReceiver
+from genmon.incidents.routing import Router
+from genmon.schemas.events import utcnow
+from genmon.schemas.incidents import Incident, Silence
+from genmon.settings import (
+    DestinationSettings,
+    RouteSettings,
+    RunbookSettings,
+    Settings,
+    get_settings,
+)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = migrated_engine(sqlite_url(tmp_path))
+    yield engine
+    engine.dispose()
+
+
+def _destination_configs(receiver: WebhookReceiver) -> list[dict[str, str]]:
+    base = f"http://{receiver.host}:{receiver.port}"
+    return [
+        {"name": "pd", "type": "pagerduty", "url": f"{base}/pd", "routing_key": ROUTING_KEY},
+        {"name": "am", "type": "alertmanager", "url": f"{base}/am"},
+        {"name": "slack", "type": "slack", "url": f"{base}/slack"},
+        {"name": "hook", "type": "webhook", "url": f"{base}/hook"},
+    ]
+
+
+def _destinations(receiver: WebhookReceiver) -> list[DestinationSettings]:
+    return [DestinationSettings.model_validate(c) for c in _destination_configs(receiver)]
+
+
+def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
+    route = RouteSettings.model_validate(
+        {
+            "destinations": ["pd", "am", "slack", "hook"],
+            "runbook": {"url": "https://runbooks.example/route", "remediation": ["page ML"]},
+        }
+    )
+    return settings_with(
+        *_destinations(receiver),
+        incidents={
+            "auto_resolve_quiet_windows": 2,
+            "runbooks": {
+                "anomaly": RunbookSettings(
+                    url="https://runbooks.example/anomaly", remediation=["check the deploy log"]
+                )
+            },
+            **incidents,
+        },
+        notify={"routes": [route]},
+    )
+
+
+def _deliver(engine: Engine, settings: Settings, clock: FakeClock | None = None) -> None:
+    dispatcher = Dispatcher(engine, settings, clock=clock or utcnow)
+    report = asyncio.run(dispatcher.drain(timeout_s=10))
+    assert report.dead == 0 and report.retried == 0
+
+
+def _by_path(receiver: WebhookReceiver, path: str) -> list[Received]:
+    return [r for r in receiver.requests if r.path == f"/{path}"]
+
+
+def test_auto_resolve_sends_pagerduty_resolve_with_the_same_dedup_key(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = manager.process(finding(0, score=5.0)).incident_id
+    manager.process(finding(1, detected=False))
+    manager.process(finding(2, detected=False))
+    _deliver(engine, settings, clock)
+
+    events = [r.json for r in _by_path(receiver, "pd")]
+    for event in events:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [e["event_action"] for e in events] == ["trigger", "resolve"]
+    assert {e["dedup_key"] for e in events} == {incident_id}
+    trigger = events[0]
+    assert trigger["payload"]["severity"] == "critical"
+    assert trigger["payload"]["custom_details"]["idempotency_key"]
+    assert {link["href"] for link in trigger["links"]} == {
+        "https://runbooks.example/anomaly",
+        "https://runbooks.example/route",
+    }
+    keys = [r.idempotency_key for r in _by_path(receiver, "pd")]
+    assert len(set(keys)) == 2 and None not in keys
+
+
+def test_pagerduty_acknowledge_validates(engine: Engine, receiver: WebhookReceiver) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0)).incident_id)
+    manager.acknowledge(incident_id, actor="alice")
+    _deliver(engine, settings, clock)
+    events = [r.json for r in _by_path(receiver, "pd")]
+    for event in events:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [e["event_action"] for e in events] == ["trigger", "acknowledge"]
+
+
+def test_alertmanager_payloads_validate_firing_then_resolved(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0, segment="locale=de")).incident_id)
+    clock.advance(300)
+    manager.resolve(incident_id, actor="alice")
+    _deliver(engine, settings, clock)
+    firing, resolved = (r.json for r in _by_path(receiver, "am"))
+    for payload in (firing, resolved):
+        jsonschema.validate(payload, ALERTMANAGER)
+    assert (firing["status"], resolved["status"]) == ("firing", "resolved")
+    assert firing["alerts"][0]["endsAt"] == "0001-01-01T00:00:00Z"
+    assert resolved["alerts"][0]["endsAt"] > firing["alerts"][0]["startsAt"]
+    assert firing["groupKey"] == resolved["groupKey"]
+    assert firing["alerts"][0]["fingerprint"] == resolved["alerts"][0]["fingerprint"]
+    labels = firing["alerts"][0]["labels"]
+    assert labels["model"] == "chat" and labels["segment"] == "locale=de"
+    annotations = firing["alerts"][0]["annotations"]
+    assert annotations["runbook_url"] == "https://runbooks.example/anomaly"
+    assert annotations["idempotency_key"] == _by_path(receiver, "am")[0].idempotency_key
+
+
+def test_cli_acknowledge_and_resolve_reach_every_destination(
+    engine: Engine, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `genmon incidents ack|resolve` runs with settings of its own, here without any
+    # destination: acknowledgements and resolves go where the page went.
+    monkeypatch.setenv("GENMON_INCIDENTS__PUBLISH_EVENTS", "false")  # tested in test_incident_topic
+    get_settings.cache_clear()
+    settings = _settings(receiver)
+    try:
+        assert get_settings().notify.destinations == []
+        url = engine.url.render_as_string(hide_password=False)
+        incident_id = str(IncidentManager(engine, settings).process(finding(0)).incident_id)
+        for command in ("ack", "resolve"):
+            result = CliRunner().invoke(
+                main, ["incidents", command, incident_id, "--by", "alice", "--url", url]
+            )
+            assert result.exit_code == 0, result.output
+    finally:
+        get_settings.cache_clear()
+    _deliver(engine, settings)
+
+    pagerduty = [r.json for r in _by_path(receiver, "pd")]
+    for event in pagerduty:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [(e["event_action"], e["dedup_key"]) for e in pagerduty] == [
+        ("trigger", incident_id),
+        ("acknowledge", incident_id),
+        ("resolve", incident_id),
+    ]
+    alertmanager = [r.json for r in _by_path(receiver, "am")]
+    for payload in alertmanager:
+        jsonschema.validate(payload, ALERTMANAGER)
+    assert [p["status"] for p in alertmanager] == ["firing", "firing", "resolved"]
+    assert [p["commonAnnotations"]["event"] for p in alertmanager] == [
+        "trigger",
+        "acknowledge",
+        "resolve",
+    ]
+    slack = [r.json for r in _by_path(receiver, "slack")]
+    for message in slack:
+        jsonschema.validate(message, SLACK)
+    assert [re.findall(r"\[(\w+)\]", m["text"])[0] for m in slack] == [
+        "TRIGGER",
+        "ACKNOWLEDGE",
+        "RESOLVED",
+    ]
+    hook = [r.json for r in _by_path(receiver, "hook")]
+    assert [(h["event"], h["incident"]["status"]) for h in hook] == [
+        ("trigger", "open"),
+        ("acknowledge", "acknowledged"),
+        ("resolve", "resolved"),
+    ]
+    assert "alice" in hook[1]["reason"] and "alice" in hook[2]["reason"]
+    assert {"https://runbooks.example/route"} <= {r["url"] for r in hook[2]["runbooks"]}
+
+
+def test_a_reopen_pages_again_under_the_same_dedup_key(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver, reopen_cooldown_s=600)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0)).incident_id)
+    clock.advance(60)
+    manager.resolve(incident_id, actor="alice")
+    clock.advance(120)
+    assert manager.process(finding(1)).action == "reopened"
+    _deliver(engine, settings, clock)
+
+    # PagerDuty never reopens a resolved incident: a trigger under the same dedup key
+    # opens a new one, which is what a recurrence should do.
+    pagerduty = [r.json for r in _by_path(receiver, "pd")]
+    for event in pagerduty:
+        jsonschema.validate(event, PAGERDUTY)
+    assert [(e["event_action"], e["dedup_key"]) for e in pagerduty] == [
+        ("trigger", incident_id),
+        ("resolve", incident_id),
+        ("trigger", incident_id),
+    ]
+    assert pagerduty[2]["payload"]["custom_details"]["incident"]["reopen_count"] == 1
+    # Alertmanager receivers see the same alert fire again, from when it reopened.
+    firing, resolved, refiring = (r.json for r in _by_path(receiver, "am"))
+    assert [p["status"] for p in (firing, resolved, refiring)] == ["firing", "resolved", "firing"]
+    assert firing["groupKey"] == resolved["groupKey"] == refiring["groupKey"]
+    assert refiring["alerts"][0]["fingerprint"] == firing["alerts"][0]["fingerprint"]
+    assert refiring["alerts"][0]["startsAt"] > resolved["alerts"][0]["endsAt"]
+    assert refiring["alerts"][0]["endsAt"] == "0001-01-01T00:00:00Z"
+    hook = [r.json for r in _by_path(receiver, "hook")]
+    assert [h["event"] for h in hook] == ["trigger", "resolve", "trigger"]
+    assert hook[2]["reason"].startswith("reopened")
+    assert len({r.idempotency_key for r in receiver.requests}) == len(receiver.requests)
+
+
+def test_slack_and_webhook_carry_the_runbooks(engine: Engine, receiver: WebhookReceiver) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    IncidentManager(engine, settings, clock=clock).process(finding(0))
+    _deliver(engine, settings, clock)
+    (slack,) = (r.json for r in _by_path(receiver, "slack"))
+    jsonschema.validate(slack, SLACK)
+    text = json.dumps(slack)
+    assert "https://runbooks.example/anomaly" in text and "check the deploy log" in text
+    assert "page ML" in text
+    (hook,) = _by_path(receiver, "hook")
+    body = hook.json
+    assert body["schema"] == "genmon.notification/v1"
+    assert body["idempotency_key"] == hook.idempotency_key
+    assert [r["url"] for r in body["runbooks"]] == [
+        "https://runbooks.example/anomaly",
+        "https://runbooks.example/route",
+    ]
+    assert body["incident"]["chart"][0]["score"] == 2.0
+
+
+def test_silence_suppresses_pages_but_keeps_the_incident(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    clock = FakeClock()
+    settings = _settings(receiver)
+    with session_scope(engine) as session:
+        session.add(
+            Silence(
+                matchers=['model=~"ch.*"', "kind!=drift"],
+                starts_at=clock.now,
+                ends_at=clock.now + timedelta(hours=1),
+                created_by="alice",
+                comment="maintenance",
+            )
+        )
+    manager = IncidentManager(engine, settings, clock=clock)
+    manager.process(finding(0))
+    manager.process(finding(1, detected=False))
+    manager.process(finding(2, detected=False))
+    _deliver(engine, settings, clock)
+    assert receiver.requests == []
+    with Session(engine) as session:
+        (incident,) = session.exec(select(Incident)).all()
+    assert incident.finding_count == 1 and incident.resolved_at is not None
+
+
+def test_routes_by_severity_and_model() -> None:
+    destinations = [
+        DestinationSettings.model_validate(d)
+        for d in (
+            {"name": "pd", "type": "pagerduty", "url": "http://x/pd", "routing_key": "k" * 32},
+            {"name": "team", "url": "http://x/team"},
+            {"name": "all", "url": "http://x/all"},
+        )
+    ]
+    routes = [
+        RouteSettings.model_validate(r)
+        for r in (
+            {"destinations": ["pd"], "matchers": ['severity=~"error|critical"'], "continue": True},
+            {"destinations": ["team"], "matchers": ["model=search"]},
+            {"destinations": ["all"]},
+        )
+    ]
+    router = Router(settings_with(*destinations, notify={"routes": routes}).notify)
+
+    def names(**labels: str) -> list[str]:
+        return [target.destination for target in router.route(labels)]
+
+    assert names(severity="critical", model="search") == ["pd", "team"]
+    assert names(severity="warning", model="search") == ["team"]
+    assert names(severity="warning", model="chat") == ["all"]
+
+
+def test_destinations_and_routes_load_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "destinations.yaml"
+    path.write_text(
+        "destinations:\n"
+        "  - {name: pd, type: pagerduty, url: 'https://events.pagerduty.com/v2/enqueue',"
+        " routing_key: SECRETKEY}\n"
+        "routes:\n"
+        "  - {destinations: [pd], matchers: ['kind=drift'], continue: false}\n"
+    )
+    settings = settings_with(notify={"destinations_file": path})
+    router = Router(settings.notify)
+    assert list(router.destinations) == ["pd"]
+    assert [t.destination for t in router.route({"kind": "drift"})] == ["pd"]
+    assert router.route({"kind": "bias"}) == []
+    assert "SECRETKEY" not in repr(router.destinations)
