@@ -465,7 +465,11 @@ class DestinationSettings(BaseModel):
     name: str = Field(description="unique name used by routes and shown in the outbox")
     type: Literal["webhook", "slack", "pagerduty", "alertmanager"] = "webhook"
     url: SecretStr = Field(description="endpoint; a secret because URLs often carry tokens")
-    secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of a webhook")
+    secret: SecretStr | None = Field(
+        None,
+        description="key that signs a webhook's deliveries (Standard Webhooks; whsec_<base64> or"
+        " any string)",
+    )
     routing_key: SecretStr | None = Field(None, description="PagerDuty Events API v2 key")
     rate_per_s: float = Field(5.0, gt=0, description="most deliveries per second")
     burst: int = Field(10, ge=1, description="deliveries allowed at once before rate limiting")

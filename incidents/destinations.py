@@ -1,9 +1,9 @@
 """Render one queued notification into the HTTP request a destination expects.
 
-- ``webhook``: genmon's JSON (``schema: genmon.notification/v1``), signed with
-  HMAC-SHA256 over ``timestamp + "." + body`` when the destination has a ``secret``
-  (headers ``X-Genmon-Timestamp`` and ``X-Genmon-Signature: v1=<hex>``, see
-  :mod:`genmon.incidents.signing`);
+- ``webhook``: genmon's JSON (``schema: genmon.notification/v1``), signed when the
+  destination has a ``secret`` as Standard Webhooks specifies: HMAC-SHA256 over
+  ``id + "." + timestamp + "." + body`` in ``webhook-signature``, beside ``webhook-id``
+  (the idempotency key) and ``webhook-timestamp`` (see :mod:`genmon.incidents.signing`);
 - ``slack``: an incoming-webhook message with ``text`` and ``blocks``;
 - ``pagerduty``: an Events API v2 event (``dedup_key`` = incident id, so trigger,
   acknowledge and resolve act on the same PagerDuty incident);
@@ -136,7 +136,9 @@ class WebhookDestination(Destination):
     def render(self, message: Message) -> Request:
         request = super().render(message)
         if self.settings.secret is not None:
-            request.headers.update(signed_headers(self.settings.secret, request.body))
+            request.headers.update(
+                signed_headers(self.settings.secret, message.idempotency_key, request.body)
+            )
         return request
 
 

@@ -1,4 +1,5 @@
-"""A reference webhook receiver: verifies genmon's signature and drops duplicate deliveries.
+"""A reference webhook receiver: verifies genmon's signature and drops resent deliveries
+by their signed id (``webhook-id``).
 
 Useful as a template for your own endpoint, and used by genmon's tests and benchmark as
 a real HTTP server on loopback. It runs a ``ThreadingHTTPServer`` in a background thread,
@@ -8,12 +9,13 @@ so it can be stopped and started again on the same port to play an outage.
 >>> import httpx
 >>> with WebhookReceiver(secret="s3cret") as receiver:
 ...     body = b'{"event": "trigger"}'
-...     headers = {**signed_headers("s3cret", body), "Idempotency-Key": "k1"}
+...     headers = signed_headers("s3cret", "k1", body)
 ...     first = httpx.post(receiver.url, content=body, headers=headers).status_code
 ...     again = httpx.post(receiver.url, content=body, headers=headers).status_code
 ...     forged = httpx.post(receiver.url, content=body + b" ", headers=headers).status_code
->>> (first, again, forged, list(receiver.unique))
-(200, 200, 401, ['k1'])
+...     replayed = httpx.post(receiver.url, content=body, headers={**headers, "webhook-id": "k2"})
+>>> (first, again, forged, replayed.status_code, list(receiver.unique), receiver.duplicates)
+(200, 200, 401, 401, ['k1'], 1)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from genmon.incidents.destinations import IDEMPOTENCY_HEADER
-from genmon.incidents.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from genmon.incidents.signing import ID_HEADER, verify_signature
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Received:
 
     @property
     def idempotency_key(self) -> str | None:
-        return self.headers.get(IDEMPOTENCY_HEADER.lower())
+        """The delivery's id: the signed ``webhook-id``, else ``Idempotency-Key``."""
+        return self.headers.get(ID_HEADER) or self.headers.get(IDEMPOTENCY_HEADER.lower())
 
 
 class WebhookReceiver:
@@ -51,7 +54,8 @@ class WebhookReceiver:
 
     ``script`` holds ``(status, headers)`` answers given before the normal 200, e.g.
     ``[(429, {"Retry-After": "1"})]``. ``unique`` keeps the first accepted delivery of
-    each idempotency key, in arrival order; ``duplicates`` counts the others.
+    each delivery id (the signed ``webhook-id``, else ``Idempotency-Key``), in arrival
+    order; ``duplicates`` counts the others.
     """
 
     def __init__(
@@ -131,11 +135,7 @@ class WebhookReceiver:
     ) -> tuple[int, dict[str, str]]:
         with self._lock:
             if self.secret is not None and not verify_signature(
-                self.secret,
-                headers.get(TIMESTAMP_HEADER.lower()),
-                body,
-                headers.get(SIGNATURE_HEADER.lower()),
-                self.tolerance_s,
+                self.secret, headers, body, self.tolerance_s
             ):
                 self.rejected += 1
                 return 401, {}
