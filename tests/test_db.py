@@ -145,6 +145,33 @@ def test_concurrent_upgrades_take_turns(db_url: str) -> None:
     assert db.current(db_url) == db.head_revision()
 
 
+def test_a_sqlite_upgrade_waits_for_another_migrator_longer_than_the_busy_timeout(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes migrating one SQLite file take turns, however long the first takes
+    (the suite once failed under load with "database is locked" from the second)."""
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 50)  # far shorter than the hold
+    holder = db.make_engine(sqlite_url)
+    errors: list[BaseException] = []
+    with holder.connect() as connection:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # another migrator holds the lock
+
+        def upgrade() -> None:
+            try:
+                db.upgrade(sqlite_url)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=upgrade)
+        thread.start()
+        thread.join(timeout=1.0)  # the fault lasts 1 s: 20 times the busy timeout
+        assert thread.is_alive() and errors == []  # still waiting its turn, not failed
+        connection.rollback()
+    thread.join(timeout=60)
+    holder.dispose()
+    assert errors == [] and db.current(sqlite_url) == db.head_revision()
+
+
 def test_models_and_migrations_do_not_drift(db_url: str) -> None:
     db.upgrade(db_url)
     assert db.schema_differences(db_url) == []
