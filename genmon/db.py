@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(migrations_package.__file__).parent
 SQLITE_BUSY_TIMEOUT_MS = 5000
+#: How long a SQLite migration waits for another process's migration to finish (every
+#: service may upgrade at start; a long migration must make the others wait, not fail).
+SQLITE_MIGRATION_WAIT_MS = 600_000
 #: PostgreSQL advisory lock held while migrating ("genmon" in ASCII).
 MIGRATION_LOCK_KEY = 0x67656E6D6F6E
 
@@ -96,10 +99,11 @@ def _is_sqlite_file(url: URL) -> bool:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
+        # First, so that the statements below wait for a lock too instead of failing.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         # WAL lets the worker write while the CLI and the notifier read.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     finally:
         cursor.close()
 
@@ -184,7 +188,9 @@ def _run(action: str, url: str | URL | None, step: Any, revision: str) -> None:
                 # would cascade into the rows of referencing tables.
                 connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
                 # One migrator at a time, and all-or-nothing DDL (pysqlite would
-                # otherwise run each statement on its own).
+                # otherwise run each statement on its own). The others wait their turn
+                # however long it takes, as PostgreSQL's advisory lock makes them.
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_MIGRATION_WAIT_MS}")
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
             elif connection.dialect.name == "postgresql":
                 # Every service may upgrade at start; one at a time, the others then
