@@ -88,6 +88,17 @@ def test_two_fingerprints_give_two_incidents_each_paged_once(engine: Engine) -> 
     assert _triggers(engine) == 2
 
 
+def test_two_detectors_on_one_signal_are_two_problems(engine: Engine) -> None:
+    """The detector is part of the fingerprint: a CUSUM and a threshold on one signal
+    of one model and segment page as two incidents, not one update of the other."""
+    manager = IncidentManager(engine, settings_with(HOOK))
+    first = manager.process(finding(0, detector="rate_cusum", signal="error_rate"))
+    second = manager.process(finding(0, detector="threshold", signal="error_rate"))
+    assert first.action == second.action == "opened"
+    assert first.incident_id != second.incident_id
+    assert len(_incidents(engine)) == 2 and _triggers(engine) == 2
+
+
 def test_concurrent_workers_open_one_incident(engine: Engine) -> None:
     # Two workers race on the same fingerprint; the partial unique index decides.
     managers = [IncidentManager(engine, settings_with(HOOK)) for _ in range(2)]
@@ -460,6 +471,32 @@ def test_silence_suppresses_notifications_not_incidents(engine: Engine) -> None:
         (NotificationEvent.RESOLVE, silence_id),
     ]
     assert manager.process(finding(1, signal="error_rate", score=1.5)).notifications == 1
+
+
+def test_a_negative_regex_matcher_silences_all_but_what_it_names(engine: Engine) -> None:
+    clock = FakeClock()
+    _silence(engine, clock, 'model!~"search|chat-v[0-9]+"')
+    manager = IncidentManager(engine, settings_with(HOOK), clock=clock)
+    held = manager.process(finding(0, model_id="support-bot"))
+    named = manager.process(finding(0, model_id="chat-v2"))
+    partial = manager.process(finding(0, model_id="chat-v2-beta"))  # anchored: not named
+    assert (held.notifications, named.notifications, partial.notifications) == (0, 1, 0)
+
+
+def test_a_silence_that_starts_later_holds_nothing_before_it_starts(engine: Engine) -> None:
+    clock = FakeClock()
+    silence = Silence(
+        matchers=["model=chat"],
+        starts_at=clock.now + timedelta(hours=1),
+        ends_at=clock.now + timedelta(hours=2),
+        created_by="alice",
+    )
+    with session_scope(engine) as session:
+        session.add(silence)
+    manager = IncidentManager(engine, settings_with(HOOK), clock=clock)
+    assert manager.process(finding(0, signal="latency_ms")).notifications == 1
+    clock.advance(3601)  # inside the silence now
+    assert manager.process(finding(61, signal="error_rate")).notifications == 0
 
 
 def test_acknowledge_and_resolve_follow_a_page_that_went_out_despite_a_silence(
