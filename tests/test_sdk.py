@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
 import pytest
+from kafka.errors import KafkaTimeoutError
 from kafka_support import consume
 
 from genmon import Monitor
@@ -223,3 +225,55 @@ def test_a_comeback_after_eviction_gets_an_id_no_earlier_run_of_the_model_used(
             by_producer[producer].append(seq)
         # Every (producer id, model) run counts 0, 1, 2, ... without a restart.
         assert all(seqs == list(range(len(seqs))) for seqs in by_producer.values())
+
+
+class _HangingProducer:
+    """A KafkaProducer whose connect (``hang="connect"``) or sends (``hang="send"``) do not
+    return until ``release`` is set: a broker that is down or stalled, without timings."""
+
+    release = threading.Event()
+    hang = "connect"
+
+    def __init__(self, **config: object) -> None:
+        if self.hang == "connect":
+            self.release.wait()
+
+    def send(self, *args: object, **kwargs: object) -> object:
+        self.release.wait()
+        raise KafkaTimeoutError("released")
+
+    def close(self, timeout: float | None = None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hang", ["connect", "send"])
+def test_logging_never_waits_for_the_broker(
+    hang: str, monkeypatch: pytest.MonkeyPatch, free_port: Callable[[], int]
+) -> None:
+    """Every call returns while the SDK's I/O thread is stuck in a connect or a send that
+    never ends; past the buffer, events are counted as dropped instead."""
+    import genmon.sdk
+
+    hanging = type("Hanging", (_HangingProducer,), {"release": threading.Event(), "hang": hang})
+    monkeypatch.setattr(genmon.sdk, "KafkaProducer", hanging)
+    monitor = Monitor(f"127.0.0.1:{free_port()}", buffer_max_events=100)
+    accepted: list[bool] = []
+
+    def log_all() -> None:
+        accepted.extend(monitor.log_inference(model_id="chat", latency_ms=i) for i in range(300))
+
+    caller = threading.Thread(target=log_all)
+    try:
+        if hang == "send":  # let the I/O thread connect, then stall in its first send
+            hanging.hang = "connect-done"
+            monitor.log_inference(model_id="chat", latency_ms=0)
+            hanging.hang = "send"
+        caller.start()
+        caller.join(timeout=120)  # a watchdog: a blocking call would never return
+        assert not caller.is_alive(), "log_inference waited for the stuck I/O thread"
+        stats = monitor.stats
+    finally:
+        hanging.release.set()
+        caller.join()
+        monitor.close(timeout=0)
+    assert len(accepted) == 300 and accepted.count(False) == stats.dropped > 0

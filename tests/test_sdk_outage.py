@@ -7,9 +7,7 @@ broker of the other tests is never touched.
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +24,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 BUFFER = 500
 MODELS = ("chat", "search", "code")
-#: A call that waited for the broker would take the SDK's connect timeout (seconds).
-NON_BLOCKING_S = 0.05
 
 
 @pytest.fixture
@@ -61,22 +57,19 @@ def private_broker(kafka_settings: Settings, free_port: Callable[[], int]) -> It
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _log_timed(monitor: Monitor, count: int, calls: dict[str, int]) -> tuple[list[bool], list]:
-    """Log ``count`` events round-robin over MODELS; return acceptance and (model, seq)."""
+def _log(monitor: Monitor, count: int, calls: dict[str, int]) -> tuple[list[bool], list]:
+    """Log ``count`` events round-robin over MODELS; return acceptance and (model, seq).
+
+    That no call waits for the broker is proved apart, without timings
+    (tests/test_sdk.py, a producer whose connect and send never return)."""
     accepted, sent = [], []
-    durations = []
     for i in range(count):
         model = MODELS[i % len(MODELS)]
-        started = time.perf_counter()
         ok = monitor.log_inference(model_id=model, latency_ms=float(i), prompt=f"p{i}")
-        durations.append(time.perf_counter() - started)
         accepted.append(ok)
         if ok:
             sent.append((model, calls[model]))
         calls[model] += 1
-    p99 = statistics.quantiles(durations, n=100)[98]
-    assert p99 < NON_BLOCKING_S, f"log_inference blocked: p99 {p99 * 1000:.1f} ms"
-    assert max(durations) < 1.0, f"log_inference blocked: max {max(durations):.2f} s"
     return accepted, sent
 
 
@@ -88,7 +81,7 @@ def test_events_wait_for_a_broker_that_is_down_and_arrive_when_it_is_up(
     monitor = Monitor(settings=settings, buffer_max_events=BUFFER, linger_ms=5)
     try:
         # 1. No broker at all: the producer cannot even be constructed yet.
-        accepted, expected = _log_timed(monitor, BUFFER + 200, calls)
+        accepted, expected = _log(monitor, BUFFER + 200, calls)
         assert accepted == [True] * BUFFER + [False] * 200
         stats = monitor.stats
         assert (stats.buffered, stats.dropped, stats.sent) == (BUFFER, 200, 0)
@@ -99,7 +92,7 @@ def test_events_wait_for_a_broker_that_is_down_and_arrive_when_it_is_up(
 
         # 2. The broker goes away under a live producer.
         private_broker.down()
-        accepted, more = _log_timed(monitor, 300, calls)
+        accepted, more = _log(monitor, 300, calls)
         assert all(accepted)
         assert monitor.stats.buffered == 300
         private_broker.up()
