@@ -201,3 +201,35 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(
         assert letter.payload_truncated == (letter.payload_size > limit)
     assert found == expected
     assert worker.process.poll() is None
+
+
+def test_malformed_feedback_goes_to_the_dead_letter_topic_too(
+    worker: Worker, test_settings: Settings
+) -> None:
+    """The feedback topic has its own ingest agent: its bad messages are dead-lettered
+    with their reason as the inference topic's are, and the worker keeps going."""
+    kinds: list[tuple[str, bytes]] = [
+        ("bad_json", b'{"request_id": "r1", '),
+        ("not_an_object", b"[1]"),
+        ("empty_payload", b""),
+        ("missing_field", json.dumps({"model_id": "chat"}).encode()),
+    ]
+    topic = test_settings.topic("feedback")
+    producer = KafkaProducer(bootstrap_servers=test_settings.kafka.bootstrap_servers)
+    expected = {}
+    for i in range(12):
+        reason, value = kinds[i % len(kinds)]
+        metadata = producer.send(topic, value, key=b"fb-%d" % i).get(timeout=30)
+        expected[(metadata.partition, metadata.offset)] = reason
+    producer.close()
+
+    stats = worker.wait_for(lambda s: s["deadletter_sent"] >= 12, DRAIN_TIMEOUT_S)
+    assert stats["invalid"] == 12 and stats["deadletter_failed"] == 0
+    letters = consume(test_settings, test_settings.topic("deadletter"), expected=12)
+    found = {}
+    for record in letters:
+        letter = DeadLetter.model_validate_json(record.value)
+        assert letter.source_topic == topic
+        found[(letter.partition, letter.offset)] = letter.reason
+    assert found == expected
+    assert worker.process.poll() is None
