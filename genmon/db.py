@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
 from collections.abc import Iterator
@@ -177,7 +178,33 @@ def head_revision() -> str:
     return head
 
 
+@contextmanager
+def _sqlite_migration_lock(url: str | URL | None) -> Iterator[None]:
+    """One migrator of a SQLite file at a time, across threads and processes: an OS lock
+    on ``<file>.migrate.lock``, taken before any connection, so a second migrator waits
+    its turn however long the first takes (SQLite's own locks answer "database is
+    locked" in some of the races of two fresh connections, the switch to WAL among them)."""
+    resolved = _resolve(url)
+    if not _is_sqlite_file(resolved):
+        yield
+        return
+    assert resolved.database is not None
+    lock_path = Path(f"{resolved.database}.migrate.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _run(action: str, url: str | URL | None, step: Any, revision: str) -> None:
+    with _sqlite_migration_lock(url):
+        _migrate(action, url, step, revision)
+
+
+def _migrate(action: str, url: str | URL | None, step: Any, revision: str) -> None:
     engine = make_engine(url)
     config = alembic_config()
     try:
