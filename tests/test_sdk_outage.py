@@ -6,13 +6,11 @@ broker of the other tests is never touched.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
+from broker_support import private_broker as private
 from kafka_support import consume
 
 from genmon import Monitor
@@ -29,32 +27,8 @@ MODELS = ("chat", "search", "code")
 @pytest.fixture
 def private_broker(kafka_settings: Settings, free_port: Callable[[], int]) -> Iterator[KafkaBroker]:
     """A broker this test may stop; not started yet."""
-    # Not tmp_path: concurrent pytest sessions prune each other's numbered basetemp folders.
-    home = Path(tempfile.mkdtemp(prefix="genmon-sdk-outage-"))
-    port, controller_port = free_port(), free_port()
-    while controller_port == port:
-        controller_port = free_port()
-    settings = Settings.model_validate(
-        {
-            "home": home,
-            "kafka": {
-                "version": kafka_settings.kafka.version,
-                "port": port,
-                "controller_port": controller_port,
-                "heap": "256m",
-                "partitions": 2,
-            },
-        }
-    )
-    broker = KafkaBroker(settings)
-    # Share the jar cache of the main broker instead of resolving it again.
-    broker.libs_dir.parent.mkdir(parents=True, exist_ok=True)
-    broker.libs_dir.symlink_to(KafkaBroker(kafka_settings).ensure_jars(), target_is_directory=True)
-    try:
+    with private(kafka_settings, free_port) as broker:
         yield broker
-    finally:
-        broker.down()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _log(monitor: Monitor, count: int, calls: dict[str, int]) -> tuple[list[bool], list]:

@@ -232,7 +232,9 @@ def finding_document(**changes: Any) -> dict[str, Any]:
 
 # --- properties -------------------------------------------------------------------------
 
-ids = st.text(min_size=1, max_size=40)
+#: Identifiers never hold NUL (the worker refuses them; see test_storable_text.py).
+key_chars = st.characters(codec="utf-8", exclude_characters="\x00")
+ids = st.text(key_chars, min_size=1, max_size=40)
 texts = st.text(max_size=300)
 offsets = st.integers(-23 * 60 - 59, 23 * 60 + 59).map(lambda m: timezone(timedelta(minutes=m)))
 aware = st.builds(
@@ -270,11 +272,11 @@ def inference_events(draw: st.DrawFn) -> InferenceEvent:
         prompt_tokens=draw(st.none() | st.integers(0, 10_000_000)),
         completion_tokens=draw(st.none() | st.integers(0, 10_000_000)),
         status=draw(st.sampled_from(InferenceStatus)),
-        error_code=draw(st.none() | st.text(max_size=128)),
+        error_code=draw(st.none() | st.text(key_chars, max_size=128)),
         segment=draw(
             st.dictionaries(
-                st.text(min_size=1, max_size=MAX_ATTRIBUTE_KEY_CHARS),
-                st.text(max_size=MAX_ATTRIBUTE_VALUE_CHARS),
+                st.text(key_chars, min_size=1, max_size=MAX_ATTRIBUTE_KEY_CHARS),
+                st.text(key_chars, max_size=MAX_ATTRIBUTE_VALUE_CHARS),
                 max_size=MAX_ATTRIBUTES,
             )
         ),

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
+from genmon.exceptions import SchemaError
+from genmon.schemas import codec
 from genmon.schemas.events import MAX_EVENT_BYTES, FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams import native
@@ -102,9 +103,15 @@ def test_signals_match_the_python_definition_on_any_text(text: str) -> None:
     assert DECODER.signals(text) == python_signals(text)
 
 
+#: Text PostgreSQL cannot store (json.dumps writes ``\\u0000`` and ``\\ud800`` escapes),
+#: and a surrogate pair, which is fine.
+UNSTORABLE = ["a\x00b", "\x00", "\ud800", "x\udc00", "\udc00\ud800", "\ud83d\ude00"]
+
+
 def _fields() -> st.SearchStrategy[dict[str, Any]]:
     """Event objects mixing valid values with every kind of value the fast path defers."""
     junk = st.one_of(
+        st.sampled_from(UNSTORABLE),
         st.none(),
         st.booleans(),
         st.integers(-5, 10**8),
@@ -160,16 +167,78 @@ def test_the_fast_path_accepts_only_what_pydantic_accepts(fields: dict[str, Any]
     raw = json.dumps(fields).encode()
     assert DECODER is not None
     batch = DECODER.decode([raw], [0], [0], MAX_EVENT_BYTES)
+    sanitized: list[str] = []
     try:
-        event = InferenceEvent.model_validate_json(raw)
-    except ValidationError:
+        event = codec.decode(raw, InferenceEvent, sanitized=sanitized)
+    except SchemaError:
         assert batch.deferred == [0], f"accepted what pydantic rejects: {raw!r}"
         return
+    if sanitized:
+        assert batch.deferred == [0], f"read natively what pydantic changes: {raw!r}"
     if batch.deferred:
-        # Deferred but valid: its canonical form is always read.
+        # Deferred but valid: its canonical form is read, but for times the fast path does
+        # not take (years outside 1970-2200: ingest then takes the Python path for the batch).
         again = DECODER.extend(batch, [event.model_dump_json().encode()], [0], [0], MAX_EVENT_BYTES)
-        assert again == []
+        times = [t for t in (event.started_at, event.finished_at) if t is not None]
+        if again:
+            assert any(not 1970 <= t.year <= 2200 for t in times), raw
+            return
     assert len(batch) == 1
+
+
+STORABLE_BASE = {
+    "request_id": "r1",
+    "model_id": "chat",
+    "latency_ms": 5,
+    "started_at": "2026-11-29T10:00:00Z",
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "outcome"),
+    [
+        ({"prompt": "a\x00b"}, "prompt"),
+        ({"response": "\ud800 cut"}, "response"),
+        ({"prompt": "\udc00\ud800"}, "prompt"),
+        ({"metadata": {"k\x00": ["\ud800", {"x": "\x00"}]}}, "metadata"),
+        ({"prompt": "\ud83d\ude00", "metadata": {"k": "\u00e9"}}, "native"),
+        ({"model_id": "chat\x00"}, "model_id"),
+        ({"model_id": "chat\ud800"}, "model_id"),
+        ({"request_id": "\x00"}, "request_id"),
+        ({"model_version": "v\udfff"}, "model_version"),
+        ({"subject_id": "s\x00"}, "subject_id"),
+        ({"error_code": "E\x00"}, "error_code"),
+        ({"segment": {"locale\x00": "de"}}, "segment"),
+        ({"segment": {"locale": "\ud800"}}, "segment"),
+    ],
+)
+def test_nul_and_lone_surrogates_are_decided_by_the_python_validator(
+    changes: dict[str, Any], outcome: str
+) -> None:
+    """Free text (named in ``outcome``) is sanitized, identifiers refused; the fast path
+    defers both and reads the sanitized canonical form."""
+    assert DECODER is not None
+    raw = json.dumps({**STORABLE_BASE, **changes}).encode()
+    batch = DECODER.decode([raw], [0], [0], MAX_EVENT_BYTES)
+    if outcome == "native":
+        assert batch.deferred == [] and len(batch) == 1
+        assert codec.decode(raw, InferenceEvent).prompt == "\U0001f600"
+        return
+    assert batch.deferred == [0]
+    sanitized: list[str] = []
+    if outcome in ("prompt", "response", "metadata"):
+        event = codec.decode(raw, InferenceEvent, sanitized=sanitized)
+        assert sanitized == [outcome]
+        canonical = event.model_dump_json().encode()
+        assert "\ufffd" in json.dumps(json.loads(canonical)[outcome], ensure_ascii=False)
+        assert DECODER.extend(batch, [canonical], [0], [0], MAX_EVENT_BYTES) == []
+        assert len(batch) == 1
+        return
+    with pytest.raises(SchemaError) as refused:
+        codec.decode(raw, InferenceEvent, sanitized=sanitized)
+    assert refused.value.reason == "invalid_value" and sanitized == []
+    assert str(refused.value).startswith(f"{outcome}: ")
+    assert "PostgreSQL text cannot store" in str(refused.value)
 
 
 def test_repeated_keys_and_oversized_messages_are_deferred() -> None:
@@ -318,6 +387,11 @@ def test_native_and_python_paths_write_the_same_state(seed: int) -> None:
     nat_store, nat_core, nat_windows = _run(stream, use_native=True)
     assert py_core.counters == nat_core.counters
     counters = nat_core.counters
+    # Exact windows: every event is in one tumbling record, late or future (all closed).
+    assert counters.windowed_events + counters.late_events + counters.skew_dropped == (
+        counters.inference_events
+    )
+    assert py_core.unaccounted() == nat_core.unaccounted() == 0
     # The stream exercises what it is meant to.
     assert counters.late_events and counters.skew_dropped and counters.redelivered_skipped
     assert counters.joined and counters.join_evicted and counters.segment_overflow

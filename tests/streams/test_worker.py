@@ -120,19 +120,24 @@ def test_every_event_from_the_sdk_is_counted_once_in_order(
                 model_id=model, latency_ms=float(i % 500), prompt=f"q{i}", response=f"a{i}"
             )
         assert monitor.flush(timeout=120)
-        assert monitor.stats.sent == 10_000
+        # Then one sentinel per model, so per partition: a duplicate of any event before
+        # it in its partition would be handled before the sentinel, so none can come
+        # after the count is read (no sleep as proof).
+        for model in models:
+            assert monitor.log_inference(model_id=model, latency_ms=1.0, prompt="sentinel")
+        assert monitor.flush(timeout=120)
+        assert monitor.stats.sent == 10_000 + len(models)
 
-    stats = worker.wait_for(lambda s: s["valid"] >= 10_000, DRAIN_TIMEOUT_S)
-    time.sleep(1.0)  # anything beyond 10,000 would be a duplicate; give it time to show
-    stats = worker.stats()
-    assert stats["valid"] == 10_000
-    assert stats["valid_by_topic"] == {test_settings.topic("inference"): 10_000}
+    total = 10_000 + len(models)
+    stats = worker.wait_for(lambda s: s["valid"] >= total, DRAIN_TIMEOUT_S)
+    assert stats["valid"] == total
+    assert stats["valid_by_topic"] == {test_settings.topic("inference"): total}
     assert (stats["invalid"], stats["gaps"], stats["out_of_order"], stats["duplicates"]) == (
         0, 0, 0, 0,
     )  # fmt: skip
     with urllib.request.urlopen(f"{worker.url}/metrics", timeout=5) as response:
         text = response.read().decode()
-    counted = f'genmon_ingest_valid_total{{topic="{test_settings.topic("inference")}"}} 10000.0'
+    counted = f'genmon_ingest_valid_total{{topic="{test_settings.topic("inference")}"}} {total}.0'
     assert counted in text
 
 
