@@ -85,10 +85,15 @@ class WorkerSettings(BaseModel):
         50_000,
         ge=1,
         description=(
-            "events acknowledged between offset commits (there is also one every 2.8 s);"
-            " each commit first writes the pipeline's changed state, so a larger value"
-            " writes it less often and a crash replays more events"
+            "events acknowledged between offset commits (there is also one every"
+            " commit_interval_s); each commit first writes the pipeline's changed state, so a"
+            " larger value writes it less often and a crash replays more events"
         ),
+    )
+    commit_interval_s: float = Field(
+        2.8,
+        gt=0,
+        description="period of offset commits (Faust's broker_commit_interval); see commit_every",
     )
     session_timeout_s: float = Field(
         60.0,
@@ -151,7 +156,11 @@ class WindowSettings(BaseModel):
         10.0, description="a window closes when the watermark passes its end plus this"
     )
     idle_timeout_s: float = Field(
-        5.0, description="a partition idle this long advances its watermark with the wall clock"
+        5.0,
+        description=(
+            "a model without events this long, while its partition is caught up with a"
+            " broker that answers, advances its watermark with the wall clock"
+        ),
     )
     close_interval_s: float = Field(1.0, description="period of the window-closing timer")
     max_future_skew_s: float = Field(
@@ -191,6 +200,25 @@ class FeedbackSettings(BaseModel):
             " (their waiting feedback counts as orphaned). An entry holds up to"
             " 2 x join_max_text_chars characters plus ~1 KiB: at most ~0.9 GB per partition"
             " at the defaults (ASCII text), ~80 MB with 300-character prompts and responses"
+        ),
+    )
+    examples_retry_initial_s: float = Field(
+        0.5,
+        gt=0,
+        description=(
+            "wait before labelled examples that met a transient database error (down,"
+            " restarting, not migrated) are tried again; doubles with each failure"
+        ),
+    )
+    examples_retry_max_s: float = Field(
+        30.0, gt=0, description="longest wait between two tries of labelled examples"
+    )
+    examples_write_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "a batch's labelled examples not stored within this wait in the examples-retry"
+            " topic instead, so a hung database never holds up the aggregates"
         ),
     )
 
@@ -500,9 +528,25 @@ class NotifySettings(BaseModel):
     routes: list[RouteSettings] = Field(
         default_factory=list, description="empty: every destination gets every notification"
     )
-    max_attempts: int = Field(8, ge=1, description="attempts before a notification is dead")
-    backoff_initial_s: float = Field(1.0, gt=0, description="first retry delay (doubles each time)")
-    backoff_max_s: float = Field(300.0, gt=0, description="longest retry delay")
+    retry_horizon_s: float = Field(
+        21600.0,
+        gt=0,
+        description="a notification undelivered this long is dead, and an incident says its "
+        "destination is unreachable",
+    )
+    max_attempts: int | None = Field(
+        None, ge=1, description="optional cap on tries of one notification; unset: retry_horizon_s"
+    )
+    pause_after_failures: int = Field(
+        3,
+        ge=1,
+        description="failures in a row that pause a destination: the rest wait, one probe at "
+        "a time goes out on the backoff schedule",
+    )
+    backoff_initial_s: float = Field(
+        1.0, gt=0, description="first retry delay (doubles each time, with jitter)"
+    )
+    backoff_max_s: float = Field(300.0, gt=0, description="longest retry or probe delay")
     retry_after_max_s: float = Field(3600.0, description="longest Retry-After honoured")
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery")
     signature_tolerance_s: int = Field(300, description="replay window receivers should allow")
@@ -541,10 +585,11 @@ class Settings(BaseSettings):
 
 #: The topics genmon creates and uses.
 TOPIC_KINDS = ("inference", "feedback", "findings", "incidents", "retrain", "deadletter")
-#: Topics genmon's workers write for each other (closed windows, embedding samples). They
-#: are created with the others: a worker that subscribes to a topic before it exists gets
-#: its partitions only at its next metadata refresh, minutes later.
-INTERNAL_TOPIC_KINDS = ("windows", "embed-requests")
+#: Topics genmon's workers write for each other (closed windows, embedding samples,
+#: labelled examples waiting for the database). They are created with the others: a worker
+#: that subscribes to a topic before it exists gets its partitions only at its next
+#: metadata refresh, minutes later.
+INTERNAL_TOPIC_KINDS = ("windows", "embed-requests", "examples-retry")
 
 
 @lru_cache(maxsize=1)

@@ -14,9 +14,13 @@ Pieces (each module's docstring has the details):
   transaction: audit trail, topic events, pages and their payloads, pages repeated
   when a silence ends.
 - :mod:`~genmon.incidents.dispatcher`: the transactional outbox's delivery loop, over
-  :mod:`.outbox` (leases, order per incident, dead notifications, delivery log),
+  :mod:`.outbox` (leases, delivery log), :mod:`.ordering` (order per incident and
+  destination, enforced by the claim; per-vendor coalescing after an outage),
   :mod:`.delivery` (HTTP, and the ``<prefix>.incidents`` topic through :mod:`.publisher`),
-  :mod:`.retry` (backoff + jitter, ``Retry-After``) and :mod:`.rate_limit`.
+  :mod:`.retry` (backoff + jitter, ``Retry-After``, for ``notify.retry_horizon_s``),
+  :mod:`.health` (a failing destination is paused and probed), :mod:`.expiry` (dead past
+  the horizon, and an incident about the destination), :mod:`.requeue` (``genmon notify
+  retry``, never reordering) and :mod:`.rate_limit`.
 - :mod:`~genmon.incidents.silences`: silences, checked when a page is queued and
   again when it is due; acknowledgements and resolves follow their page.
 - :mod:`~genmon.incidents.destinations`: webhook (HMAC-signed), Slack,

@@ -53,6 +53,8 @@ class Claimed:
     idempotency_key: str
     payload: dict
     attempt: int
+    probe: bool = False
+    """Sent as the probe of a paused destination (:mod:`~genmon.incidents.health`)."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,11 @@ topic of its own settings (:mod:`~genmon.incidents.publisher`). The pieces:
   destination, checking silences once more when a page is due, and recording each
   attempt (at least once, with the same ``Idempotency-Key`` every time);
 - :mod:`~genmon.incidents.delivery`: one attempt, over HTTP or to the topic;
-- :mod:`~genmon.incidents.retry`: backoff with jitter, ``Retry-After``, dead rows;
+- :mod:`~genmon.incidents.retry`: backoff with jitter, ``Retry-After``;
+- :mod:`~genmon.incidents.health`: a destination that keeps failing is paused and
+  probed, its queue waiting with its tries intact;
+- :mod:`~genmon.incidents.expiry`: past ``notify.retry_horizon_s`` rows are dead, and an
+  incident about their destination is paged elsewhere;
 - :mod:`~genmon.incidents.rate_limit`: a token bucket per destination.
 
 This module runs them: :meth:`Dispatcher.run` as a pipeline for the worker,
@@ -20,7 +24,7 @@ dispatch --once``) it has the manager page again wherever a silence that has end
 was expired early) held back a still-open incident
 (:meth:`~genmon.incidents.manager.IncidentManager.repeat_unsilenced_pages`), so such a
 page goes out within a poll interval of the silence's end, once, however many
-dispatchers run.
+dispatchers run. The retry horizon is swept on the same beat.
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from genmon.exceptions import DatabaseError
-from genmon.incidents import delivery, outbox
+from genmon.incidents import delivery, expiry, outbox
 from genmon.incidents.delivery import Channels, Claimed, DeliveryResult
 from genmon.incidents.destinations import Destination, build_destination
 from genmon.incidents.manager import IncidentManager
+from genmon.incidents.ordering import COALESCING_TYPES
 from genmon.incidents.rate_limit import TokenBucket
 from genmon.incidents.routing import Router
 from genmon.schemas.events import utcnow
@@ -63,6 +68,8 @@ class DispatchReport:
     suppressed: int = 0
     unsilenced: int = 0
     """Triggers queued because a silence that held an open incident back has ended."""
+    expired: int = 0
+    """Rows made dead because the retry horizon passed (counted in ``dead`` too)."""
     wait_s: float | None = field(default=None, repr=False)
 
     def add(self, other: DispatchReport) -> None:
@@ -73,6 +80,7 @@ class DispatchReport:
         self.rate_limited += other.rate_limited
         self.suppressed += other.suppressed
         self.unsilenced += other.unsilenced
+        self.expired += other.expired
 
 
 class Dispatcher:
@@ -106,6 +114,11 @@ class Dispatcher:
         }
         self.rng = rng or random.Random()
         self.batch_size = batch_size
+        self.router = router
+        # Destinations whose backlog is coalesced when they come back (ordering.py).
+        self.coalescing = frozenset(
+            name for name, cfg in router.destinations.items() if cfg.type in COALESCING_TYPES
+        )
         # Queues the pages of silences that have ended; it routes nothing itself.
         self.incidents = IncidentManager(engine, self.settings, router=router, clock=clock)
         self._wake: asyncio.Event | None = None
@@ -167,7 +180,7 @@ class Dispatcher:
                             # A busy loop comes round often: once per poll interval is enough.
                             if time.monotonic() >= next_unsilence_check:
                                 next_unsilence_check = time.monotonic() + timeout
-                                await asyncio.to_thread(self.incidents.repeat_unsilenced_pages)
+                                await asyncio.to_thread(self._housekeeping, report)
                             claimed, rate_wait = await asyncio.to_thread(self._claim, report, room)
                             for item in claimed:
                                 task = asyncio.create_task(deliver(channels, item))
@@ -226,7 +239,8 @@ class Dispatcher:
 
     async def _round(self, channels: Channels) -> DispatchReport:
         report = DispatchReport()
-        report.unsilenced = await asyncio.to_thread(self.incidents.repeat_unsilenced_pages)
+        await asyncio.to_thread(self._housekeeping, report)
+        report.dead += report.expired
         claimed, rate_wait = await asyncio.to_thread(self._claim, report)
         report.claimed = len(claimed)
         semaphore = asyncio.Semaphore(self.config.concurrency)
@@ -253,6 +267,19 @@ class Dispatcher:
 
     # --- the outbox and the channels ----------------------------------------------------
 
+    def _housekeeping(self, report: DispatchReport) -> None:
+        """Once per poll interval: pages of silences that ended, and the retry horizon."""
+        report.unsilenced += self.incidents.repeat_unsilenced_pages()
+        report.expired += expiry.expire_undelivered(
+            self.engine, self.clock(), self.config, self._avoiding
+        )
+
+    def _avoiding(self, destination: str) -> IncidentManager:
+        """A manager that pages about ``destination`` everywhere but there."""
+        return IncidentManager(
+            self.engine, self.settings, router=self.router.avoiding(destination), clock=self.clock
+        )
+
     def _claim(
         self, report: DispatchReport, limit: int | None = None
     ) -> tuple[list[Claimed], float | None]:
@@ -274,7 +301,20 @@ class Dispatcher:
         )
 
     def _record(self, outcomes: list[tuple[Claimed, DeliveryResult]]) -> list[NotificationStatus]:
-        """Write a round's outcomes and delivery log in one transaction."""
-        return outbox.record_outcomes(
-            self.engine, outcomes, self.clock(), self.config, self.rng, self.buckets
+        """Write a round's outcomes and delivery log in one transaction; a destination
+        that answers again has its unreachable incident resolved."""
+        settled = outbox.record_outcomes(
+            self.engine,
+            outcomes,
+            self.clock(),
+            self.config,
+            self.rng,
+            self.buckets,
+            self.coalescing,
         )
+        for destination in settled.resumed:
+            try:
+                expiry.resolve_unreachable(self.engine, self.incidents, destination)
+            except DatabaseError as exc:  # the outcomes are recorded; on-call can resolve it
+                log.warning("could not resolve %s's unreachable incident: %s", destination, exc)
+        return settled.statuses

@@ -137,6 +137,11 @@ class IncidentManager:
             log.debug("batch of %d conflicted with another worker; one by one", len(findings))
             return [self.process(finding) for finding in findings]
 
+    def apply_in(self, session: Session, finding: Finding) -> Outcome:
+        """Apply ``finding`` in the caller's transaction: a change of the outbox and the
+        incident it raises (a destination unreachable) commit together or not at all."""
+        return self._apply(session, finding)
+
     def _apply(self, session: Session, finding: Finding) -> Outcome:
         key = finding.dedup_key
         if session.get(FindingSeen, key) is not None:

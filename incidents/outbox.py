@@ -6,9 +6,14 @@ dispatcher uses these functions to take them in turn and to settle them. Guarant
 - **at least once, keyed**: a row is claimed with a conditional UPDATE and a lease, so
   several dispatchers may run; a crash mid-delivery lets the lease expire and the row is
   sent again *with the same* ``Idempotency-Key``, which receivers use to drop the copy;
-- **in order per incident and destination**: a row is only eligible when no earlier row
-  of the same incident and destination is still pending or in flight, so a resolve never
-  overtakes its trigger (a dead row no longer blocks the ones after it);
+- **in order per incident and destination** (:mod:`~genmon.incidents.ordering`): the
+  claim's UPDATE itself requires that no earlier row of the same incident and
+  destination is pending, retrying or in flight, so a resolve never overtakes its
+  trigger, not even while the trigger is on the wire from another dispatcher. Claims
+  and requeues take turns (:func:`claims_lock`), so a requeued row cannot slip behind a
+  later one being claimed;
+- **paused destinations** (:mod:`~genmon.incidents.health`): their rows are not claimed,
+  except one probe at a time when the pause says so;
 - **rate limits** (:mod:`~genmon.incidents.rate_limit`): a row whose destination has no
   token left stays pending, unclaimed, and says how long until one is;
 - **silences at delivery time**: a page is checked against the silences once more when it
@@ -16,15 +21,17 @@ dispatcher uses these functions to take them in turn and to settle them. Guarant
   ``suppressed`` with the silence's id; :mod:`~genmon.incidents.silences` has the rules,
   shared with the manager);
 - **delivery log**: one ``delivery_attempt`` row per attempt, written with the row's next
-  state (:mod:`~genmon.incidents.retry` decides when a failed one is tried again).
+  state and the destination's health (:mod:`~genmon.incidents.retry` decides when a
+  failed one is tried again; past the retry horizon :mod:`~genmon.incidents.expiry`
+  makes it dead).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -33,8 +40,10 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
 from genmon.db import session_scope
+from genmon.incidents import health
 from genmon.incidents._txn import write_transaction
 from genmon.incidents.delivery import Claimed, DeliveryResult
+from genmon.incidents.ordering import UNDELIVERED, is_head
 from genmon.incidents.rate_limit import TokenBucket
 from genmon.incidents.retry import retry_in_s
 from genmon.incidents.silences import ActiveSilences, follow_up_silenced_by
@@ -49,7 +58,8 @@ from genmon.settings import NotifySettings
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = (NotificationStatus.PENDING, NotificationStatus.DELIVERING)
+#: Key of the PostgreSQL advisory lock that claims and requeues take in turn.
+_CLAIMS_LOCK = 0x67656E6D6F6E  # "genmon"
 
 
 @dataclass(frozen=True)
@@ -63,21 +73,45 @@ class ClaimRound:
     suppressed: int
 
 
+@dataclass(frozen=True)
+class DueRows:
+    """What a claim read, before its write: rows due, probes, silenced pages."""
+
+    rows: list[Notification]
+    probes: list[Notification] = field(default_factory=list)
+    """The oldest row that may go of each paused destination whose probe is due."""
+    silenced: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What recording a round's outcomes did."""
+
+    statuses: list[NotificationStatus]
+    resumed: list[str]
+    """Destinations that answered again after failing (their pause is over)."""
+
+
+def claims_lock(session: Session) -> None:
+    """Take turns with every other claim and requeue, on PostgreSQL, until the commit.
+
+    A statement sees what was committed when it started: without turns, a requeue of an
+    earlier row and the claim of a later one could each miss the other. SQLite has one
+    writer at a time already.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(_CLAIMS_LOCK)))
+
+
 # --- which rows are due --------------------------------------------------------------------
 
 
-def _is_head(row: type[Notification]) -> sa.ColumnElement[bool]:
-    """No earlier row of the same incident and destination is still pending or in flight."""
-    earlier = aliased(Notification)
-    blocked = (
-        sa.select(earlier.id)
-        .where(earlier.incident_id == row.incident_id)
-        .where(earlier.destination == row.destination)
-        .where(earlier.id < row.id)
-        .where(earlier.status.in_(_ACTIVE))
-        .exists()
+def _claimable(row: type[Notification], now: datetime) -> sa.ColumnElement[bool]:
+    """Still waiting for delivery: pending, or in flight under an expired lease."""
+    return sa.and_(
+        row.status.in_(UNDELIVERED),
+        sa.or_(row.status == NotificationStatus.PENDING, row.lease_until < now),
     )
-    return ~blocked
 
 
 def _ready_at(row: type[Notification]) -> sa.ColumnElement[datetime]:
@@ -92,29 +126,44 @@ def _due_query(now: datetime, limit: int) -> sa.Select:
     row = aliased(Notification)
     return (
         select(row)
-        .where(row.status.in_(_ACTIVE))
+        .where(_claimable(row, now))
         .where(row.next_attempt_at <= now)
-        .where(
-            sa.or_(
-                row.status == NotificationStatus.PENDING,
-                row.lease_until < now,
-            )
-        )
-        .where(_is_head(row))
+        .where(is_head(row))
+        .where(health.not_paused(row.destination))
         .order_by(row.id)
         .limit(limit)
     )
 
 
-def _claimable(now: datetime) -> sa.ColumnElement[bool]:
-    """Still waiting for delivery: pending, or in flight under an expired lease."""
-    return sa.and_(
-        Notification.status.in_(_ACTIVE),
-        sa.or_(
-            Notification.status == NotificationStatus.PENDING,
-            Notification.lease_until < now,
-        ),
+def _probe_query(destination: str, now: datetime) -> sa.Select:
+    """The oldest row of a paused destination that may go; its own backoff is moot."""
+    row = aliased(Notification)
+    return (
+        select(row)
+        .where(row.destination == destination)
+        .where(_claimable(row, now))
+        .where(is_head(row))
+        .order_by(row.id)
+        .limit(1)
     )
+
+
+def read_due(engine: Engine, now: datetime, limit: int) -> DueRows:
+    """Read what may be claimed at ``now``, without the write lock.
+
+    A poll that finds nothing must not hold up the agent; :func:`take_due` re-checks every
+    condition in its UPDATEs, so a stale read is harmless.
+    """
+    with session_scope(engine) as session:
+        rows = list(session.execute(_due_query(now, limit)).scalars().all())
+        probes = []
+        for destination in health.probes_due(session, now):
+            probe = session.execute(_probe_query(destination, now)).scalars().first()
+            if probe is not None:
+                probes.append(probe)
+        due = [*rows, *probes]
+        silenced = _silenced(session, due, now) if due else {}
+    return DueRows(rows, probes, silenced)
 
 
 # --- claiming ------------------------------------------------------------------------------
@@ -127,21 +176,53 @@ def claim_due(
     limit: int,
     buckets: Mapping[str, TokenBucket],
 ) -> ClaimRound:
-    """Lease up to ``limit`` due rows that a token bucket allows and no silence holds back.
+    """Lease up to ``limit`` due rows that a token bucket allows and no silence holds back,
+    plus the probe of each paused destination whose probe is due.
 
     Silenced rows become ``suppressed`` in the same write transaction.
     """
-    rate_wait: float | None = None
-    rate_limited = suppressed = 0
-    # Read without the write lock: a poll that finds nothing must not hold up the
-    # agent. The UPDATEs below re-check every condition, so a stale read is harmless.
-    with session_scope(engine) as session:
-        candidates = session.execute(_due_query(now, limit)).scalars().all()
-        silenced = _silenced(session, candidates, now) if candidates else {}
+    return take_due(engine, read_due(engine, now, limit), now, lease_until, buckets)
+
+
+def take_due(
+    engine: Engine,
+    due: DueRows,
+    now: datetime,
+    lease_until: datetime,
+    buckets: Mapping[str, TokenBucket],
+) -> ClaimRound:
+    """Claim what :func:`read_due` found, re-checking it all in conditional UPDATEs."""
+    probe_ids = {row.id for row in due.probes}
+    # A destination paused between the two reads may have a row in both: it is a probe.
+    rows = [row for row in due.rows if row.id not in probe_ids]
+    unsilenced = [row for row in [*rows, *due.probes] if row.id not in due.silenced]
+    allowed, rate_wait, rate_limited = _rate_allowed(unsilenced, buckets)
+    if not allowed and not due.silenced:
+        return ClaimRound([], rate_wait, rate_limited, 0)
+    with write_transaction(engine) as session:
+        claims_lock(session)
+        suppressed = _suppress(session, due.silenced, now)
+        regular = [row.id for row in allowed if row.id not in probe_ids]
+        attempts = _take(session, regular, now, lease_until, probe=False)
+        for row in allowed:
+            if row.id in probe_ids:
+                attempts.update(_take_probe(session, row, now, lease_until))
+    claimed = [
+        _claimed(row, attempts[row.id], row.id in probe_ids)
+        for row in allowed
+        if row.id in attempts
+    ]
+    return ClaimRound(claimed, rate_wait, rate_limited, suppressed)
+
+
+def _rate_allowed(
+    rows: Sequence[Notification], buckets: Mapping[str, TokenBucket]
+) -> tuple[list[Notification], float | None, int]:
+    """The rows whose destination has a token, the shortest wait for one, how many wait."""
     allowed: list[Notification] = []
-    for row in candidates:
-        if row.id in silenced:
-            continue
+    rate_wait: float | None = None
+    rate_limited = 0
+    for row in rows:
         bucket = buckets.get(row.destination)
         if bucket is not None and not bucket.try_take():
             rate_limited += 1
@@ -149,53 +230,88 @@ def claim_due(
             rate_wait = wait if rate_wait is None else min(rate_wait, wait)
             continue
         allowed.append(row)
-    if not allowed and not silenced:
-        return ClaimRound([], rate_wait, rate_limited, suppressed)
-    with write_transaction(engine) as session:
-        for row_id, silence_id in silenced.items():
-            result = session.execute(
-                sa.update(Notification)
-                .where(Notification.id == row_id)
-                .where(_claimable(now))
-                .values(
-                    status=NotificationStatus.SUPPRESSED,
-                    silenced_by=silence_id,
-                    lease_until=None,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            suppressed += int(result.rowcount or 0)
-        if not allowed:
-            return ClaimRound([], rate_wait, rate_limited, suppressed)
-        # One conditional UPDATE for the round; RETURNING says which rows are ours
-        # (another dispatcher may have claimed some since the SELECT).
-        taken = session.execute(
+    return allowed, rate_wait, rate_limited
+
+
+def _take(
+    session: Session,
+    ids: Sequence[int | None],
+    now: datetime,
+    lease_until: datetime,
+    *,
+    probe: bool,
+) -> dict[int, int]:
+    """Lease the rows of ``ids`` that are still claimable heads; returns id -> attempt.
+
+    One conditional UPDATE; RETURNING says which rows are ours (another dispatcher may
+    have claimed some since the read, or settled an earlier row of their chain).
+    """
+    if not ids:
+        return {}
+    statement = (
+        sa.update(Notification)
+        .where(Notification.id.in_(ids))
+        .where(_claimable(Notification, now))
+        .where(is_head(Notification))
+    )
+    if not probe:
+        statement = statement.where(health.not_paused(Notification.destination))
+    taken = session.execute(
+        statement.values(
+            status=NotificationStatus.DELIVERING,
+            lease_until=lease_until,
+            attempts=Notification.attempts + 1,
+        )
+        .returning(Notification.id, Notification.attempts)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return {row_id: attempt for row_id, attempt in taken}
+
+
+def _take_probe(
+    session: Session, row: Notification, now: datetime, lease_until: datetime
+) -> dict[int, int]:
+    """Take the destination's probe token, then the row; the token goes back if the row
+    is gone."""
+    if not health.take_probe(session, row.destination, now, lease_until):
+        return {}
+    taken = _take(session, [row.id], now, lease_until, probe=True)
+    if not taken:
+        health.give_back_probe(session, row.destination, now)
+    return taken
+
+
+def _claimed(row: Notification, attempt: int, probe: bool) -> Claimed:
+    assert row.id is not None
+    return Claimed(
+        id=row.id,
+        incident_id=row.incident_id,
+        destination=row.destination,
+        event=row.event.value,
+        idempotency_key=row.idempotency_key,
+        payload=row.payload,
+        attempt=attempt,
+        probe=probe,
+    )
+
+
+def _suppress(session: Session, silenced: Mapping[int, str], now: datetime) -> int:
+    """Mark the rows a silence holds back when due; returns how many were still claimable."""
+    suppressed = 0
+    for row_id, silence_id in silenced.items():
+        result = session.exec(
             sa.update(Notification)
-            .where(Notification.id.in_([row.id for row in allowed]))
-            .where(_claimable(now))
+            .where(Notification.id == row_id)
+            .where(_claimable(Notification, now))
             .values(
-                status=NotificationStatus.DELIVERING,
-                lease_until=lease_until,
-                attempts=Notification.attempts + 1,
+                status=NotificationStatus.SUPPRESSED,
+                silenced_by=silence_id,
+                lease_until=None,
             )
-            .returning(Notification.id, Notification.attempts)
             .execution_options(synchronize_session=False)
-        ).all()
-        attempts = {row_id: attempt for row_id, attempt in taken}
-        claimed = [
-            Claimed(
-                id=row.id,
-                incident_id=row.incident_id,
-                destination=row.destination,
-                event=row.event.value,
-                idempotency_key=row.idempotency_key,
-                payload=row.payload,
-                attempt=attempts[row.id],
-            )
-            for row in allowed
-            if row.id in attempts
-        ]
-    return ClaimRound(claimed, rate_wait, rate_limited, suppressed)
+        )
+        suppressed += int(result.rowcount or 0)
+    return suppressed
 
 
 def _silenced(session: Session, rows: Sequence[Notification], now: datetime) -> dict[int, str]:
@@ -206,6 +322,7 @@ def _silenced(session: Session, rows: Sequence[Notification], now: datetime) -> 
     active = ActiveSilences.load(session, now)
     silenced: dict[int, str] = {}
     for row in pages:
+        assert row.id is not None
         if row.event in ANNOUNCEMENTS:
             silence = active.matching(row.payload.get("labels", {}))
             silence_id = silence.id if silence is not None else None
@@ -225,25 +342,37 @@ def _silenced(session: Session, rows: Sequence[Notification], now: datetime) -> 
 
 
 def next_due_s(engine: Engine, now: datetime, rate_wait: float | None) -> float | None:
-    """Seconds until a row is due (or its lease ends), or until a rate limit lets go."""
+    """Seconds until a row is due (or its lease ends), a paused destination's probe is,
+    or a rate limit lets go."""
     row = aliased(Notification)
     with session_scope(engine) as session:
         next_at = session.execute(
             sa.select(sa.func.min(_ready_at(row)))
-            .where(row.status.in_(_ACTIVE))
-            .where(_is_head(row))
+            .where(row.status.in_(UNDELIVERED))
+            .where(is_head(row))
+            # A paused destination's rows wait for its probe, but a lease ends anyway.
+            .where(
+                sa.or_(
+                    row.status == NotificationStatus.DELIVERING,
+                    health.not_paused(row.destination),
+                )
+            )
         ).scalar()
-    if next_at is None:
+        probe_at = health.next_probe_at(session)
+    times = [_aware(value) for value in (next_at, probe_at) if value is not None]
+    if not times:
         return rate_wait
-    if isinstance(next_at, str):  # SQLite returns CASE results untyped
-        next_at = datetime.fromisoformat(next_at)
-    if next_at.tzinfo is None:
-        next_at = next_at.replace(tzinfo=UTC)
-    due = max((next_at - now).total_seconds(), 0.0)
+    due = max((min(times) - now).total_seconds(), 0.0)
     if rate_wait is None:
         return due
     # Rows due now were held back by a rate limit: they wait for a token.
     return rate_wait if due <= 0 else min(due, rate_wait)
+
+
+def _aware(value: datetime | str) -> datetime:
+    if isinstance(value, str):  # SQLite returns CASE results untyped
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 # --- recording -----------------------------------------------------------------------------
@@ -256,8 +385,13 @@ def record_outcomes(
     config: NotifySettings,
     rng: random.Random,
     buckets: Mapping[str, TokenBucket],
-) -> list[NotificationStatus]:
-    """Write a round's outcomes and delivery log in one transaction; returns the new states."""
+    coalescing: Collection[str] = (),
+) -> Settled:
+    """Write a round's outcomes, delivery log and destination health in one transaction.
+
+    ``coalescing`` names the destinations whose backlog is coalesced when they come back
+    (:mod:`~genmon.incidents.ordering`).
+    """
     statuses = []
     with write_transaction(engine) as session:
         for item, result in outcomes:
@@ -270,6 +404,13 @@ def record_outcomes(
                 .values(**values)
                 .execution_options(synchronize_session=False)
             )
+            if status is NotificationStatus.DEAD and result.outcome == "retry":
+                kill_chain_after(
+                    session,
+                    item.id,
+                    f"notification {item.id} before it in this chain is dead after "
+                    f"{item.attempt} tries (notify.max_attempts)",
+                )
             session.add(
                 DeliveryAttempt(
                     notification_id=item.id,
@@ -281,6 +422,39 @@ def record_outcomes(
                     at=now,
                 )
             )
+        resumed = health.record(session, outcomes, now, config, rng, coalescing)
+    _log_outcomes(outcomes, statuses)
+    for destination in resumed:
+        log.warning("destination %s answers again: its queued notifications go out", destination)
+    return Settled(statuses, resumed)
+
+
+def kill_chain_after(session: Session, notification_id: int, reason: str) -> int:
+    """Make dead the rows still queued after ``notification_id`` in its chain: sent
+    without it they would tell the receiver a story with its start missing (a resolve
+    without its trigger). ``genmon notify retry`` requeues them together, in order."""
+    head = aliased(Notification)
+    dead_head = (
+        sa.select(head.id)
+        .where(head.id == notification_id)
+        .where(head.incident_id == Notification.incident_id)
+        .where(head.destination == Notification.destination)
+        .exists()
+    )
+    result = session.exec(
+        sa.update(Notification)
+        .where(Notification.id > notification_id)
+        .where(Notification.status == NotificationStatus.PENDING)
+        .where(dead_head)
+        .values(status=NotificationStatus.DEAD, lease_until=None, last_error=reason)
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)
+
+
+def _log_outcomes(
+    outcomes: Sequence[tuple[Claimed, DeliveryResult]], statuses: Sequence[NotificationStatus]
+) -> None:
     for (item, result), status in zip(outcomes, statuses, strict=True):
         if status is NotificationStatus.DEAD:
             log.error(
@@ -292,13 +466,13 @@ def record_outcomes(
             )
         elif status is NotificationStatus.PENDING:
             log.warning(
-                "notification %s to %s failed (attempt %d), retrying: %s",
+                "notification %s to %s failed (attempt %d%s), retrying: %s",
                 item.idempotency_key,
                 item.destination,
                 item.attempt,
+                ", probe" if item.probe else "",
                 result.error,
             )
-    return statuses
 
 
 def _next_state(
@@ -319,7 +493,9 @@ def _next_state(
         values.update(status=NotificationStatus.DELIVERED, delivered_at=now)
         return NotificationStatus.DELIVERED, values
     if result.outcome == "retry":
-        delay = retry_in_s(item.attempt, result.retry_after_s, config, rng, bucket)
+        delay = retry_in_s(
+            item.attempt, result.retry_after_s, config, rng, bucket, capped=not item.probe
+        )
         if delay is not None:
             values.update(
                 status=NotificationStatus.PENDING,

@@ -167,6 +167,12 @@ class Router:
                 )
             self.routes.append((route, parse_matchers(route.matchers)))
 
+    def avoiding(self, destination: str) -> Router:
+        """This router with ``destination`` left out of every answer; where the routes
+        name no other destination, every other configured one (an alert about
+        ``destination`` itself must reach someone, and never through it)."""
+        return _Avoiding(self, destination)
+
     def route(self, labels: dict[str, Any]) -> list[RouteTarget]:
         if not self.routes:
             return [RouteTarget(name, None) for name in self.destinations]
@@ -179,3 +185,18 @@ class Router:
             if not route.continue_:
                 break
         return list(targets.values())
+
+
+class _Avoiding(Router):
+    """A :class:`Router` that never answers one destination (see :meth:`Router.avoiding`)."""
+
+    def __init__(self, base: Router, avoided: str) -> None:  # no super(): nothing to load
+        self.destinations = base.destinations
+        self.routes = base.routes
+        self.avoided = avoided
+
+    def route(self, labels: dict[str, Any]) -> list[RouteTarget]:
+        targets = [t for t in super().route(labels) if t.destination != self.avoided]
+        if targets:
+            return targets
+        return [RouteTarget(name, None) for name in self.destinations if name != self.avoided]

@@ -23,6 +23,13 @@ Reason codes of a rejected message (``SchemaError.reason`` and ``DeadLetter.reas
 When several fields are wrong, the reason of the most fundamental problem wins
 (the order of the table above), and the error text lists every problem.
 
+NUL and lone surrogates (text PostgreSQL cannot store) are decided by the event schemas:
+refused in identifiers (``invalid_value``, naming the field), replaced by U+FFFD in free
+text (see :mod:`genmon.schemas.events`). A lone surrogate escape (``"\\ud800"`` without its
+pair, as JavaScript's ``JSON.stringify`` writes a string cut inside an emoji) is JSON the
+parser refuses, so :func:`decode` reads such a message again with each one as ``\\u0000``,
+which the schemas then decide the same way.
+
 >>> from genmon.schemas.events import InferenceEvent
 >>> try:
 ...     decode(b'{"model_id": "chat", "latency_ms": "fast"}', InferenceEvent)
@@ -34,13 +41,21 @@ wrong_type
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from genmon.exceptions import SchemaError
-from genmon.schemas.events import MAX_EVENT_BYTES, DeadLetter
+from genmon.schemas.events import (
+    LONE_SURROGATES,
+    MAX_EVENT_BYTES,
+    MAY_HOLD_NUL,
+    SANITIZED,
+    DeadLetter,
+    storable_text,
+)
 
 #: Kafka header naming the producing ``genmon.Monitor`` instance (a uuid hex string).
 HEADER_PRODUCER: Final = "genmon-producer"
@@ -76,11 +91,30 @@ _PRIORITY = {reason: rank for rank, reason in enumerate(REASONS)}
 _TOO_LONG = frozenset({"string_too_long", "too_long", "bytes_too_long"})
 _MAX_ERROR_CHARS = 2000
 
+#: One backslash escape of a JSON string: a surrogate pair, a lone surrogate, or any other.
+_ESCAPE = re.compile(
+    rb"\\(?:u[dD][89abAB][0-9a-fA-F]{2}(?:\\u[dD][c-fC-F][0-9a-fA-F]{2})?"
+    rb"|u[dD][c-fC-F][0-9a-fA-F]{2}|.)",
+    re.DOTALL,
+)
+
+_NUL_ESCAPE: Final = b"\\u0000"
+
 M = TypeVar("M", bound=BaseModel)
 
 
-def decode(raw: bytes | None, model: type[M], *, max_bytes: int = MAX_EVENT_BYTES) -> M:
-    """Parse ``raw`` JSON bytes as ``model``; raise :class:`SchemaError` with a reason code."""
+def decode(
+    raw: bytes | None,
+    model: type[M],
+    *,
+    max_bytes: int = MAX_EVENT_BYTES,
+    sanitized: list[str] | None = None,
+) -> M:
+    """Parse ``raw`` JSON bytes as ``model``; raise :class:`SchemaError` with a reason code.
+
+    ``sanitized``, when given, receives the name of each free-text field of the accepted
+    event whose NUL or lone surrogates were replaced (nothing when the message is refused).
+    """
     if not raw or raw.isspace():
         raise SchemaError("the message has no payload; send a JSON object", EMPTY_PAYLOAD)
     if len(raw) > max_bytes:
@@ -89,11 +123,53 @@ def decode(raw: bytes | None, model: type[M], *, max_bytes: int = MAX_EVENT_BYTE
             "shorten prompt/response or metadata",
             OVERSIZED,
         )
+    notes: list[str] = []
     try:
-        return model.model_validate_json(raw)
+        event = _validate(raw, model, notes)
     except ValidationError as exc:
         reason, text = classify(exc, raw)
         raise SchemaError(text, reason) from None
+    if sanitized is not None:
+        sanitized += notes
+    return event
+
+
+def _validate(raw: bytes, model: type[M], notes: list[str]) -> M:
+    """``model_validate_json``, reading lone surrogate escapes as NUL when they are why the
+    JSON was refused."""
+    # NUL can only be written \\u0000 in JSON (a raw one is refused): without it, the
+    # schemas skip their checks for unstorable text.
+    context = {SANITIZED: notes, MAY_HOLD_NUL: _NUL_ESCAPE in raw}
+    try:
+        return model.model_validate_json(raw, context=context)
+    except ValidationError as exc:
+        if not any(error["type"] == "json_invalid" for error in exc.errors()):
+            raise
+        readable = lone_surrogates_as_nul(raw)
+        if readable is None:
+            raise
+    del notes[:]
+    context = {SANITIZED: notes, MAY_HOLD_NUL: True, LONE_SURROGATES: True}
+    return model.model_validate_json(readable, context=context)
+
+
+def lone_surrogates_as_nul(raw: bytes) -> bytes | None:
+    """``raw`` with each lone surrogate escape of its JSON strings written ``\\u0000`` (same
+    length), or ``None`` when it has none.
+
+    >>> lone_surrogates_as_nul(rb'{"a": "\\ud83d\\ude00 \\ud83d \\\\ud800"}')
+    b'{"a": "\\\\ud83d\\\\ude00 \\\\u0000 \\\\\\\\ud800"}'
+    """
+    if b"\\u" not in raw:
+        return None
+    rewritten = _ESCAPE.sub(_nul_if_lone, raw)
+    return None if rewritten == raw else rewritten
+
+
+def _nul_if_lone(match: re.Match[bytes]) -> bytes:
+    escape = match.group()
+    # Only a surrogate without its pair is 6 bytes: a pair is 12, any other escape 2.
+    return b"\\u0000" if len(escape) == 6 else escape
 
 
 def classify(exc: ValidationError, raw: bytes | None = None) -> tuple[str, str]:
@@ -160,7 +236,8 @@ def dead_letter(
     kept = payload[:max_payload_bytes]
     return DeadLetter(
         reason=reason,
-        error=error[:_MAX_ERROR_CHARS],
+        # The error quotes field names (and dict keys), which may hold what it refuses.
+        error=storable_text(error[:_MAX_ERROR_CHARS]),
         source_topic=source_topic,
         partition=partition,
         offset=offset,

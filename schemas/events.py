@@ -2,6 +2,23 @@
 
 Producers in other languages get the same contract from ``genmon schemas export``.
 
+**Text the database can store.** PostgreSQL ``text`` cannot hold NUL (U+0000), and a lone
+UTF-16 surrogate (U+D800-U+DFFF: a JSON ``\\ud800`` escape without its pair, or a Python
+string cut inside one) has no UTF-8 form at all. Both pass JSON parsing, so validation
+decides them, the same way for the SDK, the worker's pydantic path and its native decoder:
+
+- *identifiers* (ids, versions, ``detector``, ``signal``, finding ``segment``, segment
+  attribute keys and values, ``error_code``, ``label``: anything grouped, joined or keyed
+  on) holding one are **refused**: ``invalid_value``, and the error names the field;
+- *free text* (``prompt``, ``response``, ``correction``, ``comment``, titles, ``reason``,
+  and every string, keys included, in ``metadata`` and ``evidence``) has each one
+  **replaced** by U+FFFD. Validation with a ``context`` holding a list under
+  :data:`SANITIZED` appends the name of each field it changed (the worker counts such
+  events, ``genmon_ingest_sanitized_total``).
+
+>>> InferenceEvent(model_id="chat", latency_ms=1.0, prompt="a\\x00b").prompt
+'a\ufffdb'
+
 >>> from genmon.schemas import InferenceEvent
 >>> e = InferenceEvent(request_id="r1", model_id="chat", model_version="v1",
 ...                    prompt="hi", response="hello", latency_ms=120.0)
@@ -12,6 +29,7 @@ Producers in other languages get the same contract from ``genmon schemas export`
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -21,11 +39,16 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StringConstraints,
+    ValidationInfo,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 #: The wire version every event carries; readers reject versions they do not know.
 SCHEMA_VERSION: Final = 1
@@ -39,11 +62,155 @@ MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_METADATA_KEYS = 64
 MAX_EVENT_BYTES = 256 * 1024
 
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
-Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+#: Code points PostgreSQL ``text`` cannot store: NUL and the UTF-16 surrogates.
+UNSTORABLE: Final = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT_CHARACTER: Final = "\ufffd"
+#: Validation context key: a list receiving the name of each free-text field changed.
+SANITIZED: Final = "genmon_sanitized"
+#: Validation context key: ``False`` when the codec saw that the JSON cannot hold NUL (it
+#: has no ``\\u0000`` escape), so the checks below are skipped: they cost more than the
+#: rest of validating an event with a long prompt.
+MAY_HOLD_NUL: Final = "genmon_may_hold_nul"
+#: Validation context key: set by the codec when it read lone surrogate escapes as NUL.
+LONE_SURROGATES: Final = "genmon_lone_surrogates"
+#: The exported JSON Schema's word for "no NUL" (surrogates cannot be said portably: an
+#: ECMA-262 class without the ``u`` flag would also refuse every valid surrogate pair).
+_NO_NUL_PATTERN: Final = "^[^\\u0000]*$"
 
 
-def _check_attributes(value: dict[str, str]) -> dict[str, str]:
+def storable_text(value: str) -> str:
+    """``value`` with each NUL and lone surrogate replaced by U+FFFD."""
+    return UNSTORABLE.sub(REPLACEMENT_CHARACTER, value)
+
+
+def _checks(info: ValidationInfo) -> bool:
+    """Whether this input may hold NUL or surrogates at all."""
+    context = info.context
+    return not isinstance(context, dict) or context.get(MAY_HOLD_NUL) is not False
+
+
+def _holds_unstorable(value: str, info: ValidationInfo) -> bool:
+    # JSON text cannot carry a lone surrogate (the parser refuses it, the codec reads it
+    # as NUL), and an ASCII string holds none: the costly scan is for Python strings only.
+    if "\x00" in value:
+        return True
+    return info.mode == "python" and not value.isascii() and UNSTORABLE.search(value) is not None
+
+
+def _unstorable(value: str, info: ValidationInfo) -> str | None:
+    """Why ``value`` cannot be an identifier, or ``None`` when it can."""
+    if not _holds_unstorable(value, info):
+        return None
+    match = UNSTORABLE.search(value)
+    assert match is not None
+    char = match.group()
+    if char != "\x00":
+        what = f"a lone surrogate (U+{ord(char):04X})"
+    elif isinstance(info.context, dict) and info.context.get(LONE_SURROGATES):
+        what = "NUL (U+0000) or a lone surrogate escape (\\ud800-\\udfff)"
+    else:
+        what = "NUL (U+0000)"
+    return (
+        f"holds {what} at character {match.start()}, which PostgreSQL text cannot store;"
+        " identifiers must not (free text has it replaced by U+FFFD)"
+    )
+
+
+def _check_identifier(value: Any, info: ValidationInfo) -> Any:
+    # Before pydantic's own str check, which would refuse a lone surrogate as "unable to
+    # parse raw data as a unicode string", without saying what is wrong.
+    if isinstance(value, str) and _checks(info):
+        why = _unstorable(value, info)
+        if why is not None:
+            raise ValueError(why)
+    return value
+
+
+def _note_sanitized(info: ValidationInfo) -> None:
+    """Tell a caller that passed a :data:`SANITIZED` list that ``info``'s field changed."""
+    context = info.context
+    noted = context.get(SANITIZED) if isinstance(context, dict) else None
+    if isinstance(noted, list):
+        noted.append(info.field_name or "?")
+
+
+def _clean_text(value: Any, info: ValidationInfo) -> Any:
+    # Before pydantic's own str check, which refuses lone surrogates.
+    if not isinstance(value, str) or not _checks(info) or not _holds_unstorable(value, info):
+        return value
+    _note_sanitized(info)
+    return storable_text(value)
+
+
+def _json_unstorable(value: Any, info: ValidationInfo) -> bool:
+    """Whether a JSON-like value holds an unstorable code point in any string or key."""
+    if isinstance(value, str):
+        return _holds_unstorable(value, info)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _json_unstorable(key, info) or _json_unstorable(item, info):
+                return True
+    elif isinstance(value, list | tuple):
+        for item in value:
+            if _json_unstorable(item, info):
+                return True
+    return False
+
+
+def _json_storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {_json_storable(k): _json_storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_storable(item) for item in value]
+    return value
+
+
+def _clean_json(value: Any, info: ValidationInfo) -> Any:
+    """Free-form JSON (metadata, evidence) is free text, keys included."""
+    if not value or not isinstance(value, dict) or not _checks(info):
+        return value
+    if not _json_unstorable(value, info):
+        return value
+    _note_sanitized(info)
+    return _json_storable(value)
+
+
+class _NoNul:
+    """Says "no NUL" in the exported JSON Schema of an identifier."""
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        out = handler(schema)
+        out["pattern"] = _NO_NUL_PATTERN
+        return out
+
+
+#: Strings grouped, joined or keyed on: NUL and lone surrogates are refused.
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_CHARS),
+    BeforeValidator(_check_identifier),
+    _NoNul(),
+]
+#: A short code (``error_code``, ``label``): may be empty.
+Code = Annotated[
+    str, StringConstraints(max_length=128), BeforeValidator(_check_identifier), _NoNul()
+]
+FindingSegment = Annotated[
+    str, StringConstraints(max_length=512), BeforeValidator(_check_identifier), _NoNul()
+]
+#: Free text: NUL and lone surrogates become U+FFFD.
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS), BeforeValidator(_clean_text)]
+Title = Annotated[str, StringConstraints(max_length=512), BeforeValidator(_clean_text)]
+Reason = Annotated[str, StringConstraints(max_length=1024), BeforeValidator(_clean_text)]
+#: Free-form JSON (``evidence``): every string in it is free text.
+FreeJson = Annotated[dict[str, Any], BeforeValidator(_clean_json)]
+
+
+def _check_attributes(value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
     if len(value) > MAX_ATTRIBUTES:
         raise ValueError(f"at most {MAX_ATTRIBUTES} segment attributes, got {len(value)}")
     for key, item in value.items():
@@ -53,6 +220,12 @@ def _check_attributes(value: dict[str, str]) -> dict[str, str]:
             )
         if len(item) > MAX_ATTRIBUTE_VALUE_CHARS:
             raise ValueError(f"attribute {key!r} is longer than {MAX_ATTRIBUTE_VALUE_CHARS} chars")
+    if value and _checks(info):
+        for key, item in value.items():
+            for what, text in (("key", key), ("value", item)):
+                why = _unstorable(text, info)
+                if why is not None:
+                    raise ValueError(f"attribute {what} {text[:20]!r} {why}")
     return value
 
 
@@ -70,14 +243,23 @@ Attributes = Annotated[
     Field(
         json_schema_extra={
             "maxProperties": MAX_ATTRIBUTES,
-            "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY_CHARS},
-            "additionalProperties": {"type": "string", "maxLength": MAX_ATTRIBUTE_VALUE_CHARS},
+            "propertyNames": {
+                "minLength": 1,
+                "maxLength": MAX_ATTRIBUTE_KEY_CHARS,
+                "pattern": _NO_NUL_PATTERN,
+            },
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": MAX_ATTRIBUTE_VALUE_CHARS,
+                "pattern": _NO_NUL_PATTERN,
+            },
         }
     ),
 ]
 Metadata = Annotated[
     dict[str, Any],
     AfterValidator(_check_metadata),
+    BeforeValidator(_clean_json),
     Field(json_schema_extra={"maxProperties": MAX_METADATA_KEYS}),
 ]
 
@@ -163,7 +345,7 @@ class InferenceEvent(_Event):
     prompt_tokens: int | None = Field(None, ge=0, le=10_000_000)
     completion_tokens: int | None = Field(None, ge=0, le=10_000_000)
     status: InferenceStatus = InferenceStatus.OK
-    error_code: Annotated[str, StringConstraints(max_length=128)] | None = None
+    error_code: Code | None = None
     finish_reason: FinishReason | None = None
     segment: Attributes = Field(default_factory=dict)
     subject_id: Identifier | None = Field(
@@ -196,7 +378,7 @@ class FeedbackEvent(_Event):
     created_at: AwareDatetime = Field(default_factory=utcnow)
     score: float | None = Field(None, ge=0.0, le=1.0, description="0 = worst, 1 = best")
     thumbs: Thumbs | None = None
-    label: Annotated[str, StringConstraints(max_length=128)] | None = None
+    label: Code | None = None
     correction: Text | None = None
     comment: Text | None = None
     segment: Attributes = Field(default_factory=dict)
@@ -229,7 +411,7 @@ class Finding(_Event):
     detector: Identifier
     kind: FindingKind
     signal: Identifier = Field(description="what was measured: latency_p99, embedding, ...")
-    segment: Annotated[str, StringConstraints(max_length=512)] | None = None
+    segment: FindingSegment | None = None
     window_start: AwareDatetime | None = None
     window_end: AwareDatetime | None = None
     score: float
@@ -238,7 +420,7 @@ class Finding(_Event):
     p_value: float | None = None
     effect_size: float | None = None
     n_seen: int = 0
-    evidence: dict[str, Any] = Field(default_factory=dict)
+    evidence: FreeJson = Field(default_factory=dict)
     emitted_at: AwareDatetime = Field(default_factory=utcnow)
     severity: Severity | None = Field(
         None,
@@ -247,7 +429,7 @@ class Finding(_Event):
             " incident manager derives it from score/threshold and effect-size bands"
         ),
     )
-    title: Annotated[str, StringConstraints(max_length=512)] | None = Field(
+    title: Title | None = Field(
         None,
         description=(
             "what happened, with numbers (e.g. 'TTFT p95 2.4 s, baseline 0.6 s, support-bot"
@@ -282,7 +464,7 @@ class IncidentEvent(_Event):
     model_id: Identifier
     status: IncidentStatus
     severity: Severity
-    title: Annotated[str, StringConstraints(max_length=512)]
+    title: Title
     transition: Identifier = Field(description="opened, updated, acknowledged, resolved, reopened")
     actor: Identifier = "genmon"
     at: AwareDatetime = Field(default_factory=utcnow)
@@ -294,7 +476,7 @@ class RetrainRequest(_Event):
     job_id: Identifier = Field(default_factory=new_id)
     model_id: Identifier
     base_version: Identifier
-    reason: Annotated[str, StringConstraints(max_length=1024)] = ""
+    reason: Reason = ""
     incident_id: Identifier | None = None
     examples_since: AwareDatetime | None = None
     min_examples: int = Field(100, ge=1)

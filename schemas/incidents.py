@@ -11,6 +11,7 @@
   for the configured destinations, and every transition for the incidents topic (rows of
   the reserved destination :data:`INCIDENTS_TOPIC_DESTINATION`).
 - ``delivery_attempt``: the delivery log of each notification.
+- ``destination_state``: failing and paused destinations, shared by the dispatchers.
 - ``finding_seen``: dedup keys of findings already applied, pruned after a retention.
 
 >>> from genmon.schemas.incidents import IncidentCreate
@@ -74,6 +75,9 @@ class NotificationStatus(StrEnum):
     DELIVERED = "delivered"
     DEAD = "dead"
     SUPPRESSED = "suppressed"
+    SUPERSEDED = "superseded"
+    """Not sent: a later notification of the same incident and destination replaces it
+    (see :mod:`genmon.incidents.ordering`)."""
 
 
 class Transition(StrEnum):
@@ -265,6 +269,30 @@ class Notification(SQLModel, table=True):
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
     delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    requeued_at: datetime | None = Field(
+        default=None,
+        sa_type=UTCDateTime,
+        description="when `genmon notify retry` requeued it: its retry horizon starts again",
+    )
+
+
+class DestinationState(SQLModel, table=True):
+    """How one destination fares, shared by every dispatcher: failing, paused, probed.
+
+    No row (or zero failures) is a healthy destination. ``paused_until`` set means paused:
+    its notifications wait, and one probe may go out at that time.
+    """
+
+    __tablename__ = "destination_state"
+
+    destination: str = Field(primary_key=True, max_length=MAX_ID_CHARS)
+    consecutive_failures: int = 0
+    probe_failures: int = 0
+    """Probes failed since the pause began: the exponent of the next probe's backoff."""
+    failing_since: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    paused_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, sa_type=sa.Text)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
 class DeliveryAttempt(SQLModel, table=True):

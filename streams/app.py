@@ -121,6 +121,7 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         broker_commit_every=worker.commit_every,
+        broker_commit_interval=worker.commit_interval_s,
         broker_session_timeout=worker.session_timeout_s,
         broker_heartbeat_interval=worker.heartbeat_interval_s,
         # Faust refuses a session timeout above the request timeout (90 s by default).

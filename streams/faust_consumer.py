@@ -48,6 +48,7 @@ FAUST_PRIVATE_INTERFACE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "_to_message",
             "_add_gap",
             "_read_offset",
+            "_thread",
             "_buffered_partitions",
             "_unacked_messages",
             "_waiting_for_ack",
@@ -60,8 +61,12 @@ FAUST_PRIVATE_INTERFACE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "force_commit",
         ),
     ),
-    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread", ("_create_worker_consumer",)),
-    ("aiokafka.consumer.consumer", "AIOKafkaConsumer", ("_fetch_max_wait_ms",)),
+    (
+        "faust.transport.drivers.aiokafka",
+        "AIOKafkaConsumerThread",
+        ("_create_worker_consumer", "_ensure_consumer"),
+    ),
+    ("aiokafka.consumer.consumer", "AIOKafkaConsumer", ("_fetch_max_wait_ms", "_subscription")),
 )
 
 #: The Faust methods whose logic :class:`BatchingConsumer` repeats or wraps, with the first
@@ -92,6 +97,25 @@ def read_position(consumer: Any, tp: TP) -> int | None:
     it privately; the pipeline's lag gauge reads it through here)."""
     position: int | None = consumer._read_offset.get(tp)
     return position
+
+
+def fetch_progress(consumer: Any, tp: TP) -> tuple[int, float, int | None] | None:
+    """``(highwater, fetched_at, handled)`` of ``tp``: the broker's end offset and the wall
+    time (s) of the last fetch response for it, and the last offset this worker has
+    handled (``None`` before its first batch); ``None`` before the first fetch response
+    or when the partition is not assigned here.
+
+    aiokafka updates the highwater and its timestamp on every fetch response, records or
+    not, so a stale timestamp means the broker has not answered (the pipeline's idle
+    clock stops then; see ``Pipeline._caught_up``). The handled offset is Faust's read
+    offset, which :class:`BatchingConsumer` sets once a batch's handler has returned (the
+    fetch position would count records fetched and still waiting).
+    """
+    aiokafka_consumer = consumer._thread._ensure_consumer()
+    state = aiokafka_consumer._subscription.subscription.assignment.state_value(tp)
+    if state is None or state.highwater is None or state.timestamp is None:
+        return None
+    return int(state.highwater), state.timestamp / 1000, read_position(consumer, tp)
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):

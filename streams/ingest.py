@@ -12,6 +12,10 @@ from their streams. Per batch:
    Inference batches go through the native decoder first (:mod:`genmon.streams.native`,
    ``worker.native_ingest``), which reads most events without building pydantic objects
    and leaves every other message to ``decode``: same events, same dead letters;
+   then counts each message once, at the end of the batch: ``genmon_ingest_valid_total``
+   or ``genmon_ingest_invalid_total`` (one per dead letter, by reason), and
+   ``genmon_ingest_sanitized_total`` for valid ones whose free text held NUL or lone
+   surrogates (replaced by U+FFFD; see :mod:`genmon.schemas.events`);
 2. follows the SDK's ``genmon-producer``/``genmon-seq`` headers to count events
    lost (``gaps``), arriving late (``out_of_order``) or twice (``duplicates``);
 3. writes the dead letters, then waits for the broker to accept them, so a batch is
@@ -41,7 +45,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 from genmon.exceptions import SchemaError
@@ -293,6 +297,16 @@ class SequenceTracker:
 
 
 @dataclass
+class Tally:
+    """What one batch adds to the ingest counters, applied once by :meth:`Ingestor.count`:
+    each message is valid or invalid exactly once, and each invalid one is a dead letter."""
+
+    valid: Counter[str] = field(default_factory=Counter)
+    invalid: Counter[tuple[str, str]] = field(default_factory=Counter)
+    sanitized: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
 class BatchResult(Generic[E]):
     """Outcome of validating one batch.
 
@@ -303,6 +317,7 @@ class BatchResult(Generic[E]):
     valid: list[E]
     dead: list[tuple[bytes | None, DeadLetter]]
     positions: list[tuple[int, int]]
+    tally: Tally = field(default_factory=Tally)
 
 
 class Ingestor:
@@ -334,20 +349,24 @@ class Ingestor:
     ) -> BatchResult[E]:
         """Decode a batch and update the counters (the sequence counters only with
         ``sequences``); no I/O."""
-        valid: list[E] = []
-        positions: list[tuple[int, int]] = []
-        dead: list[tuple[bytes | None, DeadLetter]] = []
-        valid_by_topic: Counter[str] = Counter()
-        invalid: Counter[tuple[str, str]] = Counter()
-        max_payload = self.settings.worker.dlq_max_payload_bytes
         if sequences:
             self._count_sequences(messages)
+        result = self._decode(model, messages)
+        self.count(result.tally)
+        return result
+
+    def _decode(self, model: type[E], messages: Sequence[SourceMessage]) -> BatchResult[E]:
+        """Decode a batch into events and dead letters, tallied but not yet counted."""
+        result: BatchResult[E] = BatchResult([], [], [])
+        tally = result.tally
+        max_payload = self.settings.worker.dlq_max_payload_bytes
+        sanitized: list[str] = []
         for message in messages:
             topic = message.topic
             try:
-                event = decode(message.value, model)
+                event = decode(message.value, model, sanitized=sanitized)
             except SchemaError as exc:
-                invalid[(topic, exc.reason)] += 1
+                tally.invalid[(topic, exc.reason)] += 1
                 record = dead_letter(
                     message.value,
                     reason=exc.reason,
@@ -357,17 +376,26 @@ class Ingestor:
                     offset=message.offset,
                     max_payload_bytes=max_payload,
                 )
-                dead.append((message.key, record))
+                result.dead.append((message.key, record))
                 continue
-            valid.append(event)
-            positions.append((message.partition, message.offset))
-            valid_by_topic[topic] += 1
+            if sanitized:
+                tally.sanitized[topic] += 1
+                sanitized.clear()
+            result.valid.append(event)
+            result.positions.append((message.partition, message.offset))
+            tally.valid[topic] += 1
+        return result
+
+    def count(self, tally: Tally) -> None:
+        """Add one batch's tally to the counters; called once per batch."""
         metrics = self.metrics
-        for topic, count in valid_by_topic.items():
-            metrics.ingest_valid.labels(topic).inc(count)
-        for (topic, reason), count in invalid.items():
+        for topic, count in tally.valid.items():
+            if count:
+                metrics.ingest_valid.labels(topic).inc(count)
+        for (topic, reason), count in tally.invalid.items():
             metrics.ingest_invalid.labels(topic, reason).inc(count)
-        return BatchResult(valid, dead, positions)
+        for topic, count in tally.sanitized.items():
+            metrics.ingest_sanitized.labels(topic).inc(count)
 
     def validate_inferences(
         self, messages: Sequence[SourceMessage]
@@ -376,7 +404,10 @@ class Ingestor:
 
         Messages the decoder defers go through :func:`~genmon.schemas.codec.decode` as in
         :meth:`validate`: rejects become dead letters, valid ones join the batch in their
-        canonical JSON.
+        canonical JSON. Should the decoder refuse a canonical form too (a valid event it
+        does not read: a year outside 1970-2200, metadata nested deeper than it follows), the
+        whole batch takes the Python path instead. Either way the counters are updated
+        once, at the end, from the outcome returned.
         """
         decoder = self.decoder
         if decoder is None:
@@ -389,7 +420,7 @@ class Ingestor:
         self._count_sequences(messages)  # in message order, before any deferred one
         deferred = [messages[i] for i in batch.deferred]
         deferred_index = {(messages[i].partition, messages[i].offset): i for i in batch.deferred}
-        result = self.validate(InferenceEvent, deferred, sequences=False)
+        result = self._decode(InferenceEvent, deferred)
         if result.valid:
             again = decoder.extend(
                 batch,
@@ -398,15 +429,14 @@ class Ingestor:
                 [offset for _, offset in result.positions],
                 MAX_EVENT_BYTES,
             )
-            if again:  # pragma: no cover - a canonical form the fast path cannot read
-                log.warning("native decoder refused %d canonical events", len(again))
+            if again:
+                log.info("native decoder refused %d canonical events", len(again))
                 result = self.validate(InferenceEvent, messages, sequences=False)
                 return InferenceBatch(None, result.valid, result.positions), result.dead
-        by_topic = Counter(message.topic for message in messages)
-        by_topic.subtract(message.topic for message in deferred)
-        for topic, count in by_topic.items():
-            if count:
-                self.metrics.ingest_valid.labels(topic).inc(count)
+        # The natively read messages are valid, never sanitized (the decoder defers those).
+        result.tally.valid.update(message.topic for message in messages)
+        result.tally.valid.subtract(message.topic for message in deferred)
+        self.count(result.tally)
         canonical_of = [deferred_index[position] for position in result.positions]
         return InferenceBatch(batch, canonical_of=canonical_of), result.dead
 

@@ -33,6 +33,12 @@ class WorkerMetrics:
             ["topic", "reason"],
             registry=r,
         )
+        self.ingest_sanitized = Counter(
+            "genmon_ingest_sanitized",
+            "Accepted messages whose free text held NUL or lone surrogates, replaced by U+FFFD",
+            ["topic"],
+            registry=r,
+        )
         self.sequence_gaps = Counter(
             "genmon_ingest_sequence_gaps",
             "Events missing from a producer's sequence (lost or dropped by the SDK)",
@@ -104,6 +110,7 @@ class WorkerMetrics:
             "valid_by_topic": by_label[("genmon_ingest_valid_total", "topic")],
             "invalid_by_topic": by_label[("genmon_ingest_invalid_total", "topic")],
             "invalid_by_reason": by_label[("genmon_ingest_invalid_total", "reason")],
+            "sanitized": total("genmon_ingest_sanitized_total"),
             "gaps": total("genmon_ingest_sequence_gaps_total"),
             "out_of_order": total("genmon_ingest_out_of_order_total"),
             "duplicates": total("genmon_ingest_duplicates_total"),

@@ -10,8 +10,12 @@ a *fast path* beside the pydantic one, never a second definition of the schema:
   batch in its canonical form (``model_dump_json``), which the fast path always reads.
   What it defers: absent ``request_id`` or ``started_at`` (their defaults are generated),
   numbers in strings, ``5.0`` for a count, timestamps not of the form
-  ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)`` or outside 1970-2200, repeated keys, and
-  anything invalid.
+  ``YYYY-MM-DDTHH:MM:SS[.ffffff](Z|±HH:MM)`` or outside 1970-2200, repeated keys, any
+  string (metadata included) holding NUL or a lone surrogate (the Python validator refuses
+  them in identifiers and replaces them in free text, and counts what it changed),
+  metadata nested deeper than 128 levels, and anything invalid. Should it refuse a
+  canonical form too (a year outside its range, deep metadata), ingest decodes the whole
+  batch with pydantic instead, counting each message once.
 - :meth:`Batch.aggregate` does the per-event work of
   :meth:`~genmon.streams.windows.state.WindowState.on_inferences` for one partition:
   the offset filter, future and late events, the quality signals

@@ -62,13 +62,20 @@ Their ``"*"`` series (tumbling windows only) also carry ``sketches``: ``latency_
 versions' sketches while they fit ``aggregates.SKETCH_BUDGET_BYTES`` (64 KiB, taken from
 the series budget). Hopping windows and segment series carry none.
 
-**Delivery guarantees.** Aggregates and joins are effectively-once per partition when
-ingest reports source offsets (redelivered events at or below the checkpointed offset are
-skipped; a crash loses the writes since the last flush, and Kafka redelivers their events
-from the last commit). Closed windows and findings are at-least-once: a crash after
-sending but before the next flush re-sends them; the runner skips windows it has applied
-and the incident manager drops findings whose ``dedup_key`` (fingerprint + window end) it
-has seen.
+**Delivery guarantees** (RELIABILITY.md). Aggregates and joins are effectively-once per
+partition when ingest reports source offsets (redelivered events at or below the
+checkpointed offset are skipped; a crash loses the writes since the last flush, and Kafka
+redelivers their events from the last commit). Every accepted inference is in exactly one
+tumbling window record; an event whose window has closed is counted late, one stamped too
+far ahead future (``genmon_pipeline_unaccounted_events`` checks it). A closing window's
+record goes to the window stage's outbox and is flushed before it is sent, so a crash or
+a rebalance re-sends the same record, never a recomputed one; idle watermarks advance
+only while the partition is caught up with a broker that answers, so an outage or a
+backlog does not close windows before their events arrive. Closed windows and findings
+are at-least-once: the runner skips windows it has applied and the incident manager
+drops findings whose ``dedup_key`` (fingerprint + window end) it has seen. Labelled
+examples are stored at least once (idempotent insert; while the database is down they
+wait in ``<prefix>.examples-retry``, see :mod:`~genmon.streams.labelled_examples`).
 Producers must key inference and feedback by model id (the SDK does), so a model's
 events, its feedback and its windows share one partition number.
 """
@@ -83,6 +90,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from faust.types import TP
 
 from genmon.schemas.codec import encode
 from genmon.schemas.events import FeedbackEvent, Finding
@@ -90,16 +98,18 @@ from genmon.settings import Settings
 from genmon.streams import native
 from genmon.streams.detection.embedding_series import embedding_key
 from genmon.streams.detection.runner import DetectorRunner
-from genmon.streams.faust_consumer import read_position
-from genmon.streams.labelled_examples import LabelledExampleSink
+from genmon.streams.faust_consumer import fetch_progress, read_position
+from genmon.streams.labelled_examples import (
+    LabelledExampleSink,
+    install_retry_agent,
+    make_sink,
+)
 from genmon.streams.partitioning import group_by_partition, partition_for
 from genmon.streams.pipeline_metrics import PipelineMetrics
 from genmon.streams.table_store import TableStore
 from genmon.streams.windows.state import WindowState
 
 if TYPE_CHECKING:
-    from faust.types import TP
-
     from genmon.streams.app import GenmonApp
     from genmon.streams.ingest import InferenceBatch
 
@@ -140,10 +150,15 @@ class Pipeline:
         self.detector_store = TableStore(self.detector_table)
         self.embedding_store = TableStore(self.embedding_table)
         self.metrics = PipelineMetrics(app.genmon.metrics.registry)
-        self.examples = LabelledExampleSink(settings.database.url, self.metrics)
+        # Stored before each checkpoint, or durable in <prefix>.examples-retry.
+        self.examples: LabelledExampleSink = make_sink(app, settings, self.metrics)
         self.inference_topic = settings.topic("inference")
         self.feedback_topic = settings.topic("feedback")
         self._lock = asyncio.Lock()
+        #: Per partition: since when the closing timer has seen it caught up, and when
+        #: it last looked (see _caught_up_since).
+        self._caught_up_from: dict[int, float] = {}
+        self._last_check: dict[int, float] = {}
         self._runner_lock = asyncio.Lock()
         # Embedding submits read, compute (in a thread) and write their series' state:
         # serialised among themselves, and never holding up the window detectors.
@@ -156,7 +171,7 @@ class Pipeline:
         async with self._lock:
             for partition in batch.partitions():
                 out = self.core.on_batch(partition, batch)
-                await self.examples.write(out.examples)
+                await self.examples.write(out.examples, self.inference_topic, partition)
                 self.core.checkpoint(partition)
             self.metrics.sync(self.core)
 
@@ -164,7 +179,7 @@ class Pipeline:
         async with self._lock:
             for partition, items in group_by_partition(events, self.partitions).items():
                 out = self.core.on_feedback(partition, items, checkpoint=False)
-                await self.examples.write(out.examples)
+                await self.examples.write(out.examples, self.feedback_topic, partition)
                 self.core.checkpoint(partition)
             self.metrics.sync(self.core)
 
@@ -174,13 +189,26 @@ class Pipeline:
         return sorted(tp.partition for tp in assignment if tp.topic == self.inference_topic)
 
     async def close_windows(self) -> int:
-        """Close due windows of every owned partition; return how many were emitted."""
+        """Close due windows of every owned partition; return how many were emitted.
+
+        The closed windows' records and marks are flushed to the changelog before the
+        records are sent (the window stage's outbox, see
+        :meth:`~genmon.streams.windows.state.WindowState.due_windows`): a window that a
+        crash or a rebalance interrupts is sent again as it was. A send that fails (the
+        broker is down) leaves its records in the outbox for the next tick.
+        """
         if self.app.rebalancing:
             return 0
         sent = 0
         async with self._lock:
-            for partition in self.owned_partitions():
-                windows = self.core.due_windows(partition)
+            due = {
+                partition: self.core.due_windows(partition, self._caught_up_since(partition))
+                for partition in self.owned_partitions()
+            }
+            if any(due.values()):
+                self.core.flush()
+                await self.state_store.wait_sent()
+            for partition, windows in due.items():
                 acks = [
                     await self.windows_topic.send(
                         key=window["model_id"].encode(),
@@ -189,7 +217,6 @@ class Pipeline:
                     )
                     for window in windows
                 ]
-                # Only after the broker has them are they marked closed and their panes dropped.
                 await asyncio.gather(*acks)
                 self.core.windows_sent(partition, windows)
                 for window in windows:
@@ -203,8 +230,46 @@ class Pipeline:
                         log.exception("detector runner failed on a closed window")
                 sent += len(windows)
             self.metrics.sync(self.core)
+            self.metrics.sync_invariant(self.core)
         self._update_lag()
         return sent
+
+    def _caught_up_since(self, partition: int) -> float | None:
+        """The wall time since which this timer has seen ``partition`` caught up at every
+        tick, ``None`` when it is not now.
+
+        A tick that comes late (the timer waited for the lock while a flush waited for a
+        frozen broker) cannot vouch for the time before it: the span restarts there.
+        """
+        now = time.time()
+        last, self._last_check[partition] = self._last_check.get(partition), now
+        if not self._caught_up(partition):
+            self._caught_up_from.pop(partition, None)
+            return None
+        gap = now - last if last is not None else float("inf")
+        if partition not in self._caught_up_from or gap > self.settings.windows.idle_timeout_s / 2:
+            self._caught_up_from[partition] = now
+        return self._caught_up_from[partition]
+
+    def _caught_up(self, partition: int) -> bool:
+        """True when the worker has handled every inference the broker held for
+        ``partition`` at a fetch answered within half the idle timeout.
+
+        Only then may idle models' watermarks advance with the wall clock: during a broker
+        outage, a freeze or a backlog, no events is not idleness, and closing windows by
+        the wall clock would shut out the events still to come.
+        """
+        consumer = getattr(self.app, "_consumer", None)
+        if consumer is None:
+            return True  # not consuming from Kafka (tests driving the pipeline directly)
+        progress = fetch_progress(consumer, TP(self.inference_topic, partition))
+        if progress is None:
+            return False
+        highwater, fetched_at, handled = progress
+        if handled is None:  # no batch handled since the assignment: what the state holds
+            handled = self.core.applied_offset(partition)
+        recent = time.time() - fetched_at < self.settings.windows.idle_timeout_s / 2
+        return recent and handled + 1 >= highwater
 
     def _update_lag(self) -> None:
         consumer = getattr(self.app, "_consumer", None)
@@ -338,6 +403,9 @@ def install_pipeline(app: GenmonApp, settings: Settings | None = None) -> Pipeli
     )
     app.genmon.sinks.add_feedback_sink(pipeline.on_feedback, name="pipeline.join")
     app.genmon.pre_commit_hooks.append(pipeline.flush)
+    # Labelled examples need no hook: each is stored, or acknowledged in the retry topic,
+    # before its batch is checkpointed; the retry agent acknowledges its records by hand.
+    install_retry_agent(app, pipeline.examples)
     pipeline.state_table.on_recover(pipeline.on_recovered)
 
     @app.on_partitions_revoked.connect

@@ -9,6 +9,7 @@ counts over to Prometheus after each batch, window closing or detector run of th
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,9 @@ from prometheus_client import Counter, Gauge, Histogram
 if TYPE_CHECKING:
     from genmon.streams.detection.runner import DetectorRunner
     from genmon.streams.windows.state import WindowState
+
+
+log = logging.getLogger(__name__)
 
 
 class PipelineMetrics:
@@ -54,6 +58,17 @@ class PipelineMetrics:
         )
         self.windows_closed = Counter(
             "genmon_pipeline_windows_closed", "Closed windows emitted", ["kind"], registry=r
+        )
+        self.windowed = Counter(
+            "genmon_pipeline_windowed_events",
+            "Requests in the all-traffic series of closed tumbling windows",
+            registry=r,
+        )
+        self.unaccounted = Gauge(
+            "genmon_pipeline_unaccounted_events",
+            "Requests added to panes that no tumbling window holds or will hold (the "
+            "exact-windows invariant: anything but 0 is a bug)",
+            registry=r,
         )
         self.joined = Counter("genmon_join_joined", "Feedback joined to its inference", registry=r)
         self.orphaned = Counter(
@@ -97,11 +112,33 @@ class PipelineMetrics:
         )
         self.examples = Counter(
             "genmon_join_examples_written",
-            "Labelled examples inserted (duplicates excluded)",
+            "Labelled example rows inserted: new rows only, a duplicate of a stored"
+            " (model, request) is not counted",
+            registry=r,
+        )
+        self.examples_pending = Gauge(
+            "genmon_join_examples_pending",
+            "Labelled example rows this worker holds in memory until the database or the"
+            " retry topic has them (those waiting in <prefix>.examples-retry are its lag)",
+            registry=r,
+        )
+        self.examples_deferred = Counter(
+            "genmon_join_examples_deferred",
+            "Labelled example rows handed to <prefix>.examples-retry to wait for the database",
+            registry=r,
+        )
+        self.examples_failed = Counter(
+            "genmon_join_examples_failed",
+            "Labelled example rows (or unreadable retry records) that can never be stored:"
+            " logged with the reason and dead-lettered",
             registry=r,
         )
         self.example_errors = Counter(
-            "genmon_join_example_errors", "Batches of labelled examples that failed", registry=r
+            "genmon_join_example_errors",
+            "Inserts of labelled examples that failed: transient (the rows wait and are"
+            " retried) or permanent (a refused row; the statement is split to isolate it)",
+            ["kind"],
+            registry=r,
         )
         self.findings = Counter(
             "genmon_findings_published", "Findings published", ["detected"], registry=r
@@ -125,6 +162,19 @@ class PipelineMetrics:
                 self.series_evicted.labels(reason).inc(delta)
             self._last[name] = value
 
+    def sync_invariant(self, core: WindowState) -> None:
+        """Check the exact-windows invariant (a scan of the all-traffic panes: once per
+        closing tick, not per batch) and log when it breaks."""
+        unaccounted = core.unaccounted()
+        if unaccounted and unaccounted != self._last.get("unaccounted", 0):
+            log.error(
+                "%d requests entered panes whose tumbling window had closed: they are in "
+                "no window record and no late counter",
+                unaccounted,
+            )
+        self._last["unaccounted"] = unaccounted
+        self.unaccounted.set(unaccounted)
+
     def sync(self, core: WindowState) -> None:
         """Carry the core's counters over (they only grow) and refresh the gauges."""
         c = core.counters
@@ -135,6 +185,7 @@ class PipelineMetrics:
             ("late_feedback", c.late_feedback, self.late.labels("feedback")),
             ("skew", c.skew_dropped, self.skew),
             ("redelivered", c.redelivered_skipped, self.redelivered),
+            ("windowed", c.windowed_events, self.windowed),
             ("joined", c.joined, self.joined),
             ("orphaned", c.orphaned, self.orphaned),
             ("evicted", c.join_evicted, self.evicted),

@@ -1,6 +1,9 @@
-"""``genmon notify``: the outbox of pages: deliver, list, retry dead ones (on-call)."""
+"""``genmon notify``: the outbox of pages: deliver, list, destinations' health, retry dead
+ones (on-call)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import click
 
@@ -47,7 +50,9 @@ def notify_dispatch(once: bool, url: str | None) -> None:
 @notify.command("list")
 @click.option(
     "--status",
-    type=click.Choice(["pending", "delivering", "delivered", "dead", "suppressed", "all"]),
+    type=click.Choice(
+        ["pending", "delivering", "delivered", "dead", "suppressed", "superseded", "all"]
+    ),
     default="all",
     show_default=True,
 )
@@ -92,27 +97,71 @@ def notify_list(
     echo_table(rows, ["ID", "INCIDENT", "EVENT", "DESTINATION", "STATUS", "TRIES", "WHEN", "ERROR"])
 
 
+@notify.command("status")
+@json_option()
+@database_option
+def notify_status(as_json: bool, url: str | None) -> None:
+    """Each destination: ok, failing or paused (next probe), queued and dead notifications."""
+    from genmon.db import session_scope
+    from genmon.incidents.health import statuses
+    from genmon.incidents.routing import Router
+
+    configured = Router(get_settings().notify).destinations
+    with session_scope(engine_for(url)) as session:
+        found = statuses(session, configured)
+    if as_json:
+        echo_json([dataclasses.asdict(status) for status in found])
+        return
+    if not found:
+        click.echo("no destinations")
+        return
+    rows = [
+        [
+            status.destination,
+            status.state,
+            str(status.consecutive_failures),
+            when(status.failing_since),
+            when(status.next_probe_at),
+            str(status.pending),
+            str(status.dead),
+            (status.last_error or "")[:60],
+        ]
+        for status in found
+    ]
+    echo_table(
+        rows,
+        [
+            "DESTINATION",
+            "STATE",
+            "FAILURES",
+            "FAILING SINCE",
+            "NEXT PROBE",
+            "QUEUED",
+            "DEAD",
+            "ERROR",
+        ],
+    )
+
+
 @notify.command("retry")
 @click.argument("notification_ids", nargs=-1, type=int)
 @click.option("--all-dead", is_flag=True, help="Requeue every dead notification.")
 @database_option
 def notify_retry(notification_ids: tuple[int, ...], all_dead: bool, url: str | None) -> None:
-    """Requeue dead notifications (same idempotency keys, attempts start again)."""
-    import sqlalchemy as sa
-
-    from genmon.db import session_scope
+    """Requeue dead notifications in their order (same idempotency keys, tries and retry
+    horizon start again); one a later notification of its incident already delivered is
+    left out, as it would arrive after it."""
+    from genmon.incidents.requeue import requeue_dead
     from genmon.schemas.events import utcnow
-    from genmon.schemas.incidents import Notification, NotificationStatus
 
     if not notification_ids and not all_dead:
         raise click.UsageError("give notification ids or --all-dead")
-    statement = (
-        sa.update(Notification)
-        .where(Notification.status == NotificationStatus.DEAD)
-        .values(status=NotificationStatus.PENDING, attempts=0, next_attempt_at=utcnow())
-    )
-    if not all_dead:
-        statement = statement.where(Notification.id.in_(notification_ids))
-    with session_scope(engine_for(url)) as session:
-        count = session.exec(statement).rowcount
-    click.echo(f"requeued {count}")
+    ids = None if all_dead else notification_ids
+    done = requeue_dead(engine_for(url), utcnow(), ids)
+    message = f"requeued {done.requeued}"
+    if done.superseded:
+        message += (
+            f"; {done.superseded} superseded (a later notification of the same incident "
+            "already reached that destination)"
+        )
+    click.echo(message)

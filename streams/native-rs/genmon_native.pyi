@@ -15,6 +15,7 @@ class Batch:
         now_ms: int,
         skew_ms: int,
         watermarks: dict[str, int],
+        closed: dict[str, list[int]],
         plan: Any,
         joins: JoinTable,
     ) -> dict[str, Any]: ...

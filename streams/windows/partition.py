@@ -10,7 +10,8 @@ producer running behind does not make another model's events late. An inference'
 time is when it completed (``started_at`` plus its latency,
 :func:`~genmon.streams.windows.aggregates.event_time_ms`), the order services log calls in. A
 model's watermark is the largest event time seen; when the model has been idle for
-``windows.idle_timeout_s`` it advances with the wall clock, so its last windows close.
+``windows.idle_timeout_s`` it advances with the wall clock, so its last windows close;
+idle only counts while the worker has read all the broker holds for the partition.
 
 A partition keeps at most ``feedback.join_max_entries`` join entries. Beyond that the
 entries that expire soonest (least event time left before their model's watermark
@@ -70,6 +71,13 @@ class PartitionState:
     #: the closing timer skip the scan of every pane when nothing can be due.
     next_close: dict[str, int] = field(default_factory=dict)
     rescan: bool = True
+    #: Requests added to all-traffic panes since this state was built (restored open
+    #: windows' requests included), and those sent in closed tumbling windows: the
+    #: exact-windows invariant (:meth:`~genmon.streams.windows.state.WindowState.unaccounted`).
+    pane_requests: int = 0
+    windowed_requests: int = 0
+    #: Closed windows' records not yet acknowledged by the broker, by store key.
+    outbox: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def mark(self) -> dict[str, Any]:
         return {
@@ -110,6 +118,15 @@ class PartitionState:
         if offsets:
             self.offsets[topic] = max(self.offsets.get(topic, -1), *offsets)
 
+    def close_outboxed(self) -> None:
+        """Count the windows in the outbox as closed, even where a crash during a flush
+        wrote a record but not the mark after it: a window is never closed twice."""
+        for record in self.outbox.values():
+            clock = self.clocks.get(record.get("model_id", ""))
+            kind, end = record.get("kind"), record.get("end_ms")
+            if clock is not None and isinstance(kind, str) and isinstance(end, int):
+                clock.closed[kind] = max(clock.closed.get(kind, end), end)
+
     def add_pane(self, pane: PaneKey) -> None:
         """Index a pane written to the store (a new pane may make a window due later)."""
         if pane not in self.panes:
@@ -131,14 +148,25 @@ class PartitionState:
                 clock.watermark = max(clock.watermark, t)
                 clock.last_advance_wall = clock.last_event_wall = now
 
-    def advance_idle(self, now: float, idle_s: float) -> None:
+    def advance_idle(self, now: float, idle_s: float, caught_up_since: float | None) -> None:
         """Advance the watermarks of models idle for ``idle_s`` with the wall clock, and
-        take each model's watermark as the one its windows are closed at (``due_wm``)."""
+        take each model's watermark as the one its windows are closed at (``due_wm``).
+
+        Idle means no events because there are none to read: the idle clock only runs
+        since ``caught_up_since``, the wall time from which the worker has seen itself
+        caught up with a broker that answers (``None``: not caught up now; then the clock
+        stands still). Otherwise an outage, a freeze or a backlog would close windows by
+        the wall clock before their events arrive.
+        """
         for clock in self.clocks.values():
-            if now - clock.last_advance_wall >= idle_s:
-                clock.watermark += int((now - clock.last_advance_wall) * 1000)
-                clock.last_advance_wall = now
-                self.dirty = True
+            if caught_up_since is None:
+                clock.last_advance_wall = max(clock.last_advance_wall, now)
+            else:
+                since = max(clock.last_advance_wall, caught_up_since)
+                if now - since >= idle_s:
+                    clock.watermark += int((now - since) * 1000)
+                    clock.last_advance_wall = now
+                    self.dirty = True
             clock.due_wm = clock.watermark
 
 
@@ -175,7 +203,10 @@ def restore_partitions(
             segments[int(p_text)].append((int(rest[2:]), key))
         elif kind == "M":
             floors[int(p_text)] = part.load_mark(store.get(key) or {}, now)
+        elif kind == "W":
+            part.outbox[key] = store.get(key) or {}
     for p, part in parts.items():
+        part.close_outboxed()
         records = [(seq, record_entries(store.get(key))) for seq, key in segments[p]]
         part.joins.restore(records, part.watermarks(), floors[p])
     return parts

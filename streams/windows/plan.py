@@ -13,8 +13,11 @@ statistics, so the native path and the closing timer share one definition.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+
+#: The closed end of a kind with no closed window.
+NEVER = -(2**62)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,12 @@ class WindowSpec:
 
     def last_end_containing(self, t_ms: int) -> int:
         return t_ms - t_ms % self.step_ms + self.size_ms
+
+    def first_end_containing(self, t_ms: int) -> int:
+        """The end of the earliest-ending window of this family that contains ``t_ms``."""
+        last_start = t_ms - t_ms % self.step_ms
+        earlier = (last_start - t_ms + self.size_ms - 1) // self.step_ms
+        return last_start - earlier * self.step_ms + self.size_ms
 
 
 class WindowPlan:
@@ -101,6 +110,25 @@ class WindowPlan:
         return (
             last_end + self.lateness_ms <= watermark_ms
             or pane_start + self.expires_ms <= watermark_ms
+        )
+
+    def too_late(self, t_ms: int, watermark_ms: int, closed: Mapping[str, int]) -> bool:
+        """True when an event at ``t_ms`` comes too late for a model at ``watermark_ms``
+        whose windows have closed up to ``closed`` (kind -> largest closed end): one of
+        the windows holding it has closed, or its pane expired.
+
+        Such an event goes into no window and is counted late. Were it added to its pane
+        because *some* of the pane's windows are still open (a 5-minute hopping window
+        outlives the 1-minute tumbling one), the closed windows would never hold it and
+        no counter would say so: every window record holds exactly the events not counted
+        late or future. A window closes once the watermark passes its end plus the allowed
+        lateness, at the closing timer's next tick; until then it still takes events.
+        """
+        pane = t_ms - t_ms % self.pane_ms
+        if pane + self.expires_ms <= watermark_ms:
+            return True
+        return any(
+            spec.first_end_containing(pane) <= closed.get(spec.kind, NEVER) for spec in self.specs
         )
 
     def closable(self, end_ms: int, watermark_ms: int) -> bool:

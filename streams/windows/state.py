@@ -34,6 +34,7 @@ from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings
 from genmon.streams import native
 from genmon.streams.windows.aggregates import (
+    ALL_SEGMENTS,
     PaneKey,
     aggregate_feedback,
     aggregate_inferences,
@@ -50,11 +51,18 @@ from genmon.streams.windows.closing import (
 from genmon.streams.windows.exemplars import Exemplars
 from genmon.streams.windows.join import JoinedPair, JoinTable, feedback_record, inference_record
 from genmon.streams.windows.partition import ModelClock, PartitionState, restore_partitions
-from genmon.streams.windows.plan import WindowPlan
+from genmon.streams.windows.plan import NEVER, WindowPlan
 from genmon.streams.windows.quality_signals import QualitySignals
 from genmon.streams.windows.segment_cap import SegmentCap
 from genmon.streams.windows.stats import WindowStats
-from genmon.streams.windows.store import BufferedStore, StateStore, mark_key, pane_key, segment_key
+from genmon.streams.windows.store import (
+    BufferedStore,
+    StateStore,
+    mark_key,
+    pane_key,
+    segment_key,
+    window_key,
+)
 
 #: Approximate size at which changed join entries are split into another record.
 SEGMENT_BYTES = 256 * 1024
@@ -65,6 +73,8 @@ class Counters:
     """Monotonic counters the metrics layer exports (summed over partitions)."""
 
     inference_events: int = 0
+    #: Requests in the all-traffic series of closed tumbling windows.
+    windowed_events: int = 0
     feedback_events: int = 0
     late_events: int = 0
     skew_dropped: int = 0
@@ -131,7 +141,6 @@ class WindowState:
         self._native_plan = SimpleNamespace(
             pane_ms=self.plan.pane_ms,
             specs=[(spec.size_ms, spec.step_ms) for spec in self.plan.specs],
-            lateness_ms=self.plan.lateness_ms,
             expires_ms=self.plan.expires_ms,
         )
         self.counters = Counters()
@@ -163,6 +172,7 @@ class WindowState:
         )
         for p, part in parts.items():
             self._parts[p] = part
+            part.pane_requests = self._open_requests(p, part)
             self._delete_dead_segments(p, part)
             # A lowered feedback.join_max_entries takes effect now; the mark with the new
             # floor is written by the partition's next checkpoint.
@@ -221,16 +231,23 @@ class WindowState:
         self.counters.inference_events += len(fresh)
         now_ms = int(self.clock() * 1000)
         accepted: list[tuple[int | None, InferenceEvent]] = []
+        timed = [(offset, event, event_time_ms(event)) for offset, event in fresh]
+        seeds = self._clock_seeds(part, [(e.model_id, t) for _, e, t in timed], now_ms)
         newest: dict[str, int] = {}
-        for offset, event in fresh:
-            t = event_time_ms(event)
+        closed = {model: clock.closed for model, clock in part.clocks.items()}
+        for offset, event, t in timed:
             if t > now_ms + self.skew_ms:
                 self.counters.skew_dropped += 1
                 continue
             model = event.model_id
-            newest[model] = max(t, newest.get(model, t))
-            watermark = part.watermark(model)
-            if watermark is not None and self._too_late(t, watermark):
+            seen = newest.get(model)
+            watermark = seeds[model] if (wm := part.watermark(model)) is None else wm
+            if seen is not None:
+                watermark = max(watermark, seen)
+                newest[model] = max(seen, t)
+            else:
+                newest[model] = t
+            if self.plan.too_late(t, watermark, closed.get(model, {})):
                 self.counters.late_events += 1
             else:
                 accepted.append((offset, event))
@@ -256,6 +273,24 @@ class WindowState:
         part.saw_offsets("inference", events)
         self._end_inference_batch(partition, part, pairs, out, newest, checkpoint)
         return out
+
+    def _clock_seeds(
+        self, part: PartitionState, times: Sequence[tuple[str, int]], now_ms: int
+    ) -> dict[str, int]:
+        """Where the clock of each model without one starts: ``windows.expires_s`` before
+        its newest (not future) event of the batch.
+
+        Each event is judged against the largest event time before it (the model's
+        watermark, then the batch's earlier events), so a 1970 stamp among today's events
+        is late. A model's first event has nothing before it: judged against this seed,
+        a first event from 1970 followed by today's does not open windows in 1970, while
+        a replay of last month's dump starts its clock last month.
+        """
+        newest: dict[str, int] = {}
+        for model, t in times:
+            if t <= now_ms + self.skew_ms and model not in part.clocks:
+                newest[model] = max(t, newest.get(model, t))
+        return {model: t - self.plan.expires_ms for model, t in newest.items()}
 
     def on_batch(self, partition: int, batch: Any) -> Output:
         """One partition's events of an ingest batch (an
@@ -290,12 +325,14 @@ class WindowState:
             p == partition and done < offset <= ahead for _, p, offset in batch.accepted()
         ):
             return None
+        kinds = [spec.kind for spec in self.plan.specs]
         result = batch.aggregate(
             partition,
             done,
             int(self.clock() * 1000),
             self.skew_ms,
             part.watermarks(),
+            {m: [c.closed.get(k, NEVER) for k in kinds] for m, c in part.clocks.items()},
             self._native_plan,
             part.joins,
         )
@@ -411,8 +448,10 @@ class WindowState:
         for offset, pair in pairs:
             self.counters.joined += 1
             out.examples.append(pair.example_row())
-            watermark = part.watermark(pair.model_id)
-            if watermark is not None and self._too_late(pair.join_time_ms, watermark):
+            clock = part.clocks.get(pair.model_id)
+            if clock is not None and self.plan.too_late(
+                pair.join_time_ms, clock.watermark, clock.closed
+            ):
                 self.counters.late_feedback += 1
             else:
                 in_time.append((offset, pair))
@@ -437,30 +476,90 @@ class WindowState:
         self.windows_sent(partition, out.windows)
         return out
 
-    def due_windows(self, partition: int) -> list[dict[str, Any]]:
-        """Advance idle models' watermarks and build the windows that are due.
+    def due_windows(
+        self, partition: int, caught_up_since: float | None = 0.0
+    ) -> list[dict[str, Any]]:
+        """Close the windows that are due and return every closed window's record not yet
+        acknowledged by :meth:`windows_sent`, oldest end first.
 
-        Nothing is marked closed or deleted until :meth:`windows_sent`, so a crash while
-        sending them re-emits them after restart instead of losing them.
+        ``caught_up_since`` is the wall time since which the partition's events have all
+        been read, ``None`` while they are not (see
+        :meth:`~genmon.streams.windows.partition.PartitionState.advance_idle`); by default
+        always, as in a replay. A closing
+        window is marked closed and its record put in the outbox (``W`` keys, see
+        :mod:`~genmon.streams.windows.store`) at once; the worker flushes them before it
+        sends the records. So a window's record is decided once: after a crash or a
+        rebalance the outbox sends it again as it was, and events that arrive once it has
+        closed are counted late instead of changing it.
         """
         part = self._part(partition)
-        part.advance_idle(self.clock(), self.idle_s)
-        return [self._close(partition, part, w) for w in closable_windows(part, self.plan)]
-
-    def windows_sent(self, partition: int, windows: list[dict[str, Any]]) -> None:
-        """Mark ``windows`` closed, drop finished panes and expired join entries, checkpoint."""
-        part = self._part(partition)
-        for window in windows:
-            closed = part.clocks[window["model_id"]].closed
-            closed[window["kind"]] = max(closed.get(window["kind"], -(2**62)), window["end_ms"])
-        self.counters.windows_closed += len(windows)
+        part.advance_idle(self.clock(), self.idle_s, caught_up_since)
+        closing = closable_windows(part, self.plan)
+        for window in closing:
+            model, kind, _, end = window
+            record = self._close(partition, part, window)
+            key = window_key(partition, model, kind, end)
+            self.store.put(partition, key, record)
+            part.outbox[key] = record
+            closed = part.clocks[model].closed
+            closed[kind] = max(closed.get(kind, NEVER), end)
+            if kind == "tumbling":
+                requests = sum(
+                    series["requests"]
+                    for series in record["series"]
+                    if series["segment"] == ALL_SEGMENTS
+                )
+                part.windowed_requests += requests
+                self.counters.windowed_events += requests
+        self.counters.windows_closed += len(closing)
         for pane in finished_panes(part, self.plan):
             part.drop_pane(pane)
             self.store.delete(partition, pane_key(partition, pane))
         swept = self._sweep_joins(partition, part)
         self._forget_idle_models(part)
-        if windows or swept or part.dirty:
+        if closing or swept or part.dirty:
             self.checkpoint(partition)
+        return sorted(part.outbox.values(), key=lambda w: (w["end_ms"], w["kind"], w["model_id"]))
+
+    def windows_sent(self, partition: int, windows: list[dict[str, Any]]) -> None:
+        """Take ``windows``, acknowledged by the broker, out of the outbox."""
+        part = self._part(partition)
+        for window in windows:
+            key = window_key(partition, window["model_id"], window["kind"], window["end_ms"])
+            if part.outbox.pop(key, None) is not None:
+                self.store.delete(partition, key)
+
+    def applied_offset(self, partition: int) -> int:
+        """The highest source offset of an inference applied to ``partition`` (-1: none)."""
+        return self._part(partition).offsets.get("inference", -1)
+
+    def unaccounted(self) -> int:
+        """Requests added to panes that no tumbling window holds or will hold: 0 unless
+        an event entered a pane after its tumbling window closed (the exact-windows
+        invariant: every accepted event is in exactly one tumbling window record, every
+        other one is counted late or future; the worker exports this as a gauge)."""
+        return sum(
+            part.pane_requests - part.windowed_requests - self._open_requests(p, part)
+            for p, part in self._parts.items()
+        )
+
+    def _open_requests(self, partition: int, part: PartitionState) -> int:
+        """Requests in all-traffic panes whose tumbling window has not closed yet."""
+        tumbling = self.plan.specs[0]
+        total = 0
+        for pane in part.panes:
+            if pane.segment != ALL_SEGMENTS:
+                continue
+            clock = part.clocks.get(pane.model_id)
+            closed = NEVER if clock is None else clock.closed.get("tumbling", NEVER)
+            if tumbling.last_end_containing(pane.pane_start_ms) <= closed:
+                continue
+            state = self.store.get(pane_key(partition, pane))
+            if isinstance(state, WindowStats):
+                total += state.requests
+            elif state is not None:
+                total += int(state["requests"])
+        return total
 
     def _close(self, partition: int, part: PartitionState, window: Window) -> dict[str, Any]:
         model, kind, start, end = window
@@ -503,10 +602,6 @@ class WindowState:
         part.dirty = True
 
     # -- helpers --------------------------------------------------------------------------
-    def _too_late(self, t: int, watermark: int) -> bool:
-        pane = t - t % self.plan.pane_ms
-        return self.plan.pane_done(pane, watermark)
-
     def _applied(self, partition: int, key: PaneKey, topic: str) -> int:
         state = self.store.get(pane_key(partition, key))
         if state is None:
@@ -517,6 +612,8 @@ class WindowState:
     def _merge_pane(
         self, partition: int, part: PartitionState, key: PaneKey, stats: WindowStats
     ) -> None:
+        if key.segment == ALL_SEGMENTS:
+            part.pane_requests += stats.requests
         skey = pane_key(partition, key)
         state = self.store.get(skey)
         if isinstance(state, WindowStats):  # live in a buffered store: merged in place

@@ -15,6 +15,10 @@ written to changelog partition ``p``:
   segment record is deleted once none of its entries is current (superseded by a later
   segment or expired). One record per batch instead of one per event keeps the changelog
   traffic per event small (each table write is one Kafka message through Faust's producer);
+- ``<p> W <model> <kind> <end>``: a closed window's record not yet acknowledged by the
+  broker (:func:`window_key`): the window stage's outbox. A record is written here, with
+  the mark that says its window closed, and flushed before it is sent, so after a crash
+  or a rebalance it is sent again as it was, never recomputed from other events;
 - ``<p> M``: the partition's mark (:func:`mark_key`,
   :meth:`~genmon.streams.windows.partition.PartitionState.mark`): per model, its watermark
   and the last closed window end per window family; the last applied source offset per
@@ -187,3 +191,8 @@ def segment_key(partition: int, seq: int) -> str:
 def mark_key(partition: int) -> str:
     """Where the partition's mark lives."""
     return f"{partition}{SEP}M"
+
+
+def window_key(partition: int, model_id: str, kind: str, end_ms: int) -> str:
+    """Where a closed window's record waits until the broker has it."""
+    return SEP.join((str(partition), "W", model_id, kind, str(end_ms)))

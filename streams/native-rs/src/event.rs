@@ -6,12 +6,16 @@
 //! - `null` only where the schema allows `None`;
 //! - numbers as JSON numbers, counts as JSON integers (no numeric strings, no `5.0`);
 //! - timestamps as `YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+HH:MM|-HH:MM)`, years 1970-2200;
-//! - no duplicate keys, no unknown keys, strings valid UTF-8 without lone surrogates.
+//! - no duplicate keys, no unknown keys, strings valid UTF-8 without lone surrogates;
+//! - no NUL in any string, metadata included. NUL and lone surrogates are text PostgreSQL
+//!   cannot store: the Python validator refuses them in identifiers and replaces them by
+//!   U+FFFD in free text, and counts the events it changed, so it sees every such event
+//!   (its canonical form, with U+FFFD, is then read here).
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use crate::quality::{Quality, Signals};
@@ -109,7 +113,7 @@ struct Raw<'a> {
     segment: Option<Pairs<'a>>,
     #[serde(default, borrow)]
     subject_id: Option<Cow<'a, str>>,
-    // Read only to check its keys.
+    // Read only to check its keys and strings.
     #[serde(default, deserialize_with = "present")]
     #[allow(dead_code)]
     metadata: Option<KeyCount>,
@@ -141,7 +145,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
     }
 }
 
-/// The distinct keys of a JSON object whose values are not read (metadata).
+/// The distinct keys of a JSON object whose values are only checked (metadata).
 struct KeyCount;
 
 impl<'de> Deserialize<'de> for KeyCount {
@@ -154,9 +158,11 @@ impl<'de> Deserialize<'de> for KeyCount {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut keys: Vec<Cow<'de, str>> = Vec::new();
-                while let Some((k, _)) = map.next_entry::<Cow<'de, str>, IgnoredAny>()? {
-                    if keys.len() >= MAX_METADATA_KEYS || keys.contains(&k) {
-                        return Err(de::Error::custom("too many or repeated metadata keys"));
+                while let Some((k, _)) = map.next_entry::<Cow<'de, str>, Storable>()? {
+                    if keys.len() >= MAX_METADATA_KEYS || keys.contains(&k) || !storable(&k) {
+                        return Err(de::Error::custom(
+                            "too many, repeated or unstorable metadata keys",
+                        ));
                     }
                     keys.push(k);
                 }
@@ -165,6 +171,65 @@ impl<'de> Deserialize<'de> for KeyCount {
         }
         d.deserialize_map(V)
     }
+}
+
+/// Any JSON value, read only to check that its strings and keys are storable.
+///
+/// Its strings are read as `str`, which serde_json refuses for lone surrogate escapes, and
+/// it nests no deeper than serde_json's recursion limit: what it refuses is deferred.
+struct Storable;
+
+impl<'de> Deserialize<'de> for Storable {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Storable;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Storable, E> {
+                Ok(Storable)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Storable, E> {
+                Ok(Storable)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Storable, E> {
+                Ok(Storable)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Storable, E> {
+                Ok(Storable)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Storable, E> {
+                Ok(Storable)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Storable, E> {
+                if storable(s) {
+                    Ok(Storable)
+                } else {
+                    Err(E::custom("NUL in metadata"))
+                }
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Storable, A::Error> {
+                while seq.next_element::<Storable>()?.is_some() {}
+                Ok(Storable)
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Storable, M::Error> {
+                while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+                    if !storable(&k) {
+                        return Err(de::Error::custom("NUL in a metadata key"));
+                    }
+                    map.next_value::<Storable>()?;
+                }
+                Ok(Storable)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// No NUL: PostgreSQL text cannot store it (the Python validator decides such events).
+fn storable(s: &str) -> bool {
+    !s.contains('\0')
 }
 
 fn chars(s: &str) -> usize {
@@ -176,7 +241,7 @@ fn chars(s: &str) -> usize {
 }
 
 fn identifier(s: &str) -> bool {
-    !s.is_empty() && chars(s) <= MAX_ID_CHARS
+    !s.is_empty() && chars(s) <= MAX_ID_CHARS && storable(s)
 }
 
 fn in_ms_range(x: f64) -> bool {
@@ -207,6 +272,9 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
     if chars(&prompt) > MAX_TEXT_CHARS || chars(&response) > MAX_TEXT_CHARS {
         return None;
     }
+    if !storable(&prompt) || !storable(&response) {
+        return None;
+    }
     if !in_ms_range(raw.latency_ms) || !raw.time_to_first_token_ms.is_none_or(in_ms_range) {
         return None;
     }
@@ -226,7 +294,7 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
     if raw
         .error_code
         .as_deref()
-        .is_some_and(|c| chars(c) > MAX_ERROR_CODE_CHARS)
+        .is_some_and(|c| chars(c) > MAX_ERROR_CODE_CHARS || !storable(c))
     {
         return None;
     }
@@ -241,6 +309,9 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
             return None;
         }
         if chars(&v) > MAX_ATTRIBUTE_VALUE_CHARS || segment.iter().any(|(seen, _)| *seen == k) {
+            return None;
+        }
+        if !storable(&k) || !storable(&v) {
             return None;
         }
         segment.push((k.into_owned(), v.into_owned()));
@@ -373,6 +444,51 @@ fn parse_timestamp(text: &str) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    fn accepts(fields: &str) -> bool {
+        let quality = Quality::new(vec![], vec![], 100, vec!["none".into()], HashMap::new())
+            .expect("a valid configuration");
+        let head = r#"{"request_id": "r", "model_id": "m", "started_at": "2026-01-01T00:00:00Z",
+            "latency_ms": 5"#;
+        parse_event(format!("{head}{fields}}}").as_bytes(), &quality).is_some()
+    }
+
+    #[test]
+    fn nul_and_lone_surrogates_are_left_to_python() {
+        assert!(accepts(""));
+        assert!(accepts(
+            r#", "prompt": "\ud83d\ude00 \\u0000", "metadata": {"k": ["\u00e9"]}"#
+        ));
+        for fields in [
+            r#", "prompt": "a\u0000""#,
+            r#", "response": "\u0000""#,
+            r#", "model_version": "v\u0000""#,
+            r#", "error_code": "\u0000""#,
+            r#", "subject_id": "\u0000""#,
+            r#", "segment": {"k\u0000": "v"}"#,
+            r#", "segment": {"k": "v\u0000"}"#,
+            r#", "metadata": {"k\u0000": 1}"#,
+            r#", "metadata": {"k": [{"a": "\u0000"}]}"#,
+            r#", "metadata": {"k": {"\u0000": null}}"#,
+            r#", "prompt": "\ud800""#,
+            r#", "prompt": "\udc00\ud800""#,
+            r#", "metadata": {"k": "\ud800"}"#,
+            r#", "metadata": {"\udfff": 1}"#,
+            r#", "metadata": {"k": {"\ud800": 1}}"#,
+        ] {
+            assert!(!accepts(fields), "accepted {fields}");
+        }
+        let deep = format!(
+            r#", "metadata": {{"k": {}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(
+            !accepts(&deep),
+            "metadata deeper than the Python validator reads"
+        );
+    }
 
     #[test]
     fn timestamps() {

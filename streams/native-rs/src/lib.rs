@@ -185,25 +185,34 @@ struct Batch {
     languages: Vec<String>,
 }
 
-/// Window geometry the lateness test needs (see `WindowPlan.pane_done`).
+/// Window geometry the lateness test needs (see `WindowPlan.too_late`).
 #[derive(FromPyObject)]
 struct Plan {
     pane_ms: i64,
     /// (size_ms, step_ms) of each window family.
     specs: Vec<(i64, i64)>,
-    lateness_ms: i64,
     expires_ms: i64,
 }
 
 impl Plan {
-    fn pane_done(&self, pane_start: i64, watermark: i64) -> bool {
-        let last_end = self
-            .specs
+    /// An event at `t_ms` is too late once one of the windows holding it has closed
+    /// (`closed`: per window family, its largest closed end) or its pane expired.
+    fn too_late(&self, t_ms: i64, watermark: i64, closed: Option<&Vec<i64>>) -> bool {
+        let pane = t_ms - t_ms.rem_euclid(self.pane_ms);
+        if pane + self.expires_ms <= watermark {
+            return true;
+        }
+        let Some(closed) = closed else {
+            return false;
+        };
+        self.specs
             .iter()
-            .map(|&(size, step)| pane_start - pane_start.rem_euclid(step) + size)
-            .max()
-            .unwrap_or(pane_start);
-        last_end + self.lateness_ms <= watermark || pane_start + self.expires_ms <= watermark
+            .zip(closed)
+            .any(|(&(size, step), &closed_end)| {
+                let last_start = pane - pane.rem_euclid(step);
+                let earlier = (last_start - pane + size - 1).div_euclid(step);
+                last_start - earlier * step + size <= closed_end
+            })
     }
 }
 
@@ -389,6 +398,7 @@ impl Batch {
         now_ms: i64,
         skew_ms: i64,
         watermarks: HashMap<String, i64>,
+        closed: HashMap<String, Vec<i64>>,
         plan: Plan,
         joins: &Bound<'py, JoinTable>,
     ) -> PyResult<Bound<'py, PyDict>> {
@@ -403,6 +413,7 @@ impl Batch {
                 now_ms,
                 skew_ms,
                 &watermarks,
+                &closed,
                 &plan,
                 table,
             )
@@ -497,6 +508,7 @@ impl Batch {
         now_ms: i64,
         skew_ms: i64,
         watermarks: &HashMap<String, i64>,
+        closed: &HashMap<String, Vec<i64>>,
         plan: &Plan,
         table: &mut JoinTable,
     ) -> Work<'a> {
@@ -509,6 +521,22 @@ impl Batch {
         let mut newest: Vec<(&str, i64)> = Vec::new();
         let mut group_index: FxHashMap<GroupKey, usize> = FxHashMap::default();
         let mut groups: Vec<Group> = Vec::new();
+        // A model without a clock starts it `expires_ms` before its newest event here
+        // (`WindowState._clock_seeds`).
+        let mut seeds: Vec<(&str, i64)> = Vec::new();
+        for &i in &order {
+            let e = &self.events[i];
+            if e.offset <= done_offset
+                || e.t_ms > now_ms + skew_ms
+                || watermarks.contains_key(&e.model)
+            {
+                continue;
+            }
+            match seeds.iter_mut().find(|(m, _)| *m == e.model) {
+                Some((_, t)) => *t = (*t).max(e.t_ms),
+                None => seeds.push((&e.model, e.t_ms)),
+            }
+        }
         for &i in &order {
             let e = &self.events[i];
             max_offset = Some(max_offset.map_or(e.offset, |m| m.max(e.offset)));
@@ -521,17 +549,27 @@ impl Batch {
                 skew += 1;
                 continue;
             }
+            // Judged against the largest event time before it: the model's watermark (or
+            // seed), then the batch's earlier events.
+            let mut wm = match watermarks.get(&e.model) {
+                Some(&wm) => wm,
+                None => seeds
+                    .iter()
+                    .find(|(m, _)| *m == e.model)
+                    .map_or(i64::MIN, |&(_, t)| t - plan.expires_ms),
+            };
             match newest.iter_mut().find(|(m, _)| *m == e.model) {
-                Some((_, t)) => *t = (*t).max(e.t_ms),
+                Some((_, t)) => {
+                    wm = wm.max(*t);
+                    *t = (*t).max(e.t_ms);
+                }
                 None => newest.push((&e.model, e.t_ms)),
             }
-            let pane = e.t_ms - e.t_ms.rem_euclid(plan.pane_ms);
-            if let Some(&wm) = watermarks.get(&e.model) {
-                if plan.pane_done(pane, wm) {
-                    late += 1;
-                    continue;
-                }
+            if plan.too_late(e.t_ms, wm, closed.get(&e.model)) {
+                late += 1;
+                continue;
             }
+            let pane = e.t_ms - e.t_ms.rem_euclid(plan.pane_ms);
             let key = (
                 e.model.as_str(),
                 e.version.as_str(),
