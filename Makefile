@@ -1,5 +1,5 @@
 # Everything runs through scripts under infra/ so CI and people use the same steps.
-.PHONY: test demo bootstrap
+.PHONY: test demo bootstrap faults
 
 # Extra pytest arguments: make test PYTEST_ARGS="-x tests/test_compose.py"
 test:
@@ -10,3 +10,8 @@ demo:
 
 bootstrap:
 	infra/bootstrap.sh
+
+# Full-length fault probes on the real services (about 15 minutes), then one table:
+# make faults PYTEST_ARGS="--json"
+faults:
+	infra/faults.sh $(PYTEST_ARGS)
