@@ -14,13 +14,14 @@ import asyncio
 import base64
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from incident_support import postgres_schema_url
 from prometheus_client import CollectorRegistry
 
 from genmon.db import make_engine, upgrade
@@ -167,10 +168,27 @@ REFUSED_BY_POSTGRES = {
 }
 
 
-@pytest.mark.parametrize("bad", [*REFUSED_EVERYWHERE, *REFUSED_BY_POSTGRES])
+@pytest.fixture
+def postgres_database_url(postgres_url: str) -> Iterator[str]:
+    """A schema of its own on the shared PostgreSQL (SQLite stores what it refuses)."""
+    with postgres_schema_url(postgres_url) as url:
+        yield url
+
+
+@pytest.mark.parametrize("bad", sorted(REFUSED_EVERYWHERE))
 def test_one_refused_row_does_not_drop_the_others(database_url: str, bad: str) -> None:
-    if bad in REFUSED_BY_POSTGRES and not database_url.startswith("postgresql"):
-        pytest.skip("SQLite stores it")
+    _one_refused_row(database_url, bad)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("bad", sorted(REFUSED_BY_POSTGRES))
+def test_one_row_postgresql_refuses_does_not_drop_the_others(
+    postgres_database_url: str, bad: str
+) -> None:
+    _one_refused_row(postgres_database_url, bad)
+
+
+def _one_refused_row(database_url: str, bad: str) -> None:
     upgrade(database_url)
     s = Sink(database_url)
     batch = rows(50)
