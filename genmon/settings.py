@@ -162,6 +162,14 @@ class WindowSettings(BaseModel):
             " broker that answers, advances its watermark with the wall clock"
         ),
     )
+    outage_grace_s: float = Field(
+        15.0,
+        ge=0,
+        description=(
+            "after the broker did not answer, idle watermarks wait this much longer, for"
+            " producers to reconnect and deliver what they buffered"
+        ),
+    )
     close_interval_s: float = Field(1.0, description="period of the window-closing timer")
     max_future_skew_s: float = Field(
         300.0, description="events stamped further in the future are dropped (counted)"

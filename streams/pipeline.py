@@ -159,6 +159,8 @@ class Pipeline:
         #: it last looked (see _caught_up_since).
         self._caught_up_from: dict[int, float] = {}
         self._last_check: dict[int, float] = {}
+        #: Partitions whose broker has not answered since they were last caught up.
+        self._silent: set[int] = set()
         self._runner_lock = asyncio.Lock()
         # Embedding submits read, compute (in a thread) and write their series' state:
         # serialised among themselves, and never holding up the window detectors.
@@ -239,37 +241,50 @@ class Pipeline:
         tick, ``None`` when it is not now.
 
         A tick that comes late (the timer waited for the lock while a flush waited for a
-        frozen broker) cannot vouch for the time before it: the span restarts there.
+        frozen broker) cannot vouch for the time before it: the span restarts there. After
+        the broker did not answer, the span starts ``windows.outage_grace_s`` later: the
+        producers reconnect with a backoff (the SDK's up to 5 s, librdkafka's 10 s) before
+        they deliver what they buffered, and their events are not late for that.
         """
         now = time.time()
         last, self._last_check[partition] = self._last_check.get(partition), now
-        if not self._caught_up(partition):
+        progress = self._progress(partition)
+        if progress != "caught up":
             self._caught_up_from.pop(partition, None)
+            if progress == "silent":
+                self._silent.add(partition)
             return None
-        gap = now - last if last is not None else float("inf")
-        if partition not in self._caught_up_from or gap > self.settings.windows.idle_timeout_s / 2:
-            self._caught_up_from[partition] = now
+        gap = now - last if last is not None else 0.0
+        idle_s = self.settings.windows.idle_timeout_s
+        if gap >= max(idle_s, 5.0):  # held up that long: most likely by an outage
+            self._silent.add(partition)
+        if partition not in self._caught_up_from or gap > idle_s / 2:
+            grace = self.settings.windows.outage_grace_s if partition in self._silent else 0.0
+            self._silent.discard(partition)
+            self._caught_up_from[partition] = now + grace
         return self._caught_up_from[partition]
 
-    def _caught_up(self, partition: int) -> bool:
-        """True when the worker has handled every inference the broker held for
-        ``partition`` at a fetch answered within half the idle timeout.
+    def _progress(self, partition: int) -> str:
+        """``caught up`` when the worker has handled every inference the broker held for
+        ``partition`` at a fetch answered within half the idle timeout; ``silent`` when
+        the broker has not answered that long; ``behind`` otherwise.
 
-        Only then may idle models' watermarks advance with the wall clock: during a broker
-        outage, a freeze or a backlog, no events is not idleness, and closing windows by
-        the wall clock would shut out the events still to come.
+        Only when caught up may idle models' watermarks advance with the wall clock:
+        during a broker outage, a freeze or a backlog, no events is not idleness, and
+        closing windows by the wall clock would shut out the events still to come.
         """
         consumer = getattr(self.app, "_consumer", None)
         if consumer is None:
-            return True  # not consuming from Kafka (tests driving the pipeline directly)
+            return "caught up"  # not consuming from Kafka (tests driving the pipeline)
         progress = fetch_progress(consumer, TP(self.inference_topic, partition))
         if progress is None:
-            return False
+            return "behind"  # no fetch answered since the assignment
         highwater, fetched_at, handled = progress
+        if time.time() - fetched_at >= self.settings.windows.idle_timeout_s / 2:
+            return "silent"
         if handled is None:  # no batch handled since the assignment: what the state holds
             handled = self.core.applied_offset(partition)
-        recent = time.time() - fetched_at < self.settings.windows.idle_timeout_s / 2
-        return recent and handled + 1 >= highwater
+        return "caught up" if handled + 1 >= highwater else "behind"
 
     def _update_lag(self) -> None:
         consumer = getattr(self.app, "_consumer", None)
