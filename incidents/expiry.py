@@ -153,12 +153,7 @@ def unreachable_finding(
     """The finding that opens (or updates) ``destination``'s unreachable incident."""
     state = session.get(DestinationState, destination)
     since = state.failing_since if state is not None else None
-    dead = session.exec(
-        select(func.count())
-        .select_from(Notification)
-        .where(Notification.destination == destination)
-        .where(Notification.status == NotificationStatus.DEAD)
-    ).one()
+    dead = _dead_pages(session, destination)
     down_s = (now - since).total_seconds() if since is not None else config.retry_horizon_s
     title = (
         f"destination {destination} unreachable for {_duration(down_s)}, {dead} pages undelivered"
@@ -200,12 +195,7 @@ def resolve_unreachable(engine: Engine, resolver: Resolver, destination: str) ->
     with session_scope(engine) as session:
         incident = open_incident(session, unreachable_fingerprint(destination))
         incident_id = incident.id if incident is not None else None
-        dead = session.exec(
-            select(func.count())
-            .select_from(Notification)
-            .where(Notification.destination == destination)
-            .where(Notification.status == NotificationStatus.DEAD)
-        ).one()
+        dead = _dead_pages(session, destination)
     if incident_id is None:
         return False
     reason = f"destination {destination} answers again"
@@ -225,3 +215,14 @@ def _duration(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds:.0f} s"
+
+
+def _dead_pages(session: Session, destination: str) -> int:
+    """How many of ``destination``'s pages are dead (the unreachable incident's count)."""
+    dead: int = session.exec(
+        select(func.count())
+        .select_from(Notification)
+        .where(Notification.destination == destination)
+        .where(Notification.status == NotificationStatus.DEAD)
+    ).one()
+    return dead
