@@ -23,6 +23,7 @@ declare ``name`` and ``kind``; ``@register`` puts them in :data:`REGISTRY`. Copy
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import json
 import math
@@ -191,12 +192,7 @@ class Detector(abc.ABC):
     # -- shared machinery -------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters: the constructor arguments, read back from public attributes."""
-        params = {}
-        for pname in inspect.signature(type(self).__init__).parameters:
-            if pname == "self":
-                continue
-            params[pname] = _to_jsonable(getattr(self, pname))
-        return params
+        return {name: _to_jsonable(getattr(self, name)) for name in _param_names(type(self))}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this detector, as a JSON-serialisable dict."""
@@ -233,6 +229,13 @@ class Detector(abc.ABC):
     # -- helpers for subclasses -------------------------------------------------------
     def _result(self, **kwargs: Any) -> DetectorResult:
         return DetectorResult(detector=self.name, kind=self.kind, **kwargs)
+
+
+@functools.cache
+def _param_names(cls: type) -> tuple[str, ...]:
+    """The constructor's parameter names (read once per class: ``inspect`` is slow, and
+    every stored state asks)."""
+    return tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")  # type: ignore[misc]
 
 
 def _to_jsonable(value: Any) -> Any:

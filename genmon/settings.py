@@ -249,7 +249,20 @@ class EmbeddingSettings(BaseModel):
         0.005, ge=0.0, le=1.0, description="floor of the sample rate under encoder backlog"
     )
     reservoir_per_window: int = Field(
-        512, ge=1, description="most sampled texts per model, version, field and window"
+        512,
+        ge=1,
+        description=(
+            "most sampled texts per model, version, field and window, spread over the"
+            " window's sub-samples"
+        ),
+    )
+    flush_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "event time each sub-sample of sampled texts covers: embedding drift judges"
+            " every one as it arrives (shorter: sooner, but more looks share the budget)"
+        ),
     )
     batch_size: int = Field(64, ge=1, description="texts the encoder takes and encodes at once")
     batch_within_s: float = Field(1.0, gt=0, description="longest wait to fill an encoder batch")
@@ -273,7 +286,7 @@ class EmbeddingSettings(BaseModel):
         2.0, gt=0, description="how often the sampler reads the encoder's backlog"
     )
     group_timeout_s: float = Field(
-        30.0, gt=0, description="a window's sample missing texts this long is encoded as it is"
+        30.0, gt=0, description="a sub-sample missing texts this long is judged as it is"
     )
 
     @model_validator(mode="after")
@@ -297,6 +310,14 @@ class DetectorSettings(BaseModel):
         description=(
             "how often a healthy model may page: false pages per model per week, shared by"
             " the default detectors (`genmon detectors list` shows each one's share)"
+        ),
+    )
+    config_file: Path | None = Field(
+        None,
+        description=(
+            "YAML detector plan: per model glob, signals -> detectors -> params -> severity"
+            " -> share of the budget (default: genmon's defaults.yaml; see `genmon detectors"
+            " list`); a malformed file stops the worker at start with its file, line and field"
         ),
     )
     baseline_warmup_windows: int = Field(
@@ -364,6 +385,15 @@ class DetectorSettings(BaseModel):
     )
     min_window_requests: int = Field(
         10, ge=1, description="windows with fewer requests are not judged by the runner"
+    )
+    early_interval_s: float = Field(
+        1.0,
+        ge=0.0,
+        description=(
+            "how often the rate and latency tests look at the open tumbling window, so a"
+            " change is paged seconds after it starts instead of after the window closes"
+            " (within the same false-alarm budget); 0 judges closed windows only"
+        ),
     )
     slos: dict[str, list[str]] = Field(
         default_factory=dict,

@@ -29,4 +29,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \
   echo "$wanted" > "$stamp"
 fi
 
+# Headless Chromium renders `genmon replay --report` pages in tests/replay/test_report.py.
+# Debian's package is the only browser that installs here (no network but the registries).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "bootstrap: installing chromium (apt) for the replay report test"
+  if ! apt-cache show chromium >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null \
+    || { apt-get update -qq >/dev/null \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+fi
+
 .venv/bin/genmon infra prepare --postgres

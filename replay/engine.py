@@ -12,8 +12,10 @@ delivered (so delivery retries never arise).
 **Time.** Every timer runs on a clock driven by event time: the clock is the latest
 arrival seen (an inference arrives when it finished, feedback when it was given), so
 watermarks, the idle close of a quiet model, the window-closing timer
-(``windows.close_interval_s``), auto-resolve, grouping and cool-downs happen when they
-would have, as fast as the machine allows. At the end the clock moves past the last
+(``windows.close_interval_s``), the early looks at open windows (every
+``detectors.early_interval_s``), the embedding sampler's sub-samples (one per
+``embedding.flush_interval_s`` of event time), auto-resolve, grouping and cool-downs
+happen when they would have, as fast as the machine allows. At the end the clock moves past the last
 window so every window closes.
 
 **Input.** One JSON object per line in the SDK's wire schema (``genmon schemas
@@ -42,6 +44,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from genmon.replay.point_log import PointLog
 from genmon.schemas.events import FeedbackEvent, Finding
 from genmon.settings import DestinationSettings, Settings
 from genmon.streams.detection.embedding_series import embedding_key
@@ -71,6 +74,8 @@ class ReplayReport:
     incidents: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    #: Every judgement, bounded (``Replay(collect_points=True)``; what ``--report`` charts).
+    points: PointLog | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,9 +145,12 @@ class Replay:
         encoder: Any = None,
         seed: int = 0,
         keep_findings: bool = False,
+        collect_points: bool = False,
     ) -> None:
         """``keep_findings``: also return every finding (detected and clear) in the report
-        (memory grows with the stream; the tests compare them with the live worker's)."""
+        (memory grows with the stream; the tests compare them with the live worker's).
+        ``collect_points``: keep every judgement for charts, in bounded memory
+        (:class:`~genmon.replay.point_log.PointLog`)."""
         from genmon.db import make_engine, upgrade
         from genmon.incidents.manager import IncidentManager
 
@@ -170,6 +178,9 @@ class Replay:
         self.manager = IncidentManager(self.engine, self.settings, clock=self._datetime)
         self.core = WindowState(self.settings, DictStore(), clock=self._clock, buffered=True)
         self.runner = DetectorRunner(self.settings)
+        self.points = PointLog() if collect_points else None
+        if self.points is not None:
+            self.runner.points = self.points.add
         self.ingestor = _ingestor(self.settings)
         self.detector_state: dict[str, dict[str, Any]] = {}
         self.embedding_state = DictStore()
@@ -186,10 +197,14 @@ class Replay:
         self._tick_at: float | None = None
         self._wake = -math.inf  # no timer can be due before this (see _run_timers)
         self._batch_size = settings.worker.batch_size
+        self._peek_every = settings.detectors.early_interval_s
+        self._peek_at = 0.0 if self._peek_every else math.inf  # next early look
         w = settings.windows
         self._timers = _Timers(
             self.core.plan.pane_ms / 1000, w.allowed_lateness_s, w.idle_timeout_s
         )
+        # The sampler's slots (embedding.flush_interval_s), crossed without lateness.
+        self._slots = _Timers(settings.embedding.flush_interval_s, 0.0, w.idle_timeout_s)
 
     # -- input ---------------------------------------------------------------------------
     def feed(self, lines: Iterable[bytes | str]) -> None:
@@ -203,11 +218,17 @@ class Replay:
             if route.arrival is not None:
                 if route.arrival >= self._wake:
                     self._run_timers(route.arrival)
+                if route.arrival >= self._peek_at:
+                    self._look(route.arrival)
                 self.now = max(self.now, route.arrival)
             self._enqueue(line, route.model, route.inference)
             if route.model is not None and timers.saw(route.model, route.started, self.now):
                 # A window of the model may close: at the timer's next tick, which the
                 # events arriving before it precede (others' crossings share that tick).
+                self._tick_at = self._tick_at or self._next_tick_after(self.now)
+                self._wake = min(self._wake, self._tick_at)
+            if self._slot_ended(route):
+                # A sub-sample of sampled texts ends: the sampler flushes it at that tick.
                 self._tick_at = self._tick_at or self._next_tick_after(self.now)
                 self._wake = min(self._wake, self._tick_at)
             if len(self._inferences) + len(self._feedback) >= self._batch_size:
@@ -237,6 +258,34 @@ class Replay:
                 self._tick_at = None
             if idle is not None and self._grid(idle) <= at:
                 self._timers.ticked(at, interval, self.core.models_with_panes() | self._sampling())
+
+    def _look(self, until: float) -> None:
+        """The worker's early looks (every ``detectors.early_interval_s``) due before
+        ``until``: the events before them applied, each open window whose traffic changed
+        judged as it stands. Only the last look before ``until`` can see new events, so
+        the ones before it are skipped."""
+        self._process()
+        self.now = max(self.now, self._peek_at)
+        for partition in self.core.partitions:
+            for window in self.core.open_windows(partition):
+                model = window["model_id"]
+                only = (model, int(window["end_ms"]))
+                state, findings = self.runner.peek(
+                    self.detector_state.get(model),
+                    window,
+                    lambda: next(iter(self.core.open_windows(partition, only=only)), None),  # noqa: B023
+                )
+                if findings and state is not None:
+                    self.detector_state[model] = state
+                    self.counts["early_findings"] += len(findings)
+                self._apply(findings)
+        self._peek_at = (math.floor(until / self._peek_every) + 1) * self._peek_every
+
+    def _slot_ended(self, route: _Route) -> bool:
+        """Whether an inference takes its model's watermark past a sampler slot's end."""
+        if self.sampler is None or not route.inference or route.model is None:
+            return False
+        return route.arrival is not None and self._slots.saw(route.model, route.arrival, self.now)
 
     def _grid(self, t: float) -> float:
         """The timer's first tick at or after ``t``."""
@@ -341,9 +390,9 @@ class Replay:
             assert self.cache is not None
             array = self.cache.encode(self._encoder, texts)
             self.counts["embedded_texts"] += len(texts)
-            self._apply(self._embedding_sample(first, array))
+            self._apply(self._embedding_sample(first, array, texts))
 
-    def _embedding_sample(self, first: Any, array: np.ndarray) -> list[Finding]:
+    def _embedding_sample(self, first: Any, array: np.ndarray, texts: list[str]) -> list[Finding]:
         """:meth:`genmon.streams.pipeline.Pipeline.submit_embeddings` on dict stores."""
         store, model = self.embedding_state, first.model_id
         key = embedding_key(model, first.model_version, first.field)
@@ -358,6 +407,7 @@ class Replay:
             first.window_end,
             array,
             series=self.runner.field_series(index, first.field),
+            texts=texts,
         )
         store.put(0, key, state)
         return findings
@@ -427,7 +477,7 @@ class Replay:
         }
         if self.cache is not None:
             counts["embedding_cache_hits"] = self.cache.hits
-        return ReplayReport(pages, incidents, counts, self.findings or [])
+        return ReplayReport(pages, incidents, counts, self.findings or [], points=self.points)
 
 
 class _Message(NamedTuple):

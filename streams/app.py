@@ -167,9 +167,11 @@ def _resolve(installer: Installer | str) -> Installer:
 
 def run_worker(settings: Settings | None = None, *, loglevel: str | None = None) -> None:
     """Create the topics if needed, build the app and run it until a signal stops it."""
+    from genmon.detectors.calibration.plan import load_plan
     from genmon.infra.kafka import KafkaBroker
 
     settings = settings or get_settings()
+    load_plan(settings)  # a malformed detector plan stops the worker here, before anything
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel or settings.worker.loglevel)

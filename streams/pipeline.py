@@ -86,6 +86,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,7 @@ class Pipeline:
         #: Partitions whose broker has not answered since they were last caught up.
         self._silent: set[int] = set()
         self._runner_lock = asyncio.Lock()
+        self._next_peek = 0.0  # monotonic time of the next early look (peek_windows)
         # Embedding submits read, compute (in a thread) and write their series' state:
         # serialised among themselves, and never holding up the window detectors.
         self._embedding_lock = asyncio.Lock()
@@ -301,6 +303,47 @@ class Pipeline:
                 )
 
     # -- runner -----------------------------------------------------------------------------
+    async def peek_windows(self) -> list[Finding]:
+        """Early detection: every ``detectors.early_interval_s``, judge each owned open
+        tumbling window whose traffic changed since the last look, as it stands
+        (:meth:`~genmon.streams.detection.runner.DetectorRunner.peek`), and publish what
+        fires. A look keeps no detector state but the firing it reports."""
+        interval = self.settings.detectors.early_interval_s
+        now = time.monotonic()
+        if not interval or now < self._next_peek or self.app.rebalancing:
+            return []
+        self._next_peek = now + interval
+        async with self._lock:
+            windows = [
+                (partition, window)
+                for partition in self.owned_partitions()
+                for window in self.core.open_windows(partition)
+            ]
+        findings: list[Finding] = []
+        for partition, window in windows:
+            try:
+                findings += await self._peek(partition, window)
+            except Exception:
+                log.exception("detector runner failed on an open window")
+        return findings
+
+    async def _peek(self, partition: int, window: dict[str, Any]) -> list[Finding]:
+        model_id = window["model_id"]
+        async with self._runner_lock:
+            state = self.detector_store.get(model_id)
+            new_state, findings = self.runner.peek(state, window)
+            if findings:  # judged again with examples, clustered off the event loop
+                async with self._lock:
+                    only = (model_id, int(window["end_ms"]))
+                    full = next(iter(self.core.open_windows(partition, only=only)), None)
+                if full is not None:
+                    new_state, findings = await asyncio.to_thread(self.runner.peek, state, full)
+            if findings:
+                await self._publish(findings)
+                self.detector_store.put(partition, model_id, new_state)
+                self.metrics.early_findings.inc(len(findings))
+        return findings
+
     async def on_window(self, partition: int, window: dict[str, Any]) -> list[Finding]:
         model_id = window["model_id"]
         async with self._runner_lock:
@@ -329,13 +372,16 @@ class Pipeline:
         field: str,
         window_end: datetime,
         array: np.ndarray,
+        texts: Sequence[str] = (),
     ) -> list[Finding]:
         """Run the embedding drift detector of ``(model, version, field)`` on one sample.
 
-        The embedding stage calls this once per window with the sampled embeddings
-        (``array``: n x d). State is kept in the ``embedding-state`` table, one record per
-        series under :func:`~genmon.streams.detection.embedding_series.embedding_key`, bounded
-        through one index per model
+        The embedding stage calls this once per sub-sample (every
+        ``embedding.flush_interval_s`` of event time) with the sampled embeddings
+        (``array``: n x d) and their texts (same order). State is kept in the
+        ``embedding-state`` table, one record per series under
+        :func:`~genmon.streams.detection.embedding_series.embedding_key`, bounded through one
+        index per model
         (:meth:`~genmon.streams.detection.runner.DetectorRunner.admit_embedding_series`);
         findings are published like window findings (signal ``embedding_<field>``). The
         detector runs in a thread (fitting its principal components takes a moment).
@@ -362,6 +408,7 @@ class Pipeline:
                 window_end,
                 np.asarray(array),
                 self.runner.field_series(index, field),
+                tuple(texts),
             )
             await self._publish(findings)
             if new_state != state:
@@ -430,6 +477,7 @@ def install_pipeline(app: GenmonApp, settings: Settings | None = None) -> Pipeli
     @app.timer(interval=settings.windows.close_interval_s, name="genmon.pipeline.close")
     async def close_windows() -> None:
         await pipeline.close_windows()
+        await pipeline.peek_windows()
 
     async def run_detectors(stream: Any) -> None:
         async for event in stream.events():

@@ -143,6 +143,11 @@ class PipelineMetrics:
         self.findings = Counter(
             "genmon_findings_published", "Findings published", ["detected"], registry=r
         )
+        self.early_findings = Counter(
+            "genmon_early_findings_total",
+            "Firing findings published from a look at an open window (early detection)",
+            registry=r,
+        )
         self.close_to_finding = Histogram(
             "genmon_window_close_to_finding_seconds",
             "From closing a window to publishing its findings",

@@ -1,4 +1,5 @@
-"""Embedding drift tested once per time window at a per-window false-alarm probability."""
+"""Embedding drift tested at every look (a sub-sample or a window) at a per-look false-alarm
+probability."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ _MAX_SCALE = 1024  # the ring of the last max(scales) windows is part of the sta
 _FOUND = ("n", "scale_windows", "scale_rows", "residual", "t2", "t2_p", "q_z", "q_p", "tests")
 _STATE = ["reference_rows", "reference_windows", "phi", "q_between", "components"]
 _STATE += ["candidate_windows", "refreshes", "refused_refreshes"]
+
+
+def _f32(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to float32 precision, held as float64 (what the state stores)."""
+    return values.astype(np.float32).astype(np.float64)
 
 
 @dataclass
@@ -72,9 +78,11 @@ class _Sums:
 class EmbeddingShiftDrift(Detector):
     """Hotelling T^2 and residual Q of recent windows' mean embedding against healthy windows.
 
-    One ``update(batch)`` is one closed time window's sampled embeddings (n x d). The first
-    windows fit a PCA basis (``basis_rows`` rows kept as float16, relative to the first
-    window's mean, then dropped); the next ones build the reference from sufficient
+    One ``update(batch)`` is one *look*: the sampled embeddings (n x d) of one stretch of
+    time, a sub-sample of a few seconds in genmon's worker (``embedding.flush_interval_s``)
+    or a closed window; "window" below means a look. The first windows fit a PCA basis
+    (``basis_rows`` rows kept as float16, relative to the first window's mean, then
+    dropped); the next ones build the reference from sufficient
     statistics of the ``k = components`` projected coordinates (row covariance ``C``, scatter
     of window means) and of each row's residual ``q = |(x - mu) - V V^T (x - mu)|^2`` (SPE,
     Jackson & Mudholkar): texts that move out of the top-``k`` subspace (a new language or
@@ -112,8 +120,10 @@ class EmbeddingShiftDrift(Detector):
     all windows tested meanwhile, scored as the longest scale would, stays within half the
     critical T^2 and q excess; otherwise it is discarded and counted (``refused_refreshes``),
     so a slow drift is not learned away. Zero-variance directions and residuals get floors,
-    so a constant stream never fires. State is O(d k + k^2 + k max(scales)) after the basis,
-    ~2.7 bytes per row and dimension before.
+    so a constant stream never fires. State is O(d k + k^2 + k max(scales)) after the basis
+    (the basis and the ring held at float32 precision, so they store in half the bytes and a
+    restored detector computes exactly what the live one does), ~2.7 bytes per row and
+    dimension before.
 
     >>> rng = np.random.default_rng(0)
     >>> det = EmbeddingShiftDrift(alpha=1e-6, components=4, basis_rows=100)
@@ -137,6 +147,8 @@ class EmbeddingShiftDrift(Detector):
 
     name = "embedding_shift"
     kind = DetectorKind.DRIFT
+    #: 2: the basis and the ring are stored as float32.
+    state_version = 2
 
     def __init__(
         self,
@@ -222,7 +234,7 @@ class EmbeddingShiftDrift(Detector):
     def _test(self, z: np.ndarray, total: np.ndarray, q: np.ndarray) -> DetectorResult:
         assert self._candidate is not None
         n = len(z)
-        row = np.concatenate(([1.0, n, n * n], total, [q.sum()]))
+        row = _f32(np.concatenate(([1.0, n, n * n], total, [q.sum()])))
         self._ring = np.concatenate((self._ring[1:], row[None]))
         pooled = self._pools()
         if not len(pooled):
@@ -295,7 +307,7 @@ class EmbeddingShiftDrift(Detector):
         kept = self._rows.astype(np.float64)
         centre = kept.mean(0)
         k = min(self.components, kept.shape[1], len(kept) - 1)
-        self._basis = np.linalg.svd(kept - centre, full_matrices=False)[2][:k].T.copy()
+        self._basis = _f32(np.linalg.svd(kept - centre, full_matrices=False)[2][:k].T)
         self._mu = self._origin + centre
         self._rows = np.empty((0, 0), dtype=np.float16)
         self._ref, self._candidate, self._tested = _Sums(k), _Sums(k), np.zeros(k + 4)
@@ -413,11 +425,11 @@ class EmbeddingShiftDrift(Detector):
             "origin": enc(self._origin),
             "rows": encode_array(self._rows),
             "mu": enc(self._mu),
-            "basis": enc(self._basis),
+            "basis": enc(None if self._basis is None else self._basis.astype(np.float32)),
             "reference": None if self._ref is None else self._ref.to_state(),
             "candidate": None if self._candidate is None else self._candidate.to_state(),
             "tested": encode_array(self._tested),
-            "ring": encode_array(self._ring),
+            "ring": encode_array(self._ring.astype(np.float32)),
             "ready": self._ready,
             "refreshes": self._refreshes,
             "refused": self._refused,
@@ -428,12 +440,14 @@ class EmbeddingShiftDrift(Detector):
             return None if a is None else decode_array(a)
 
         self._n_seen = int(state["n_seen"])
-        self._origin, self._mu, self._basis = (dec(state[k]) for k in ("origin", "mu", "basis"))
+        self._origin, self._mu, basis = (dec(state[k]) for k in ("origin", "mu", "basis"))
+        self._basis = None if basis is None else basis.astype(np.float64)
         self._rows = decode_array(state["rows"])
         self._ref = None if state["reference"] is None else _Sums.from_state(state["reference"])
         cand = state["candidate"]
         self._candidate = None if cand is None else _Sums.from_state(cand)
-        self._tested, self._ring = decode_array(state["tested"]), decode_array(state["ring"])
+        self._tested = decode_array(state["tested"])
+        self._ring = decode_array(state["ring"]).astype(np.float64)
         self._ready = bool(state["ready"])
         self._refreshes, self._refused = int(state["refreshes"]), int(state["refused"])
         if self._ready:

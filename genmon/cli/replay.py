@@ -32,6 +32,13 @@ from genmon.settings import get_settings
     default=None,
     help="Keep the incidents in this SQLAlchemy URL (default: a temporary SQLite file).",
 )
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write one self-contained HTML page of charts here (needs genmon[report]).",
+)
 def replay(
     file: Path,
     as_json: bool,
@@ -39,11 +46,17 @@ def replay(
     embedding_cache: Path | None,
     seed: int,
     database: str | None,
+    report_path: Path | None,
 ) -> None:
     """Run the worker's code on FILE (JSON lines of inference and feedback events) and
-    print what would have paged, on a clock driven by event time."""
+    print what would have paged, on a clock driven by event time. With ``--report``, also
+    chart every signal it judged in one HTML page (no network needed to open it)."""
     from genmon.replay.engine import Replay
 
+    if report_path is not None:
+        from genmon.replay.report import check_plotly
+
+        check_plotly()  # before the replay, not after minutes of it
     settings = get_settings()
     cache = embedding_cache or settings.home / "replay-embeddings.sqlite"
     engine = Replay(
@@ -52,6 +65,7 @@ def replay(
         embeddings=embeddings,
         embedding_cache=cache,
         seed=seed,
+        collect_points=report_path is not None,
     )
     with file.open("rb") as handle:
         if sys.stderr.isatty():  # a progress bar for people, nothing for scripts and logs
@@ -63,10 +77,17 @@ def replay(
         else:
             engine.feed(handle)
     report = engine.finish()
+    if report_path is not None:
+        from genmon.replay.report import write_report
+
+        write_report(report, report_path, source=file.name)
     if as_json:
         echo_json(report.to_json(), sort_keys=False)
-        return
-    _print_report(report)
+    else:
+        _print_report(report)
+    if report_path is not None:
+        # On stderr with --json, so that stdout stays one JSON document.
+        click.echo(f"report written to {report_path}", err=as_json)
 
 
 def _print_report(report: object) -> None:

@@ -12,15 +12,62 @@ replay evicts the same series.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Any
 
 from genmon.exceptions import ConfigurationError
+from genmon.settings import Settings
 
-#: ``last_end`` kind of embedding samples (a series applies each window's sample once).
+#: ``last_end`` kind of embedding samples (a series applies each sub-sample once).
 EMBEDDING_KIND = "embedding"
 #: Largest JSON state of one record (one changelog message): under Kafka's default 1 MB.
 STATE_MAX_BYTES = 900_000
+#: Seconds of event time the drift test pools its latest sub-samples over, each a scale
+#: of :class:`~genmon.detectors.EmbeddingShiftDrift` (in looks of
+#: ``embedding.flush_interval_s``): the short ones find an abrupt shift within seconds of
+#: traffic, the long ones (to 16 minutes) a small sustained one or a quiet stream.
+SCALES_S: tuple[float, ...] = (5, 10, 20, 40, 80, 240, 960)
+#: Fewest texts a scale's pool needs to be tested (its mean's null law is approximate).
+MIN_POOL_ROWS = 20
+
+
+def drift_params(settings: Settings) -> dict[str, Any]:
+    """The drift detector's parameters in looks, from settings stated in time: its scales
+    (:data:`SCALES_S`), its reference (``detectors.drift_reference_windows`` windows of
+    event time) and its refresh (``detectors.baseline_refresh_windows`` windows)."""
+    look_s, window_s = settings.embedding.flush_interval_s, settings.windows.tumbling_s
+    d = settings.detectors
+
+    def looks(seconds: float) -> int:
+        return max(1, math.ceil(seconds / look_s - 1e-9))
+
+    return {
+        "components": d.drift_components,
+        "reference_windows": max(2, looks(d.drift_reference_windows * window_s)),
+        "refresh_windows": max(2, looks(d.baseline_refresh_windows * window_s)),
+        "scales": tuple(sorted({looks(seconds) for seconds in SCALES_S})),
+        "min_window_rows": MIN_POOL_ROWS,
+    }
+
+
+def matches(detector: Any, params: dict[str, Any]) -> bool:
+    """Whether a stored detector runs with ``params`` (:func:`drift_params`). One that does
+    not (stored before sub-samples, or before ``embedding.flush_interval_s`` or the
+    reference and refresh settings changed) counts its scales and reference in other
+    looks, so its series starts again."""
+    wanted = type(detector)(**{**params, "alpha": detector.alpha})  # normalised as it would
+    return bool(detector.get_params() == wanted.get_params())
+
+
+def publishes(entry: dict[str, Any], detected: bool, end_ms: int, window_ms: int) -> bool:
+    """Whether a look's result goes out as a finding: every detection, but a clear look at
+    most once per window (``entry["published_ms"]``), so incidents count quiet *windows*
+    before they auto-resolve, as for windowed signals, however often the series looks."""
+    if not detected and end_ms - entry.get("published_ms", -(2**62)) < window_ms:
+        return False
+    entry["published_ms"] = end_ms
+    return True
 
 
 def embedding_key(model_id: str, model_version: str, field: str) -> str:

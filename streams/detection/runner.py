@@ -28,6 +28,19 @@ series of the window. The CUSUM keeps evidence across windows, so repeated looks
 spend the budget twice. User-written SLOs (``detectors.slos``,
 :mod:`~genmon.schemas.slos`) are checked per window on top, outside the budget.
 
+**Early looks** (:meth:`DetectorRunner.peek`, every ``detectors.early_interval_s``): the
+window's close is not the first chance to page. The worker (and ``genmon replay``, on its
+event-time clock) builds the record of each open tumbling window whose traffic changed
+(the all-traffic series of each version, without examples) and runs the same tests on it
+as it stands, from the sums the closed windows left: an abrupt change in most requests
+pages after the few requests that prove it, seconds into the window. The CUSUM's
+threshold bounds a crossing at any instant, so looking often costs it nothing; the
+per-window alpha of its single-window part is split, half for the close and half shared
+by the looks. A look keeps no detector or baseline state: it records the firing (the close
+then publishes it again under the same ``dedup_key``, or the clear that starts the
+auto-resolve), at most once per series and window and never while the series' incident is
+open. Segments are judged at the close.
+
 **One cause, one incident.** The more specific finding explains the less specific one:
 a window where TTFT or TPOT fires for a version does not also page its end-to-end latency
 (which is judged only when TTFT is not reported), and one where a segment's negative
@@ -61,18 +74,24 @@ judged series go beyond ``detectors.max_series_per_model`` or the record's size 
 ``evidence.clusters`` (:mod:`genmon.streams.detection.findings`).
 
 **Embedding drift** (:meth:`DetectorRunner.on_embeddings`, signal ``embedding_<field>``):
-one :class:`~genmon.detectors.EmbeddingShiftDrift` per (model, version, field), fed once
-per window with the window's sampled embeddings, its false-alarm probability per window
-from the budget. Each series is its own table record under :func:`embedding_key`, bounded
-through a per-model index (:meth:`DetectorRunner.admit_embedding_series`): series not
-sampled for ``detectors.series_ttl_s`` go, then the least recently sampled beyond
+one :class:`~genmon.detectors.EmbeddingShiftDrift` per (model, version, field), fed each
+sub-sample of sampled texts as it arrives (every ``embedding.flush_interval_s`` of event
+time: one look), at the false-alarm probability per look that the budget gives for looks
+at that interval, so a shift is paged seconds of traffic after it begins. Detections are
+published at every look, clear looks once per window. Each series is its own table
+record under :func:`embedding_key`, bounded through a per-model index
+(:meth:`DetectorRunner.admit_embedding_series`): series not sampled for
+``detectors.series_ttl_s`` go, then the least recently sampled beyond
 ``detectors.max_embedding_series_per_model``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -92,16 +111,21 @@ from genmon.detectors.anomaly.rate_cusum import design_rate
 from genmon.detectors.calibration import signals as sig
 from genmon.detectors.calibration.baselines import LatencyBaseline
 from genmon.detectors.calibration.budget import Budget
+from genmon.detectors.calibration.plan import load_plan
 from genmon.schemas.events import Finding, FindingKind, Severity
 from genmon.schemas.slos import SLO, slos_for
 from genmon.settings import Settings
+from genmon.streams.detection.configured import ConfiguredDetectors
 from genmon.streams.detection.embedding_series import (
     EMBEDDING_KIND,
     admit,
     check_size,
+    drift_params,
     embedding_index_key,
     embedding_key,
     field_series,
+    matches,
+    publishes,
 )
 from genmon.streams.detection.error_evidence import ErrorAnalyzer
 from genmon.streams.detection.findings import (
@@ -121,6 +145,7 @@ from genmon.streams.detection.model_state import (
     series_key,
 )
 from genmon.streams.detection.observations import ModelBaselines, Observation, observe, one_cause
+from genmon.streams.detection.points import SignalPoint, observation_point, result_point
 
 log = logging.getLogger(__name__)
 D = TypeVar("D", bound=Detector)
@@ -140,7 +165,11 @@ class DetectorRunner:
         self.error_analyzer = error_analyzer or (
             ErrorAnalyzer(settings) if d.exemplars_per_window else None
         )
-        self.budget = Budget(settings)
+        #: The detector plan (``detectors.config_file``): loading validates it, so a bad
+        #: file stops the worker (or replay) before anything is judged.
+        self.plan = load_plan(settings)
+        self.budget = Budget(settings, self.plan)
+        self.configured = ConfiguredDetectors(self)
         self.min_requests = d.min_window_requests
         self.min_feedback = d.min_segment_size
         self.clear_windows = settings.incidents.auto_resolve_quiet_windows
@@ -148,9 +177,15 @@ class DetectorRunner:
         self.series_ttl_ms = round(d.series_ttl_s * 1000)
         self.max_series = d.max_series_per_model
         self.max_embedding_series = d.max_embedding_series_per_model
+        #: Early looks at an open window (0: early detection off), see :meth:`peek`.
+        self.early_looks = (
+            math.ceil(settings.windows.tumbling_s / d.early_interval_s) if d.early_interval_s else 0
+        )
         #: Series this process dropped, by reason (for the pipeline's counter).
         self.series_evicted = dict.fromkeys(EVICTION_REASONS, 0)
         self._restarted: set[str] = set()  # detectors whose old states were met (said once)
+        #: Called with every judgement (``genmon replay --report`` charts them); None: free.
+        self.points: Callable[[SignalPoint], None] | None = None
 
     # -- windows ------------------------------------------------------------------------
     def on_window(
@@ -167,21 +202,86 @@ class DetectorRunner:
         self.series_evicted["ttl"] += expire(state, end, self.series_ttl_ms)
         baselines.expire(end, self.series_ttl_ms)
         ctx = WindowContext(window)
-        observations = observe(window, baselines, self.min_requests, self.min_feedback)
+        observations = self._observe(window, baselines)
         per_signal = Counter(obs.signal for obs in observations)
         for obs in observations:
-            self._judge(state, obs, per_signal[obs.signal], end)
+            self._judge(state, obs, per_signal[obs.signal], end, model_id=ctx.model_id)
         one_cause(observations)
         findings: list[Finding] = []
+        quantile = self.settings.detectors.latency_quantile
         for obs in observations:
+            if self.points is not None:
+                self._point(observation_point(ctx.model_id, obs, end, quantile))
             findings += self._publish_observation(state, ctx, obs)
             self._learn(obs)
             baselines.save(obs, end)
         findings += self._check_slos(state, ctx, window, end)
+        findings += self.configured.on_window(state, ctx, window, end)
         capped, oversized = cap(state, end, self.max_series, ctx.model_id)
         self.series_evicted["cap"] += capped
         self.series_evicted["size"] += oversized
         return state, findings
+
+    def peek(
+        self,
+        state: dict[str, Any] | None,
+        window: dict[str, Any],
+        with_examples: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> tuple[dict[str, Any] | None, list[Finding]]:
+        """Judge an open tumbling ``window`` as it stands (early detection): return the
+        state and the findings of the series that fire now.
+
+        The window's close judges it again in full, and that judgement is the one the
+        detectors and baselines keep: a look changes neither. It only records that a
+        series fired (as a firing at close would, so the close publishes the firing again,
+        which the incident manager drops as a repeat, or the clear that starts its
+        auto-resolve) and in which window it fired early, so each series fires early at
+        most once a window. A series already firing is left to the closes.
+
+        ``window`` may come without examples (cheap to build every second); when a series
+        fires, ``with_examples()`` gives the same window with them, for the finding's
+        evidence, and the look is made again on it.
+        """
+        kind, end = window["kind"], int(window["end_ms"])
+        if state is None or kind != DETECT_ON or end <= state["last_end"].get(kind, -(2**62)):
+            return state, []
+        state = copy_state(state)
+        scratch = copy_state(state)  # the looks' detector sums are thrown away
+        baselines = ModelBaselines(scratch["baselines"], self.settings)
+        observations = self._observe(window, baselines)
+        per_signal = Counter(obs.signal for obs in observations)
+        for obs in observations:
+            if _above_baseline(obs):  # at or below it, the sum cannot rise: no test needed
+                self._judge(
+                    scratch, obs, per_signal[obs.signal], end, self.early_looks, window["model_id"]
+                )
+        one_cause(observations)
+        firing = [
+            obs
+            for obs in observations
+            if obs.result is not None
+            and obs.result.detected
+            and _may_fire(state, series_key(obs.signal, CUSUM, obs.version, obs.segment), end)
+        ]
+        if firing and with_examples is not None:
+            full = with_examples()
+            if full is not None:
+                return self.peek(state, full)
+        ctx, findings = WindowContext(window), []
+        quantile = self.settings.detectors.latency_quantile
+        for obs in firing:
+            point = observation_point(ctx.model_id, obs, end, quantile)
+            self._point(None if point is None else replace(point, early=True))
+            skey = series_key(obs.signal, CUSUM, obs.version, obs.segment)
+            findings += self._publish_observation(state, ctx, obs, early=True)
+            entry = state["series"][skey]
+            entry["early_end"] = end
+            entry.setdefault("seen_ms", end)
+        return state, findings
+
+    def _point(self, point: SignalPoint | None) -> None:
+        if self.points is not None and point is not None:
+            self.points(point)
 
     def _restored(self, entry: dict[str, Any] | None, cls: type[D]) -> D | None:
         """The series' stored detector, or None: none stored, or stored in a state format
@@ -200,17 +300,32 @@ class DetectorRunner:
         assert isinstance(det, cls)
         return det
 
-    def _judge(self, state: dict[str, Any], obs: Observation, series: int, end: int) -> None:
-        """Run the series' CUSUM against its baseline (nothing while the baseline warms up)."""
+    def _judge(
+        self,
+        state: dict[str, Any],
+        obs: Observation,
+        series: int,
+        end: int,
+        looks: int = 0,
+        model_id: str = ALL,
+    ) -> None:
+        """Run the series' CUSUM against its baseline (nothing while the baseline warms up).
+
+        ``looks``: 0 for the judgement of a closed window, else the number of early looks
+        at an open one (:meth:`peek`); with early detection on, the per-window alpha is
+        half the close's and half shared by the looks (the CUSUM's threshold is the same
+        for both: crossing it at any instant is what its run-length bound counts)."""
         reference = obs.baseline.reference()
         if reference is None:
             return
-        threshold, alpha = self.budget.rate_test(obs.signal, series)
+        threshold, alpha = self.budget.rate_test(obs.signal, series, model_id)
+        if self.early_looks:
+            alpha /= 2 * max(looks, 1)
         skey = series_key(obs.signal, CUSUM, obs.version, obs.segment)
         entry = state["series"].get(skey)
         det = self._restored(entry, RateCUSUM)
         if det is None:
-            det = self._new_cusum(obs.signal, threshold)
+            det = self._new_cusum(obs.signal, threshold, model_id)
         # The series of the window (and so each one's share) may have changed.
         det.threshold, det.window_alpha = threshold, alpha
         result = det.update(
@@ -230,10 +345,20 @@ class DetectorRunner:
         obs.healthy = not result.detected and cusum <= threshold / 2
         save(state, skey, det.state_dict(), end)
 
-    def _new_cusum(self, signal: str, threshold: float) -> RateCUSUM:
-        odds_ratio = self.settings.detectors.rate_odds_ratio
-        floor = self._min_increase(signal)
+    def _new_cusum(self, signal: str, threshold: float, model_id: str = ALL) -> RateCUSUM:
+        entry = self.budget.entry(signal, model_id)
+        params = entry.params if entry is not None else {}
+        odds_ratio = params.get("odds_ratio", self.settings.detectors.rate_odds_ratio)
+        floor = params.get("min_increase", self._min_increase(signal))
         return RateCUSUM(threshold=threshold, odds_ratio=odds_ratio, min_increase=floor)
+
+    def _observe(self, window: dict[str, Any], baselines: ModelBaselines) -> list[Observation]:
+        """The window's rate observations the plan runs for its model: the default ones it
+        keeps (a signal it leaves out is not judged) and its extra rate signals."""
+        observations = observe(window, baselines, self.min_requests, self.min_feedback)
+        observations += self.configured.rate_observations(window, baselines, self.min_requests)
+        model_id = window["model_id"]
+        return [o for o in observations if self.plan.entry(model_id, o.signal, CUSUM)]
 
     def _min_increase(self, signal: str) -> float:
         """The smallest absolute rise worth a page: none for latency exceedance (it starts
@@ -257,14 +382,20 @@ class DetectorRunner:
 
     # -- findings -------------------------------------------------------------------------
     def _publish_observation(
-        self, state: dict[str, Any], ctx: WindowContext, obs: Observation
+        self, state: dict[str, Any], ctx: WindowContext, obs: Observation, early: bool = False
     ) -> list[Finding]:
+        """``early``: judged on the open window (:meth:`peek`), said in the evidence as
+        ``early_requests``, the requests the window held then."""
         if obs.result is None:
             return []
         reference = obs.baseline.reference()
         assert reference is not None
         quantile = self.settings.detectors.latency_quantile
         severity, title, extra = describe(ctx, obs, reference, quantile)
+        if early:
+            extra["early_requests"] = int(obs.series["requests"])
+        planned = self.budget.entry(obs.signal, ctx.model_id)
+        severity = planned.severity if planned is not None and planned.severity else severity
         skey = series_key(obs.signal, CUSUM, obs.version, obs.segment)
         return self._publishable(
             state,
@@ -321,6 +452,8 @@ class DetectorRunner:
             detected=breached,
             n_seen=int(series["requests"]),
         )
+        signal = f"slo_{slo.metric}"
+        self._point(result_point(ctx.model_id, version, ALL, signal, end, result, value, slo.limit))
         return self._publishable(
             state,
             skey,
@@ -389,13 +522,15 @@ class DetectorRunner:
         window_end: datetime,
         array: np.ndarray,
         series: int = 1,
+        texts: Sequence[str] = (),
     ) -> tuple[dict[str, Any], list[Finding]]:
-        """Test one window's sampled embeddings of ``(model, version, field)``.
+        """Judge one sub-sample of ``(model, version, field)``'s sampled texts: one look.
 
-        ``state`` is the series' own record (:func:`embedding_key`); ``series`` how many
-        embedding series of this field the model has (they share the field's budget). A
-        sample whose window is not newer than the last one applied changes nothing.
-        Raises ``ConfigurationError`` when the new state would exceed
+        ``array`` holds their embeddings, ``texts`` the texts (same order; empty when the
+        caller has none). ``state`` is the series' own record (:func:`embedding_key`);
+        ``series`` how many embedding series of this field the model has (they share the
+        field's budget). A sub-sample that ends no later than the last one applied
+        changes nothing. Raises ``ConfigurationError`` when the new state would exceed
         :data:`~genmon.streams.detection.embedding_series.STATE_MAX_BYTES`.
         """
         state = copy_state(state)
@@ -404,20 +539,27 @@ class DetectorRunner:
             return state, []
         state["last_end"][EMBEDDING_KIND] = end_ms
         signal = f"embedding_{field}"
+        configured = self.configured.on_sample(
+            state, model_id, model_version, field, window_end, array, texts, series
+        )
+        planned = self.budget.entry(signal, model_id)
+        if planned is None:  # the plan runs no shift test
+            check_size(state, embedding_key(model_id, model_version, field))
+            return state, configured
         skey = f"embedding:{field}\x1f{model_version}\x1f{ALL}"
         entry = state["series"].setdefault(skey, {"clears": 0})
-        alpha = self.budget.window_alpha(signal, series)
-        d = self.settings.detectors
+        look_s = self.settings.embedding.flush_interval_s
+        alpha = self.budget.look_alpha(signal, series, look_s, model_id)
+        own = {k: v for k, v in planned.params.items() if k != "alpha"}  # plan's, in looks
+        params = {**drift_params(self.settings), **own}
         det = self._restored(entry, EmbeddingShiftDrift)
+        if det is not None and not matches(det, params):
+            self.series_evicted["format"] += 1  # its looks or scales mean other times now
+            det = None
         if det is not None:
             det.alpha = alpha
         else:
-            det = EmbeddingShiftDrift(
-                alpha=alpha,
-                components=d.drift_components,
-                reference_windows=d.drift_reference_windows,
-                refresh_windows=d.baseline_refresh_windows,
-            )
+            det = EmbeddingShiftDrift(alpha=alpha, **params)
         result = det.update(np.asarray(array, dtype=np.float32))
         entry["det"] = det.state_dict()
         entry["seen_ms"] = end_ms
@@ -425,10 +567,18 @@ class DetectorRunner:
             {"model_id": model_id, "window_start": None, "window_end": window_end.isoformat()}
         )
         shift = float(result.effect_size or 0.0)
+        self._point(result_point(model_id, model_version, ALL, signal, end_ms, result, shift))
+        window_ms = round(self.settings.windows.tumbling_s * 1000)
+        if not publishes(entry, result.detected, end_ms, window_ms):
+            check_size(state, embedding_key(model_id, model_version, field))
+            return state, configured
         what = "Prompt" if field == "prompt" else "Answer" if field == "response" else field
+        pooled = result.evidence.value("scale_windows") if result.evidence else None
+        rows = result.evidence.value("scale_rows") if result.evidence else None
+        over = f" over {pooled * look_s:g} s" if pooled else ""
         title = (
-            f"{what} embeddings shifted {shift:.2g} SD (p={result.p_value or 1.0:.2g}, "
-            f"{len(array)} texts), {sig.where(model_id, model_version, ALL)}"
+            f"{what} embeddings shifted {shift:.2g} SD{over} (p={result.p_value or 1.0:.2g}, "
+            f"{int(rows or len(array))} texts), {sig.where(model_id, model_version, ALL)}"
         )
         findings = self._publishable(
             state,
@@ -440,12 +590,12 @@ class DetectorRunner:
             signal,
             FindingKind.DRIFT,
             len(array),
-            sig.shift_severity(shift),
+            planned.severity or sig.shift_severity(shift),
             title,
             {},
         )
         check_size(state, embedding_key(model_id, model_version, field))
-        return state, findings
+        return state, findings + configured
 
     def admit_embedding_series(
         self,
@@ -484,3 +634,23 @@ class DetectorRunner:
         return new_index
 
     field_series = staticmethod(field_series)
+
+
+def _may_fire(state: dict[str, Any], skey: str, end: int) -> bool:
+    """Whether a look may publish the series firing: not when it already fired early in
+    this window, nor while an earlier firing is still published (its incident is open:
+    the closes keep it) or its detector still fires."""
+    entry = state["series"].get(skey)
+    if entry is None:
+        return True
+    det = entry.get("det", {}).get("state", {})
+    return (
+        entry.get("early_end") != end
+        and not entry.get("clears", 0)
+        and not det.get("firing", False)
+    )
+
+
+def _above_baseline(obs: Observation) -> bool:
+    reference = obs.baseline.reference()
+    return reference is not None and obs.events > obs.total * reference.rate

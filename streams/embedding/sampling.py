@@ -5,22 +5,25 @@ and ``genmon replay`` share it:
 
 * **Sampling** (:class:`Sampler`). Each ``prompt``/``response`` (``embedding.fields``) of
   a valid inference is kept with probability ``rate`` and then offered to a reservoir
-  (Vitter's algorithm R, :class:`Reservoir`) of ``embedding.reservoir_per_window`` texts
-  per model, version, field and tumbling window (``windows.tumbling_s``, by when the call
-  completed), so a window's sample is uniform and bounded whatever the traffic. A window
-  closes like the pipeline's: when the model's newest event time passes its end plus
-  ``windows.allowed_lateness_s``, or when the model has been idle
-  ``windows.idle_timeout_s`` and the wall clock passes it. Its reservoir then becomes
-  :class:`EmbedRequest` messages, one per text, each carrying the sample's id, index and
-  size. Later events of a closed window are dropped and counted (``late``).
+  (Vitter's algorithm R, :class:`Reservoir`) per model, version and field for the current
+  *slot*: ``embedding.flush_interval_s`` of the model's event time (by when the call
+  completed) on a fixed grid. So drift is judged every few seconds, not when a 60 s
+  window closes, and a sub-sample is uniform over its slot and bounded whatever the
+  traffic: ``embedding.reservoir_per_window`` texts per window, spread over its slots
+  (:func:`slot_capacity`). A slot ends when the model's newest event time passes its end
+  (no lateness wait: a late text joins the open slot, which only moves it a few seconds),
+  or when the model has been idle ``windows.idle_timeout_s`` and the wall clock passes
+  it. Its reservoirs then become :class:`EmbedRequest` messages, one per text, each
+  carrying the sub-sample's id, index and size. A slot's end is later than every earlier
+  one of its model, so a series never sees two sub-samples with one end.
 * **Rate control** (:class:`RateController`): the sample rate under the encoder's
   backlog, AIMD: above ``embedding.max_backlog`` it halves (down to
   ``embedding.min_sample_rate``); once the backlog is at most one encoder batch it grows
   back by a tenth of ``embedding.sample_rate`` per check.
 * **Reassembly** (:class:`SampleAssembler`): the encoder side collects encoded texts
-  until each window's sample is whole (a :class:`WindowSample`); one missing texts after
-  ``embedding.group_timeout_s`` (its producer or encoder restarted mid-sample) goes as it
-  is, and one seen again after a redelivery is skipped.
+  until each sub-sample is whole (a :class:`SubSample`, embeddings and texts in the same
+  order); one missing texts after ``embedding.group_timeout_s`` (its producer or encoder
+  restarted mid-sample) goes as it is, and one seen again after a redelivery is skipped.
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ T = TypeVar("T")
 # -- wire format -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EmbedRequest:
-    """One sampled text of one window's sample, as written to the request topic."""
+    """One sampled text of one sub-sample, as written to the request topic.
+
+    ``window_start`` and ``window_end`` bound the sub-sample's slot (the names predate
+    slots; the wire format is unchanged, so requests queued by an older worker decode).
+    """
 
     sample_id: str
     model_id: str
@@ -165,29 +172,39 @@ class RateController:
 
 
 @dataclass
-class _ModelWindows:
+class _ModelSlots:
+    """One model's open sub-samples: a reservoir per (version, field) for the open slot
+    of the model's event-time grid, and the sub-samples of slots that have ended."""
+
     watermark: float = -math.inf
     last_arrival: float = -math.inf
-    closed_until: float = -math.inf
-    reservoirs: dict[tuple[str, str, float], Reservoir[str]] = field(default_factory=dict)
+    slot_end: float = -math.inf  # end of the open slot (-inf: none open)
+    reservoirs: dict[tuple[str, str], Reservoir[str]] = field(default_factory=dict)
+    ended: list[tuple[float, str, str, Reservoir[str]]] = field(default_factory=list)
+
+    def end_slot(self) -> None:
+        """The open slot's reservoirs become ended sub-samples."""
+        for (version, name), reservoir in self.reservoirs.items():
+            self.ended.append((self.slot_end, version, name, reservoir))
+        self.reservoirs = {}
+        self.slot_end = -math.inf
 
 
 class Sampler:
-    """Bernoulli sampling then one bounded reservoir per model, version, field and window.
+    """Bernoulli sampling then one bounded reservoir per model, version, field and slot.
 
     Pure logic and no I/O: :meth:`offer` takes valid inferences, :meth:`due` returns the
-    requests of the windows that closed. ``rate`` may be changed at any time.
-    ``dropped`` counts texts left out, by reason (``rate``, ``reservoir``, ``late``,
-    ``future``); ``queued`` counts texts returned by :meth:`due`.
+    requests of the sub-samples whose slot has ended. ``rate`` may be changed at any time.
+    ``dropped`` counts texts left out, by reason (``rate``, ``reservoir``, ``future``);
+    ``queued`` counts texts returned by :meth:`due`.
     """
 
     def __init__(self, settings: Settings, rng: random.Random | None = None) -> None:
         embedding, windows = settings.embedding, settings.windows
         self.fields = list(embedding.fields)
-        self.capacity = embedding.reservoir_per_window
+        self.slot = embedding.flush_interval_s
+        self.capacity = slot_capacity(settings)
         self.max_chars = embedding.max_text_chars
-        self.size = windows.tumbling_s
-        self.lateness = windows.allowed_lateness_s
         self.idle = windows.idle_timeout_s
         self.max_skew = windows.max_future_skew_s
         self.forget_after = windows.expires_s
@@ -195,7 +212,7 @@ class Sampler:
         self.dropped: Tally[str] = Tally()
         self.queued = 0
         self._rng = rng or random.Random()
-        self._models: dict[str, _ModelWindows] = {}
+        self._models: dict[str, _ModelSlots] = {}
 
     def offer(self, events: Iterable[InferenceEvent], now: float) -> None:
         """Sample the texts of ``events`` (``now``: wall clock, epoch seconds)."""
@@ -207,61 +224,51 @@ class Sampler:
             if at > now + self.max_skew:
                 self.dropped["future"] += len(texts)
                 continue
-            state = self._models.setdefault(event.model_id, _ModelWindows())
+            state = self._models.setdefault(event.model_id, _ModelSlots())
             state.last_arrival = now
             state.watermark = max(state.watermark, at)
-            start = math.floor(at / self.size) * self.size
-            if start + self.size <= state.closed_until:
-                self.dropped["late"] += len(texts)
-                continue
+            if state.watermark >= state.slot_end:
+                state.end_slot()  # (nothing when none is open)
+                state.slot_end = (math.floor(state.watermark / self.slot) + 1) * self.slot
             for name, text in texts:
                 if self._rng.random() >= self.rate:
                     self.dropped["rate"] += 1
                     continue
-                key = (event.model_version, name, start)
+                key = (event.model_version, name)
                 reservoir = state.reservoirs.get(key)
                 if reservoir is None:
                     reservoir = state.reservoirs[key] = Reservoir(self.capacity, self._rng)
                 reservoir.offer(text[: self.max_chars])
 
     def due(self, now: float) -> list[EmbedRequest]:
-        """Requests of every window that has closed by ``now``, oldest window first."""
+        """Requests of every sub-sample whose slot has ended by ``now``, oldest first."""
         requests: list[EmbedRequest] = []
         for model_id in list(self._models):
             state = self._models[model_id]
-            watermark = state.watermark
             if now - state.last_arrival >= self.idle:
-                watermark = max(watermark, now)
-            closing = sorted(
-                (
-                    key
-                    for key in state.reservoirs
-                    if key[2] + self.size + self.lateness <= watermark
-                ),
-                key=lambda key: (key[2], key[0], key[1]),
-            )
-            for key in closing:
-                reservoir = state.reservoirs.pop(key)
-                requests += self._requests(model_id, key, reservoir)
-                state.closed_until = max(state.closed_until, key[2] + self.size)
+                # An idle model's watermark advances with the clock (as its windows' do), so
+                # a straggler after the idle close starts a later slot, never a repeated one.
+                state.watermark = max(state.watermark, now)
+            if state.watermark >= state.slot_end:
+                state.end_slot()
+            for end, version, name, reservoir in sorted(state.ended, key=lambda e: e[:3]):
+                requests += self._requests(model_id, version, name, end, reservoir)
+            state.ended = []
             if not state.reservoirs and now - state.last_arrival > self.forget_after:
                 del self._models[model_id]
         self.queued += len(requests)
         return requests
 
     def _requests(
-        self, model_id: str, key: tuple[str, str, float], reservoir: Reservoir[str]
+        self, model_id: str, version: str, name: str, end: float, reservoir: Reservoir[str]
     ) -> list[EmbedRequest]:
-        version, name, start = key
         self.dropped["reservoir"] += reservoir.seen - len(reservoir.items)
         sample_id = uuid.uuid4().hex
-        window_start = datetime.fromtimestamp(start, UTC)
-        window_end = datetime.fromtimestamp(start + self.size, UTC)
+        start = datetime.fromtimestamp(end - self.slot, UTC)
+        stop = datetime.fromtimestamp(end, UTC)
         count = len(reservoir.items)
         return [
-            EmbedRequest(
-                sample_id, model_id, version, name, window_start, window_end, i, count, text
-            )
+            EmbedRequest(sample_id, model_id, version, name, start, stop, i, count, text)
             for i, text in enumerate(reservoir.items)
         ]
 
@@ -270,21 +277,31 @@ class Sampler:
         return sum(len(state.reservoirs) for state in self._models.values())
 
     def open_models(self) -> set[str]:
-        """Models with a window's sample still being collected."""
-        return {model for model, state in self._models.items() if state.reservoirs}
+        """Models with a sub-sample still being collected (or ended and not yet flushed)."""
+        return {model for model, state in self._models.items() if state.reservoirs or state.ended}
+
+
+def slot_capacity(settings: Settings) -> int:
+    """Most texts of one sub-sample: ``embedding.reservoir_per_window`` spread over the
+    window's slots (at least one), so a window's texts stay within the setting."""
+    embedding = settings.embedding
+    share = embedding.flush_interval_s / settings.windows.tumbling_s
+    return max(1, math.floor(embedding.reservoir_per_window * share))
 
 
 # -- reassembly on the encoder side ------------------------------------------------------------
 @dataclass(frozen=True)
-class WindowSample:
-    """The embeddings of one window's sample, ready for the drift detector."""
+class SubSample:
+    """One slot's encoded sub-sample, ready for the drift detector: row ``i`` of
+    ``embeddings`` is ``texts[i]``."""
 
     model_id: str
     model_version: str
     field: str
-    window_start: datetime
-    window_end: datetime
+    start: datetime
+    end: datetime
     embeddings: np.ndarray
+    texts: tuple[str, ...]
     complete: bool
 
 
@@ -292,11 +309,15 @@ class WindowSample:
 class _Partial:
     first: EmbedRequest
     arrived: float
-    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    rows: dict[int, tuple[np.ndarray, str]] = field(default_factory=dict)
 
 
 class SampleAssembler:
-    """Collects encoded texts until each window's sample is whole (or waited too long)."""
+    """Collects encoded texts until each sub-sample is whole (or waited too long).
+
+    Memory: the texts and vectors of the sub-samples in flight, and the last
+    :data:`SUBMITTED_MEMORY` sample ids, so a redelivered sub-sample is skipped.
+    """
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -305,22 +326,22 @@ class SampleAssembler:
 
     def add(
         self, requests: Sequence[EmbedRequest], vectors: np.ndarray, now: float
-    ) -> list[WindowSample]:
+    ) -> list[SubSample]:
         """Add encoded ``requests`` (row ``i`` of ``vectors`` is request ``i``)."""
-        done: list[WindowSample] = []
+        done: list[SubSample] = []
         for request, vector in zip(requests, vectors, strict=True):
             if request.sample_id in self._submitted:
                 continue
             partial = self._partial.get(request.sample_id)
             if partial is None:
                 partial = self._partial[request.sample_id] = _Partial(request, now)
-            partial.rows[request.index] = vector
+            partial.rows[request.index] = (vector, request.text)
             if len(partial.rows) == request.count:
                 done.append(self._finish(request.sample_id, complete=True))
         return done
 
-    def expired(self, now: float) -> list[WindowSample]:
-        """Samples that waited ``timeout_s`` for missing texts, as they are."""
+    def expired(self, now: float) -> list[SubSample]:
+        """Sub-samples that waited ``timeout_s`` for missing texts, as they are."""
         late = [sid for sid, p in self._partial.items() if now - p.arrived >= self.timeout_s]
         return [self._finish(sid, complete=False) for sid in late]
 
@@ -328,19 +349,20 @@ class SampleAssembler:
     def pending(self) -> int:
         return len(self._partial)
 
-    def _finish(self, sample_id: str, *, complete: bool) -> WindowSample:
+    def _finish(self, sample_id: str, *, complete: bool) -> SubSample:
         partial = self._partial.pop(sample_id)
         self._submitted[sample_id] = None
         if len(self._submitted) > SUBMITTED_MEMORY:
             self._submitted.popitem(last=False)
         first = partial.first
         rows = [partial.rows[i] for i in sorted(partial.rows)]
-        return WindowSample(
+        return SubSample(
             first.model_id,
             first.model_version,
             first.field,
             first.window_start,
             first.window_end,
-            np.stack(rows).astype(np.float32, copy=False),
+            np.stack([vector for vector, _ in rows]).astype(np.float32, copy=False),
+            tuple(text for _, text in rows),
             complete,
         )

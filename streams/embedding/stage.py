@@ -2,25 +2,26 @@
 
 Flow (``<prefix>`` is ``kafka.topic_prefix``)::
 
-    ingest sink ──► Sampler ──(window closed)──► <prefix>.embed-requests ──► encoder agent
-    (in memory,     Bernoulli(rate) + one        one text per message,      take(batch_size,
-     no I/O)        reservoir per model,         keyed by model id          within=...) ->
-                    version, field, window                                  TextEncoder ->
-                                                                            submit_embeddings
+    ingest sink ──► Sampler ──(slot ended)──► <prefix>.embed-requests ──► encoder agent
+    (in memory,     Bernoulli(rate) + one     one text per message,      take(batch_size,
+     no I/O)        reservoir per model,      keyed by model id          within=...) ->
+                    version, field, slot                                 TextEncoder ->
+                    (flush_interval_s)                                   submit_embeddings
 
 * **Sampling.** Each sampled text of a valid inference goes to a bounded reservoir per
-  model, version, field and tumbling window (:mod:`genmon.streams.embedding.sampling`).
-  When a window closes its reservoir is written to the request topic, one message per
-  text, each carrying the sample's id, index and size.
+  model, version, field and slot of ``embedding.flush_interval_s`` event seconds
+  (:mod:`genmon.streams.embedding.sampling`). When a slot ends (checked every
+  ``windows.close_interval_s``) its reservoirs are written to the request topic, one
+  message per text, each carrying the sub-sample's id, index and size: texts reach the
+  drift test seconds after they were sampled, not when the 60 s window closes.
 * **Encoding.** The encoder agent takes batches from the request topic, encodes them in a
   dedicated thread (the event loop, and with it ingest and aggregates, never waits for
-  the model), reassembles each window's sample and hands it to the embedding drift
-  detector through the pipeline's hook
-  (:meth:`genmon.streams.pipeline.Pipeline.submit_embeddings`). A sample missing texts
-  after ``embedding.group_timeout_s`` is submitted as it is; a sample seen again after a
-  redelivery is skipped (:class:`~genmon.streams.embedding.sampling.SampleAssembler`). A
-  series' first samples are collected until they can be its reference
-  (``3 x detectors.drift_window`` texts, over as many windows as it takes); see
+  the model), reassembles each sub-sample and hands its embeddings and texts to the
+  detectors through the pipeline's hook
+  (:meth:`genmon.streams.pipeline.Pipeline.submit_embeddings`). A sub-sample missing
+  texts after ``embedding.group_timeout_s`` is submitted as it is; one seen again after a
+  redelivery is skipped (:class:`~genmon.streams.embedding.sampling.SampleAssembler`).
+  Each sub-sample is one look of the series' drift test; see
   :mod:`genmon.streams.detection.runner`.
 * **Backpressure.** Every ``embedding.backlog_check_interval_s`` the sampler reads the
   encoder's backlog: messages on the request topic beyond its consumer group's committed
@@ -37,7 +38,7 @@ detectors' state in its own table and publishes findings to ``<prefix>.findings`
 Metrics (on the worker's ``/metrics`` and ``/stats``): ``genmon_embedding_sample_rate``,
 ``genmon_embedding_backlog``, ``genmon_embedding_backlog_errors_total``,
 ``genmon_embedding_texts_queued_total``,
-``genmon_embedding_dropped_total{reason=rate|reservoir|late|future}``,
+``genmon_embedding_dropped_total{reason=rate|reservoir|future}``,
 ``genmon_embedding_encoded_total``, ``genmon_embedding_sentences_per_second``,
 ``genmon_embedding_encode_seconds``, ``genmon_embedding_samples_submitted_total{complete}``,
 ``genmon_embedding_submit_errors_total``, ``genmon_embedding_bad_requests_total``,
@@ -66,7 +67,7 @@ from genmon.streams.embedding.sampling import (
     RateController,
     SampleAssembler,
     Sampler,
-    WindowSample,
+    SubSample,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ log = logging.getLogger(__name__)
 #: Kind of the internal topic: ``<prefix>.embed-requests``.
 REQUESTS_KIND = "embed-requests"
 
-Submit = Callable[[str, str, str, datetime, np.ndarray], Awaitable[Any]]
+#: The detectors' hook: (model, version, field, sub-sample end, embeddings, texts).
+Submit = Callable[[str, str, str, datetime, np.ndarray, Sequence[str]], Awaitable[Any]]
 T = TypeVar("T")
 
 
@@ -147,7 +149,7 @@ class EmbeddingMetrics:
         )
         self.dropped = Counter(
             "genmon_embedding_dropped",
-            "Texts left out of the samples, by reason (rate, reservoir, late, future)",
+            "Texts left out of the samples, by reason (rate, reservoir, future)",
             ["reason"],
             registry=r,
         )
@@ -165,13 +167,13 @@ class EmbeddingMetrics:
         )
         self.submitted = Counter(
             "genmon_embedding_samples_submitted",
-            "Window samples handed to the embedding drift detector",
+            "Sub-samples handed to the embedding drift detector",
             ["complete"],
             registry=r,
         )
         self.submit_errors = Counter(
             "genmon_embedding_submit_errors",
-            "Window samples the drift detector hook raised on",
+            "Sub-samples the drift detector hook raised on",
             registry=r,
         )
         self.bad_requests = Counter(
@@ -225,7 +227,7 @@ def encoder_group_id(settings: Settings) -> str:
 
 
 class SamplerStage:
-    """The sampler in a worker: ingest sink, window-closing timer, backlog control."""
+    """The sampler in a worker: ingest sink, slot-ending timer, backlog control."""
 
     def __init__(self, app: GenmonApp, settings: Settings, metrics: EmbeddingMetrics) -> None:
         embedding = settings.embedding
@@ -251,7 +253,7 @@ class SamplerStage:
         self.sampler.offer(events, time.time())
 
     async def flush(self) -> int:
-        """Write the requests of closed windows; return how many."""
+        """Write the requests of ended slots; return how many."""
         requests = self.sampler.due(time.time())
         if requests and not self._declared:
             await self.topic.maybe_declare()
@@ -341,14 +343,15 @@ class EncoderStage:
         for sample in self.assembler.expired(time.monotonic()):
             await self._submit(sample)
 
-    async def _submit(self, sample: WindowSample) -> None:
+    async def _submit(self, sample: SubSample) -> None:
         try:
             await self.submit(
                 sample.model_id,
                 sample.model_version,
                 sample.field,
-                sample.window_end,
+                sample.end,
                 sample.embeddings,
+                sample.texts,
             )
         except GenmonError as exc:
             # Refusals with a reason (e.g. a state over the size bound): no traceback.

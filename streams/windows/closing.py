@@ -25,7 +25,7 @@ from typing import Any
 from genmon.streams.windows.aggregates import ALL_SEGMENTS, PaneKey, window_sketches
 from genmon.streams.windows.exemplars import fit_window_budget
 from genmon.streams.windows.partition import PartitionState
-from genmon.streams.windows.plan import WindowPlan
+from genmon.streams.windows.plan import NEVER, WindowPlan
 from genmon.streams.windows.segment_cap import (
     SERIES_BUDGET_BYTES,
     fold_to_budget,
@@ -96,6 +96,57 @@ def idle_models(part: PartitionState, now: float, expires_ms: int) -> set[str]:
         for model, clock in part.clocks.items()
         if model not in busy and now - clock.last_event_wall > expires_ms / 1000
     }
+
+
+def open_windows(
+    partition: int,
+    part: PartitionState,
+    plan: WindowPlan,
+    store: StateStore,
+    seen: dict[tuple[str, int], int] | None,
+) -> list[tuple[Window, list[PaneKey]]]:
+    """The tumbling windows of ``part`` not closed yet, with their all-traffic panes: what
+    early detection judges as it stands
+    (:meth:`~genmon.streams.detection.runner.DetectorRunner.peek`).
+
+    With ``seen`` (``(model, window end)`` -> the requests and feedback of the window when
+    it was last listed), only the windows whose traffic changed since, and ``seen`` is
+    updated and pruned of the windows that closed, so it holds at most the open ones.
+    """
+    tumbling = plan.specs[0]
+    panes: dict[Window, list[PaneKey]] = {}
+    for pane in part.panes:
+        if pane.segment != ALL_SEGMENTS:
+            continue
+        clock = part.clocks.get(pane.model_id)
+        closed = NEVER if clock is None else clock.closed.get(tumbling.kind, NEVER)
+        for start, end in tumbling.windows_containing(pane.pane_start_ms):
+            if end > closed:
+                panes.setdefault((pane.model_id, tumbling.kind, start, end), []).append(pane)
+    ordered = sorted(panes.items(), key=lambda item: (item[0][3], item[0][0]))
+    if seen is None:
+        return ordered
+    changed = []
+    for window, window_panes in ordered:
+        traffic = sum(_traffic(store, partition, pane) for pane in window_panes)
+        at = (window[0], window[3])
+        if traffic != seen.get(at):
+            seen[at] = traffic
+            changed.append((window, window_panes))
+    size = tumbling.size_ms
+    for at in [at for at in seen if (at[0], tumbling.kind, at[1] - size, at[1]) not in panes]:
+        del seen[at]
+    return changed
+
+
+def _traffic(store: StateStore, partition: int, pane: PaneKey) -> int:
+    """Requests and feedback counted in a pane (what a new judgement could differ by)."""
+    state = store.get(pane_key(partition, pane))
+    if state is None:
+        return 0
+    if isinstance(state, WindowStats):
+        return state.requests + state.feedback
+    return int(state["requests"]) + int(state["feedback"][0])
 
 
 def window_series(

@@ -45,6 +45,7 @@ from genmon.streams.windows.closing import (
     closable_windows,
     finished_panes,
     idle_models,
+    open_windows,
     window_record,
     window_series,
 )
@@ -145,6 +146,8 @@ class WindowState:
         )
         self.counters = Counters()
         self._parts: dict[int, PartitionState] = {}
+        #: Per partition, the traffic of each open window when early detection last saw it.
+        self._peeked: dict[int, dict[tuple[str, int], int]] = {}
 
     # -- partition lifecycle ----------------------------------------------------------
     @property
@@ -188,6 +191,7 @@ class WindowState:
         dropped = set(partitions)
         for p in dropped:
             self._parts.pop(p, None)
+            self._peeked.pop(p, None)
         if self._buffer is not None:
             self._buffer.drop(dropped)
 
@@ -520,6 +524,31 @@ class WindowState:
         if closing or swept or part.dirty:
             self.checkpoint(partition)
         return sorted(part.outbox.values(), key=lambda w: (w["end_ms"], w["kind"], w["model_id"]))
+
+    def open_windows(
+        self, partition: int, only: tuple[str, int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Records of the tumbling windows of ``partition`` not closed yet, as they stand:
+        what early detection judges. Each holds the all-traffic series of each version
+        (segments are judged when the window closes), without examples; built as a
+        closing window's record is, but nothing is marked, stored or sent.
+
+        By default only the windows whose traffic changed since the last call; with
+        ``only`` (``(model, window end)``) that window, with its examples (for the
+        evidence of a firing finding) whether or not it changed.
+        """
+        part = self._part(partition)
+        seen = None if only else self._peeked.setdefault(partition, {})
+        records = []
+        for window, panes in open_windows(partition, part, self.plan, self.store, seen):
+            if only and (window[0], window[3]) != only:
+                continue
+            exemplars = self.exemplars if only else 0
+            series = window_series(
+                self.store, partition, panes, self.alpha, exemplars, self.redact_exemplars
+            )
+            records.append(window_record(partition, window, series)[0])
+        return records
 
     def windows_sent(self, partition: int, windows: list[dict[str, Any]]) -> None:
         """Take ``windows``, acknowledged by the broker, out of the outbox."""

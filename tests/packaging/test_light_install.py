@@ -72,6 +72,7 @@ def test_the_wheel_is_pure_python_and_carries_every_room(wheel: Path) -> None:
     assert not [n for n in names if n.endswith((".so", ".pyd", ".dylib"))]
     for room in ("schemas", "detectors", "streams", "incidents", "replay", "cli", "infra"):
         assert f"genmon/{room}/__init__.py" in names, room
+    assert "genmon/detectors/calibration/defaults.yaml" in names  # the shipped detector plan
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     requires = [
         line.split(":", 1)[1].strip()

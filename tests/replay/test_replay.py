@@ -58,6 +58,10 @@ CHANGES = {
     "refusals": (traffic.Change("refusal_jump", CHANGE_AT), {"refusal_rate"}),
     "deploy": (traffic.Change("bad_deploy", CHANGE_AT), {"ttft"}),
 }
+#: Seconds of traffic from the change to its first page, at most: the rate and latency
+#: tests look at the open window every second (measured 10, 12, 31 and 12 s; a closed
+#: window alone would take 70 s). An error burst within 15 s is #11's acceptance.
+WITHIN_S = {"errors": 15, "latency": 30, "refusals": 60, "deploy": 30}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def changes(data_dir: Path) -> tuple[ReplayReport, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("model", sorted(CHANGES))
-def test_each_injected_problem_pages_on_its_signal_within_minutes(
+def test_each_injected_problem_pages_on_its_signal_within_seconds(
     changes: tuple[ReplayReport, dict[str, Any]], model: str
 ) -> None:
     report, truths = changes
@@ -84,7 +88,10 @@ def test_each_injected_problem_pages_on_its_signal_within_minutes(
     assert before == [], f"{model}: healthy traffic paged"
     first_at, first = paged[0]
     assert first["signal"] in expected, first
-    assert truth.delay(first_at) <= timedelta(minutes=2, seconds=30), (truth.delay(first_at), first)
+    assert truth.delay(first_at) <= timedelta(seconds=WITHIN_S[model]), (
+        truth.delay(first_at),
+        first,
+    )
     if truth.model_version:  # a deploy is paged on the new version, from its first windows
         assert first["model_version"] == truth.model_version
     assert first["severity"] in ("error", "critical")

@@ -1,4 +1,4 @@
-"""The embedding stage without Kafka: reservoirs, sampler windows, rate control, reassembly."""
+"""The embedding stage without Kafka: reservoirs, sampler slots, rate control, reassembly."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from genmon.streams.embedding.sampling import (
 from genmon.streams.embedding.stage import EmbeddingMetrics, EncoderStage
 
 WINDOW = 10.0
+SLOT = 5.0  # embedding.flush_interval_s's default: two slots per window
 T0 = 1_700_000_000.0  # a multiple of WINDOW: window [T0, T0 + 10)
 
 
@@ -91,27 +92,32 @@ def test_sampler_keeps_each_text_with_the_sample_rate() -> None:
     assert sampler.dropped["rate"] == n - kept
 
 
-def test_one_bounded_reservoir_per_model_version_field_and_window() -> None:
+def test_one_bounded_reservoir_per_model_version_field_and_slot() -> None:
+    # reservoir_per_window=30 over two 5 s slots of a 10 s window: 15 texts per slot.
     sampler = Sampler(make_settings(reservoir_per_window=30), random.Random(0))
+    assert sampler.capacity == 15
     events = [event(T0 + i / 100, prompt=f"p{i}", response=f"r{i}") for i in range(500)]
     events += [event(T0 + 1, model_version="v2", prompt="v2 prompt", response="")]
-    events += [event(T0 + WINDOW + 1, prompt=f"next{i}", response="") for i in range(10)]
+    events += [event(T0 + SLOT + 1, prompt=f"next{i}", response="") for i in range(10)]
     sampler.offer(events, now=T0 + 5)
     requests = sampler.due(now=T0 + 100)
-    groups = Counter((r.model_version, r.field, r.window_start.timestamp()) for r in requests)
+    groups = Counter((r.model_version, r.field, r.window_end.timestamp()) for r in requests)
     assert groups == {
-        ("v1", "prompt", T0): 30,
-        ("v1", "response", T0): 30,
-        ("v2", "prompt", T0): 1,
-        ("v1", "prompt", T0 + WINDOW): 10,
+        ("v1", "prompt", T0 + SLOT): 15,
+        ("v1", "response", T0 + SLOT): 15,
+        ("v2", "prompt", T0 + SLOT): 1,
+        ("v1", "prompt", T0 + 2 * SLOT): 10,
     }
-    assert sampler.dropped["reservoir"] == 2 * (500 - 30)
+    assert sampler.dropped["reservoir"] == 2 * (500 - 15)
     assert sampler.queued == len(requests) and sampler.open_reservoirs == 0
-    first = [r for r in requests if r.field == "prompt" and r.model_version == "v1"][:30]
-    assert sorted(r.index for r in first) == list(range(30))
-    assert {r.count for r in first} == {30} and len({r.sample_id for r in first}) == 1
-    assert {r.window_end.timestamp() for r in first} == {T0 + WINDOW}
+    first = [r for r in requests if r.field == "prompt" and r.model_version == "v1"][:15]
+    assert sorted(r.index for r in first) == list(range(15))
+    assert {r.count for r in first} == {15} and len({r.sample_id for r in first}) == 1
+    assert {r.window_start.timestamp() for r in first} == {T0}
     assert all(r.text.startswith("p") for r in first)
+    # Oldest slot first, and within a slot by version, then field.
+    ends = [(r.window_end.timestamp(), r.model_version, r.field) for r in requests]
+    assert ends == sorted(ends)
 
 
 def test_only_the_configured_non_empty_fields_are_sampled_and_long_texts_are_cut() -> None:
@@ -121,24 +127,48 @@ def test_only_the_configured_non_empty_fields_are_sampled_and_long_texts_are_cut
     assert (request.field, request.text) == ("prompt", "abcde")
 
 
-def test_windows_close_on_event_time_then_later_events_are_late() -> None:
+def test_a_slot_ends_when_event_time_passes_it_without_waiting_for_lateness() -> None:
     sampler = Sampler(make_settings(fields=["prompt"]), random.Random(0))
-    sampler.offer([event(T0 + 1)], now=T0 + 1)
+    sampler.offer([event(T0 + 1, prompt="a")], now=T0 + 1)
     assert sampler.due(now=T0 + 1) == []
-    sampler.offer([event(T0 + WINDOW + 1.5)], now=T0 + 2)  # end + lateness (12) not reached
-    assert sampler.due(now=T0 + 2) == []
-    sampler.offer([event(T0 + WINDOW + 2)], now=T0 + 3)  # watermark 12 = end + lateness
-    [closed] = sampler.due(now=T0 + 3)
-    assert closed.window_end.timestamp() == T0 + WINDOW
-    sampler.offer([event(T0 + 9)], now=T0 + 4)  # its window is gone
-    assert sampler.dropped["late"] == 1
+    sampler.offer([event(T0 + 4.9, prompt="b")], now=T0 + 4.9)
+    assert sampler.due(now=T0 + 4.9) == []  # its slot [T0, T0 + 5) is still open
+    sampler.offer([event(T0 + SLOT, prompt="c")], now=T0 + 5)  # watermark at the slot's end
+    ended = sampler.due(now=T0 + 5)
+    assert [r.text for r in ended] == ["a", "b"]
+    assert {r.window_end.timestamp() for r in ended} == {T0 + SLOT}
+    assert sampler.open_models() == {"m"}  # "c" waits in the next slot
+    # A late text joins the open slot rather than being dropped: only seconds move.
+    sampler.offer([event(T0 + 2, prompt="late")], now=T0 + 6)
+    sampler.offer([event(T0 + 2 * SLOT + 0.5, prompt="d")], now=T0 + 10.5)
+    ended = sampler.due(now=T0 + 10.5)
+    assert [r.text for r in ended] == ["c", "late"]
+    assert {r.window_end.timestamp() for r in ended} == {T0 + 2 * SLOT}
+    assert sum(sampler.dropped.values()) == 0
 
 
-def test_an_idle_model_closes_its_windows_by_the_wall_clock() -> None:
+def test_an_idle_model_ends_its_slot_by_the_wall_clock_and_a_straggler_starts_a_later_one() -> None:
     sampler = Sampler(make_settings(fields=["prompt"]), random.Random(0))
     sampler.offer([event(T0 + 1)], now=T0 + 1)
     assert sampler.due(now=T0 + 5.9) == []  # idle only 4.9 s
-    assert len(sampler.due(now=T0 + 13)) == 1  # idle, and the clock passed end + lateness
+    [first] = sampler.due(now=T0 + 6)  # idle 5 s, and the clock passed the slot's end
+    assert first.window_end.timestamp() == T0 + SLOT
+    # An event of the ended slot arrives after the idle close: it goes into a later slot,
+    # so the series never gets two sub-samples with one end (the second would be skipped).
+    sampler.offer([event(T0 + 3)], now=T0 + 7)
+    [second] = sampler.due(now=T0 + 20)
+    assert second.window_end.timestamp() > first.window_end.timestamp()
+
+
+def test_sub_samples_end_every_flush_interval_under_steady_traffic() -> None:
+    sampler = Sampler(make_settings(fields=["prompt"], flush_interval_s=2.0), random.Random(0))
+    ends: list[float] = []
+    for i in range(200):  # 20 s of traffic at 10 texts/s, the timer every 0.1 s
+        at = T0 + i / 10
+        sampler.offer([event(at, prompt=f"t{i}")], now=at)
+        ends += sorted({r.window_end.timestamp() - T0 for r in sampler.due(now=at)})
+    assert ends == [2.0 * k for k in range(1, 10)]  # the last slot is still open
+    assert sampler.queued == 180
 
 
 def test_events_from_the_far_future_are_dropped() -> None:
@@ -197,7 +227,7 @@ def test_simulated_slow_encoder_drives_the_rate_down_and_back_up() -> None:
 
 # -- reassembly and the encoder stage ----------------------------------------------------------
 def requests_for(sample: str, count: int, version: str = "v1") -> list[EmbedRequest]:
-    start, end = datetime.fromtimestamp(T0, UTC), datetime.fromtimestamp(T0 + WINDOW, UTC)
+    start, end = datetime.fromtimestamp(T0, UTC), datetime.fromtimestamp(T0 + SLOT, UTC)
     return [
         EmbedRequest(sample, "m", version, "prompt", start, end, i, count, f"{sample} text {i}")
         for i in range(count)
@@ -211,9 +241,34 @@ def test_assembler_completes_samples_in_index_order_and_skips_redeliveries() -> 
     assert assembler.add([reqs[3], reqs[1]], vectors[[3, 1]], now=0) == []
     [done] = assembler.add([reqs[0], reqs[2]], vectors[[0, 2]], now=1)
     np.testing.assert_array_equal(done.embeddings, vectors)
+    assert done.texts == tuple(f"a text {i}" for i in range(4))  # row i is text i
     assert done.complete and (done.model_id, done.field) == ("m", "prompt")
+    assert done.end == datetime.fromtimestamp(T0 + SLOT, UTC)
     assert assembler.add(reqs[:2], vectors[:2], now=2) == []  # redelivered after a restart
+    assert assembler.add(reqs, vectors, now=3) == []  # the whole sub-sample again
+    assert assembler.pending == 0 and assembler.expired(now=1000) == []
+
+
+def test_a_redelivered_sub_sample_is_skipped_even_after_it_went_out_partial() -> None:
+    assembler = SampleAssembler(timeout_s=30)
+    reqs = requests_for("r", 3)
+    vectors = np.eye(3, dtype=np.float32)
+    assembler.add(reqs[:2], vectors[:2], now=0)
+    [partial] = assembler.expired(now=30)
+    assert partial.texts == ("r text 0", "r text 1") and not partial.complete
+    assert assembler.add(reqs, vectors, now=31) == []  # its producer re-sent all of it
     assert assembler.pending == 0
+
+
+def test_the_assembler_remembers_a_bounded_number_of_sub_samples() -> None:
+    from genmon.streams.embedding.sampling import SUBMITTED_MEMORY
+
+    assembler = SampleAssembler(timeout_s=30)
+    vector = np.ones((1, 2), dtype=np.float32)
+    for i in range(SUBMITTED_MEMORY + 5):
+        assert len(assembler.add(requests_for(f"s{i}", 1), vector, now=i)) == 1
+    assert assembler.add(requests_for(f"s{SUBMITTED_MEMORY + 4}", 1), vector, now=0) == []
+    assert len(assembler.add(requests_for("s0", 1), vector, now=0)) == 1  # long forgotten
 
 
 def test_assembler_gives_up_waiting_after_the_timeout() -> None:
@@ -225,7 +280,7 @@ def test_assembler_gives_up_waiting_after_the_timeout() -> None:
     assert not partial.complete and partial.embeddings.shape == (3, 2)
 
 
-def test_encoder_stage_encodes_reassembles_and_submits_each_window_sample() -> None:
+def test_encoder_stage_encodes_reassembles_and_submits_each_sub_sample_with_its_texts() -> None:
     from genmon.streams.embedding.encoder import TextEncoder
 
     settings = make_settings(backend="torch")
@@ -233,8 +288,10 @@ def test_encoder_stage_encodes_reassembles_and_submits_each_window_sample() -> N
     metrics = EmbeddingMetrics(registry)
     submitted: list[tuple] = []
 
-    async def submit(model: str, version: str, field: str, end: datetime, array: np.ndarray):
-        submitted.append((model, version, field, end, array))
+    async def submit(
+        model: str, version: str, field: str, end: datetime, array: np.ndarray, texts: tuple
+    ) -> None:
+        submitted.append((model, version, field, end, array, texts))
         if version == "broken":
             raise RuntimeError("detector exploded")
         if version == "small":
@@ -261,6 +318,8 @@ def test_encoder_stage_encodes_reassembles_and_submits_each_window_sample() -> N
     ]
     expected = TextEncoder(backend="torch").encode(["c text 0", "c text 1", "c text 2"])
     np.testing.assert_allclose(submitted[0][4], expected, atol=1e-5)
+    assert submitted[0][5] == ("c text 0", "c text 1", "c text 2")
+    assert submitted[0][3] == datetime.fromtimestamp(T0 + SLOT, UTC)
     value = registry.get_sample_value
     assert value("genmon_embedding_encoded_total") == 6
     assert value("genmon_embedding_bad_requests_total") == 1

@@ -1,12 +1,14 @@
 """The embedding stage on the real broker: a prompt-domain switch becomes a drift finding.
 
-A `genmon worker` subprocess samples every prompt (rate 1.0), writes each closed window's
-sample to ``<prefix>.embed-requests``, encodes it with the bundled model and feeds the
-embedding drift detector. The test writes its own prompts: windows of cooking questions
-(the basis and the reference), then a window of questions about cars and engines. Event
-times are set in the past on a 10 s grid so the windows are known exactly; the last window
-closes when the model goes idle. The same flow runs with the encoder in its own
-`genmon worker --role embed` process.
+A `genmon worker` subprocess samples every prompt (rate 1.0), writes each 5 s slot's
+sub-sample (``embedding.flush_interval_s``) to ``<prefix>.embed-requests``, encodes it with
+the bundled model and feeds the embedding drift detector, one look per sub-sample. The
+test writes its own prompts: windows of cooking questions (the basis and the reference),
+then a window of questions about cars and engines, 100 prompts in each half of every
+window. Event times are set in the past on a 10 s grid so the slots are known exactly; the
+last one ends when the model goes idle. The drift is found on the first half-window of
+car prompts, not when their window closes. The same flow runs with the encoder in its
+own `genmon worker --role embed` process.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ pytestmark = pytest.mark.kafka
 
 GENMON = str(Path(sys.executable).parent / "genmon")
 WINDOW_S = 10
+FLUSH_S = 5  # embedding.flush_interval_s's default: two sub-samples per window
 PER_WINDOW = 200
-#: Windows of cooking prompts: 2 fix the drift test's principal components (256 rows),
-#: 5 make its reference (1000 rows); the car prompts come in the window after.
+PER_SLOT = PER_WINDOW // 2
+#: Windows of cooking prompts: 1.5 fix the drift test's principal components (300 rows),
+#: 5 make its reference (10 looks, 1000 rows); the car prompts come in the window after.
 COOKING_WINDOWS = 7
 WINDOWS_SENT = COOKING_WINDOWS + 1
+SUB_SAMPLES = WINDOWS_SENT * WINDOW_S // FLUSH_S
 MODEL = "assistant"
 OPENERS = ("", "Quick question: ")
 
@@ -194,7 +199,10 @@ def start_worker(
 
 
 def send_domain_switch(settings: Settings) -> datetime:
-    """Cooking prompts for seven windows, car prompts in the next; return the last's end."""
+    """Cooking prompts for seven windows, car prompts in the next; return the last's end.
+
+    Each half of a window gets 100 prompts 0.5-2.5 s after its start, so every sub-sample
+    holds exactly 100 (none completes near a slot's boundary)."""
     now = int(time.time()) - 30 - WINDOWS_SENT * WINDOW_S
     first = datetime.fromtimestamp(now - now % WINDOW_S, UTC)
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, linger_ms=5)
@@ -203,7 +211,8 @@ def send_domain_switch(settings: Settings) -> datetime:
     for window in range(WINDOWS_SENT):
         prompts = cars if window == COOKING_WINDOWS else cooking
         for i, prompt in zip(range(PER_WINDOW), prompts, strict=False):
-            at = first + timedelta(seconds=window * WINDOW_S + 2 + i * 0.02)
+            offset = FLUSH_S * (i // PER_SLOT) + 0.5 + (i % PER_SLOT) * 0.02
+            at = first + timedelta(seconds=window * WINDOW_S + offset)
             event = InferenceEvent(
                 model_id=MODEL, model_version="v1", prompt=prompt, response="ok",
                 latency_ms=100.0, started_at=at,
@@ -258,14 +267,15 @@ def test_a_prompt_domain_switch_is_found_by_the_worker(start_worker) -> None:
     switch_end = send_domain_switch(settings)
     finding = wait_for_drift(settings, [worker], timeout=150)
     assert (finding.model_id, finding.model_version, finding.kind) == (MODEL, "v1", "drift")
-    assert finding.window_end == switch_end
-    assert finding.evidence["window_n"] == PER_WINDOW
+    # The first sub-sample of car prompts, half a window before their window closes.
+    assert finding.window_end == switch_end - timedelta(seconds=FLUSH_S)
+    assert finding.evidence["window_n"] == PER_SLOT
     # The backlog counts what the encoder has not committed; commits lag a few seconds.
     metrics = wait_for_metrics(worker, lambda m: m["genmon_embedding_backlog"] == 0, 30)
     assert metrics["genmon_embedding_backlog_errors_total"] == 0
     assert metrics["genmon_embedding_texts_queued_total"] == WINDOWS_SENT * PER_WINDOW
     assert metrics["genmon_embedding_encoded_total"] == WINDOWS_SENT * PER_WINDOW
-    assert metrics["genmon_embedding_samples_submitted_total"] == {"complete=true": WINDOWS_SENT}
+    assert metrics["genmon_embedding_samples_submitted_total"] == {"complete=true": SUB_SAMPLES}
     assert metrics["genmon_embedding_sample_rate"] == 1
     assert metrics["genmon_embedding_sentences_per_second"] > 0
     assert list(metrics["genmon_embedding_encoder_info"]) == ["backend=onnx,device=cpu"]
@@ -287,7 +297,7 @@ def test_the_encoder_can_run_in_its_own_worker_process(start_worker) -> None:
     encoder_side = encoder.metrics()
     assert encoder_side["genmon_embedding_encoded_total"] == WINDOWS_SENT * PER_WINDOW
     assert encoder_side["genmon_embedding_samples_submitted_total"] == {
-        "complete=true": WINDOWS_SENT
+        "complete=true": SUB_SAMPLES
     }
 
 

@@ -42,8 +42,9 @@ def test_every_phase_of_a_default_series_stays_under_the_record_bound() -> None:
     # 255 rows: the basis phase at its largest (rows kept as float16 until 256).
     state, _ = runner.on_embeddings(state, "m", "v1", "prompt", at(10), unit_rows(rng, 255))
     sizes.append(len(json.dumps(state)))
-    for w in range(2, 40):  # the basis, then a reference of 20 windows, then tests
-        state, _ = runner.on_embeddings(state, "m", "v1", "prompt", at(10 * w), unit_rows(rng, 60))
+    # The basis, then a reference of 20 windows (240 looks of 5 s), then tests.
+    for w in range(2, 260):
+        state, _ = runner.on_embeddings(state, "m", "v1", "prompt", at(5 * w), unit_rows(rng, 6))
         sizes.append(len(json.dumps(state)))
     [entry] = state["series"].values()
     assert load_state(entry["det"]).update(unit_rows(rng, 60)).p_value is not None  # testing
