@@ -21,6 +21,8 @@ from genmon.settings import Settings
 from genmon.streams.windows.segment_cap import is_overflow
 
 ALL = sig.ALL
+#: Latency baselines a read-only caller keeps parsed (about four per model).
+PARSED_MAX = 4096
 
 
 @dataclass
@@ -44,18 +46,37 @@ class Observation:
 class ModelBaselines:
     """A model's baselines in its state (``state["baselines"]``), by signal and segment."""
 
-    def __init__(self, stored: dict[str, Any], settings: Settings) -> None:
+    def __init__(
+        self,
+        stored: dict[str, Any],
+        settings: Settings,
+        parsed: dict[int, tuple[dict[str, Any], LatencyBaseline]] | None = None,
+    ) -> None:
+        """``parsed``: latency baselines already read, by the identity of their stored
+        record, for callers that only read them (the early looks, every second: reading
+        a baseline's sketches costs more than judging the window). Learning callers
+        must not pass it: a learned baseline is saved as a new record anyway."""
         self.stored = stored
         d = settings.detectors
         self.warmup, self.refresh = d.baseline_warmup_windows, d.baseline_refresh_windows
         self.quantile = d.latency_quantile
+        self.parsed = parsed
 
     def rate(self, signal: str, segment: str) -> RateBaseline:
         return RateBaseline(self.stored.get(key(signal, segment)), self.warmup, self.refresh)
 
     def latency(self, signal: str) -> LatencyBaseline:
         stored = self.stored.get(key(signal, ALL))
-        return LatencyBaseline(stored, self.warmup, self.refresh, self.quantile)
+        if self.parsed is None or stored is None:
+            return LatencyBaseline(stored, self.warmup, self.refresh, self.quantile)
+        hit = self.parsed.get(id(stored))
+        if hit is not None and hit[0] is stored:
+            return hit[1]
+        baseline = LatencyBaseline(stored, self.warmup, self.refresh, self.quantile)
+        if len(self.parsed) >= PARSED_MAX:
+            self.parsed.clear()
+        self.parsed[id(stored)] = (stored, baseline)
+        return baseline
 
     def save(self, obs: Observation, end_ms: int) -> None:
         self.stored[key(obs.signal, obs.segment)] = {**obs.baseline.to_state(), "seen_ms": end_ms}

@@ -184,6 +184,8 @@ class DetectorRunner:
         #: Series this process dropped, by reason (for the pipeline's counter).
         self.series_evicted = dict.fromkeys(EVICTION_REASONS, 0)
         self._restarted: set[str] = set()  # detectors whose old states were met (said once)
+        #: Latency baselines the early looks have read (see ModelBaselines).
+        self._parsed: dict[int, tuple[dict[str, Any], LatencyBaseline]] = {}
         #: Called with every judgement (``genmon replay --report`` charts them); None: free.
         self.points: Callable[[SignalPoint], None] | None = None
 
@@ -247,7 +249,7 @@ class DetectorRunner:
             return state, []
         state = copy_state(state)
         scratch = copy_state(state)  # the looks' detector sums are thrown away
-        baselines = ModelBaselines(scratch["baselines"], self.settings)
+        baselines = ModelBaselines(scratch["baselines"], self.settings, self._parsed)
         observations = self._observe(window, baselines)
         per_signal = Counter(obs.signal for obs in observations)
         for obs in observations:
