@@ -328,16 +328,22 @@ class Pipeline:
         return findings
 
     async def _peek(self, partition: int, window: dict[str, Any]) -> list[Finding]:
+        """One look; when it fires, the look again on the window with its examples (built
+        under the state lock, never while holding the runner's: the closing timer takes
+        them in the other order), clustered off the event loop, then published."""
         model_id = window["model_id"]
         async with self._runner_lock:
+            _, findings = self.runner.peek(self.detector_store.get(model_id), window)
+        if not findings:
+            return []
+        async with self._lock:
+            only = (model_id, int(window["end_ms"]))
+            full = next(iter(self.core.open_windows(partition, only=only)), None)
+        if full is None:  # closed meanwhile: the close judges it
+            return []
+        async with self._runner_lock:
             state = self.detector_store.get(model_id)
-            new_state, findings = self.runner.peek(state, window)
-            if findings:  # judged again with examples, clustered off the event loop
-                async with self._lock:
-                    only = (model_id, int(window["end_ms"]))
-                    full = next(iter(self.core.open_windows(partition, only=only)), None)
-                if full is not None:
-                    new_state, findings = await asyncio.to_thread(self.runner.peek, state, full)
+            new_state, findings = await asyncio.to_thread(self.runner.peek, state, full)
             if findings:
                 await self._publish(findings)
                 self.detector_store.put(partition, model_id, new_state)
