@@ -140,7 +140,7 @@ def detection_table(main: Sequence[Result], configs: Sequence[tuple[str, Any]]) 
             if not s.variants:
                 continue
             if key == "fixed" and not FIXED_SIGNALS[c.kind]:
-                rows.append([c.name, label, "no detector", "-", "-", "-", "-"])
+                rows.append([c.name, label, "no detector", "-", "-", "-", "-", "-", "-"])
                 continue
             rows.append(
                 [
@@ -149,6 +149,8 @@ def detection_table(main: Sequence[Result], configs: Sequence[tuple[str, Any]]) 
                     f"{s.detected}/{s.variants}",
                     fmt_s(s.quantile_s(0.5)),
                     fmt_s(s.quantile_s(0.9)),
+                    fmt_s(s.quantile_traffic_s(0.5)),
+                    fmt_s(s.quantile_traffic_s(0.9)),
                     events(s.quantile_events(0.5)),
                     events(s.quantile_events(0.9)),
                 ]
@@ -159,6 +161,8 @@ def detection_table(main: Sequence[Result], configs: Sequence[tuple[str, Any]]) 
         "detected",
         "median delay",
         "p90 delay",
+        "median of traffic",
+        "p90 of traffic",
         "median events",
         "p90 events",
     ]
@@ -320,9 +324,10 @@ def ascii_chart(points: Sequence[CurvePoint], cls: str, width: int = 56, height:
 
 
 def verdict_lines(verdicts: Sequence[res.Verdict]) -> str:
-    return "\n".join(
-        f"{'PASS' if v.passed else 'FAIL'}  {v.criterion}: {v.measured}" for v in verdicts
-    )
+    def mark(v: res.Verdict) -> str:
+        return "INFO" if v.info else "PASS" if v.passed else "FAIL"
+
+    return "\n".join(f"{mark(v)}  {v.criterion}: {v.measured}" for v in verdicts)
 
 
 def timing_table(results: Sequence[Result]) -> str:

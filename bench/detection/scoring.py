@@ -42,6 +42,9 @@ class Outcome:
     delay_s: float | None = None
     delay_events: int | None = None
     via: str = ""  # what detected it, e.g. "page:error_rate" or "finding:error_rate"
+    #: From the first request that started at or after the change to the alarm: the delay
+    #: in seconds of traffic, which a lull without requests after the change does not add to.
+    traffic_delay_s: float | None = None
 
     @property
     def false_total(self) -> int:
@@ -54,6 +57,7 @@ class Outcome:
             "delay_s": self.delay_s,
             "delay_events": self.delay_events,
             "via": self.via,
+            "traffic_delay_s": self.traffic_delay_s,
         }
 
 
@@ -127,11 +131,13 @@ def score(
     if hit is None:
         return Outcome(false)
     at, signal = hit
-    events = None
+    events, traffic_s = None, None
     if started is not None:
         lo = int(np.searchsorted(started, change_at, side="left"))
         events = int(np.searchsorted(started, at, side="right")) - lo
-    return Outcome(false, at, at - change_at, events, f"{via}:{signal}")
+        if lo < len(started):
+            traffic_s = max(at - float(started[lo]), 0.0)
+    return Outcome(false, at, at - change_at, events, f"{via}:{signal}", traffic_s)
 
 
 # -- summaries ---------------------------------------------------------------------------------
@@ -145,6 +151,7 @@ class Summary:
     detected: int = 0
     delays_s: list[float] = field(default_factory=list)  # detected variants only
     delays_events: list[int] = field(default_factory=list)
+    traffic_delays_s: list[float] = field(default_factory=list)
 
     def add(self, outcome: Outcome) -> None:
         self.variants += 1
@@ -153,6 +160,8 @@ class Summary:
             self.delays_s.append(outcome.delay_s)
             if outcome.delay_events is not None:
                 self.delays_events.append(outcome.delay_events)
+            if outcome.traffic_delay_s is not None:
+                self.traffic_delays_s.append(outcome.traffic_delay_s)
 
     @property
     def rate(self) -> float | None:
@@ -162,6 +171,10 @@ class Summary:
         """Delay quantile over *all* variants, a miss counting as infinitely late
         (``inf`` when more than ``1 - q`` of them were missed)."""
         return quantile_with_misses(self.delays_s, self.variants, q)
+
+    def quantile_traffic_s(self, q: float) -> float:
+        """Delay quantile in seconds of traffic (misses infinitely late)."""
+        return quantile_with_misses(self.traffic_delays_s, self.variants, q)
 
     def quantile_events(self, q: float) -> float:
         return quantile_with_misses(self.delays_events, self.variants, q)
@@ -173,6 +186,8 @@ class Summary:
             "rate": self.rate,
             "median_s": finite(self.quantile_s(0.5)),
             "p90_s": finite(self.quantile_s(0.9)),
+            "median_traffic_s": finite(self.quantile_traffic_s(0.5)),
+            "p90_traffic_s": finite(self.quantile_traffic_s(0.9)),
             "median_events": finite(self.quantile_events(0.5)),
             "p90_events": finite(self.quantile_events(0.9)),
         }

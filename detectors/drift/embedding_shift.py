@@ -22,6 +22,7 @@ from genmon.detectors._base import (
 )
 from genmon.detectors.anomaly._common import changes_after
 from genmon.detectors.drift._common import as_matrix, decode_array, encode_array
+from genmon.detectors.drift._novelty import NoveltyRate, NoveltyResult
 from genmon.detectors.exceptions import InputError, InvalidParameterError
 
 _FLOAT16_MAX = 6.0e4  # rows are stored as float16 (max 65504) while the basis is collected
@@ -93,8 +94,9 @@ class EmbeddingShiftDrift(Detector):
     T^2 (``chi2(k)``) and by its mean q, upward, with Box's ``g chi2(h)`` matched to the null
     mean and variance (it keeps q's right skew). Long scales see small sustained shifts, and
     low-traffic streams, that single windows cannot. Each of the ``2 len(scales)`` tests has
-    size ``alpha / (2 len(scales))``: the expected number of alarm windows per window is at
-    most the sum of the sizes whatever their correlation (linearity of expectation), so
+    size ``alpha / (4 len(scales))``, and the novelty test below ``alpha / 2``: the expected
+    number of alarm windows per window is at most the sum of the sizes whatever their
+    correlation (linearity of expectation), so
     ``alpha`` stays the false-alarm probability *per window* although the scales overlap,
     and a budget stated in time divides into windows without alpha spending. A shift keeps
     firing while it lasts, and for up to ``max(scales)`` windows after (one incident).
@@ -114,6 +116,12 @@ class EmbeddingShiftDrift(Detector):
     effects that persist over several windows (a mix drifting for hours) would make the long
     scales alarm more than their share: on six-hour replays of real traces every scale's
     p-values stayed conservative (none below 0.01 at m = 4 or 16).
+
+    Novelty (:mod:`~genmon.detectors.drift._novelty`): each text whose residual q is above
+    the ``novelty_quantile`` of the latest healthy ones is flagged, and the share flagged
+    is tested look after look by CUSUMs designed for large rises. A new topic in one app of
+    four moves the mean a quarter of the way, which the window-to-window variance hides for
+    many minutes; most of its texts are flagged one by one.
 
     Refresh: tested, undetected windows accumulate into a candidate; after
     ``refresh_windows`` of them it replaces the reference (same basis) only if the mean of
@@ -147,8 +155,8 @@ class EmbeddingShiftDrift(Detector):
 
     name = "embedding_shift"
     kind = DetectorKind.DRIFT
-    #: 2: the basis and the ring are stored as float32.
-    state_version = 2
+    #: 2: the basis and the ring are stored as float32. 3: the novelty test's residuals.
+    state_version = 3
 
     def __init__(
         self,
@@ -160,6 +168,7 @@ class EmbeddingShiftDrift(Detector):
         min_window_rows: int = 20,
         refresh_windows: int = 1440,
         scales: Sequence[int] = (1, 4, 16),
+        novelty_quantile: float = 0.99,
     ) -> None:
         self.alpha = float(alpha)
         check_param("alpha", self.alpha, low=0.0, high=0.5, low_open=True, high_open=True)
@@ -180,6 +189,8 @@ class EmbeddingShiftDrift(Detector):
             raise InvalidParameterError("scales must name at least one scale (in windows)")
         for m in self.scales:
             check_param("scales", m, low=1, high=_MAX_SCALE)
+        self.novelty_quantile = float(novelty_quantile)
+        check_param("novelty_quantile", self.novelty_quantile, low=0.5, high=1.0, high_open=True)
         self.reset()
 
     def reset(self) -> None:
@@ -198,6 +209,7 @@ class EmbeddingShiftDrift(Detector):
         self._ready = False  # the reference is complete and windows are tested
         self._refreshes = 0
         self._refused = 0
+        self._novelty = NoveltyRate(self.novelty_quantile)
         # Derived from the reference by _fit() (recomputed, not stored, by _set_state).
         self._k = self.components
         self._m = np.zeros(0)
@@ -225,10 +237,12 @@ class EmbeddingShiftDrift(Detector):
         if self._ready:
             return self._test(z, total, q)
         self._ref.add(z, total, q)
+        self._novelty.learn(q)
         if self._ref.windows < self.reference_windows or self._ref.rows < self.min_reference_rows:
             return self._idle(f"reference: {self._ref.windows} windows, {self._ref.rows} rows")
         self._ready = True
         self._fit()
+        self._novelty.fit()
         return self._idle("reference complete; testing from the next window")
 
     def _test(self, z: np.ndarray, total: np.ndarray, q: np.ndarray) -> DetectorResult:
@@ -242,36 +256,62 @@ class EmbeddingShiftDrift(Detector):
         self._tested += row
         t, d, v, p = self._p_values(pooled)
         first = int(np.argmin(p))
-        detected = bool(p[first] < self.alpha / (2 * len(self.scales)))
-        if not detected:
+        # Half the per-look alpha for the mean tests, half for the share of novel texts.
+        detected = bool(p[first] < self.alpha / (4 * len(self.scales)))
+        novel = self._novelty.test(q, self.alpha / 2)
+        if not detected and not (novel and novel.detected):
             self._candidate.add(z, total, q)
+            self._novelty.learn(q)
             if self._candidate.windows >= self.refresh_windows:
                 self._refresh()
-        return self._report(n, pooled, first, t, d, v, p, detected)
+        return self._report(n, pooled, first, t, d, v, p, detected, novel)
 
     def _report(
-        self, n: int, pooled: np.ndarray, first: int, t: Any, d: Any, v: Any, p: Any, hit: bool
+        self,
+        n: int,
+        pooled: np.ndarray,
+        first: int,
+        t: Any,
+        d: Any,
+        v: Any,
+        p: Any,
+        hit: bool,
+        novel: NoveltyResult | None,
     ) -> DetectorResult:
-        """The result of the most significant test ``first`` (T^2's first, then q's)."""
+        """The result of the most significant test ``first`` (T^2's first, then q's) and
+        of the novelty test (its share of novel texts in ``novelty_share``)."""
         stat, best = divmod(first, len(pooled))
         tests = 2 * len(self.scales)
         p_t, p_q = float(p[best]), float(p[len(pooled) + best])
-        p_adj = min(1.0, min(p_t, p_q) * tests)
+        # Bonferroni over the mean tests at half the alpha, and the novelty charts' bound
+        # (an alarm at sum S has p <= k exp(-S) per look, at the other half): detected
+        # exactly when the p-value is below alpha.
+        p_adj = min(1.0, min(p_t, p_q) * 2 * tests)
+        if novel is not None:
+            p_adj = min(p_adj, 2 * novel.charts * math.exp(-novel.cusum))
         windows, rows = int(pooled[best, 0]), int(pooled[best, 1])
         shift, excess = d[best, :-1], float(d[best, -1])
         found = (n, windows, rows, stat, t[best], p_t, excess / math.sqrt(v[best]), p_q, tests)
         values = tuple(zip(_FOUND, map(float, found), strict=True))
         what = "residual Q" if stat else "Hotelling T^2"
+        note = f"{what} over the last {windows} windows ({rows} rows)"
+        if novel is not None:
+            values += (
+                ("novelty_share", novel.share),
+                ("novelty_null", novel.null),
+                ("novelty_cusum", novel.cusum),
+                ("novelty_detected", float(novel.detected)),
+            )
+            if novel.detected and not hit:
+                note = f"novel texts: {novel.share:.0%} of {n} (null {novel.null:.0%})"
         return self._result(
             score=max(0.0, -math.log10(max(p_adj, 1e-300))),
             threshold=-math.log10(self.alpha),
-            detected=hit,
+            detected=hit or bool(novel and novel.detected),
             n_seen=self._n_seen,
             p_value=p_adj,
             effect_size=max(math.sqrt(shift @ shift), excess / math.sqrt(self._q[1])),
-            evidence=self._evidence(
-                values, f"{what} over the last {windows} windows ({rows} rows)"
-            ),
+            evidence=self._evidence(values, note),
         )
 
     def _pools(self) -> np.ndarray:
@@ -375,6 +415,7 @@ class EmbeddingShiftDrift(Detector):
             self._ref = cand
             self._refreshes += 1
             self._fit()
+            self._novelty.fit()
         else:
             self._refused += 1
         self._candidate, self._tested = _Sums(cand.k), np.zeros(cand.k + 4)
@@ -433,6 +474,7 @@ class EmbeddingShiftDrift(Detector):
             "ready": self._ready,
             "refreshes": self._refreshes,
             "refused": self._refused,
+            "novelty": self._novelty.to_state(),
         }
 
     def _set_state(self, state: dict[str, Any]) -> None:
@@ -450,5 +492,6 @@ class EmbeddingShiftDrift(Detector):
         self._ring = decode_array(state["ring"]).astype(np.float64)
         self._ready = bool(state["ready"])
         self._refreshes, self._refused = int(state["refreshes"]), int(state["refused"])
+        self._novelty.set_state(state["novelty"])
         if self._ready:
             self._fit()

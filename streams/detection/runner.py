@@ -29,17 +29,10 @@ spend the budget twice. User-written SLOs (``detectors.slos``,
 :mod:`~genmon.schemas.slos`) are checked per window on top, outside the budget.
 
 **Early looks** (:meth:`DetectorRunner.peek`, every ``detectors.early_interval_s``): the
-window's close is not the first chance to page. The worker (and ``genmon replay``, on its
-event-time clock) builds the record of each open tumbling window whose traffic changed
-(the all-traffic series of each version, without examples) and runs the same tests on it
-as it stands, from the sums the closed windows left: an abrupt change in most requests
-pages after the few requests that prove it, seconds into the window. The CUSUM's
-threshold bounds a crossing at any instant, so looking often costs it nothing; the
-per-window alpha of its single-window part is split, half for the close and half shared
-by the looks. A look keeps no detector or baseline state: it records the firing (the close
-then publishes it again under the same ``dedup_key``, or the clear that starts the
-auto-resolve), at most once per series and window and never while the series' incident is
-open. Segments are judged at the close.
+window's close is not the first chance to page: the open window is judged as it stands,
+and pane charts designed for large rises are fed the requests since the last look, so an
+outage pages a few requests in (:mod:`~genmon.streams.detection.early`, which also says
+how the looks share the false-alarm allowance).
 
 **One cause, one incident.** The more specific finding explains the less specific one:
 a window where TTFT or TPOT fires for a version does not also page its end-to-end latency
@@ -91,7 +84,6 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -116,6 +108,7 @@ from genmon.schemas.events import Finding, FindingKind, Severity
 from genmon.schemas.slos import SLO, slos_for
 from genmon.settings import Settings
 from genmon.streams.detection.configured import ConfiguredDetectors
+from genmon.streams.detection.early import SPLIT, EarlyLooks
 from genmon.streams.detection.embedding_series import (
     EMBEDDING_KIND,
     admit,
@@ -181,6 +174,7 @@ class DetectorRunner:
         self.early_looks = (
             math.ceil(settings.windows.tumbling_s / d.early_interval_s) if d.early_interval_s else 0
         )
+        self.early = EarlyLooks(self, self.early_looks)
         #: Series this process dropped, by reason (for the pipeline's counter).
         self.series_evicted = dict.fromkeys(EVICTION_REASONS, 0)
         self._restarted: set[str] = set()  # detectors whose old states were met (said once)
@@ -230,56 +224,9 @@ class DetectorRunner:
         window: dict[str, Any],
         with_examples: Callable[[], dict[str, Any] | None] | None = None,
     ) -> tuple[dict[str, Any] | None, list[Finding]]:
-        """Judge an open tumbling ``window`` as it stands (early detection): return the
-        state and the findings of the series that fire now.
-
-        The window's close judges it again in full, and that judgement is the one the
-        detectors and baselines keep: a look changes neither. It only records that a
-        series fired (as a firing at close would, so the close publishes the firing again,
-        which the incident manager drops as a repeat, or the clear that starts its
-        auto-resolve) and in which window it fired early, so each series fires early at
-        most once a window. A series already firing is left to the closes.
-
-        ``window`` may come without examples (cheap to build every second); when a series
-        fires, ``with_examples()`` gives the same window with them, for the finding's
-        evidence, and the look is made again on it.
-        """
-        kind, end = window["kind"], int(window["end_ms"])
-        if state is None or kind != DETECT_ON or end <= state["last_end"].get(kind, -(2**62)):
-            return state, []
-        state = copy_state(state)
-        scratch = copy_state(state)  # the looks' detector sums are thrown away
-        baselines = ModelBaselines(scratch["baselines"], self.settings, self._parsed)
-        observations = self._observe(window, baselines)
-        per_signal = Counter(obs.signal for obs in observations)
-        for obs in observations:
-            if _above_baseline(obs):  # at or below it, the sum cannot rise: no test needed
-                self._judge(
-                    scratch, obs, per_signal[obs.signal], end, self.early_looks, window["model_id"]
-                )
-        one_cause(observations)
-        firing = [
-            obs
-            for obs in observations
-            if obs.result is not None
-            and obs.result.detected
-            and _may_fire(state, series_key(obs.signal, CUSUM, obs.version, obs.segment), end)
-        ]
-        if firing and with_examples is not None:
-            full = with_examples()
-            if full is not None:
-                return self.peek(state, full)
-        ctx, findings = WindowContext(window), []
-        quantile = self.settings.detectors.latency_quantile
-        for obs in firing:
-            point = observation_point(ctx.model_id, obs, end, quantile)
-            self._point(None if point is None else replace(point, early=True))
-            skey = series_key(obs.signal, CUSUM, obs.version, obs.segment)
-            findings += self._publish_observation(state, ctx, obs, early=True)
-            entry = state["series"][skey]
-            entry["early_end"] = end
-            entry.setdefault("seen_ms", end)
-        return state, findings
+        """Judge an open tumbling ``window`` as it stands (early detection, see
+        :mod:`~genmon.streams.detection.early`): the state and the findings that fire now."""
+        return self.early.peek(state, window, with_examples)
 
     def _point(self, point: SignalPoint | None) -> None:
         if self.points is not None and point is not None:
@@ -323,6 +270,8 @@ class DetectorRunner:
         threshold, alpha = self.budget.rate_test(obs.signal, series, model_id)
         if self.early_looks:
             alpha /= 2 * max(looks, 1)
+            if self.early.pane_threshold(obs.signal, series, model_id) is not None:
+                threshold += SPLIT  # the other half of the CUSUM's allowance: pane charts
         skey = series_key(obs.signal, CUSUM, obs.version, obs.segment)
         entry = state["series"].get(skey)
         det = self._restored(entry, RateCUSUM)
@@ -582,6 +531,14 @@ class DetectorRunner:
             f"{what} embeddings shifted {shift:.2g} SD{over} (p={result.p_value or 1.0:.2g}, "
             f"{int(rows or len(array))} texts), {sig.where(model_id, model_version, ALL)}"
         )
+        if result.evidence.notes and result.evidence.notes[0].startswith("novel texts"):
+            share = result.evidence.value("novelty_share") or 0.0
+            null = result.evidence.value("novelty_null") or 0.0
+            title = (
+                f"{what} embeddings: {share:.0%} of {len(array)} texts unlike the baseline"
+                f" ({null:.0%} expected, p={result.p_value or 1.0:.2g}),"
+                f" {sig.where(model_id, model_version, ALL)}"
+            )
         findings = self._publishable(
             state,
             skey,
@@ -636,23 +593,3 @@ class DetectorRunner:
         return new_index
 
     field_series = staticmethod(field_series)
-
-
-def _may_fire(state: dict[str, Any], skey: str, end: int) -> bool:
-    """Whether a look may publish the series firing: not when it already fired early in
-    this window, nor while an earlier firing is still published (its incident is open:
-    the closes keep it) or its detector still fires."""
-    entry = state["series"].get(skey)
-    if entry is None:
-        return True
-    det = entry.get("det", {}).get("state", {})
-    return (
-        entry.get("early_end") != end
-        and not entry.get("clears", 0)
-        and not det.get("firing", False)
-    )
-
-
-def _above_baseline(obs: Observation) -> bool:
-    reference = obs.baseline.reference()
-    return reference is not None and obs.events > obs.total * reference.rate

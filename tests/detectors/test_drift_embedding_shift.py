@@ -244,3 +244,36 @@ def test_rejects_a_window_of_another_width() -> None:
     detector.update(np.zeros((10, 8)))
     with pytest.raises(InputError):
         detector.update(np.zeros((10, 9)))
+
+
+def test_a_new_topic_in_a_quarter_of_the_texts_is_found_by_their_novelty() -> None:
+    """Texts of three topics, mixed in proportions that change from look to look, each
+    look's texts more or less spread out together (a burst of odd prompts: the mean and
+    the residuals wander); then a quarter of them come from a fourth topic, away from the
+    others. The mean moves a quarter of the way, hidden in its wander; the novel texts,
+    each above the 99th percentile of the healthy residuals, are found by their share,
+    judged against how much the healthy looks' shares vary."""
+    rng = np.random.default_rng(21)
+    d, per_look = 24, 8
+    topics = rng.normal(scale=3.0, size=(4, d))
+    topics[3, :] = 0.0
+    topics[3, -6:] = 6.0  # outside the space the first three span
+
+    def look(new_share: float) -> np.ndarray:
+        mix = np.append(rng.dirichlet(np.full(3, 0.5)) * (1 - new_share), new_share)
+        which = rng.choice(4, size=per_look, p=mix)
+        return topics[which] + rng.normal(size=(per_look, d)) * rng.lognormal(0.0, 0.5)
+
+    detector = EmbeddingShiftDrift(alpha=1e-6, components=4, min_reference_rows=400)
+    before = [detector.update(look(0.0)) for _ in range(400)]
+    assert not any(r.detected for r in before)
+    assert before[-1].evidence.value("novelty_share") is not None
+    after = [detector.update(look(0.25)) for _ in range(40)]
+    first = next(i for i, r in enumerate(after) if r.detected)
+    assert first < 30, first
+    assert after[first].evidence.notes[0].startswith("novel texts: ")
+    assert after[first].p_value is not None and after[first].p_value < 1e-6
+    # The state carries the novelty test: a restored detector goes on identically.
+    restored = load_state(json.loads(json.dumps(detector.state_dict())))
+    nxt = look(0.25)
+    assert restored.update(nxt).to_dict() == detector.update(nxt).to_dict()

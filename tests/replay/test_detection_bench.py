@@ -54,6 +54,27 @@ def test_an_alarm_before_the_change_is_false_and_the_first_after_is_the_detectio
     assert out.via == "page:error_rate"  # the ttft alarm is not this class's signal
 
 
+def test_the_delay_in_seconds_of_traffic_starts_at_the_first_request_after_the_change() -> None:
+    """A lull right after the change (no request for 80 s) is not the detector's delay:
+    the delay of traffic counts from the first request that could show the change."""
+    started = np.array([T0 + i for i in range(100)] + [T0 + 180.0 + i for i in range(50)])
+    out = score(
+        {"error_rate": [T0 + 183.0]},
+        judged_from=T0,
+        change_at=T0 + 100.0,
+        signals=("error_rate",),
+        started=started,
+    )
+    assert out.delay_s == pytest.approx(83.0)
+    assert out.traffic_delay_s == pytest.approx(3.0)
+    assert out.delay_events == 4
+    summary = Summary()
+    summary.add(out)
+    summary.add(score({}, judged_from=T0, change_at=T0 + 100.0, signals=("error_rate",)))
+    assert summary.quantile_traffic_s(0.5) == pytest.approx(3.0)
+    assert math.isinf(summary.quantile_traffic_s(0.9))
+
+
 def test_a_change_without_an_alarm_on_its_signals_is_missed() -> None:
     out = score({"ttft": [T0 + 50.0]}, judged_from=T0, change_at=T0 + 10.0, signals=("error_rate",))
     assert out.detected_at is None and out.delay_s is None and out.false_pages == {}

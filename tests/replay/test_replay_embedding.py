@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -114,11 +115,12 @@ SEEDS = (24, 25, 26, 27)
 def test_a_topic_and_a_language_switch_on_real_text_are_paged_within_seconds(
     data_dir: Path, embedding_cache: Path
 ) -> None:
-    """Measured (azure_conv, 5.6 requests/s, 1 in 10 prompts sampled: ~0.56 texts/s): pages
-    39-86 s after a topic switch and 34-78 s after a language switch on these seeds, median
-    42 s; judged per 60 s window (before sub-samples) they came 63-151 s after, median
-    74 s. Each needs ~20 sampled texts of the new kind (the drift test's smallest pool),
-    so the delay scales with the sample rate and the traffic."""
+    """Measured (azure_conv, 5.6 requests/s, 1 in 4 prompts sampled: ~1.4 texts/s): pages
+    17-46 s after a topic switch and 14-38 s after a language switch on these seeds, median
+    19 s (34-86 s, median 42 s, at 1 in 10; judged per 60 s window before sub-samples,
+    63-151 s, median 74 s). The delay scales with the sample rate and the traffic: the
+    mean test needs ~20 sampled texts of the new kind (its smallest pool), the share of
+    novel texts a handful when most are new."""
     streams, truths = [], {}
     for kind in ("topic_switch", "language_switch"):
         for seed in SEEDS:
@@ -142,7 +144,9 @@ def test_a_topic_and_a_language_switch_on_real_text_are_paged_within_seconds(
         assert all(at >= truth.start for at, _ in paged), f"{model}: paged before the change"
         at, first = paged[0]
         assert first["signal"] == "embedding_prompt", first
-        assert first["title"].startswith("Prompt embeddings shifted "), first["title"]
+        # Paged by the mean's shift or by the share of texts unlike the baseline.
+        title = first["title"]
+        assert re.match(r"Prompt embeddings( shifted [\d.]+ SD|: \d+% of \d+ texts)", title), title
         delays.append(truth.delay(at).total_seconds())
     assert max(delays) <= 120, delays
     assert float(np.median(delays)) <= 60, delays

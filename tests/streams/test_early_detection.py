@@ -17,8 +17,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from genmon.detectors import RateCUSUM, RateWindow
+from genmon.detectors.anomaly.pane_cusum import DEFAULT_ODDS_RATIOS, PaneCUSUM
 from genmon.schemas.events import InferenceEvent, InferenceStatus
 from genmon.settings import Settings
+from genmon.streams.detection.early import SPLIT
 from genmon.streams.detection.runner import DetectorRunner
 from genmon.streams.windows.state import WindowState
 from genmon.streams.windows.store import DictStore
@@ -134,32 +136,58 @@ def test_without_early_looks_the_burst_waits_for_the_close() -> None:
     assert not [f for f in model.closed if f.detected]
 
 
-def test_looks_within_windows_spend_no_more_than_the_closes_allowance() -> None:
+def test_a_burst_in_a_trickle_pages_within_a_few_requests() -> None:
+    """At one request a second, the window's own tests need a dozen failures (each adds
+    ``log 2`` to a CUSUM designed for a doubling, and the window's healthy part dilutes
+    its single-window test); the pane charts, designed for large rises and fed only the
+    requests since the last look, page after a handful."""
+
+    def requests_to_page(model: Model) -> int:
+        for t in range(0, 10 * WINDOW_S + 20):
+            model.second(t, 1, failing=int(t % 120 == 0))
+        for k in range(1, 40):
+            if model.second(10 * WINDOW_S + 20 + k, 1, failing=1):
+                return k
+        return 40
+
+    with_panes = requests_to_page(Model(settings()))
+    assert with_panes <= 8, with_panes
+    without = Model(settings())
+    without.runner.early._pane = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    w = requests_to_page(without)
+    assert w >= 2 * with_panes
+
+
+def test_looks_and_panes_spend_no_more_than_the_closes_allowance() -> None:
     """Null windows of 100 binomial requests at 5 %, looked at ten times each and closed:
-    the alarms of looks and closes together stay within the allowance of closes alone
-    (the CUSUM's threshold bounds a crossing at any instant; the per-window alpha is
-    shared between the close and the looks)."""
+    the alarms of looks, pane charts and closes together stay within the allowance of
+    closes alone (the CUSUM's threshold bounds a crossing at any instant and its
+    allowance is split with the pane charts; the per-window alpha is shared between the
+    close and the looks)."""
     rng = np.random.default_rng(7)
     arl, looks, windows = 25.0, 10, 6000
-    threshold, alpha = math.log(2 * arl), 1 / (2 * arl)
+    threshold, alpha = math.log(2 * arl) + SPLIT, 1 / (2 * arl)
     det = RateCUSUM(threshold=threshold, window_alpha=alpha / 2)
+    charts = PaneCUSUM(threshold + math.log(len(DEFAULT_ODDS_RATIOS) * looks))
     alarms = 0
     for _ in range(windows):
         requests = rng.random(100) < 0.05
         fired = False
         for k in range(1, looks + 1):
-            n = 100 * k // looks
+            n, pane = 100 * k // looks, requests[100 * (k - 1) // looks : 100 * k // looks]
             peek = copy.deepcopy(det)
             peek.window_alpha = alpha / (2 * looks)
-            if (
-                not peek._firing
-                and peek.update([RateWindow(int(requests[:n].sum()), n, 0.05)]).detected
+            crossed = charts.update(int(pane.sum()), len(pane), 0.05).crossed
+            if not peek._firing and (
+                crossed or peek.update([RateWindow(int(requests[:n].sum()), n, 0.05)]).detected
             ):
                 fired = True
                 break
         was_firing = det._firing
         closed = det.update([RateWindow(int(requests.sum()), 100, 0.05)]).detected
         alarms += fired or (closed and not was_firing)
+        if fired:
+            charts.reset()
         if fired and not closed:
             det.reset()
     allowance = windows / arl
