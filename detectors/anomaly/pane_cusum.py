@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from genmon.detectors._base import check_param
-from genmon.detectors.anomaly.rate_cusum import _clamp, _sig, _up, design_rate, evidence_scale
+from genmon.detectors.anomaly.rate_cusum import _clamp, design_rate, scaled_llr
 from genmon.detectors.exceptions import InputError, InvalidParameterError
 
 #: Design rises (odds ratios against the baseline) of the default charts: an error or
@@ -100,16 +99,8 @@ class PaneCUSUM:
         for i, odds in enumerate(self.odds_ratios):
             p1 = design_rate(p0, odds, self.min_increase)
             if total:
-                self._sums[i] = max(0.0, self._sums[i] + _llr(events, total, p0, p1, rho))
+                self._sums[i] = max(0.0, self._sums[i] + scaled_llr(events, total, p0, p1, rho))
             if self._sums[i] >= self._sums[best]:
                 best, best_rate = i, p1
         top = self._sums[best]
         return PaneResult(top > self.threshold, best, best_rate, top)
-
-
-def _llr(x: int, n: int, p0: float, p1: float, rho: float) -> float:
-    """A pane's binomial log-likelihood ratio, scaled for the correlation ``rho``."""
-    ratio = x * math.log(p1 / p0) + (n - x) * math.log((1.0 - p1) / (1.0 - p0))
-    if rho <= 0.0 or n < 2:
-        return ratio
-    return ratio * evidence_scale(int(_up(n)), _sig(p0), _sig(p1), _up(rho))

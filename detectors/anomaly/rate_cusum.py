@@ -171,13 +171,7 @@ class RateCUSUM(Detector):
         p0 = _clamp(window.baseline_rate)
         p1 = design_rate(p0, self.odds_ratio, self.min_increase)
         x, n = window.events, window.total
-        ratio = x * math.log(p1 / p0) + (n - x) * math.log((1.0 - p1) / (1.0 - p0))
-        rho = intraclass(window.dispersion, n)
-        if rho == 0.0:
-            return ratio
-        # Rounded up to two significant digits (a larger window or correlation only gives
-        # a smaller scale), so that the scales of a stream's windows are computed once.
-        return ratio * evidence_scale(int(_up(n)), _sig(p0), _sig(p1), _up(rho))
+        return scaled_llr(x, n, p0, p1, intraclass(window.dispersion, n))
 
     def _report(
         self,
@@ -246,6 +240,18 @@ class RateCUSUM(Detector):
         self._n_seen = int(state["n_seen"])
         self._sum = float(state["sum"])
         self._firing = bool(state["firing"])
+
+
+def scaled_llr(events: int, total: int, p0: float, p1: float, rho: float) -> float:
+    """The binomial log-likelihood ratio of ``events`` of ``total`` (rate ``p1`` against
+    ``p0``, both kept off 0 and 1), scaled by :func:`evidence_scale` for the correlation
+    ``rho``. The scale's inputs are rounded up to two significant digits (a larger window
+    or correlation only gives a smaller scale), so a stream's scales are computed once."""
+    x, n = events, total
+    ratio = x * math.log(p1 / p0) + (n - x) * math.log((1.0 - p1) / (1.0 - p0))
+    if rho == 0.0:
+        return ratio
+    return ratio * evidence_scale(int(_up(n)), _sig(p0), _sig(p1), _up(rho))
 
 
 def intraclass(dispersion: float, total: int) -> float:

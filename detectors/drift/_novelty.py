@@ -40,7 +40,7 @@ class NoveltyResult(NamedTuple):
     share: float  # flagged texts of this look
     null: float  # the share tested against
     cusum: float
-    charts: int
+    p_value: float  # the charts' bound at this sum: k exp(-cusum) alarms a look
 
 
 class NoveltyRate:
@@ -94,10 +94,11 @@ class NoveltyRate:
         charts.threshold = math.log(len(ODDS_RATIOS) / alpha)
         flagged = int((q > self._cut).sum())
         result = charts.update(flagged, len(q), self.null, self._rho)
-        if result.cusum > charts.threshold:
-            charts.hold()
         crossed = result.cusum > charts.threshold
-        return NoveltyResult(crossed, flagged / len(q), self.null, result.cusum, len(ODDS_RATIOS))
+        if crossed:
+            charts.hold()
+        p_value = min(1.0, len(ODDS_RATIOS) * math.exp(-result.cusum))
+        return NoveltyResult(crossed, flagged / len(q), self.null, result.cusum, p_value)
 
     def to_state(self) -> dict[str, Any]:
         ring, sizes = encode_array(self._ring), encode_array(self._sizes)

@@ -288,7 +288,7 @@ class EmbeddingShiftDrift(Detector):
         # exactly when the p-value is below alpha.
         p_adj = min(1.0, min(p_t, p_q) * 2 * tests)
         if novel is not None:
-            p_adj = min(p_adj, 2 * novel.charts * math.exp(-novel.cusum))
+            p_adj = min(p_adj, 2 * novel.p_value)
         windows, rows = int(pooled[best, 0]), int(pooled[best, 1])
         shift, excess = d[best, :-1], float(d[best, -1])
         found = (n, windows, rows, stat, t[best], p_t, excess / math.sqrt(v[best]), p_q, tests)

@@ -144,18 +144,17 @@ class EarlyLooks:
         series: int,
     ) -> PaneResult | None:
         """Feed the series' pane charts the requests since the last look at this window."""
-        if not self.looks:
+        threshold = self.pane_threshold(obs.signal, series, model_id)
+        if threshold is None:
             return None
         key = (model_id, skey)
         pane = self._panes.get(key)
         if pane is None:
-            pane = self._panes[key] = _Pane(self._charts(obs, model_id, series))
+            floor = self.runner._min_increase(obs.signal)
+            pane = self._panes[key] = _Pane(PaneCUSUM(threshold, DEFAULT_ODDS_RATIOS, floor))
             if len(self._panes) > MAX_PANES:
                 self._panes.popitem(last=False)
         self._panes.move_to_end(key)
-        threshold = self.pane_threshold(obs.signal, series, model_id)
-        if threshold is None:
-            return None
         pane.charts.threshold = threshold
         x, n = pane.seen.get(end, (0, 0))
         # A latency count comes from the window's sketch: between two looks it may move
@@ -170,21 +169,18 @@ class EarlyLooks:
         phi = max(reference.dispersion_of(total), reference.long_run)
         return pane.charts.update(dx, dn, reference.rate, intraclass(phi, total))
 
-    def pane_threshold(self, signal: str, series: int, model_id: str) -> float | None:
-        """The pane charts' threshold, ``h + log(2 k L)`` (None: a plan entry outside the
-        budget, whose own threshold is for its windows only)."""
-        runner = self.runner
-        entry = runner.budget.entry(signal, model_id)
-        if entry is not None and not entry.calibrated:
-            return None
-        threshold, _ = runner.budget.rate_test(signal, series, model_id)
-        k = len(DEFAULT_ODDS_RATIOS)
-        return threshold + SPLIT + math.log(k * self.looks)
+    def shares_allowance(self, signal: str, model_id: str) -> bool:
+        """Whether pane charts run for the signal and take half of its CUSUM allowance
+        (not for a plan entry outside the budget, whose own threshold is for its windows)."""
+        entry = self.runner.budget.entry(signal, model_id)
+        return bool(self.looks) and (entry is None or entry.calibrated)
 
-    def _charts(self, obs: Observation, model_id: str, series: int) -> PaneCUSUM:
-        threshold = self.pane_threshold(obs.signal, series, model_id) or 1.0
-        floor = self.runner._min_increase(obs.signal)
-        return PaneCUSUM(threshold, DEFAULT_ODDS_RATIOS, floor)
+    def pane_threshold(self, signal: str, series: int, model_id: str) -> float | None:
+        """The pane charts' threshold, ``h + log(2 k L)`` (None: no pane charts)."""
+        if not self.shares_allowance(signal, model_id):
+            return None
+        threshold, _ = self.runner.budget.rate_test(signal, series, model_id)
+        return threshold + SPLIT + math.log(len(DEFAULT_ODDS_RATIOS) * self.looks)
 
     def _window_ms(self) -> int:
         return round(self.runner.settings.windows.tumbling_s * 1000)

@@ -270,7 +270,7 @@ class DetectorRunner:
         threshold, alpha = self.budget.rate_test(obs.signal, series, model_id)
         if self.early_looks:
             alpha /= 2 * max(looks, 1)
-            if self.early.pane_threshold(obs.signal, series, model_id) is not None:
+            if self.early.shares_allowance(obs.signal, model_id):
                 threshold += SPLIT  # the other half of the CUSUM's allowance: pane charts
         skey = series_key(obs.signal, CUSUM, obs.version, obs.segment)
         entry = state["series"].get(skey)
