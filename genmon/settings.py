@@ -602,6 +602,26 @@ class NotifySettings(BaseModel):
     run_in_worker: bool = Field(True, description="run the dispatcher inside `genmon worker`")
 
 
+class RetrainSettings(BaseModel):
+    """The feedback loop: retrain policy, job queue and artifacts (:mod:`genmon.retrain`)."""
+
+    policy_file: Path | None = Field(
+        None, description="YAML retrain policy; unset: the shipped default policy"
+    )
+    artifacts_uri: str = Field(
+        str(DEFAULT_HOME / "artifacts"),
+        description="where datasets, checkpoints and adapters go (a folder or an fsspec URL)",
+    )
+    lease_s: float = Field(60.0, gt=0, description="a claimed job is taken over after this")
+    heartbeat_s: float = Field(10.0, gt=0, description="how often a worker renews its lease")
+    poll_interval_s: float = Field(2.0, gt=0, description="how often an idle worker looks")
+    max_attempts: int = Field(3, ge=1, description="claims of a job before it ends failed")
+    volume_check_interval_s: float = Field(
+        60.0, gt=0, description="how often data-volume triggers count new labelled examples"
+    )
+    device: str = Field("auto", description="auto (CUDA when present), cuda or cpu")
+
+
 class Settings(BaseSettings):
     """genmon's settings; see the README's configuration table for every field."""
 
@@ -621,6 +641,7 @@ class Settings(BaseSettings):
     detectors: DetectorSettings = Field(default_factory=DetectorSettings)
     incidents: IncidentSettings = Field(default_factory=IncidentSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
 
     def topic(self, kind: str) -> str:
         """Name of genmon's topic for ``kind`` (inference, feedback, findings, ...)."""
@@ -628,7 +649,15 @@ class Settings(BaseSettings):
 
 
 #: The topics genmon creates and uses.
-TOPIC_KINDS = ("inference", "feedback", "findings", "incidents", "retrain", "deadletter")
+TOPIC_KINDS = (
+    "inference",
+    "feedback",
+    "findings",
+    "incidents",
+    "retrain",
+    "models",
+    "deadletter",
+)
 #: Topics genmon's workers write for each other (closed windows, embedding samples,
 #: labelled examples waiting for the database). They are created with the others: a worker
 #: that subscribes to a topic before it exists gets its partitions only at its next

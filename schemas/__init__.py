@@ -12,10 +12,14 @@ from genmon.schemas.events import (
     IncidentStatus,
     InferenceEvent,
     InferenceStatus,
+    ModelAlias,
+    ModelEvent,
     RetrainRequest,
     RetrainStatus,
     Severity,
     Thumbs,
+    TriggerKind,
+    job_id_for,
 )
 
 __all__ = [
@@ -30,8 +34,12 @@ __all__ = [
     "IncidentStatus",
     "InferenceEvent",
     "InferenceStatus",
+    "ModelAlias",
+    "ModelEvent",
     "RetrainRequest",
     "RetrainStatus",
     "Severity",
     "Thumbs",
+    "TriggerKind",
+    "job_id_for",
 ]

@@ -315,13 +315,32 @@ class IncidentStatus(StrEnum):
 
 
 class RetrainStatus(StrEnum):
+    PENDING_APPROVAL = "pending_approval"
     QUEUED = "queued"
     RUNNING = "running"
     EVALUATING = "evaluating"
     PROMOTED = "promoted"
     REJECTED = "rejected"
     FAILED = "failed"
+    CANCELLED = "cancelled"
     ROLLED_BACK = "rolled_back"
+
+
+class TriggerKind(StrEnum):
+    """What asked for a retraining job."""
+
+    INCIDENT = "incident"
+    VOLUME = "volume"
+    MANUAL = "manual"
+    SCHEDULE = "schedule"
+
+
+class ModelAlias(StrEnum):
+    """Movable pointers to a model's versions (MLflow-style aliases, not fixed stages)."""
+
+    CHAMPION = "champion"
+    CHALLENGER = "challenger"
+    PREVIOUS = "previous"
 
 
 class _Event(BaseModel):
@@ -471,7 +490,11 @@ class IncidentEvent(_Event):
 
 
 class RetrainRequest(_Event):
-    """Ask the retrain worker to fine-tune ``model_id`` on its labelled examples."""
+    """Ask the retrain worker to fine-tune ``model_id`` on its labelled examples.
+
+    ``job_id`` is derived from ``trigger_key`` (see :func:`job_id_for`), so a redelivered
+    finding, a replayed request or two workers racing name the same job.
+    """
 
     job_id: Identifier = Field(default_factory=new_id)
     model_id: Identifier
@@ -481,6 +504,41 @@ class RetrainRequest(_Event):
     examples_since: AwareDatetime | None = None
     min_examples: int = Field(100, ge=1)
     requested_at: AwareDatetime = Field(default_factory=utcnow)
+    trigger: TriggerKind = TriggerKind.MANUAL
+    trigger_key: Identifier | None = Field(
+        None, description="what fired: incident:<id>:<episode>, volume:<model>:<mark>, ..."
+    )
+    context: FreeJson = Field(
+        default_factory=dict, description="the incident's kind, detector, signal, segment, ..."
+    )
+    requested_by: Identifier = "genmon"
+
+
+def job_id_for(trigger_key: str) -> str:
+    """The retrain job a trigger names: the same trigger always gives the same id."""
+    return hashlib.sha256(f"retrain\x1f{trigger_key}".encode()).hexdigest()[:32]
+
+
+class ModelEvent(_Event):
+    """An alias of a model moved (published on ``<prefix>.models``, keyed by model).
+
+    Serving code follows these (``genmon models follow``, :meth:`genmon.Monitor.follow`):
+    it loads ``artifact_uri`` (an adapter on ``base_uri``) and logs ``version`` in its
+    inference events. Published at least once: drop repeats by ``event_id``.
+    """
+
+    event_id: Identifier = Field(default_factory=new_id)
+    model_id: Identifier
+    alias: ModelAlias
+    version: Identifier | None = Field(description="what the alias points to now; none: unset")
+    previous_version: Identifier | None = None
+    artifact_uri: Reason | None = None
+    base_uri: Reason | None = None
+    action: Identifier = Field(description="registered, promoted, challenger, rolled_back, ...")
+    reason: Reason = ""
+    traffic_share: float | None = Field(None, ge=0.0, le=1.0)
+    actor: Identifier = "genmon"
+    at: AwareDatetime = Field(default_factory=utcnow)
 
 
 class DeadLetter(BaseModel):
@@ -506,5 +564,6 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     "findings": Finding,
     "incidents": IncidentEvent,
     "retrain": RetrainRequest,
+    "models": ModelEvent,
     "deadletter": DeadLetter,
 }

@@ -102,13 +102,21 @@ class RetrainJobBase(SQLModel):
 
 
 class RetrainJob(RetrainJobBase, table=True):
-    """One fine-tuning run, from request to promotion, rejection or failure."""
+    """One fine-tuning run, from request to promotion, rejection or failure.
+
+    The queue lives in this row: a worker claims it (``FOR UPDATE SKIP LOCKED``), holds a
+    lease (``lease_owner``, ``lease_epoch``, ``lease_expires_at`` on the database clock) and
+    makes every later write conditional on its epoch, so a worker that lost its lease can
+    change nothing (:mod:`genmon.retrain.queue`).
+    """
 
     __tablename__ = "retrain_job"
     __table_args__ = (
         sa.Index("ix_retrain_job_model_id_status", "model_id", "status"),
         sa.Index("ix_retrain_job_incident_id", "incident_id"),
         sa.Index("ix_retrain_job_created_at", "created_at"),
+        sa.Index("ix_retrain_job_status_lease", "status", "lease_expires_at"),
+        sa.UniqueConstraint("trigger_key", name="uq_retrain_job_trigger_key"),
     )
 
     job_id: str = Field(default_factory=new_id, primary_key=True, max_length=MAX_ID_CHARS)
@@ -122,10 +130,42 @@ class RetrainJob(RetrainJobBase, table=True):
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    trigger: str = Field(default="manual", max_length=32, description="incident, volume, manual")
+    trigger_key: str | None = Field(
+        default=None, max_length=MAX_REASON_CHARS, description="what fired"
+    )
+    context: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    requested_by: str = Field(default="genmon", max_length=MAX_ID_CHARS)
+    approved_by: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    hold_reason: str | None = Field(
+        default=None, max_length=MAX_REASON_CHARS, description="why a queued job waits"
+    )
+    attempts: int = Field(default=0, description="claims so far")
+    max_attempts: int = Field(default=3, ge=1)
+    lease_owner: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    lease_epoch: int = Field(default=0, description="bumped by every claim; fences writes")
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    heartbeat_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    progress: dict[str, Any] = Field(
+        default_factory=dict, sa_type=sa.JSON, description="step, loss, examples/s, tokens/s"
+    )
+    checkpoint_uri: str | None = Field(default=None, max_length=MAX_URI_CHARS)
+    checkpoint_step: int | None = None
+    dataset_uri: str | None = Field(default=None, max_length=MAX_URI_CHARS)
+    dataset_hash: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    artifact_uri: str | None = Field(default=None, max_length=MAX_URI_CHARS)
+    verdict: dict[str, Any] = Field(
+        default_factory=dict, sa_type=sa.JSON, description="the gate's decision and reasons"
+    )
+    device_seconds: float = Field(default=0.0, description="training time, for the budget")
 
 
 class RetrainJobCreate(RetrainJobBase):
     job_id: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    trigger: str = "manual"
+    trigger_key: str | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+    requested_by: str = "genmon"
 
     @classmethod
     def from_request(cls, request: RetrainRequest, **params: Any) -> RetrainJobCreate:
@@ -136,6 +176,10 @@ class RetrainJobCreate(RetrainJobBase):
             base_version=request.base_version,
             reason=request.reason,
             incident_id=request.incident_id,
+            trigger=request.trigger.value,
+            trigger_key=request.trigger_key,
+            context=dict(request.context),
+            requested_by=request.requested_by,
             params={
                 "min_examples": request.min_examples,
                 "examples_since": (
@@ -156,6 +200,18 @@ class RetrainJobPublic(RetrainJobBase):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    trigger: str
+    trigger_key: str | None
+    hold_reason: str | None
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+    lease_epoch: int
+    progress: dict[str, Any]
+    checkpoint_step: int | None
+    dataset_hash: str | None
+    artifact_uri: str | None
+    verdict: dict[str, Any]
 
 
 # --- model versions ---------------------------------------------------------------------
@@ -176,6 +232,14 @@ class ModelVersionBase(SQLModel):
         description="retrain job that produced it; none for versions registered by hand",
     )
     eval_metrics: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    base_uri: str | None = Field(
+        default=None, max_length=MAX_URI_CHARS, description="the base weights the adapter is on"
+    )
+    base_fingerprint: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    dataset_hash: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    incident_ids: list[str] = Field(
+        default_factory=list, sa_type=sa.JSON, description="incidents behind this version"
+    )
 
 
 class ModelVersion(ModelVersionBase, table=True):
