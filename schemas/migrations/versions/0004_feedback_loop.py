@@ -10,6 +10,7 @@ Create Date: 2026-12-07
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -29,7 +30,7 @@ def _tz() -> sa.DateTime:
 
 
 #: (name, type, server default or None): the defaults fill the rows that exist already.
-JOB_COLUMNS: list[tuple[str, sa.types.TypeEngine[object], str | None]] = [
+JOB_COLUMNS: list[tuple[str, Any, str | None]] = [
     ("trigger", sa.String(32), "manual"),
     ("trigger_key", sa.String(REASON), None),
     ("context", sa.JSON(), "{}"),
@@ -51,7 +52,7 @@ JOB_COLUMNS: list[tuple[str, sa.types.TypeEngine[object], str | None]] = [
     ("verdict", sa.JSON(), "{}"),
     ("device_seconds", sa.Float(), "0"),
 ]
-VERSION_COLUMNS: list[tuple[str, sa.types.TypeEngine[object], str | None]] = [
+VERSION_COLUMNS: list[tuple[str, Any, str | None]] = [
     ("base_uri", sa.String(URI), None),
     ("base_fingerprint", sa.String(ID), None),
     ("dataset_hash", sa.String(ID), None),
@@ -59,7 +60,7 @@ VERSION_COLUMNS: list[tuple[str, sa.types.TypeEngine[object], str | None]] = [
 ]
 
 
-def _column(name: str, type_: sa.types.TypeEngine[object], default: str | None) -> sa.Column:
+def _column(name: str, type_: Any, default: str | None) -> sa.Column:
     return sa.Column(name, type_, nullable=default is None, server_default=default)
 
 
