@@ -15,6 +15,13 @@ can catch the whole family with one clause. Packages keep their own
     │   ├── NotFittedError            update() before a reference was set
     │   └── StateError                state_dict() that does not fit this detector
     ├── StreamError                   (genmon.streams.exceptions)
+    ├── RetrainError                  (genmon.retrain.exceptions)
+    │   ├── PolicyError               also a ConfigurationError: a retrain policy that cannot work
+    │   ├── LeaseLost                 a fenced write matched no row: another worker owns the job
+    │   ├── JobNotFound / JobStateError
+    │   ├── DatasetError / ArtifactError / ModelLoadError / TrainerNotFound
+    │   ├── NotServingError           a follower has not loaded any version yet
+    │   └── RegistryError             ModelNotRegisteredError, VersionNotFoundError, ...
     └── DatabaseError                 a migration or persistence step failed
 
 Messages say what to do next, not only what went wrong.

@@ -56,6 +56,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from genmon.exceptions import ConfigurationError, SchemaError
+from genmon.follow import ModelFollower, OnChange, followed_fields
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
 from genmon.schemas.events import FeedbackEvent, InferenceEvent
 from genmon.settings import Settings, get_settings
@@ -197,6 +198,8 @@ class Monitor:
         self._closing = False
         self._closed = False
         self._producer: KafkaProducer | None = None
+        #: model id -> the follower whose version log_inference fills in (Monitor.follow).
+        self._followers: dict[str, ModelFollower] = {}
         self._warn_dropped = _RateLimitedLog()
         self._warn_invalid = _RateLimitedLog()
         self._warn_broker = _RateLimitedLog()
@@ -212,8 +215,36 @@ class Monitor:
     def log_inference(
         self, event: InferenceEvent | Mapping[str, Any] | None = None, /, **fields: Any
     ) -> bool:
-        """Queue one inference; ``True`` when accepted, ``False`` when dropped or invalid."""
+        """Queue one inference; ``True`` when accepted, ``False`` when dropped or invalid.
+
+        A model followed with :meth:`follow` gets ``model_version`` = the version its alias
+        points to now when the call leaves it unset.
+        """
+        fields = followed_fields(self._followers, event, fields)
         return self._log("inference", InferenceEvent, event, fields, ("prompt", "response"))
+
+    def follow(
+        self, model_id: str, alias: str = "champion", on_change: OnChange | None = None
+    ) -> ModelFollower:
+        """Follow ``alias`` of ``model_id`` on ``<prefix>.models`` (see :mod:`genmon.follow`);
+        inferences of that model logged without ``model_version`` then carry its version.
+
+        ``on_change(event)`` runs on each version change (load the new weights there).
+        Following the same model again replaces the earlier follower; :meth:`close` stops it.
+        """
+        follower = ModelFollower(
+            self._settings,
+            model_id,
+            alias,
+            on_change,
+            bootstrap_servers=self._producer_config["bootstrap_servers"],
+        )
+        with self._lock:
+            replaced = self._followers.get(model_id)
+            self._followers = {**self._followers, model_id: follower}
+        if replaced is not None:
+            replaced.close()
+        return follower
 
     def log_feedback(
         self, event: FeedbackEvent | Mapping[str, Any] | None = None, /, **fields: Any
@@ -347,6 +378,9 @@ class Monitor:
             if self._closed:
                 return
             self._closing = True
+            followers, self._followers = list(self._followers.values()), {}
+        for follower in followers:
+            follower.close(timeout=1.0)
         _OPEN_MONITORS.discard(self)
         self.flush(timeout)
         with self._lock:

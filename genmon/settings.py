@@ -620,6 +620,10 @@ class RetrainSettings(BaseModel):
         60.0, gt=0, description="how often data-volume triggers count new labelled examples"
     )
     device: str = Field("auto", description="auto (CUDA when present), cuda or cpu")
+    redact: bool = Field(
+        False,
+        description="redact emails, phones, cards and keys in training data (genmon's redactor)",
+    )
 
 
 class Settings(BaseSettings):

@@ -24,8 +24,9 @@ from datetime import datetime, timedelta
 
 from sqlmodel import Session, select
 
-from genmon.schemas.events import IncidentStatus
+from genmon.schemas.events import Finding, IncidentStatus, ModelAlias
 from genmon.schemas.incidents import Incident
+from genmon.schemas.retrain import ModelAliasRow
 
 
 def open_incident(session: Session, fingerprint: str) -> Incident | None:
@@ -37,6 +38,42 @@ def open_incident(session: Session, fingerprint: str) -> Incident | None:
         .with_for_update()
     )
     return session.exec(query).first()
+
+
+def without_version(segment: str | None) -> str:
+    """A finding's segment without its ``model_version=<v>`` part (``topic=cards``)."""
+    parts = [p for p in (segment or "").split(",") if p and not p.startswith("model_version=")]
+    return ",".join(parts)
+
+
+def superseded_incident(session: Session, finding: Finding) -> Incident | None:
+    """The open incident a clear ``finding`` of the model's champion speaks for, locked.
+
+    When the registry's ``champion`` alias moved from the version an incident is about to
+    the finding's version (a retrained version that replaced it), the old version no longer
+    serves, so its own windows can never clear the incident: the same detector, signal and
+    segment on the version that replaced it does. Models nobody registered have no champion,
+    and an incident about the champion itself is judged on its own windows.
+    """
+    if finding.model_version is None:
+        return None
+    champion = session.get(ModelAliasRow, (finding.model_id, ModelAlias.CHAMPION.value))
+    if champion is None or champion.version != finding.model_version:
+        return None
+    query = (
+        select(Incident)
+        .where(Incident.model_id == finding.model_id)
+        .where(Incident.detector == finding.detector)
+        .where(Incident.signal == finding.signal)
+        .where(Incident.status != IncidentStatus.RESOLVED)
+        .where(Incident.model_version != finding.model_version)
+        .order_by(Incident.opened_at)
+        .with_for_update()
+    )
+    segment = without_version(finding.segment)
+    return next(
+        (row for row in session.exec(query) if without_version(row.segment) == segment), None
+    )
 
 
 def recently_resolved(

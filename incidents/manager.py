@@ -60,7 +60,12 @@ from genmon.incidents.assessment import (
     runbook_for,
 )
 from genmon.incidents.exceptions import IncidentNotFoundError, InvalidTransitionError
-from genmon.incidents.grouping import open_incident, recently_resolved, related_open
+from genmon.incidents.grouping import (
+    open_incident,
+    recently_resolved,
+    related_open,
+    superseded_incident,
+)
 from genmon.incidents.notifications import (
     queue_notifications,
     queue_unsilenced_pages,
@@ -146,7 +151,11 @@ class IncidentManager:
         key = finding.dedup_key
         if session.get(FindingSeen, key) is not None:
             return Outcome("duplicate")
-        if not finding.detected and open_incident(session, finding.fingerprint) is None:
+        if (
+            not finding.detected
+            and open_incident(session, finding.fingerprint) is None
+            and superseded_incident(session, finding) is None
+        ):
             return Outcome("ignored")  # the common case: a clear window of a healthy signal
         now = self.clock()
         # Write first: a concurrent duplicate fails here, and on SQLite the write lock is
@@ -160,7 +169,9 @@ class IncidentManager:
         incident = open_incident(session, finding.fingerprint)
         if not finding.detected:
             if incident is None:
-                return Outcome("ignored")
+                incident = superseded_incident(session, finding)
+                if incident is None:
+                    return Outcome("ignored")
             return self._quiet_window(session, incident, finding, now)
         if incident is not None:
             return self._update(session, incident, finding, now)
@@ -252,7 +263,11 @@ class IncidentManager:
     def _quiet_window(
         self, session: Session, incident: Incident, finding: Finding, now: datetime
     ) -> Outcome:
-        incident.quiet_windows += 1
+        # Not detected is not clear when the evidence still grew (a CUSUM that rose this
+        # window, below its threshold): the problem is there, only not proven again yet.
+        incident.quiet_windows = (
+            0 if finding.evidence.get("elevated") else incident.quiet_windows + 1
+        )
         incident.last_seen_at = now
         incident.updated_at = now
         incident.chart = chart_with(incident, finding, self.config.chart_points)
@@ -266,7 +281,12 @@ class IncidentManager:
             session,
             incident,
             actor="genmon",
-            reason=f"auto-resolved after {incident.quiet_windows} clear windows",
+            reason=f"auto-resolved after {incident.quiet_windows} clear windows"
+            + (
+                f" of {finding.model_version}, which replaced {incident.model_version} as champion"
+                if finding.fingerprint != incident.fingerprint
+                else ""
+            ),
             now=now,
         )
         return Outcome("resolved", incident.id, sent)

@@ -10,7 +10,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from sqlmodel import SQLModel
 
 from genmon.settings import INTERNAL_TOPIC_KINDS, TOPIC_KINDS
 
@@ -143,9 +142,13 @@ def _page() -> str:
     return PAGE.read_text()
 
 
-def _hops() -> list[dict[str, str]]:
-    """The rows of the event-to-page walk (the first table under "## From an event to a page")."""
-    section = _page().split("## From an event to a page", 1)[1].split("\n## ", 1)[0]
+#: The page's walks, each a table of hops.
+WALKS = ("From an event to a page", "From an incident to a new version")
+
+
+def _hops(walk: str = WALKS[0]) -> list[dict[str, str]]:
+    """The rows of one walk (the first table under its heading)."""
+    section = _page().split(f"## {walk}", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
     header = [cell.strip().lower() for cell in rows[0].strip("|").split("|")]
     return [
@@ -158,13 +161,18 @@ def _code(cell: str) -> list[str]:
     return re.findall(r"`([^`]+)`", cell)
 
 
-def test_the_walk_has_its_hops() -> None:
-    hops = _hops()
+@pytest.mark.parametrize("walk", WALKS)
+def test_the_walk_has_its_hops(walk: str) -> None:
+    hops = _hops(walk)
     assert len(hops) >= 10
     assert {"file", "symbol", "topic or table"} <= set(hops[0])
 
 
-@pytest.mark.parametrize("hop", _hops(), ids=lambda hop: hop.get("#", "?"))
+@pytest.mark.parametrize(
+    "hop",
+    [hop for walk in WALKS for hop in _hops(walk)],
+    ids=lambda hop: f"{hop.get('file', '?')}:{hop.get('#', '?')}",
+)
 def test_every_hop_names_a_file_and_symbol_that_exist(hop: dict[str, str]) -> None:
     (file,) = _code(hop["file"])
     assert (ROOT / file).is_file(), file
@@ -176,9 +184,9 @@ def test_every_hop_names_a_file_and_symbol_that_exist(hop: dict[str, str]) -> No
 
 
 def test_every_topic_and_table_the_page_names_is_genmons() -> None:
-    importlib.import_module("genmon.schemas.incidents")
-    importlib.import_module("genmon.schemas.tables")
-    tables = set(SQLModel.metadata.tables)
+    from genmon.db import table_metadata
+
+    tables = set(table_metadata().tables)
     topics = {f"<prefix>.{kind}" for kind in (*TOPIC_KINDS, *INTERNAL_TOPIC_KINDS)}
     named = set(re.findall(r"`(<prefix>\.[\w-]+)`", _page()))
     assert named and named <= topics, named - topics

@@ -18,8 +18,10 @@ from genmon.cli import (
     detectors,
     incidents,
     infra,
+    models,
     notify,
     replay,
+    retrain,
     schemas,
     silences,
     worker,
@@ -38,6 +40,8 @@ COMMANDS: tuple[click.Command, ...] = (
     silences.silences,
     notify.notify,
     detectors.detectors,
+    models.models,
+    retrain.retrain,
     replay.replay,
     demo.demo,
 )
@@ -46,7 +50,7 @@ COMMANDS: tuple[click.Command, ...] = (
 @click.group(cls=GenmonGroup)
 @click.version_option(package_name="genmon")
 def main() -> None:
-    """genmon: Kafka-native monitoring for generative-AI models in production."""
+    """genmon: Kafka-native monitoring and feedback for generative-AI models in production."""
 
 
 for _command in COMMANDS:

@@ -27,6 +27,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from typing import Any
 
 import click
 
+from genmon.cli import demo_loop
 from genmon.settings import Settings
 
 DEFAULT_DATA_DIR = Path("../shared/datasets")
@@ -46,6 +48,8 @@ WINDOW_S = 5.0
 #: keep a reference's bounds useful (three leave its spread so uncertain that a demo's
 #: short regression may not page); the healthy phase must be longer than this.
 WARMUP_WINDOWS = 10
+#: Longest the feedback loop may take once the worker is up (it needs about 4 minutes).
+LOOP_DEADLINE_S = 420.0
 
 
 @dataclass(frozen=True)
@@ -201,9 +205,28 @@ def _incident_rows(url: str) -> list[Any]:
     help="seconds of traffic after the bad rollout",
 )
 @click.option("--keep", is_flag=True, help="leave Kafka running afterwards")
-def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, keep: bool) -> None:
+@click.option(
+    "--loop/--no-loop",
+    default=True,
+    show_default=True,
+    help="also close the feedback loop on a tiny model: incident -> retraining -> new version",
+)
+@click.option(
+    "--database-url",
+    default=None,
+    help="database to use (default: a fresh SQLite file under <home>/demo/)",
+)
+def demo(
+    data_dir: Path,
+    rate: float,
+    healthy_s: float,
+    regression_s: float,
+    keep: bool,
+    loop: bool,
+    database_url: str | None,
+) -> None:
     """Run genmon end to end on this machine and show what on-call would see."""
-    from genmon.db import upgrade
+    from genmon.db import make_engine, safe_url, upgrade
     from genmon.incidents.receiver import WebhookReceiver
     from genmon.infra.kafka import KafkaBroker
 
@@ -218,7 +241,7 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
     db_path = work / "demo.sqlite"
     for stale in work.glob("demo.sqlite*"):
         stale.unlink()
-    db_url = f"sqlite:///{db_path}"
+    db_url = database_url or f"sqlite:///{db_path}"
     secret = "demo-webhook-secret"
 
     broker = KafkaBroker(base)
@@ -226,7 +249,7 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
     _say(f"Kafka {'already up' if was_running else 'starting'} on {base.kafka.bootstrap_servers}")
     broker.up()
     upgrade(db_url)
-    _say(f"database migrated: {db_url}")
+    _say(f"database migrated: {safe_url(db_url)}")
 
     receiver = WebhookReceiver(secret=secret)
     receiver.start()
@@ -255,18 +278,30 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
         "GENMON_DETECTORS__BASELINE_WARMUP_WINDOWS": str(WARMUP_WINDOWS),
         "GENMON_EMBEDDING__ENABLED": "false",
     }
+    setup = demo_loop.prepare(work, data_dir, _say) if loop else None
+    env.update(setup.env if setup else {})
     settings = Settings(kafka=base.kafka.model_copy(update={"topic_prefix": run}))
     log_path = work / "worker.log"
     _say(f"starting `genmon worker` (topics {run}.*, log {log_path})")
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "genmon.cli", "worker"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    workers = [_start(["worker"], env, log_path)]
+    if setup is not None:
+        retrain_log = work / "retrain-worker.log"
+        _say(f"starting `genmon worker --role retrain` (log {retrain_log})")
+        workers.append(_start(["worker", "--role", "retrain"], env, retrain_log))
+    loop_thread: _LoopThread | None = None
     try:
-        _wait_for_worker(f"http://127.0.0.1:{web_port}/stats", worker, timeout_s=180)
+        _wait_for_worker(f"http://127.0.0.1:{web_port}/stats", workers[0], timeout_s=180)
+        if setup is not None:
+            loop_settings = settings.model_copy(
+                update={
+                    "database": settings.database.model_copy(update={"url": db_url}),
+                    "notify": settings.notify.model_copy(
+                        update={"destinations_file": destinations}
+                    ),
+                }
+            )
+            loop_thread = _LoopThread(loop_settings, make_engine(db_url), setup, data_dir, receiver)
+            loop_thread.start()
         traffic = _Traffic(data_dir)
         dead = _send_malformed(settings)
         _say(f"sent {dead} malformed messages: they go to {run}.deadletter with a reason")
@@ -289,16 +324,71 @@ def demo(data_dir: Path, rate: float, healthy_s: float, regression_s: float, kee
         stats_url = f"http://127.0.0.1:{web_port}/stats"
         stats = json.loads(urllib.request.urlopen(stats_url, timeout=5).read())
         _report(stats, _incident_rows(db_url), receiver)
+        if loop_thread is not None:
+            loop_thread.join()
+            if loop_thread.error is not None:
+                raise loop_thread.error
+            assert loop_thread.lineage is not None
+            demo_loop.report(loop_thread.lineage, _say)
+            if not loop_thread.lineage.resolved:
+                raise click.ClickException(
+                    "the feedback loop did not finish; see .build/demo/retrain-worker.log"
+                )
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        if loop_thread is not None:
+            loop_thread.stop()
+        for process in workers:
+            process.send_signal(signal.SIGTERM)
+        for process in workers:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
         receiver.stop()
         if not was_running and not keep:
             broker.down()
             _say("Kafka stopped (it was started by the demo; --keep leaves it up)")
+
+
+def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "genmon.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+class _LoopThread(threading.Thread):
+    """The feedback loop (:mod:`genmon.cli.demo_loop`), beside the monitoring story."""
+
+    def __init__(
+        self, settings: Settings, engine: Any, setup: Any, data_dir: Path, receiver: Any
+    ) -> None:
+        super().__init__(name="demo-loop", daemon=True)
+        self.args = (settings, engine, setup, data_dir)
+        self.receiver = receiver
+        self.lineage: demo_loop.Lineage | None = None
+        self.error: BaseException | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.lineage = demo_loop.run(
+                *self.args,
+                warmup_s=WARMUP_WINDOWS * WINDOW_S + 10,
+                deadline_s=LOOP_DEADLINE_S,
+                receiver=self.receiver,
+                say=lambda text: _say(f"[{demo_loop.LOOP_MODEL}] {text}"),
+                stopping=self.stopping,
+            )
+        except BaseException as exc:  # re-raised by the demo's main thread
+            self.error = exc
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=90)
 
 
 def _report(stats: dict[str, Any], incidents: list[Any], receiver: Any) -> None:
@@ -310,7 +400,8 @@ def _report(stats: dict[str, Any], incidents: list[Any], receiver: Any) -> None:
             f"    [{incident.severity}] {incident.status:<12} {incident.title}  "
             f"(findings: {incident.finding_count})"
         )
-    pages = list(receiver.unique.values())
+    # Only the incidents' pages: the receiver also gets the model registry's announcements.
+    pages = [page for page in receiver.unique.values() if "incident" in (page.json or {})]
     _say(f"{len(pages)} signed page(s) received by on-call ({receiver.rejected} rejected):")
     for page in pages[:10]:
         body = page.json

@@ -26,14 +26,21 @@ from genmon.settings import get_settings
 )
 @click.option(
     "--role",
-    type=click.Choice(["all", "embed", "incidents"]),
+    type=click.Choice(["all", "embed", "incidents", "retrain"]),
     default="all",
     show_default=True,
     help="embed: only the text encoder (genmon.streams.embedding.stage); incidents: only "
-    "findings -> incidents -> pages (genmon.streams.incident_agent).",
+    "findings -> incidents -> pages (genmon.streams.incident_agent); retrain: triggers and "
+    "the retraining job queue (genmon.retrain.runner; any number, on any machines sharing the "
+    "database).",
 )
 def worker(loglevel: str | None, web_port: int | None, role: str) -> None:
     """Run the stream worker (ingest, dead letters, pipeline) until Ctrl-C or SIGTERM."""
+    if role == "retrain":
+        from genmon.retrain.runner import run_retrain_worker
+
+        run_retrain_worker(get_settings(), loglevel=loglevel)
+        return
     from genmon.streams.app import run_worker
     from genmon.streams.embedding.stage import run_embed_worker
     from genmon.streams.incident_agent import run_incidents_worker

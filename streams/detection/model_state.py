@@ -34,16 +34,41 @@ def copy_state(state: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of ``state`` the runner may change (the stored one stays as it was), or a
     new model's empty state."""
     if state is None:
-        return {"last_end": {}, "series": {}, "baselines": {}}
+        return {"last_end": {}, "series": {}, "baselines": {}, "fired": {}}
     return {
         "last_end": dict(state["last_end"]),
         "series": {k: dict(v) for k, v in state["series"].items()},
         "baselines": dict(state.get("baselines", {})),
+        "fired": dict(state.get("fired", {})),
     }
 
 
 def series_key(signal: str, detector: str, version: str, segment: str) -> str:
     return f"{signal}\x1f{detector}\x1f{version}\x1f{segment}"
+
+
+def sibling_key(skey: str) -> tuple[str, str]:
+    """``(signal, detector and segment; version)`` of a series key: series of one signal,
+    detector and segment on different versions are siblings."""
+    signal, detector, version, segment = skey.split("\x1f")
+    return f"{signal}\x1f{detector}\x1f{segment}", version
+
+
+def mark_fired(state: dict[str, Any], skey: str, end_ms: int, keep_ms: int) -> None:
+    """Remember that ``skey`` fired (for its siblings), forgetting firings older than
+    ``keep_ms``: the record stays as small as the recent incidents."""
+    fired = state.setdefault("fired", {})
+    for key in [k for k, (_, at) in fired.items() if end_ms - at >= keep_ms]:
+        del fired[key]
+    sibling, version = sibling_key(skey)
+    fired[sibling] = [version, end_ms]
+
+
+def sibling_fired(state: dict[str, Any], skey: str, end_ms: int, keep_ms: int) -> bool:
+    """Whether a sibling of ``skey`` on another version fired within ``keep_ms``."""
+    sibling, version = sibling_key(skey)
+    mark = state.get("fired", {}).get(sibling)
+    return mark is not None and mark[0] != version and end_ms - mark[1] < keep_ms
 
 
 def save(state: dict[str, Any], skey: str, det: dict[str, Any], seen_ms: int) -> None:

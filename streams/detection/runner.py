@@ -134,8 +134,10 @@ from genmon.streams.detection.model_state import (
     cap,
     copy_state,
     expire,
+    mark_fired,
     save,
     series_key,
+    sibling_fired,
 )
 from genmon.streams.detection.observations import ModelBaselines, Observation, observe, one_cause
 from genmon.streams.detection.points import SignalPoint, observation_point, result_point
@@ -362,6 +364,7 @@ class DetectorRunner:
             title,
             extra,
             window_examples(obs.series, obs.signal),
+            cumulative=True,
         )
 
     def _check_slos(
@@ -436,15 +439,20 @@ class DetectorRunner:
         title: str,
         extra: dict[str, Any],
         examples: list[dict[str, str]] | None = None,
+        cumulative: bool = False,
     ) -> list[Finding]:
         # A series that never fired has nothing to clear: no entry records a firing, so
-        # segments that come and go leave nothing behind.
+        # segments that come and go leave nothing behind. Its siblings on other versions
+        # do, for the cool-down after one fired: the version that replaced a failing one
+        # is what can clear that one's incident (genmon.incidents.grouping.superseded_incident).
         entry = state["series"].get(skey)
         end_ms = ctx.end_ms
         if result.detected:
             entry = state["series"].setdefault(skey, {"clears": 0})
             entry["clears"] = self.clear_windows
             entry["fired_ms"] = end_ms
+            if end_ms is not None:
+                mark_fired(state, skey, end_ms, self.clear_for_ms)
         elif entry is not None and (
             entry.get("clears", 0) > 0
             or (
@@ -454,8 +462,13 @@ class DetectorRunner:
             )
         ):
             entry["clears"] = max(entry.get("clears", 0) - 1, 0)
-        else:
+        elif end_ms is None or not sibling_fired(state, skey, end_ms, self.clear_for_ms):
             return []
+        if entry is not None and cumulative:
+            # A CUSUM that rose this window saw more evidence of the problem, not less.
+            if not result.detected and result.score > entry.get("published_score", 0.0):
+                extra = {**extra, "elevated": True}
+            entry["published_score"] = result.score
         analysis: dict[str, Any] = {}
         if result.detected and examples and self.error_analyzer is not None:
             where = f"{signal} of {ctx.model_id}/{version}"

@@ -596,3 +596,35 @@ def test_a_batch_in_one_transaction_equals_one_by_one(engine: Engine) -> None:
     with Session(engine) as session:
         events = session.exec(select(Notification.event).order_by(Notification.id)).all()
     assert events == [NotificationEvent.TRIGGER, NotificationEvent.RESOLVE]
+
+
+def _versioned(window: int, version: str, **fields: Any) -> Any:
+    return finding(window, segment=f"model_version={version}", **fields).model_copy(
+        update={"model_version": version}
+    )
+
+
+def test_the_champion_that_replaced_a_failing_version_resolves_its_incident(
+    engine: Engine,
+) -> None:
+    from genmon.schemas.retrain import ModelAliasRow
+
+    manager = IncidentManager(engine, settings_with(HOOK))
+    opened = manager.process(_versioned(0, "v1"))
+    # v2 is clear but nothing says it replaced v1: v1's incident is v1's business.
+    assert manager.process(_versioned(1, "v2", detected=False)).action == "ignored"
+    with session_scope(engine) as session:
+        session.add(ModelAliasRow(model_id="chat", alias="champion", version="v2"))
+    # A window that is not detected but still rising is not clear: it resets the count.
+    manager.process(_versioned(2, "v2", detected=False))
+    manager.process(_versioned(3, "v2", detected=False, evidence={"elevated": True}))
+    manager.process(_versioned(4, "v2", detected=False))
+    manager.process(_versioned(5, "v2", detected=False))
+    assert _incidents(engine)[0].status is IncidentStatus.OPEN
+    outcome = manager.process(_versioned(6, "v2", detected=False))
+    assert (outcome.action, outcome.incident_id) == ("resolved", opened.incident_id)
+    with Session(engine) as session:
+        last = session.exec(
+            select(IncidentTransition).order_by(IncidentTransition.id.desc())
+        ).first()
+    assert last is not None and "of v2, which replaced v1 as champion" in last.reason

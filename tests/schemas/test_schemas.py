@@ -38,6 +38,8 @@ from genmon.schemas.events import (
     IncidentStatus,
     InferenceEvent,
     InferenceStatus,
+    ModelAlias,
+    ModelEvent,
     RetrainRequest,
     Severity,
     Thumbs,
@@ -97,6 +99,16 @@ def sample_events() -> dict[str, BaseModel]:
         ),
         "retrain": RetrainRequest(
             model_id="chat", base_version="v3", reason="drift", examples_since=T0
+        ),
+        "models": ModelEvent(
+            model_id="chat",
+            alias=ModelAlias.CHAMPION,
+            version="v4",
+            previous_version="v3",
+            artifact_uri="file:///artifacts/chat/v4/adapter",
+            base_uri="/models/base",
+            action="promoted",
+            at=T0,
         ),
         "deadletter": DeadLetter(
             reason="invalid",

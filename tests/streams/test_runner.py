@@ -417,3 +417,42 @@ def test_a_detector_whose_state_format_changed_restarts_its_series_alone(
     assert others and all(det["state"]["n_seen"] > 1 for det in others)  # kept theirs
     assert caplog.text.count("rate_cusum series restart") == 1  # said once, counted always
     assert state["baselines"]["error_rate\x1f*"]["ready"]  # the learned baselines carry on
+
+
+def test_the_version_that_replaced_a_failing_one_publishes_its_clear_windows() -> None:
+    # v1 fails; then only v2 serves (a retrained version promoted in its place). v2's series
+    # never fired, but its clear windows are what can clear v1's incident
+    # (genmon.incidents.grouping.superseded_incident), so they are published for the
+    # cool-down after v1 fired; a CUSUM still rising says so ("elevated": not clear).
+    settings = Settings(incidents={"auto_resolve_quiet_windows": 2, "reopen_cooldown_s": 600})
+    runner = DetectorRunner(settings)
+    state, _ = run(runner, range(1, 31), lambda m: {"v1": Traffic(), "v2": Traffic()})
+    broken = {"v1": Traffic(error_rate=0.2), "v2": Traffic()}
+    state, fired = run(runner, range(31, 33), lambda m: broken, state)
+    assert {f.segment for found in fired.values() for f in found} == {"model_version=v1"}
+    clear = []
+    for minute in range(33, 40):
+        state, findings = runner.on_window(state, window(minute, {"v2": Traffic()}))
+        clear += [f for f in findings if f.signal == "error_rate"]
+    assert clear and all(f.segment == "model_version=v2" and not f.detected for f in clear)
+    assert not any(f.evidence.get("elevated") for f in clear)
+    # Past the cool-down the siblings go quiet again.
+    state, _ = run(runner, range(40, 50), lambda m: {"v2": Traffic()}, state)
+    _, later = runner.on_window(state, window(50, {"v2": Traffic()}))
+    assert [f for f in later if f.signal == "error_rate"] == []
+
+
+def test_a_cusum_still_rising_below_its_threshold_is_not_a_clear_window() -> None:
+    settings = Settings(incidents={"auto_resolve_quiet_windows": 2, "reopen_cooldown_s": 600})
+    runner = DetectorRunner(settings)
+    state, _ = run(runner, range(1, 31), healthy)
+    state, _ = run(runner, range(31, 33), lambda m: {"v1": Traffic(error_rate=0.3)}, state)
+    marks = {}
+    for minute in range(33, 44):
+        rate = 0.005 if minute < 40 else 0.012  # healthy again, then errors creep back
+        state, findings = runner.on_window(state, window(minute, {"v1": Traffic(error_rate=rate)}))
+        marks[minute] = [(f.detected, bool(f.evidence.get("elevated"))) for f in findings]
+    # The healthy windows after the alarm are clear; the creeping ones are not detected
+    # (the CUSUM is below its threshold) but say the evidence grew.
+    assert [m for m in range(35, 40) if marks[m] == [(False, False)]] == list(range(35, 40))
+    assert all(marks[m] == [(False, True)] for m in range(40, 44)), marks

@@ -1,0 +1,343 @@
+"""``genmon models``: register retrainable models, inspect versions, move aliases, follow.
+
+Every alias move (register, promote, rollback) is one database transaction, then is
+announced on ``<prefix>.models`` and to the webhook destinations. The registry, the
+announcer and torch are imported inside the commands so ``genmon --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from genmon.cli._common import (
+    current_user,
+    database_option,
+    echo_json,
+    echo_table,
+    engine_for,
+    json_option,
+    when,
+)
+from genmon.settings import get_settings
+
+if TYPE_CHECKING:
+    from genmon.schemas.events import ModelEvent
+
+_ALIASES = ("champion", "challenger", "previous")
+
+
+@click.group()
+def models() -> None:
+    """Register models, inspect their versions, move aliases, follow what serves."""
+
+
+def _actor_option(function: Any) -> Any:
+    return click.option("--actor", default=None, help="Who does it (default: your user).")(function)
+
+
+def _no_announce_option(function: Any) -> Any:
+    return click.option(
+        "--no-announce",
+        is_flag=True,
+        help="Change the database only; publish later with `genmon models announce`.",
+    )(function)
+
+
+def _announce(model_id: str, events: list[ModelEvent], skip: bool, as_json: bool) -> None:
+    """Print the moves, then publish them (topic and webhooks) unless ``skip``."""
+    if as_json:
+        echo_json([event.model_dump(mode="json") for event in events])
+    elif not events:
+        click.echo("nothing changed")
+    for event in events if not as_json else []:
+        click.echo(
+            f"{event.model_id} {event.alias.value}: {event.previous_version or '-'} -> "
+            f"{event.version or '-'} ({event.action})"
+        )
+    if skip or not events:
+        return
+    from genmon.retrain.announce import ModelAnnouncer
+    from genmon.retrain.registry import RegistryError
+
+    with ModelAnnouncer(get_settings()) as announcer:
+        report = announcer.announce(events)
+    if not report.ok:
+        raise RegistryError(
+            "the aliases moved, but announcing the move failed: "
+            + "; ".join(report.failures)
+            + f". Run `genmon models announce {model_id}` once the broker or endpoint is back."
+        )
+    if not as_json:
+        hooks = ", ".join(f"{name} ({n})" for name, n in report.delivered.items()) or "none"
+        click.echo(f"announced on {announcer.topic}; webhooks: {hooks}")
+
+
+@models.command("register")
+@click.argument("model_id")
+@click.option("--base", "base_uri", required=True, help="Base weights: a folder or a cached HF id.")
+@click.option("--serving-version", required=True, help="The version name serving now, e.g. v1.")
+@click.option("--force", is_flag=True, help="Re-register on different weights.")
+@_actor_option
+@_no_announce_option
+@json_option()
+@database_option
+def models_register(
+    model_id: str,
+    base_uri: str,
+    serving_version: str,
+    force: bool,
+    actor: str | None,
+    no_announce: bool,
+    as_json: bool,
+    url: str | None,
+) -> None:
+    """Make MODEL retrainable: its base weights (fingerprinted) and serving version."""
+    from genmon.retrain.registry import register_model
+
+    found: list[ModelEvent] = []
+    model = register_model(
+        engine_for(url),
+        model_id,
+        base_uri,
+        serving_version,
+        actor or current_user(),
+        force=force,
+        announce=found.extend,
+    )
+    if not as_json:
+        click.echo(
+            f"{model.model_id} registered on {model.base_uri} "
+            f"(fingerprint {model.base_fingerprint[:12]}), serving {model.serving_version}"
+        )
+    _announce(model_id, found, no_announce, as_json)
+
+
+@models.command("list")
+@json_option()
+@database_option
+def models_list(as_json: bool, url: str | None) -> None:
+    """Registered models with their aliases."""
+    from genmon.retrain.registry import aliases, list_models, versions
+
+    engine = engine_for(url)
+    found = [
+        (m, aliases(engine, m.model_id), len(versions(engine, m.model_id)))
+        for m in list_models(engine)
+    ]
+    if as_json:
+        echo_json([{**m.model_dump(mode="json"), "aliases": a, "versions": n} for m, a, n in found])
+        return
+    if not found:
+        click.echo("no registered models; `genmon models register MODEL --base PATH ...`")
+        return
+    rows = [
+        [
+            m.model_id,
+            *(a.get(alias, "-") for alias in _ALIASES),
+            str(n),
+            m.base_fingerprint[:12],
+            m.base_uri,
+        ]
+        for m, a, n in found
+    ]
+    echo_table(
+        rows, ["MODEL", "CHAMPION", "CHALLENGER", "PREVIOUS", "VERSIONS", "BASE SHA", "BASE"]
+    )
+
+
+@models.command("show")
+@click.argument("model_id")
+@json_option()
+@database_option
+def models_show(model_id: str, as_json: bool, url: str | None) -> None:
+    """One model: its base, aliases, and every version with lineage and metrics."""
+    from genmon.retrain.registry import aliases, get_model, versions
+    from genmon.schemas.tables import ModelVersionPublic
+
+    engine = engine_for(url)
+    model = get_model(engine, model_id)
+    pointers = aliases(engine, model_id)
+    rows = versions(engine, model_id)
+    if as_json:
+        echo_json(
+            {
+                "model": model.model_dump(mode="json"),
+                "aliases": pointers,
+                "versions": [
+                    ModelVersionPublic.model_validate(r).model_dump(mode="json") for r in rows
+                ],
+            }
+        )
+        return
+    by_version: dict[str, list[str]] = {}
+    for alias, version in pointers.items():
+        by_version.setdefault(version, []).append(alias)
+    click.echo(f"{model.model_id}: serving {model.serving_version}")
+    click.echo(f"  base {model.base_uri} (fingerprint {model.base_fingerprint[:16]})")
+    click.echo(f"  registered {when(model.created_at)} by {model.registered_by}")
+    table = [
+        [
+            r.version,
+            r.status.value,
+            ",".join(sorted(by_version.get(r.version, []))) or "-",
+            r.parent_version or "-",
+            (r.job_id or "-")[:12],
+            (r.dataset_hash or "-")[:12],
+            ",".join(r.incident_ids) or "-",
+            when(r.promoted_at),
+            r.artifact_uri if r.artifact_uri != r.base_uri else "(base)",
+        ]
+        for r in rows
+    ]
+    header = ["VERSION", "STATUS", "ALIASES", "PARENT", "JOB", "DATASET", "INCIDENTS", "PROMOTED"]
+    echo_table(table, [*header, "ARTIFACT"])
+    for r in rows:
+        if r.eval_metrics:
+            shown = ", ".join(f"{k}={_short(v)}" for k, v in sorted(r.eval_metrics.items()))
+            click.echo(f"  {r.version} metrics: {shown}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@models.command("promote")
+@click.argument("model_id")
+@click.argument("version", required=False)
+@click.option("--reason", default="", help="Why, for the announcement.")
+@_actor_option
+@_no_announce_option
+@json_option()
+@database_option
+def models_promote(
+    model_id: str,
+    version: str | None,
+    reason: str,
+    actor: str | None,
+    no_announce: bool,
+    as_json: bool,
+    url: str | None,
+) -> None:
+    """Make VERSION (default: the challenger) the champion; the old one becomes previous."""
+    from genmon.retrain.registry import promote
+
+    events = promote(engine_for(url), model_id, version, actor or current_user(), reason)
+    _announce(model_id, events, no_announce, as_json)
+
+
+@models.command("rollback")
+@click.argument("model_id")
+@click.option("--reason", default="", help="Why, for the announcement.")
+@_actor_option
+@_no_announce_option
+@json_option()
+@database_option
+def models_rollback(
+    model_id: str,
+    reason: str,
+    actor: str | None,
+    no_announce: bool,
+    as_json: bool,
+    url: str | None,
+) -> None:
+    """Champion back to the previous version; the current one is marked rolled_back."""
+    from genmon.retrain.registry import rollback
+
+    events = rollback(engine_for(url), model_id, actor or current_user(), reason)
+    _announce(model_id, events, no_announce, as_json)
+
+
+@models.command("announce")
+@click.argument("model_id")
+@_actor_option
+@json_option()
+@database_option
+def models_announce(model_id: str, actor: str | None, as_json: bool, url: str | None) -> None:
+    """Publish MODEL's aliases as they are now (after an announcement was lost)."""
+    from genmon.retrain.registry import current_events
+
+    events = current_events(engine_for(url), model_id, actor or current_user())
+    _announce(model_id, events, False, as_json)
+
+
+@models.command("follow")
+@click.argument("model_id")
+@click.option("--alias", type=click.Choice(_ALIASES), default="champion", show_default=True)
+@click.option("--load", is_flag=True, help="Also load each announced adapter (torch).")
+@click.option("--once", is_flag=True, help="Print the current version after the replay and stop.")
+@click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Replay wait (--once)."
+)
+@json_option("Print each change as one JSON line.")
+def models_follow(
+    model_id: str, alias: str, load: bool, once: bool, timeout: float, as_json: bool
+) -> None:
+    """Print each version change of MODEL's ALIAS on the models topic (Ctrl-C stops)."""
+    changes: queue.Queue[tuple[str, ModelEvent]] = queue.Queue()
+    settings = get_settings()
+    if load:
+        from genmon.retrain.follower import AdapterFollower
+
+        follower: Any = AdapterFollower(
+            settings, model_id, alias, on_loaded=lambda e: changes.put(("serving", e))
+        )
+        ready = follower.follower
+    else:
+        from genmon.follow import ModelFollower
+
+        follower = ready = ModelFollower(
+            settings, model_id, alias, on_change=lambda e: changes.put(("announced", e))
+        )
+    try:
+        if once:
+            _follow_once(follower, ready, load, timeout, as_json, changes)
+            return
+        while True:
+            try:
+                _echo_change(*changes.get(timeout=0.5), as_json)
+            except queue.Empty:
+                continue
+    finally:
+        follower.close()
+
+
+def _follow_once(
+    follower: Any, ready: Any, load: bool, timeout: float, as_json: bool, changes: Any
+) -> None:
+    from genmon.retrain.registry import RegistryError
+
+    if not ready.wait_ready(timeout):
+        raise RegistryError(
+            f"could not read {ready.topic} within {timeout:g} s; is the broker up "
+            "(`genmon infra status`)?"
+        )
+    event = ready.event
+    if event is None:
+        raise RegistryError(
+            f"nothing announced for {ready.model_id} {ready.alias.value} on {ready.topic}; "
+            f"`genmon models announce {ready.model_id}` publishes its aliases"
+        )
+    if load and not follower.wait_loaded(event.version, timeout):
+        raise RegistryError(
+            f"{event.model_id} {event.version} did not load within {timeout:g} s: "
+            f"{follower.last_error or 'still loading'}"
+        )
+    _echo_change("serving" if load else "announced", event, as_json)
+
+
+def _echo_change(what: str, event: ModelEvent, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"state": what, **event.model_dump(mode="json")}, sort_keys=True))
+        return
+    adapter = event.artifact_uri or "(base only)"
+    click.echo(
+        f"{when(event.at)}  {event.model_id} {event.alias.value} {what}: {event.version or '-'} "
+        f"({event.action} by {event.actor}) adapter {adapter}"
+    )

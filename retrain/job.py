@@ -1,0 +1,461 @@
+"""One retrain job, run by ``python -m genmon.retrain.job JOB_ID EPOCH OWNER``.
+
+The worker (:mod:`genmon.retrain.runner`) starts this process for a job it claimed under
+lease ``(EPOCH, OWNER)``. The job goes
+
+1. **dataset** -- the model's labelled examples since its last promoted job
+   (:func:`genmon.retrain.dataset.build_dataset`), stored under the artifacts URI. An
+   earlier attempt's recorded dataset is read back instead, so a resumed run trains on
+   exactly the data its checkpoint saw;
+2. **train** -- the policy's trainer (:func:`genmon.retrain.trainer.load_trainer`) with a
+   :class:`FencedContext`: progress and checkpoints are fenced writes on the job row,
+   checkpoints are uploaded under ``jobs/<job>/epoch-<epoch>/`` first and resume takes the
+   last recorded one. An adapter recorded by an earlier attempt is reused;
+3. **gate** (status ``evaluating``) -- the candidate (base + new adapter) against the
+   serving version (base + champion adapter) on the held-out split, with the behaviour
+   check aimed at the incident's signal and segment (:func:`genmon.retrain.gate.evaluate`),
+   then the servable check;
+4. **registry** -- on ``pass`` a version with its lineage, the alias moved (champion: no
+   rollout exists yet, "Safe rollout" adds the challenger stage) and announced; the job
+   ends ``promoted``. Otherwise it ends ``rejected`` with the verdict and its reasons.
+
+Every write is fenced on the lease (:class:`genmon.retrain.queue.JobQueue`). The first one
+refused raises :class:`~genmon.retrain.exceptions.LeaseLost` and the process exits at once
+with :data:`~genmon.retrain.runner.EXIT_LEASE_LOST`, writing nothing more. Registry writes
+are checked against the fence just before they are made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import Engine
+
+from genmon.retrain.exceptions import LeaseLost
+from genmon.retrain.queue import JobQueue, Lease, get_job
+from genmon.schemas.events import ModelAlias, RetrainStatus
+from genmon.schemas.tables import RetrainJob
+from genmon.settings import Settings
+
+if TYPE_CHECKING:
+    from genmon.retrain.artifacts import ArtifactStore
+    from genmon.retrain.dataset import BuiltDataset
+    from genmon.retrain.gate import BehaviourTarget, GateConfig, Verdict
+    from genmon.retrain.lm import CausalLM
+
+log = logging.getLogger("genmon.retrain.job")
+
+#: Least seconds between two progress writes (the last step is always written).
+PROGRESS_EVERY_S = 1.0
+#: Incident signals named without their ``_rate`` suffix by some detectors.
+SIGNAL_ALIASES = {"refusal": "refusal_rate", "empty": "empty_rate"}
+
+
+# --- the fenced training context -----------------------------------------------------------
+
+
+class FencedContext:
+    """:class:`genmon.retrain.trainer.TrainContext` whose writes need the lease."""
+
+    def __init__(self, run: JobRun, device_seconds: float) -> None:
+        self.run = run
+        self.before = device_seconds
+        self.started = time.monotonic()
+        self.last_write = float("-inf")
+        #: Where this attempt started: the checkpoint it resumed after, its first step.
+        self.resumed_from: int | None = None
+        self.first_step: int | None = None
+
+    def device_seconds(self) -> float:
+        return self.before + (time.monotonic() - self.started)
+
+    def progress(
+        self,
+        step: int,
+        total: int,
+        loss: float,
+        examples_per_s: float,
+        tokens_per_s: float,
+        gpu_memory_mb: float | None,
+    ) -> None:
+        if self.first_step is None:
+            self.first_step = step
+        now = time.monotonic()
+        if step < total and now - self.last_write < PROGRESS_EVERY_S:
+            return
+        self.last_write = now
+        progress = {
+            "step": step,
+            "total": total,
+            "loss": loss,
+            "examples_per_s": examples_per_s,
+            "tokens_per_s": tokens_per_s,
+            "gpu_memory_mb": gpu_memory_mb,
+            "epoch": self.run.lease.epoch,
+            "resumed_from": self.resumed_from,
+            "first_step": self.first_step,
+        }
+        self.run.write(progress=progress, device_seconds=self.device_seconds())
+
+    def checkpoint(self, step: int, local_dir: Path) -> None:
+        self.run.check("uploading a checkpoint")
+        uri = self.run.store.put_dir(local_dir, self.run.key(f"checkpoints/step-{step:06d}"))
+        self.run.write(
+            checkpoint_uri=uri, checkpoint_step=step, device_seconds=self.device_seconds()
+        )
+
+    def resume(self) -> tuple[int, Path] | None:
+        job = get_job(self.run.engine, self.run.lease.job_id)
+        if job.checkpoint_uri is None or job.checkpoint_step is None:
+            return None
+        local = self.run.work_dir / "resume" / f"step-{job.checkpoint_step:06d}"
+        self.run.store.get_dir(job.checkpoint_uri, local)
+        self.resumed_from = job.checkpoint_step
+        log.info("retrain job %s resumes after step %d", job.job_id, job.checkpoint_step)
+        return job.checkpoint_step, local
+
+
+class LazyLM:
+    """A model loaded on first use: a gate that answers ``insufficient_evidence`` from
+    the sizes alone never pays for loading two models."""
+
+    def __init__(self, base_uri: str, adapter_uri: str | None, device: str) -> None:
+        self._args = (base_uri, adapter_uri, device)
+        self._lm: CausalLM | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._lm is None:
+            from genmon.retrain.lm import load_lm
+
+            self._lm = load_lm(*self._args)
+        return getattr(self._lm, name)
+
+
+def redactor(settings: Settings) -> Callable[[str], str] | None:
+    """genmon's redactor when the settings ask for redaction of training data
+    (``retrain.redact``)."""
+    if not settings.retrain.redact:
+        return None
+    from genmon.schemas.redact import redact
+
+    return redact
+
+
+def behaviour_target(context: dict[str, Any]) -> BehaviourTarget | None:
+    """The behaviour check an incident asks for: its signal on its segment.
+
+    An incident segment is ``k=v,k=v``; ``model_version`` is left out, since the
+    evaluation prompts are compared on the traffic's own attributes."""
+    from genmon.retrain.gate import BehaviourTarget
+
+    signal_name = context.get("signal")
+    if not signal_name:
+        return None
+    raw = context.get("segment") or {}
+    if isinstance(raw, str):
+        pairs = (item.split("=", 1) for item in raw.split(",") if "=" in item)
+        raw = {key.strip(): value.strip() for key, value in pairs}
+    segment = {str(k): str(v) for k, v in raw.items() if k != "model_version"}
+    return BehaviourTarget(SIGNAL_ALIASES.get(signal_name, signal_name), segment)
+
+
+# --- the job --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the job trains and is judged: the policy as it was when the job was queued
+    (``retrain_job.params``), so every attempt, and a resume, trains the same way even
+    if the policy file changed since; the current policy where the job kept none."""
+
+    trainer: str
+    params: dict[str, Any]
+    gate: GateConfig
+
+    @classmethod
+    def of(cls, job: RetrainJob, settings: Settings) -> Plan:
+        from genmon.retrain.gate import GateConfig
+        from genmon.retrain.policy import load_policy
+
+        kept = job.params
+        if not {"trainer", "training", "gate"} <= set(kept):
+            policy = load_policy(settings.retrain.policy_file).for_model(job.model_id)
+            kept = {
+                "trainer": policy.training.trainer,
+                "training": policy.training.params,
+                "gate": policy.gate.model_dump(mode="json"),
+            }
+        params = dict(kept["training"])
+        if settings.retrain.device != "auto":  # the machine's, not the policy's, to say
+            params["device"] = settings.retrain.device
+        return cls(str(kept["trainer"]), params, GateConfig.from_dict(kept["gate"]))
+
+
+@dataclass
+class JobRun:
+    """One attempt at one job, under ``lease``: each step's writes are fenced on it.
+
+    The registry's writes (version, alias) run in the registry's own transactions, so
+    they are checked against the fence just before they are made, not within it: a lease
+    lost in that instant could still record the version. ``create_version`` is idempotent
+    per job, and the next owner then finds that version and moves the same alias.
+    """
+
+    settings: Settings
+    engine: Engine
+    queue: JobQueue
+    lease: Lease
+    store: ArtifactStore
+    work_dir: Path
+
+    def key(self, name: str) -> str:
+        """Artifact key of this attempt: another epoch never overwrites it."""
+        return f"jobs/{self.lease.job_id}/epoch-{self.lease.epoch}/{name}"
+
+    def write(self, **columns: Any) -> None:
+        if not self.queue.update(self.lease, **columns):
+            raise LeaseLost(self.lease.job_id, self.lease.epoch, self.lease.owner)
+
+    def check(self, action: str) -> None:
+        if not self.queue.check(self.lease):
+            raise LeaseLost(self.lease.job_id, self.lease.epoch, self.lease.owner, action)
+
+    def finish(self, status: RetrainStatus, **columns: Any) -> None:
+        if not self.queue.finish(self.lease, status, **columns):
+            raise LeaseLost(self.lease.job_id, self.lease.epoch, self.lease.owner, "finishing")
+
+    def run(self) -> RetrainStatus:
+        from genmon.retrain.registry import adapter_uri, aliases, get_model, get_version
+
+        self.check("starting")
+        job = get_job(self.engine, self.lease.job_id)
+        plan = Plan.of(job, self.settings)
+        model = get_model(self.engine, job.model_id)
+        serving = aliases(self.engine, job.model_id).get(ModelAlias.CHAMPION.value)
+        serving = serving or model.serving_version
+        serving_adapter = adapter_uri(get_version(self.engine, job.model_id, serving))
+        dataset = self.dataset(job)
+        if not dataset.train:
+            return self.reject_empty(dataset)
+        if job.artifact_uri is None:
+            artifact = self.train(job, plan, model.base_uri, dataset)
+        else:
+            artifact = job.artifact_uri
+            self.write(status=RetrainStatus.EVALUATING, reason="adapter of an earlier attempt")
+        verdict = self.gate(job, plan, model.base_uri, artifact, serving_adapter, dataset)
+        return self.record(job, verdict, artifact, serving, dataset)
+
+    def dataset(self, job: RetrainJob) -> BuiltDataset:
+        """The recorded dataset of an earlier attempt, else a new one, stored and recorded."""
+        from sqlmodel import Session
+
+        from genmon.retrain.dataset import build_dataset, load_examples, read_dataset, write_dataset
+        from genmon.retrain.triggers import examples_since
+
+        if job.dataset_uri is not None:
+            return read_dataset(job.dataset_uri, self.store)
+        mark = job.params.get("examples_since")
+        with Session(self.engine) as session:
+            since = datetime.fromisoformat(mark) if mark else examples_since(session, job.model_id)
+            rows = load_examples(session, job.model_id, since)
+        trigger = {
+            "job_id": job.job_id,
+            "trigger": job.trigger,
+            "trigger_key": job.trigger_key,
+            "incident_id": job.incident_id,
+            "context": job.context,
+        }
+        built = build_dataset(rows, trigger=trigger, redact=redactor(self.settings))
+        self.check("storing the dataset")
+        uri = write_dataset(built, self.store, self.key("dataset"))
+        job.metrics = {**job.metrics, "dataset": built.manifest.get("sizes", {})}
+        self.write(dataset_uri=uri, dataset_hash=built.content_hash, metrics=job.metrics)
+        return built
+
+    def reject_empty(self, dataset: BuiltDataset) -> RetrainStatus:
+        sizes = dataset.manifest.get("sizes", {})
+        reason = (
+            f"insufficient evidence: no training examples ({sizes.get('rows', 0)} labelled "
+            "rows, none with a usable correction); send feedback with corrections first"
+        )
+        verdict = {"decision": "insufficient_evidence", "reasons": [reason], "metrics": sizes}
+        self.finish(RetrainStatus.REJECTED, verdict=verdict, reason=reason)
+        return RetrainStatus.REJECTED
+
+    def train(self, job: RetrainJob, plan: Plan, base_uri: str, dataset: BuiltDataset) -> str:
+        from genmon.retrain.trainer import TrainingParams, load_trainer
+
+        params = TrainingParams.from_dict(plan.params)
+        trainer = load_trainer(plan.trainer)
+        context = FencedContext(self, job.device_seconds)
+        result = trainer.train(base_uri, dataset.train, params, context, self.work_dir / "out")
+        self.check("uploading the adapter")
+        artifact = self.store.put_dir(result.adapter_dir, self.key("adapter"))
+        training = {
+            "trainer": plan.trainer,
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+        }
+        job.metrics = {**job.metrics, "training": training}
+        self.write(
+            status=RetrainStatus.EVALUATING,
+            artifact_uri=artifact,
+            metrics=job.metrics,
+            device_seconds=context.device_seconds(),
+            reason=f"trained {result.steps} steps, final loss {result.final_loss:.4f}",
+        )
+        return artifact
+
+    def gate(
+        self,
+        job: RetrainJob,
+        plan: Plan,
+        base_uri: str,
+        artifact: str,
+        serving_adapter: str | None,
+        dataset: BuiltDataset,
+    ) -> Verdict:
+        from typing import cast
+
+        from genmon.retrain.gate import check_servable, evaluate
+
+        device = self.settings.retrain.device
+        config = plan.gate
+        candidate = cast("CausalLM", LazyLM(base_uri, artifact, device))
+        serving = cast("CausalLM", LazyLM(base_uri, serving_adapter, device))
+        verdict = evaluate(candidate, serving, dataset.eval, config, behaviour_target(job.context))
+        if verdict.decision == "pass":
+            ok, why = check_servable(base_uri, artifact, config.servable_budget_s, device)
+            verdict = verdict.with_servable(ok, why)
+        return verdict
+
+    def record(
+        self,
+        job: RetrainJob,
+        verdict: Verdict,
+        artifact: str,
+        serving: str,
+        dataset: BuiltDataset,
+    ) -> RetrainStatus:
+        summary = f"gate: {verdict.decision}: {'; '.join(verdict.reasons)}"[:4000]
+        if verdict.decision != "pass":
+            self.finish(RetrainStatus.REJECTED, verdict=verdict.to_json(), reason=summary)
+            return RetrainStatus.REJECTED
+        from genmon.retrain.registry import create_version, move_alias
+
+        self.check("recording the version")
+        version = create_version(
+            self.engine,
+            job.model_id,
+            None,
+            artifact,
+            serving,
+            job_id=job.job_id,
+            dataset_hash=dataset.content_hash,
+            incident_ids=[job.incident_id] if job.incident_id else [],
+            metrics=verdict.metrics,
+        )
+        self.check("moving the champion alias")
+        events = move_alias(
+            self.engine,
+            job.model_id,
+            ModelAlias.CHAMPION,
+            version.version,
+            actor=f"retrain-job:{job.job_id}"[:256],
+            reason=f"passed the gate (job {job.job_id})",
+        )
+        self.announce(events)
+        self.finish(
+            RetrainStatus.PROMOTED,
+            candidate_version=version.version,
+            verdict=verdict.to_json(),
+            reason=summary,
+        )
+        return RetrainStatus.PROMOTED
+
+    def announce(self, events: list[Any]) -> None:
+        """Publish the alias moves; a failure is logged (the alias moved regardless, and
+        ``genmon models announce`` publishes the current aliases again)."""
+        if not events:
+            return
+        from genmon.retrain.announce import ModelAnnouncer
+
+        announcer = ModelAnnouncer(self.settings)
+        try:
+            report = announcer.announce(events)
+            for failure in report.failures:
+                log.warning("announcing %s: %s", events[0].model_id, failure)
+        except Exception as exc:  # the version is recorded either way
+            log.warning("announcing %s failed: %s", events[0].model_id, exc)
+        finally:
+            close = getattr(announcer, "close", None)
+            if close is not None:
+                close()
+
+
+def run_job(
+    settings: Settings, engine: Engine, queue: JobQueue, lease: Lease, work_dir: Path
+) -> RetrainStatus:
+    """Run the job ``lease`` holds to its end; :class:`LeaseLost` when the lease goes."""
+    from genmon.retrain.artifacts import ArtifactStore
+
+    store = ArtifactStore(settings.retrain.artifacts_uri)
+    return JobRun(settings, engine, queue, lease, store, work_dir).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genmon.db import make_engine
+    from genmon.retrain.runner import (
+        EXIT_LEASE_LOST,
+        EXIT_RECORDED,
+        PARENT_PID_ENV,
+        configure_logging,
+        die_with_parent,
+    )
+    from genmon.settings import get_settings
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or not args[1].isdigit():
+        print("usage: python -m genmon.retrain.job JOB_ID EPOCH OWNER", file=sys.stderr)
+        return 2
+    parent = os.environ.get(PARENT_PID_ENV)
+    die_with_parent(int(parent) if parent else None)
+    # Ctrl-C in a terminal reaches the whole process group: the worker decides when its
+    # job stops (SIGTERM, then the job is released), not the keyboard.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settings = get_settings()
+    configure_logging(settings, None)
+    lease = Lease(job_id=args[0], owner=args[2], epoch=int(args[1]))
+    engine = make_engine(settings.database.url)
+    queue = JobQueue(engine, lease.owner, settings.retrain.lease_s)
+    try:
+        with tempfile.TemporaryDirectory(prefix="genmon-job-") as work:
+            status = run_job(settings, engine, queue, lease, Path(work))
+        log.info("retrain job %s ended %s", lease.job_id, status.value)
+        return 0
+    except LeaseLost as exc:
+        log.warning("%s", exc)
+        return EXIT_LEASE_LOST
+    except Exception as exc:  # recorded on the job; the worker requeues or fails it
+        log.exception("retrain job %s failed", lease.job_id)
+        try:
+            recorded = queue.fail(lease, f"{type(exc).__name__}: {exc}"[:4000])
+        except Exception:  # the database itself: the worker records what it can
+            recorded = False
+        return EXIT_RECORDED if recorded else 1
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
