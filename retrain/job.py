@@ -248,7 +248,7 @@ class JobRun:
         if not dataset.train:
             return self.reject_empty(dataset)
         if job.artifact_uri is None:
-            artifact = self.train(job, plan, model.base_uri, dataset)
+            artifact = self.train(job, plan, model.base_uri, serving_adapter, dataset)
         else:
             artifact = job.artifact_uri
             self.write(status=RetrainStatus.EVALUATING, reason="adapter of an earlier attempt")
@@ -292,10 +292,18 @@ class JobRun:
         self.finish(RetrainStatus.REJECTED, verdict=verdict, reason=reason)
         return RetrainStatus.REJECTED
 
-    def train(self, job: RetrainJob, plan: Plan, base_uri: str, dataset: BuiltDataset) -> str:
+    def train(
+        self,
+        job: RetrainJob,
+        plan: Plan,
+        base_uri: str,
+        serving_adapter: str | None,
+        dataset: BuiltDataset,
+    ) -> str:
+        """Trains from the serving version's adapter (``init_adapter``) when it has one."""
         from genmon.retrain.trainer import TrainingParams, load_trainer
 
-        params = TrainingParams.from_dict(plan.params)
+        params = TrainingParams.from_dict({"init_adapter": serving_adapter, **plan.params})
         trainer = load_trainer(plan.trainer)
         context = FencedContext(self, job.device_seconds)
         result = trainer.train(base_uri, dataset.train, params, context, self.work_dir / "out")

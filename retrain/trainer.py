@@ -37,6 +37,7 @@ from genmon.retrain.lm import (
     dtype_for,
     encode_example,
     fingerprint_weights,
+    local_adapter,
     pad_right,
     per_example_nll,
     pick_device,
@@ -68,6 +69,10 @@ class TrainingParams:
     checkpoint_every: int = 10
     seed: int = 0
     device: str = "auto"
+    init_adapter: str | None = None
+    """Start from this adapter instead of fresh LoRA weights. genmon sets it to the serving
+    version's adapter, so a new version keeps what the one it replaces learned (its
+    dataset holds only the examples since that one's job)."""
 
     def __post_init__(self) -> None:
         problems = [
@@ -106,6 +111,8 @@ def _coerce(name: str, value: Any) -> Any:
     """A YAML value as its field's type: PyYAML reads ``1e-3`` as a string, and a policy
     should not fail on that."""
     default = next(f.default for f in fields(TrainingParams) if f.name == name)
+    if name == "init_adapter" and (value is None or isinstance(value, str)):
+        return value
     if name == "target_modules":
         if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value
@@ -122,7 +129,8 @@ def _coerce(name: str, value: Any) -> Any:
             return number
         if isinstance(default, int) and number.is_integer():
             return int(number)
-    kind = "a list of module names" if name == "target_modules" else type(default).__name__
+    kinds = {"target_modules": "a list of module names", "init_adapter": "an adapter URI"}
+    kind = kinds.get(name, type(default).__name__)
     raise ConfigurationError(f"training param {name}: {value!r} is not {kind}")
 
 
@@ -300,9 +308,10 @@ class LoraTrainer:
 
 
 def _peft_model(base_uri: str, params: TrainingParams, device: str) -> tuple[Any, Any]:
-    """The base with fresh LoRA weights (drawn from the seed), ready to train."""
+    """The base with fresh LoRA weights (drawn from the seed), or with ``init_adapter``'s,
+    ready to train."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
@@ -312,6 +321,12 @@ def _peft_model(base_uri: str, params: TrainingParams, device: str) -> tuple[Any
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype_for(device))
     torch.manual_seed(params.seed)
+    if params.init_adapter is not None:
+        adapter = local_adapter(params.init_adapter)
+        tuned = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        tuned.to(device)
+        tuned.train()
+        return tuned, tokenizer
     config = LoraConfig(
         r=params.lora_r,
         lora_alpha=params.lora_alpha,

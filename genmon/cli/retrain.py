@@ -123,6 +123,19 @@ def retrain_approve(job_id: str, actor: str | None, reason: str, url: str | None
     click.echo(f"{job.job_id}: {job.status.value}")
 
 
+@retrain.command("cancel")
+@click.argument("job_id")
+@click.option("--by", "actor", default=None, help="Who cancels; default: your user name.")
+@click.option("--reason", default="", help="Why; kept in the audit trail.")
+@database_option
+def retrain_cancel(job_id: str, actor: str | None, reason: str, url: str | None) -> None:
+    """Cancel a job that has not ended; a running one's worker stops its training."""
+    from genmon.retrain.queue import cancel
+
+    was = cancel(engine_for(url), job_id, actor or current_user(), reason)
+    click.echo(f"{job_id}: cancelled (was {was.value})")
+
+
 @retrain.command("list")
 @click.option("--model", default=None, help="Only this model id.")
 @click.option(

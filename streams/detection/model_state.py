@@ -50,8 +50,8 @@ def series_key(signal: str, detector: str, version: str, segment: str) -> str:
 def sibling_key(skey: str) -> tuple[str, str]:
     """``(signal, detector and segment; version)`` of a series key: series of one signal,
     detector and segment on different versions are siblings."""
-    signal, detector, version, segment = skey.split("\x1f")
-    return f"{signal}\x1f{detector}\x1f{segment}", version
+    *series, version, segment = skey.split("\x1f")  # embedding keys have no detector part
+    return "\x1f".join([*series, segment]), version
 
 
 def mark_fired(state: dict[str, Any], skey: str, end_ms: int, keep_ms: int) -> None:

@@ -175,7 +175,7 @@ def test_every_command_the_images_run_exists_in_the_cli(
 def test_the_parser_check_refuses_what_the_cli_would() -> None:
     with pytest.raises(AssertionError, match="no command 'api'"):
         _parse(["genmon", "api"])
-    with pytest.raises(AssertionError, match="no command 'retrain'"):
+    with pytest.raises(AssertionError, match="no command 'worker'"):
         _parse(["genmon", "retrain", "worker"])
     with pytest.raises(click.UsageError):
         _parse(["genmon", "worker", "--role", "nope"])

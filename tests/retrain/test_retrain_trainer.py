@@ -261,3 +261,24 @@ def test_a_checkpoint_resumes_only_the_run_it_belongs_to(
         LoraTrainer().train(str(tiny_lm_path), fine_tuned.examples, params, other, tmp_path / "b")
     assert [r[0] for r in other.reports] == [1, 2]
     assert "other params or data" in caplog.text
+
+
+def test_training_from_the_serving_adapter_keeps_what_it_learned(
+    fine_tuned: Run, tiny_lm_path: Path, tmp_path: Path
+) -> None:
+    # With learning rate 0 the new adapter is exactly the one it started from, not the base.
+    params = TrainingParams(
+        learning_rate=0.0,
+        max_steps=2,
+        checkpoint_every=0,
+        init_adapter=str(fine_tuned.result.adapter_dir),
+    )
+    held = fine_tuned.held_out[:8]
+    result = LoraTrainer().train(str(tiny_lm_path), held, params, NullContext(), tmp_path)
+    continued = load_lm(str(tiny_lm_path), str(result.adapter_dir), device="cpu")
+    started = load_lm(str(tiny_lm_path), str(fine_tuned.result.adapter_dir), device="cpu")
+    base = load_lm(str(tiny_lm_path), device="cpu")
+    prompts, completions = [e.prompt for e in held], [e.completion for e in held]
+    ours = continued.completion_nll(prompts, completions)
+    np.testing.assert_allclose(ours, started.completion_nll(prompts, completions), atol=1e-6)
+    assert ours.mean() < base.completion_nll(prompts, completions).mean() - 0.1

@@ -252,7 +252,7 @@ def test_the_volume_trigger_fires_once_per_mark(engine: Engine) -> None:
     assert [d.trigger_key for d in explain(engine, "bot")] == ["volume:bot:2", "volume:bot:1"]
 
 
-def test_the_cli_requests_approves_lists_shows_and_explains(
+def test_the_cli_requests_approves_lists_shows_explains_and_cancels(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "policy.yaml"
@@ -279,5 +279,9 @@ def test_the_cli_requests_approves_lists_shows_and_explains(
         assert "retrain job" in shown and "pending_approval -> queued" in shown
         why = run("why", "bot")
         assert "enqueued" in why and "approved by alice" in why
+        assert run("cancel", job_id, "--by", "bob").strip() == f"{job_id}: cancelled (was queued)"
+        assert "queued -> cancelled" in run("show", job_id)
+        ended = runner.invoke(retrain, ["cancel", job_id, "--url", url])
+        assert ended.exit_code == 1 and "nothing to cancel" in str(ended.exception)
     finally:
         get_settings.cache_clear()
