@@ -168,7 +168,6 @@ class LoopSetup:
 
     env: dict[str, str]
     base_path: Path
-    policy_path: Path
 
 
 def prepare(work: Path, data_dir: Path, say: Callable[[str], None]) -> LoopSetup:
@@ -200,7 +199,7 @@ def prepare(work: Path, data_dir: Path, say: Callable[[str], None]) -> LoopSetup
         "GENMON_RETRAIN__POLL_INTERVAL_S": "1",
         "GENMON_RETRAIN__VOLUME_CHECK_INTERVAL_S": "2",
     }
-    return LoopSetup(env=env, base_path=base_path, policy_path=policy_path)
+    return LoopSetup(env=env, base_path=base_path)
 
 
 def _signals_off() -> list[str]:
@@ -499,3 +498,7 @@ def report(lineage: Lineage, say: Callable[[str], None]) -> None:
         f"(model announcements to on-call: {lineage.announcements})"
     )
     click.echo(f"    refusals  {lineage.refusals}")
+    steps = ", ".join(
+        f"{name[:-2].replace('_', ' ')} {at:.0f} s" for name, at in lineage.timings.items()
+    )
+    click.echo(f"    timeline  {steps} (from the first request)")
