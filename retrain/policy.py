@@ -66,7 +66,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 
 from genmon.detectors import REGISTRY
 from genmon.detectors.calibration.catalog import SIGNALS
-from genmon.detectors.calibration.plan import Loc, PlanErrors
+from genmon.detectors.calibration.plan import Loc, PlanErrors, compose_yaml
 from genmon.exceptions import ConfigurationError
 from genmon.retrain.exceptions import PolicyError
 from genmon.retrain.gate import BEHAVIOUR_SIGNALS, SCORED_METRICS, GateConfig
@@ -336,17 +336,7 @@ def parse_policy(text: str, display: str) -> RetrainPolicy:
 
 def _read_yaml(text: str, display: str) -> tuple[yaml.Node | None, Any]:
     problems = _Problems(display, None)
-    root = data = None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problems.lines.append(f"{display}:{line}: YAML syntax: {exc.problem or exc}")
-    except yaml.YAMLError as exc:
-        problems.lines.append(f"{display}:1: YAML syntax: {exc}")
-    problems.raise_if_any()
+    root, data = compose_yaml(text, display, problems)
     if data is None:
         data = {}  # an empty file: every default
     elif not isinstance(data, dict):

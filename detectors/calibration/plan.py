@@ -217,8 +217,9 @@ def parse_plan(text: str, display: str, settings: Settings) -> DetectorPlan:
     return plan
 
 
-def _read_yaml(text: str, display: str) -> tuple[yaml.Node | None, Any]:
-    errors = PlanErrors(display, None)
+def compose_yaml(text: str, display: str, errors: PlanErrors) -> tuple[yaml.Node | None, Any]:
+    """``(node tree, data)`` of a YAML file; a syntax error is raised through ``errors`` as
+    ``file:line: YAML syntax: ...`` (the node tree gives every later problem its line)."""
     root = data = None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -230,6 +231,12 @@ def _read_yaml(text: str, display: str) -> tuple[yaml.Node | None, Any]:
     except yaml.YAMLError as exc:
         errors.lines.append(f"{display}:1: YAML syntax: {exc}")
     errors.raise_if_any()
+    return root, data
+
+
+def _read_yaml(text: str, display: str) -> tuple[yaml.Node | None, Any]:
+    errors = PlanErrors(display, None)
+    root, data = compose_yaml(text, display, errors)
     if data is None:
         errors.lines.append(f"{display}:1: (file): the plan is empty; it needs `models:`")
     duplicate = _duplicate_key(root)
