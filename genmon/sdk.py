@@ -49,16 +49,16 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar, overload
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from genmon.exceptions import ConfigurationError, SchemaError
-from genmon.follow import ModelFollower, OnChange, followed_fields
+from genmon.follow import ROLLOUT, ModelFollower, OnChange, RolloutFollower, followed_fields
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
-from genmon.schemas.events import FeedbackEvent, InferenceEvent
+from genmon.schemas.events import FeedbackEvent, InferenceEvent, ModelAlias
 from genmon.settings import Settings, get_settings
 
 __all__ = ["Monitor", "MonitorStats"]
@@ -199,7 +199,7 @@ class Monitor:
         self._closed = False
         self._producer: KafkaProducer | None = None
         #: model id -> the follower whose version log_inference fills in (Monitor.follow).
-        self._followers: dict[str, ModelFollower] = {}
+        self._followers: dict[str, ModelFollower | RolloutFollower] = {}
         self._warn_dropped = _RateLimitedLog()
         self._warn_invalid = _RateLimitedLog()
         self._warn_broker = _RateLimitedLog()
@@ -223,22 +223,53 @@ class Monitor:
         fields = followed_fields(self._followers, event, fields)
         return self._log("inference", InferenceEvent, event, fields, ("prompt", "response"))
 
+    @overload
+    def follow(
+        self, model_id: str, alias: Literal["rollout"], on_change: OnChange | None = None
+    ) -> RolloutFollower: ...
+
+    @overload
+    def follow(
+        self,
+        model_id: str,
+        alias: Literal["champion", "challenger", "previous"] | ModelAlias = ...,
+        on_change: OnChange | None = None,
+    ) -> ModelFollower: ...
+
+    @overload
+    def follow(
+        self, model_id: str, alias: str, on_change: OnChange | None = None
+    ) -> ModelFollower | RolloutFollower: ...
+
     def follow(
         self, model_id: str, alias: str = "champion", on_change: OnChange | None = None
-    ) -> ModelFollower:
+    ) -> ModelFollower | RolloutFollower:
         """Follow ``alias`` of ``model_id`` on ``<prefix>.models`` (see :mod:`genmon.follow`);
         inferences of that model logged without ``model_version`` then carry its version.
 
         ``on_change(event)`` runs on each version change (load the new weights there).
         Following the same model again replaces the earlier follower; :meth:`close` stops it.
+
+        ``alias="rollout"`` follows the champion and the challenger (a
+        :class:`~genmon.follow.RolloutFollower`) so that the service can split traffic the
+        way the registry asks. Route with it and log with the same request id::
+
+            split = monitor.follow("chat", alias="rollout", on_change=load_weights)
+            version = split.version_for(request_id)          # champion or challenger
+            ...                                              # serve with that version
+            monitor.log_inference(model_id="chat", request_id=request_id, ...)
+
+        The inference then carries ``model_version=version``. One logged without a
+        ``request_id`` gets a fresh one and the version that id maps to, which is not the
+        version that served when the service routed by another key (a warning says so): pass
+        the key you routed with, or ``model_version``.
         """
-        follower = ModelFollower(
-            self._settings,
-            model_id,
-            alias,
-            on_change,
-            bootstrap_servers=self._producer_config["bootstrap_servers"],
-        )
+        options = {"bootstrap_servers": self._producer_config["bootstrap_servers"]}
+        follower: ModelFollower | RolloutFollower
+        if alias == ROLLOUT:
+            follower = RolloutFollower(self._settings, model_id, on_change, **options)
+        else:
+            follower = ModelFollower(self._settings, model_id, alias, on_change, **options)
         with self._lock:
             replaced = self._followers.get(model_id)
             self._followers = {**self._followers, model_id: follower}

@@ -14,7 +14,9 @@
         └── RegistryError             a registry operation that cannot be done as asked
             ├── ModelNotRegisteredError
             ├── VersionNotFoundError
-            └── AliasConflictError    another alias move won a race; running again is safe
+            ├── AliasConflictError    another alias move won a race; running again is safe
+            └── RolloutError          a rollout that cannot start, or is no longer watching
+                └── RolloutNotFound   no rollout with that id
 
 A worker that meets :class:`LeaseLost` stops at once and writes nothing more: the job is
 someone else's now (or was cancelled), and every write it could still make would be
@@ -97,6 +99,21 @@ class AliasConflictError(RegistryError):
     """Another move of the same model's aliases won a race; running again is safe."""
 
 
+class RolloutError(RegistryError):
+    """A rollout that cannot start as asked (the champion, a rolled-back version, another
+    one watching) or a decision on a rollout that is not watching any more."""
+
+
+class RolloutNotFound(RolloutError, LookupError):
+    """No rollout has this id."""
+
+    def __init__(self, rollout_id: str) -> None:
+        super().__init__(
+            f"no rollout {rollout_id!r}; `genmon models rollouts --all` lists the rollouts"
+        )
+        self.rollout_id = rollout_id
+
+
 class TrainerNotFound(RetrainError, ConfigurationError):
     """A trainer name that no entry point or import path provides."""
 
@@ -114,6 +131,8 @@ __all__ = [
     "PolicyError",
     "RegistryError",
     "RetrainError",
+    "RolloutError",
+    "RolloutNotFound",
     "TrainerNotFound",
     "VersionNotFoundError",
 ]

@@ -15,9 +15,16 @@ lease ``(EPOCH, OWNER)``. The job goes
    serving version (base + champion adapter) on the held-out split, with the behaviour
    check aimed at the incident's signal and segment (:func:`genmon.retrain.gate.evaluate`),
    then the servable check;
-4. **registry** -- on ``pass`` a version with its lineage, the alias moved (champion: no
-   rollout exists yet, "Safe rollout" adds the challenger stage) and announced; the job
-   ends ``promoted``. Otherwise it ends ``rejected`` with the verdict and its reasons.
+4. **registry** -- on ``pass`` a version with its lineage, then, as the policy's
+   ``rollout.mode`` says: ``canary`` (with a champion to compare with) starts a rollout,
+   the version the challenger on the policy's share of traffic
+   (:func:`genmon.retrain.rollout.start_rollout`, replacing an older challenger's watch);
+   ``direct`` makes it the champion. The move is announced and the job ends ``promoted``.
+   Otherwise it ends ``rejected`` with the verdict and its reasons.
+
+A job always starts from the champion (its adapter, and the gate's comparison): never from
+the challenger on trial, nor from a version rolled back (a rollback moves the champion off
+it, so the job queued on it starts from the version that took its place).
 
 Every write is fenced on the lease (:class:`genmon.retrain.queue.JobQueue`). The first one
 refused raises :class:`~genmon.retrain.exceptions.LeaseLost` and the process exits at once
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
     from genmon.retrain.dataset import BuiltDataset
     from genmon.retrain.gate import BehaviourTarget, GateConfig, Verdict
     from genmon.retrain.lm import CausalLM
+    from genmon.retrain.policy import RolloutPolicy
+    from genmon.schemas.events import ModelEvent
 
 log = logging.getLogger("genmon.retrain.job")
 
@@ -169,6 +178,17 @@ def behaviour_target(context: dict[str, Any]) -> BehaviourTarget | None:
     return BehaviourTarget(SIGNAL_ALIASES.get(signal_name, signal_name), segment)
 
 
+def starting_point(engine: Engine, model_id: str) -> tuple[str, str | None]:
+    """``(version, adapter)`` a job tunes from and is gated against: the champion now,
+    whatever the job was queued on. Never the challenger on trial (it serves a share at
+    most) nor a version rolled back (a rollback moves the champion off it)."""
+    from genmon.retrain.registry import adapter_uri, aliases, get_model, get_version
+
+    champion = aliases(engine, model_id).get(ModelAlias.CHAMPION.value)
+    version = champion or get_model(engine, model_id).serving_version
+    return version, adapter_uri(get_version(engine, model_id, version))
+
+
 # --- the job --------------------------------------------------------------------------------
 
 
@@ -181,24 +201,30 @@ class Plan:
     trainer: str
     params: dict[str, Any]
     gate: GateConfig
+    rollout: RolloutPolicy
 
     @classmethod
     def of(cls, job: RetrainJob, settings: Settings) -> Plan:
         from genmon.retrain.gate import GateConfig
-        from genmon.retrain.policy import load_policy
+        from genmon.retrain.policy import RolloutPolicy, load_policy
 
         kept = job.params
-        if not {"trainer", "training", "gate"} <= set(kept):
+        if not {"trainer", "training", "gate", "rollout"} <= set(kept):
             policy = load_policy(settings.retrain.policy_file).for_model(job.model_id)
-            kept = {
+            current = {
                 "trainer": policy.training.trainer,
                 "training": policy.training.params,
                 "gate": policy.gate.model_dump(mode="json"),
+                "rollout": policy.rollout.model_dump(mode="json"),
             }
+            # A job queued before rollouts existed kept how it trains, not how it ships.
+            training = ("trainer", "training", "gate")
+            kept = {**current, **(kept if set(training) <= set(kept) else {})}
         params = dict(kept["training"])
         if settings.retrain.device != "auto":  # the machine's, not the policy's, to say
             params["device"] = settings.retrain.device
-        return cls(str(kept["trainer"]), params, GateConfig.from_dict(kept["gate"]))
+        gate, rollout = GateConfig.from_dict(kept["gate"]), kept["rollout"]
+        return cls(str(kept["trainer"]), params, gate, RolloutPolicy.model_validate(rollout))
 
 
 @dataclass
@@ -235,15 +261,13 @@ class JobRun:
             raise LeaseLost(self.lease.job_id, self.lease.epoch, self.lease.owner, "finishing")
 
     def run(self) -> RetrainStatus:
-        from genmon.retrain.registry import adapter_uri, aliases, get_model, get_version
+        from genmon.retrain.registry import get_model
 
         self.check("starting")
         job = get_job(self.engine, self.lease.job_id)
         plan = Plan.of(job, self.settings)
         model = get_model(self.engine, job.model_id)
-        serving = aliases(self.engine, job.model_id).get(ModelAlias.CHAMPION.value)
-        serving = serving or model.serving_version
-        serving_adapter = adapter_uri(get_version(self.engine, job.model_id, serving))
+        serving, serving_adapter = starting_point(self.engine, job.model_id)
         dataset = self.dataset(job)
         if not dataset.train:
             return self.reject_empty(dataset)
@@ -253,7 +277,7 @@ class JobRun:
             artifact = job.artifact_uri
             self.write(status=RetrainStatus.EVALUATING, reason="adapter of an earlier attempt")
         verdict = self.gate(job, plan, model.base_uri, artifact, serving_adapter, dataset)
-        return self.record(job, verdict, artifact, serving, dataset)
+        return self.record(job, verdict, artifact, serving, dataset, plan.rollout)
 
     def dataset(self, job: RetrainJob) -> BuiltDataset:
         """The recorded dataset of an earlier attempt, else a new one, stored and recorded."""
@@ -354,12 +378,13 @@ class JobRun:
         artifact: str,
         serving: str,
         dataset: BuiltDataset,
+        rollout: RolloutPolicy,
     ) -> RetrainStatus:
         summary = f"gate: {verdict.decision}: {'; '.join(verdict.reasons)}"[:4000]
         if verdict.decision != "pass":
             self.finish(RetrainStatus.REJECTED, verdict=verdict.to_json(), reason=summary)
             return RetrainStatus.REJECTED
-        from genmon.retrain.registry import create_version, move_alias
+        from genmon.retrain.registry import create_version
 
         self.check("recording the version")
         version = create_version(
@@ -373,23 +398,45 @@ class JobRun:
             incident_ids=[job.incident_id] if job.incident_id else [],
             metrics=verdict.metrics,
         )
-        self.check("moving the champion alias")
-        events = move_alias(
-            self.engine,
-            job.model_id,
-            ModelAlias.CHAMPION,
-            version.version,
-            actor=f"retrain-job:{job.job_id}"[:256],
-            reason=f"passed the gate (job {job.job_id})",
-        )
+        self.check("moving the alias")
+        events, released = self.release(job, version.version, rollout)
         self.announce(events)
         self.finish(
             RetrainStatus.PROMOTED,
             candidate_version=version.version,
             verdict=verdict.to_json(),
-            reason=summary,
+            reason=f"{released}; {summary}"[:4000],
         )
         return RetrainStatus.PROMOTED
+
+    def release(
+        self, job: RetrainJob, version: str, rollout: RolloutPolicy
+    ) -> tuple[list[ModelEvent], str]:
+        """The version on its way to traffic, as ``rollout.mode`` says; the alias events
+        and what happened, for the job's reason. A model without a champion has nothing to
+        watch the version against: it becomes the champion whatever the mode."""
+        from genmon.retrain.registry import aliases, move_alias
+        from genmon.retrain.rollout import share_text, start_rollout
+
+        actor = f"retrain-job:{job.job_id}"[:256]
+        reason = f"passed the gate (job {job.job_id})"
+        champion = aliases(self.engine, job.model_id).get(ModelAlias.CHAMPION.value)
+        if rollout.mode == "canary" and champion is not None and champion != version:
+            started, events = start_rollout(
+                self.engine,
+                job.model_id,
+                version,
+                rollout.share,
+                actor=actor,
+                reason=reason,
+                job_id=job.job_id,
+                replace=True,
+            )
+            share = share_text(started.share)
+            return events, f"challenger on {share} of traffic (rollout {started.rollout_id})"
+        events = move_alias(self.engine, job.model_id, ModelAlias.CHAMPION, version, actor, reason)
+        why = "rollout.mode direct" if rollout.mode == "direct" else "no champion to watch against"
+        return events, f"champion ({why})"
 
     def announce(self, events: list[Any]) -> None:
         """Publish the alias moves; a failure is logged (the alias moved regardless, and

@@ -26,6 +26,15 @@ The file (YAML)::
       max_attempts: 3                  # claims of a job before it ends failed
     training: {trainer: lora, params: {max_steps: 60}}
     gate: {thresholds: [...], min_eval_examples: 20}   # genmon.retrain.gate.GateConfig
+    rollout:                           # how a version that passed the gate reaches traffic
+      mode: canary                     # canary: challenger on a share, watched | direct: champion
+      share: 0.10                      # the challenger's share of traffic (0 < share < 1)
+      alpha: 0.05                      # false rollbacks allowed per rollout (the whole family)
+      power: 0.8                       # chance to catch a regression of min_regression
+      min_regression: {negative_feedback: 0.05}   # per watch signal; absolute rate increases
+      min_segment_share: 0.25          # segments this big must be watched to their plan too
+      max_watch_s: 86400               # the longest watch; then the rollout is inconclusive
+      on_regression: rollback          # rollback: by itself | page: a person decides
     models:                            # per-model overrides, by glob on the model id
       - match: "support-*"
         guards: {require_approval: true}
@@ -40,7 +49,8 @@ seen a handful of times; a model with no usable example at all is refused too.
 **Overrides.** Every ``models`` block whose ``match`` fits the model id applies, the least
 specific first (as in the detector plan: an exact id is the most specific, then globs with
 more literal characters; at equal specificity later in the file wins). A block replaces the
-fields it gives (``triggers.incidents`` as a whole list); ``training.params`` are merged.
+fields it gives (``triggers.incidents`` as a whole list); ``training.params`` and
+``rollout.min_regression`` are merged (a signal not named keeps the default).
 ``max_running`` and ``daily_device_hours`` limit the whole queue, so only the top level sets
 them.
 
@@ -67,6 +77,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from genmon.detectors import REGISTRY
 from genmon.detectors.calibration.catalog import SIGNALS
 from genmon.detectors.calibration.plan import Loc, PlanErrors, compose_yaml
+from genmon.detectors.rollout import DEFAULT_MIN_REGRESSION, WATCH_SIGNALS
 from genmon.exceptions import ConfigurationError
 from genmon.retrain.exceptions import PolicyError
 from genmon.retrain.gate import BEHAVIOUR_SIGNALS, SCORED_METRICS, GateConfig
@@ -195,12 +206,46 @@ class Gate(_Strict):
     servable_budget_s: float = Field(30.0, gt=0)
 
 
+Rate = Annotated[float, Field(gt=0, lt=1)]
+
+
+class RolloutPolicy(_Strict):
+    """How a version that passed the gate reaches traffic (:mod:`genmon.retrain.rollout`).
+
+    ``canary``: it becomes the challenger on ``share`` of traffic, watched against the
+    champion; ``direct``: it becomes the champion at once (the gate's word is enough).
+    The watch is sized so that a regression of ``min_regression`` (per signal) is caught
+    with probability ``power``, with at most ``alpha`` chance of rolling back an equal
+    version. ``on_regression``: ``rollback`` by itself, or ``page`` (the incident opens, a
+    person decides)."""
+
+    mode: Literal["canary", "direct"] = "canary"
+    share: float = Field(0.10, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+    power: float = Field(0.80, gt=0, lt=1)
+    min_regression: dict[Literal[WATCH_SIGNALS], Rate] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: dict(DEFAULT_MIN_REGRESSION)
+    )
+    min_segment_share: float = Field(0.25, gt=0, le=1)
+    max_watch_s: float = Field(86_400.0, gt=0)
+    on_regression: Literal["rollback", "page"] = "rollback"
+
+    def over(self, block: RolloutPolicy | None) -> RolloutPolicy:
+        """This section with ``block``'s fields on top; ``min_regression`` is merged."""
+        if block is None:
+            return self
+        given = block.min_regression if "min_regression" in block.model_fields_set else {}
+        merged = {**self.min_regression, **given}
+        return _overlay(self, block).model_copy(update={"min_regression": merged})
+
+
 class ModelOverride(_Strict):
     match: str = Field(min_length=1)
     triggers: Triggers | None = None
     guards: Guards | None = None
     training: Training | None = None
     gate: Gate | None = None
+    rollout: RolloutPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +258,7 @@ class ModelPolicy:
     training: Training
     gate: Gate
     source: str  # "policy.yaml" plus the override blocks that applied, for reasons
+    rollout: RolloutPolicy = dataclasses.field(default_factory=RolloutPolicy)
 
     def gate_config(self) -> GateConfig:
         """The gate section as :class:`~genmon.retrain.gate.GateConfig`."""
@@ -244,6 +290,7 @@ class RetrainPolicy(_Strict):
     guards: Guards = Field(default_factory=Guards)
     training: Training = Field(default_factory=Training)
     gate: Gate = Field(default_factory=Gate)
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     models: list[ModelOverride] = Field(default_factory=list)
     _source: str = PrivateAttr(f"genmon:{DEFAULT_NAME}")
 
@@ -254,6 +301,7 @@ class RetrainPolicy(_Strict):
     def for_model(self, model_id: str) -> ModelPolicy:
         """The top level, then each fitting override, least specific first."""
         triggers, guards, training, gate = self.triggers, self.guards, self.training, self.gate
+        rollout = RolloutPolicy().over(self.rollout)  # signals the file leaves out: defaults
         applied: list[str] = []
         order = sorted(range(len(self.models)), key=lambda i: (_specificity(self.models[i]), i))
         for i in order:
@@ -264,11 +312,12 @@ class RetrainPolicy(_Strict):
             triggers = _overlay(triggers, block.triggers)
             guards = _overlay(guards, block.guards)
             gate = _overlay(gate, block.gate)
+            rollout = rollout.over(block.rollout)
             if block.training is not None:
                 params = {**training.params, **block.training.params}
                 training = _overlay(training, block.training).model_copy(update={"params": params})
         source = self.source + (f" with {', '.join(applied)}" if applied else "")
-        return ModelPolicy(model_id, triggers, guards, training, gate, source)
+        return ModelPolicy(model_id, triggers, guards, training, gate, source, rollout)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -323,7 +372,7 @@ def parse_policy(text: str, display: str) -> RetrainPolicy:
         policy = RetrainPolicy.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            loc = tuple(error["loc"])
+            loc = tuple(part for part in error["loc"] if part != "[key]")  # a mapping's key
             problems.add(loc, _problem(error, loc))
         problems.raise_if_any()
         raise AssertionError("unreachable") from exc
@@ -516,6 +565,7 @@ __all__ = [
     "ModelOverride",
     "ModelPolicy",
     "RetrainPolicy",
+    "RolloutPolicy",
     "Threshold",
     "Training",
     "Triggers",

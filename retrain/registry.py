@@ -13,7 +13,12 @@ Each move is **one transaction** that also keeps ``model_version.status`` in ste
   impossible) and the model's ``serving_version``; a challenger that was V is unset;
 - rollback: champion goes back to ``previous``; the version rolled back is
   ``rolled_back`` (and so is the job that produced it);
-- challenger -> V or unset: statuses do not change (a challenger serves no traffic yet).
+- challenger -> V or unset: statuses do not change (a challenger serves at most a share of
+  traffic, under a rollout: :mod:`genmon.retrain.rollout`).
+
+A watching rollout ends with any move that breaks its comparison, in the same transaction:
+promoting its challenger by hand confirms it; another champion, or another challenger,
+cancels it (and a new champion also unsets the challenger, so serving stops splitting).
 
 Every move returns the :class:`~genmon.schemas.events.ModelEvent` s it made, one per alias
 changed, for :class:`genmon.retrain.announce.ModelAnnouncer` to publish *after* the commit.
@@ -41,9 +46,9 @@ from genmon.retrain.exceptions import (
     RegistryError,
     VersionNotFoundError,
 )
-from genmon.schemas.events import ModelAlias, ModelEvent, RetrainStatus, utcnow
-from genmon.schemas.retrain import ModelAliasRow, RegisteredModel, RetrainJobAudit
-from genmon.schemas.tables import ModelVersion, ModelVersionStatus, RetrainJob
+from genmon.schemas.events import ModelAlias, ModelEvent, RetrainStatus, RolloutStatus, utcnow
+from genmon.schemas.retrain import ModelAliasRow, RegisteredModel, RetrainJobAudit, Rollout
+from genmon.schemas.tables import MAX_REASON_CHARS, ModelVersion, ModelVersionStatus, RetrainJob
 
 __all__ = [
     "AliasConflictError",
@@ -121,13 +126,20 @@ def next_version_name(engine: Engine, model_id: str) -> str:
 
 def current_events(engine: Engine, model_id: str, actor: str = "genmon") -> list[ModelEvent]:
     """An ``announced`` event for each alias set now: what a re-announcement publishes
-    when an earlier announcement was lost (followers take it as the current state)."""
+    when an earlier announcement was lost (followers take it as the current state). The
+    challenger of a watching rollout carries its share of traffic again."""
     with session_scope(engine) as session:
         _model(session, model_id)
-        return [
-            _event(session, model_id, alias, version, None, "announced", actor, "")
-            for alias, version in _aliases(session, model_id).items()
-        ]
+        watching = _watching(session, model_id)
+        events = []
+        for alias, version in _aliases(session, model_id).items():
+            share = None
+            if watching is not None and (alias, version) == ("challenger", watching.challenger):
+                share = watching.share
+            events.append(
+                _event(session, model_id, alias, version, None, "announced", actor, "", share)
+            )
+        return events
 
 
 # --- registering and recording versions ----------------------------------------------
@@ -302,6 +314,10 @@ def move_alias(
                 )
         action = "unset" if version is None else name.value
         event = _set_alias(session, model_id, name, version, actor, reason, action)
+        watching = _watching(session, model_id) if event is not None else None
+        if name is ModelAlias.CHALLENGER and watching is not None:
+            said = f"challenger moved to {version or 'nothing'} by hand by {actor}"
+            _decide(session, watching, RolloutStatus.CANCELLED, actor, reason or said)
         return [event] if event is not None else []
 
 
@@ -427,7 +443,53 @@ def _move_champion(
         events.append(
             _set_alias(session, model_id, ModelAlias.CHALLENGER, None, actor, reason, action)
         )
+    events += _settle_watching(session, model_id, version, actor, reason, action)
     return [event for event in events if event is not None]
+
+
+def _settle_watching(
+    session: Session, model_id: str, champion: str, actor: str, reason: str, action: str
+) -> list[ModelEvent | None]:
+    """A champion moved outside the watch ends a watching rollout: its challenger promoted
+    by hand confirms it (a person decided); any other champion cancels it, since the
+    comparison no longer holds, and unsets the challenger so serving stops splitting."""
+    watching = _watching(session, model_id)
+    if watching is None:
+        return []
+    said = f"{champion} made champion ({action}) by {actor}" + (f": {reason}" if reason else "")
+    if watching.challenger == champion:
+        _decide(session, watching, RolloutStatus.CONFIRMED, actor, said)
+        return []
+    _decide(session, watching, RolloutStatus.CANCELLED, actor, said)
+    if _aliases(session, model_id).get(ModelAlias.CHALLENGER.value) != watching.challenger:
+        return []
+    return [_set_alias(session, model_id, ModelAlias.CHALLENGER, None, actor, said, "cancelled")]
+
+
+def _watching(session: Session, model_id: str) -> Rollout | None:
+    """The model's watching rollout (the partial unique index allows one)."""
+    query = select(Rollout).where(
+        Rollout.model_id == model_id, Rollout.status == RolloutStatus.WATCHING
+    )
+    return session.exec(query).first()
+
+
+def _decide(
+    session: Session,
+    rollout: Rollout,
+    status: RolloutStatus,
+    actor: str,
+    reason: str,
+    result: dict[str, Any] | None = None,
+) -> None:
+    """Record the decision on ``rollout`` (the alias moves are the caller's, in the same
+    transaction)."""
+    rollout.status, rollout.decided_at, rollout.decided_by = status, utcnow(), actor
+    rollout.reason = reason[:MAX_REASON_CHARS]
+    if result is not None:
+        rollout.result = dict(result)
+    session.add(rollout)
+    session.flush()
 
 
 def _set_alias(
@@ -438,8 +500,10 @@ def _set_alias(
     actor: str,
     reason: str,
     action: str,
+    traffic_share: float | None = None,
 ) -> ModelEvent | None:
-    """Point one alias (``None``: delete it); its event, or ``None`` when nothing changed."""
+    """Point one alias (``None``: delete it); its event, or ``None`` when nothing changed.
+    ``traffic_share``: the challenger's share of traffic, for serving to split on."""
     row = session.get(ModelAliasRow, (model_id, alias.value))
     before = row.version if row is not None else None
     if before == version:
@@ -454,7 +518,9 @@ def _set_alias(
         row.version, row.updated_at, row.updated_by = version, utcnow(), actor
         session.add(row)
     session.flush()
-    return _event(session, model_id, alias.value, version, before, action, actor, reason)
+    return _event(
+        session, model_id, alias.value, version, before, action, actor, reason, traffic_share
+    )
 
 
 def _event(
@@ -466,6 +532,7 @@ def _event(
     action: str,
     actor: str,
     reason: str,
+    traffic_share: float | None = None,
 ) -> ModelEvent:
     row = session.exec(_version_query(model_id, version)).first() if version else None
     return ModelEvent(
@@ -477,6 +544,7 @@ def _event(
         base_uri=row.base_uri if row is not None else None,
         action=action,
         reason=reason[:1024],
+        traffic_share=traffic_share,
         actor=actor,
     )
 

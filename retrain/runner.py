@@ -353,6 +353,15 @@ def _start_agent(settings: Settings, engine: Engine, policy: Any) -> Any:
     return agent
 
 
+def _start_watcher(settings: Settings, engine: Engine, policy: Any) -> Any:
+    """The rollout watcher (:mod:`genmon.retrain.watch`): judges watching challengers."""
+    from genmon.retrain.watch import RolloutWatcher
+
+    watcher = RolloutWatcher(settings, engine, policy)
+    watcher.start()
+    return watcher
+
+
 def configure_logging(settings: Settings, loglevel: str | None) -> None:
     level = (loglevel or settings.worker.loglevel).upper()
     logging.basicConfig(
@@ -365,7 +374,8 @@ def configure_logging(settings: Settings, loglevel: str | None) -> None:
 def run_retrain_worker(
     settings: Settings, loglevel: str | None = None, *, with_agent: bool = True
 ) -> None:
-    """``genmon worker --role retrain``: the agent plus the claim loop, until SIGTERM/SIGINT.
+    """``genmon worker --role retrain``: the agent, the rollout watcher
+    (:mod:`genmon.retrain.watch`) and the claim loop, until SIGTERM/SIGINT.
 
     ``with_agent=False`` runs the claim loop alone (a worker that only trains, on a
     machine without the broker).
@@ -390,11 +400,13 @@ def run_retrain_worker(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     agent = _start_agent(settings, engine, policy) if with_agent else None
+    watcher = _start_watcher(settings, engine, policy) if with_agent else None
     try:
         worker.run()
     finally:
-        if agent is not None:
-            agent.stop()
+        for helper in (watcher, agent):
+            if helper is not None:
+                helper.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         engine.dispose()

@@ -14,10 +14,11 @@ transaction. The decide step records only *negative* outcomes, so a request lost
 the two steps is asked again on redelivery instead of being remembered as done.
 
 **Final or not.** A decision under the trigger's key is final: the model is not registered
-("not retrainable"), no trigger of the policy matches, the incident was resolved first, or
-:func:`store_request` refused or stored it. What time may change (too few firings yet,
-the cool-down, too few examples) is recorded under ``<key>~<what>:<state>``, once per
-state, and the agent decides the open incident again on its next check.
+("not retrainable"), the incident is a rollout watch's (its regression rolls the challenger
+back; :mod:`genmon.retrain.rollout`), no trigger of the policy matches, the incident was
+resolved first, or :func:`store_request` refused or stored it. What time may change (too
+few firings yet, the cool-down, too few examples) is recorded under ``<key>~<what>:<state>``,
+once per state, and the agent decides the open incident again on its next check.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sqlmodel import Session, col, func, select
 from genmon.db import session_scope
 from genmon.retrain.exceptions import JobNotFound, JobStateError
 from genmon.retrain.policy import ModelPolicy, RetrainPolicy
+from genmon.retrain.rollout import ROLLOUT_DETECTOR
 from genmon.schemas.events import (
     IncidentStatus,
     ModelAlias,
@@ -62,6 +64,11 @@ Clock = Callable[[], datetime]
 UNLABELLED = "unlabelled"
 #: Transitions of an incident that may start a job (acknowledged and resolved never do).
 DECIDING_TRANSITIONS = frozenset({"opened", "updated", "escalated", "reopened"})
+#: Why an incident of the rollout watch starts no job.
+NOT_ON_ROLLOUTS = (
+    "a rollout's regression rolls the challenger back; it is not retrained on"
+    " (the champion, which did not regress, keeps serving)"
+)
 
 
 # -- keys and requests ----------------------------------------------------------------------
@@ -310,6 +317,8 @@ def _judge_incident(
 ) -> RetrainRequest | tuple[DecisionOutcome, str, str, dict[str, Any]]:
     """The request, or ``(outcome, reason, state, details)``; ``state`` (what may change)
     is empty for a final decision."""
+    if incident.detector.split("#", 1)[0] == ROLLOUT_DETECTOR:
+        return DecisionOutcome.IGNORED, NOT_ON_ROLLOUTS, "", {"detector": ROLLOUT_DETECTOR}
     if incident.status is IncidentStatus.RESOLVED:
         reason = "the incident was resolved before the retrain agent decided on it"
         return DecisionOutcome.IGNORED, reason, "", {}
@@ -502,6 +511,7 @@ def _job(
             "trainer": policy.training.trainer,
             "training": dict(policy.training.params),
             "gate": policy.gate.model_dump(mode="json"),
+            "rollout": policy.rollout.model_dump(mode="json"),
             "policy": policy.source,
         },
     )

@@ -343,6 +343,23 @@ class ModelAlias(StrEnum):
     PREVIOUS = "previous"
 
 
+class RolloutStatus(StrEnum):
+    """Where a rollout (a challenger on a share of traffic, watched) stands.
+
+    ``watching`` is the only open state; every other one is a decision, made once.
+    """
+
+    WATCHING = "watching"
+    CONFIRMED = "confirmed"
+    """The watch ended clean: the challenger became the champion."""
+    ROLLED_BACK = "rolled_back"
+    """The challenger regressed (or a person stopped it): it serves nothing any more."""
+    CANCELLED = "cancelled"
+    """Replaced by a newer challenger, or the aliases were moved by hand."""
+    INCONCLUSIVE = "inconclusive"
+    """The longest watch ran out before the planned length was reached."""
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 

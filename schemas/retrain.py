@@ -7,6 +7,10 @@
 - ``retrain_decision``: every trigger's outcome, enqueued or not, with the reason ("why
   did nothing retrain?"). Unique on the trigger, so a redelivered trigger is decided once.
 - ``retrain_job_audit``: each state change of a job, by whom, under which lease epoch.
+- ``rollout``: a challenger on a share of traffic, watched against the champion, and the
+  decision (confirmed, rolled back, cancelled, inconclusive) with its evidence. At most one
+  rollout of a model is ``watching`` (a partial unique index, like ``model_version``'s one
+  active row).
 
 The job itself (``retrain_job``) and the versions (``model_version``) are in
 :mod:`genmon.schemas.tables`.
@@ -21,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from genmon.schemas.events import MAX_ID_CHARS, utcnow
+from genmon.schemas.events import MAX_ID_CHARS, RolloutStatus, new_id, utcnow
 from genmon.schemas.tables import MAX_REASON_CHARS, MAX_URI_CHARS, UTCDateTime, enum_column_type
 
 
@@ -98,10 +102,66 @@ class RetrainJobAudit(SQLModel, table=True):
     at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
+#: The rollouts still undecided; the partial unique index keeps one per model.
+WATCHING_PREDICATE = "status = 'watching'"
+
+
+class Rollout(SQLModel, table=True):
+    """A challenger on ``share`` of a model's traffic, watched against the champion.
+
+    ``state`` is the watch's own (``RolloutWatch.to_state()``, so a restarted watcher goes
+    on where it stopped) and ``result`` its latest verdict (``WatchResult.to_json()``): the
+    evidence a decision is recorded with. The alias moves and this row change in one
+    transaction (:mod:`genmon.retrain.rollout`).
+    """
+
+    __tablename__ = "rollout"
+    __table_args__ = (
+        sa.Index("ix_rollout_model_id_started_at", "model_id", "started_at"),
+        # Two watches of one model would split the same traffic twice; the second start
+        # fails on this index instead.
+        sa.Index(
+            "uq_rollout_one_watching",
+            "model_id",
+            unique=True,
+            sqlite_where=sa.text(WATCHING_PREDICATE),
+            postgresql_where=sa.text(WATCHING_PREDICATE),
+        ),
+    )
+
+    rollout_id: str = Field(default_factory=new_id, primary_key=True, max_length=MAX_ID_CHARS)
+    model_id: str = Field(max_length=MAX_ID_CHARS)
+    champion: str = Field(max_length=MAX_ID_CHARS, description="the version compared against")
+    challenger: str = Field(max_length=MAX_ID_CHARS, description="the version on trial")
+    share: float = Field(description="the challenger's share of traffic, 0 < share < 1")
+    status: RolloutStatus = Field(
+        default=RolloutStatus.WATCHING, sa_type=enum_column_type(RolloutStatus, "rollout_status")
+    )
+    job_id: str | None = Field(
+        default=None, max_length=MAX_ID_CHARS, description="the retrain job; none: by hand"
+    )
+    started_by: str = Field(default="genmon", max_length=MAX_ID_CHARS)
+    started_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    watch_from_ms: int | None = Field(
+        default=None, sa_type=sa.BigInteger, description="event time of the first window watched"
+    )
+    planned_watch_s: float | None = None
+    state: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    result: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
+    decided_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    decided_by: str | None = Field(default=None, max_length=MAX_ID_CHARS)
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS)
+    incident_finding_id: str | None = Field(
+        default=None, max_length=MAX_ID_CHARS, description="the finding of a regression"
+    )
+
+
 __all__ = [
+    "WATCHING_PREDICATE",
     "DecisionOutcome",
     "ModelAliasRow",
     "RegisteredModel",
     "RetrainDecision",
     "RetrainJobAudit",
+    "Rollout",
 ]

@@ -143,7 +143,11 @@ def _page() -> str:
 
 
 #: The page's walks, each a table of hops.
-WALKS = ("From an event to a page", "From an incident to a new version")
+WALKS = (
+    "From an event to a page",
+    "From an incident to a new version",
+    "From a new version to the champion",
+)
 
 
 def _hops(walk: str = WALKS[0]) -> list[dict[str, str]]:

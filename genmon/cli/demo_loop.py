@@ -40,7 +40,9 @@ CARDS_SHARE = 0.35
 #: Users who correct a refusal (the rest leave a thumb down or nothing).
 CORRECTION_RATE = 0.6
 #: The demo's retrain policy: refusal incidents retrain once 60 corrections are in (12 of
-#: them, the latest, held out for the gate).
+#: them, the latest, held out for the gate). A version that passes the gate becomes the
+#: champion at once (``rollout.mode: direct``): the demo shows the loop, and a canary's
+#: watch would take longer than the demo runs.
 POLICY = """\
 version: 1
 triggers:
@@ -58,6 +60,8 @@ guards:
 gate:
   min_eval_examples: 12
   behaviour_min_prompts: 10
+rollout:
+  mode: direct
 """
 
 

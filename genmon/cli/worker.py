@@ -30,9 +30,9 @@ from genmon.settings import get_settings
     default="all",
     show_default=True,
     help="embed: only the text encoder (genmon.streams.embedding.stage); incidents: only "
-    "findings -> incidents -> pages (genmon.streams.incident_agent); retrain: triggers and "
-    "the retraining job queue (genmon.retrain.runner; any number, on any machines sharing the "
-    "database).",
+    "findings -> incidents -> pages (genmon.streams.incident_agent); retrain: triggers, "
+    "the rollout watch and the retraining job queue (genmon.retrain.runner; any number, on "
+    "any machines sharing the database).",
 )
 def worker(loglevel: str | None, web_port: int | None, role: str) -> None:
     """Run the stream worker (ingest, dead letters, pipeline) until Ctrl-C or SIGTERM."""
