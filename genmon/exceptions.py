@@ -6,6 +6,7 @@ can catch the whole family with one clause. Packages keep their own
 
     GenmonError
     ├── ConfigurationError            settings or hyperparameters that cannot work
+    │   └── KafkaAuthenticationError  the broker refused the SASL login or TLS certificate
     ├── InfraError                    a local service (Kafka, PostgreSQL) would not start/stop
     │   ├── KafkaInfraError
     │   └── PostgresInfraError
@@ -36,6 +37,11 @@ class GenmonError(Exception):
 
 class ConfigurationError(GenmonError, ValueError):
     """A setting or hyperparameter has a value that cannot work."""
+
+
+class KafkaAuthenticationError(ConfigurationError):
+    """The broker refused genmon's SASL login or TLS certificate (wrong password, mechanism
+    or CA): retrying cannot help, so it is raised at once instead of a timeout."""
 
 
 class InfraError(GenmonError):

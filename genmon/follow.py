@@ -58,6 +58,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from pydantic import BaseModel
 
+from genmon import kafka_config
 from genmon.exceptions import ConfigurationError, SchemaError
 from genmon.schemas.codec import decode
 from genmon.schemas.events import ModelAlias, ModelEvent, new_id
@@ -117,6 +118,16 @@ class ModelFollower:
         self.topic = self.settings.topic("models")
         self.on_change = on_change
         self._bootstrap = bootstrap_servers or self.settings.kafka.bootstrap_servers
+        # TLS/SASL from settings.kafka, checked (and the CA loaded) once, here.
+        self._client_config = kafka_config.client_config(
+            self.settings.kafka,
+            self._bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            client_id=f"genmon-follow-{model_id[:32]}",
+            request_timeout_ms=max(_CONNECT_TIMEOUT_MS * 2, 10_000),
+            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
+        )
         self._key = model_id.encode()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -206,12 +217,16 @@ class ModelFollower:
                     backoff = _BACKOFF_INITIAL_S
                     continue
             except (KafkaError, OSError) as exc:
-                log.warning(
+                refused = kafka_config.is_auth_failure(exc)
+                log.log(
+                    logging.ERROR if refused else logging.WARNING,
                     "following %s %s on %s: %s; retrying in %.1f s",
                     self.model_id,
                     self.alias.value,
                     self.topic,
-                    exc,
+                    kafka_config.auth_failure(self.settings.kafka, exc, self._bootstrap)
+                    if refused
+                    else exc,
                     backoff,
                 )
             except Exception:
@@ -224,14 +239,7 @@ class ModelFollower:
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
 
     def _consumer(self) -> KafkaConsumer:
-        return KafkaConsumer(
-            bootstrap_servers=self._bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            client_id=f"genmon-follow-{self.model_id[:32]}",
-            request_timeout_ms=max(_CONNECT_TIMEOUT_MS * 2, 10_000),
-            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
-        )
+        return KafkaConsumer(**self._client_config)
 
     def _follow(self, consumer: KafkaConsumer) -> bool:
         """Replay, then follow until closed; ``False`` when the topic does not exist yet."""

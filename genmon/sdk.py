@@ -17,9 +17,14 @@ How it behaves:
   (rate-limited) and returns ``False``. Prompts and responses longer than
   ``max_text_chars`` are cut to that length (``stats.truncated``), not rejected.
 * A background thread moves the buffer into a kafka-python ``KafkaProducer``
-  (``acks=all``, idempotent so retries cannot reorder, gzip by default). When the
-  broker is down the thread keeps retrying, with backoff, to construct the producer
-  and to send; events wait in the buffer meanwhile.
+  (``acks=all`` unless ``kafka.acks`` says otherwise, idempotent so retries cannot
+  reorder, gzip by default). When the broker is down the thread keeps retrying, with
+  backoff, to construct the producer and to send; events wait in the buffer meanwhile.
+* TLS and SASL come from ``settings.kafka`` (:mod:`genmon.kafka_config`). A broker that
+  refuses the login (a wrong password) or the certificate is logged as an ERROR naming
+  the broker and the mechanism, after the first connect attempt (5 s) and then at most
+  every few seconds, instead of the warning of an outage; a CA or certificate file that
+  cannot be read raises :class:`ConfigurationError` at construction.
 * ``buffer_max_events`` bounds every event accepted but not yet acknowledged by the
   broker. Beyond it new events are dropped, counted in ``stats.dropped`` and
   logged at most every few seconds.
@@ -55,6 +60,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
+from genmon import kafka_config
 from genmon.exceptions import ConfigurationError, SchemaError
 from genmon.follow import ROLLOUT, ModelFollower, OnChange, RolloutFollower, followed_fields
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
@@ -167,21 +173,25 @@ class Monitor:
             "inference": self._settings.topic("inference"),
             "feedback": self._settings.topic("feedback"),
         }
-        self._producer_config: dict[str, Any] = {
-            "bootstrap_servers": bootstrap_servers or self._settings.kafka.bootstrap_servers,
-            "client_id": client_id or f"genmon-sdk-{self.producer_id[:8]}",
-            "acks": "all",
-            "enable_idempotence": True,
-            "compression_type": None if compression == "none" else compression,
-            "linger_ms": sdk.linger_ms if linger_ms is None else linger_ms,
-            "delivery_timeout_ms": (
+        kafka = self._settings.kafka
+        # Security options and acks from settings.kafka; its repr masks the password.
+        self._producer_config = kafka_config.client_config(
+            kafka,
+            bootstrap_servers,
+            producer=True,
+            client_id=client_id or f"genmon-sdk-{self.producer_id[:8]}",
+            # Idempotence needs acks=all; with fewer acks retries may duplicate anyway.
+            enable_idempotence=kafka.acks == "all",
+            compression_type=None if compression == "none" else compression,
+            linger_ms=sdk.linger_ms if linger_ms is None else linger_ms,
+            delivery_timeout_ms=(
                 sdk.delivery_timeout_ms if delivery_timeout_ms is None else delivery_timeout_ms
             ),
-            "batch_size": 128 * 1024,
-            "bootstrap_timeout_ms": _CONNECT_TIMEOUT_MS,
-            "max_block_ms": _CONNECT_TIMEOUT_MS,
-            "reconnect_backoff_max_ms": int(_BACKOFF_MAX_S * 1000),
-        }
+            batch_size=128 * 1024,
+            bootstrap_timeout_ms=_CONNECT_TIMEOUT_MS,
+            max_block_ms=_CONNECT_TIMEOUT_MS,
+            reconnect_backoff_max_ms=int(_BACKOFF_MAX_S * 1000),
+        )
 
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -203,6 +213,9 @@ class Monitor:
         self._warn_dropped = _RateLimitedLog()
         self._warn_invalid = _RateLimitedLog()
         self._warn_broker = _RateLimitedLog()
+        self._warn_auth = _RateLimitedLog()
+        self._next_login_check = 0.0
+        self._refused: ConfigurationError | None = None
         self._warn_failed = _RateLimitedLog()
         self._thread = threading.Thread(
             target=self._run, name=f"genmon-monitor-{self.producer_id[:8]}", daemon=True
@@ -469,11 +482,22 @@ class Monitor:
         try:
             producer = KafkaProducer(**self._producer_config)
         except (KafkaError, OSError) as exc:
+            bootstrap = self._producer_config["bootstrap_servers"]
+            refused = self._refusal(exc, bootstrap)
+            if refused is not None:
+                # Not an outage: retrying will not help until the settings change.
+                self._warn_auth(
+                    logging.ERROR,
+                    "genmon Monitor %s: %s; buffering and retrying",
+                    self.producer_id[:8],
+                    refused,
+                )
+                return None
             self._warn_broker(
                 logging.WARNING,
                 "genmon Monitor %s: cannot reach Kafka at %s (%s); buffering and retrying",
                 self.producer_id[:8],
-                self._producer_config["bootstrap_servers"],
+                bootstrap,
                 exc,
             )
             return None
@@ -484,6 +508,24 @@ class Monitor:
         # close() already gave up on this thread; nobody else would close the producer.
         producer.close(timeout=0)
         return None
+
+    def _refusal(self, exc: BaseException, bootstrap: str) -> ConfigurationError | None:
+        """The broker's refusal of our login or certificate behind a failed connect, if that
+        is the cause: kafka-python reports a refused login as a timeout, so with TLS or
+        SASL the broker is asked once more (at most every few seconds, on this thread)."""
+        kafka = self._settings.kafka
+        if kafka_config.is_auth_failure(exc):
+            return kafka_config.auth_failure(kafka, exc, bootstrap)
+        now = time.monotonic()
+        if kafka.security_protocol == "PLAINTEXT" or now < self._next_login_check:
+            return self._refused  # the last answer, until it is time to ask again
+        self._next_login_check = now + _LOG_EVERY_S
+        try:
+            kafka_config.check_login(kafka, bootstrap, timeout_s=_CONNECT_TIMEOUT_MS / 1000)
+            self._refused = None
+        except ConfigurationError as refused:
+            self._refused = refused
+        return self._refused
 
     def _drain(self, producer: KafkaProducer) -> bool:
         """Hand queued events to the producer; ``False`` when the broker stalled us."""

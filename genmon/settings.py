@@ -35,11 +35,47 @@ class KafkaSettings(BaseModel):
     retention_ms: int = Field(7 * 24 * 3600 * 1000, description="retention of each genmon topic")
     topic_prefix: str = Field("genmon", description="topics are named <prefix>.<kind>")
     start_timeout_s: float = Field(90.0, description="how long `infra up` waits for the broker")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how every genmon client talks to the broker"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (SASL_* protocols); default PLAIN"
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (never printed)")
+    ssl_cafile: Path | None = Field(
+        None, description="CA certificate (PEM) that signed the broker's; unset: the system's"
+    )
+    ssl_certfile: Path | None = Field(None, description="client certificate (PEM), for mTLS")
+    ssl_keyfile: Path | None = Field(None, description="client private key (PEM), for mTLS")
+    ssl_key_password: SecretStr | None = Field(None, description="password of the client key")
+    ssl_check_hostname: bool = Field(
+        True, description="check that the broker's certificate names the host connected to"
+    )
+    replication_factor: int = Field(
+        1, ge=1, description="replicas of every topic genmon creates (internal ones included)"
+    )
+    min_insync_replicas: int = Field(
+        1, ge=1, description="min.insync.replicas of every topic genmon creates"
+    )
+    acks: Literal["all", "1", "0"] = Field(
+        "all", description="producer acks of every genmon producer (the SDK's included)"
+    )
+    sasl_port: int = Field(
+        19094,
+        description="SASL_SSL port of the local broker (`genmon infra up --sasl`), with a CA "
+        "the script generates",
+    )
 
     @model_validator(mode="after")
     def _default_bootstrap(self) -> KafkaSettings:
         if not self.bootstrap_servers:
             self.bootstrap_servers = f"{self.host}:{self.port}"
+        if self.min_insync_replicas > self.replication_factor:
+            raise ValueError(
+                f"kafka.min_insync_replicas ({self.min_insync_replicas}) cannot exceed "
+                f"kafka.replication_factor ({self.replication_factor}): no write could succeed"
+            )
         return self
 
 
@@ -96,15 +132,28 @@ class WorkerSettings(BaseModel):
         description="period of offset commits (Faust's broker_commit_interval); see commit_every",
     )
     session_timeout_s: float = Field(
-        60.0,
+        6.0,
         gt=0,
         description=(
-            "a worker silent this long leaves the consumer group and its partitions move to"
-            " the others (the broker's group.min.session.timeout.ms, 6 s by default, is the floor)"
+            "a worker silent this long (killed, host lost) leaves the consumer group and the"
+            " others take its partitions: they are read again ~2-3 s later (BENCHMARKS.md,"
+            " Failover). The broker's group.min.session.timeout.ms (6 s by default) is the"
+            " floor; a longer timeout rides out longer stalls but fails over that much later"
         ),
     )
     heartbeat_interval_s: float = Field(
-        3.0, gt=0, description="how often a worker tells the broker it is alive (< session timeout)"
+        1.0,
+        gt=0,
+        description=(
+            "how often a worker tells the broker it is alive, and so how soon the others"
+            " learn of a rebalance (< session timeout)"
+        ),
+    )
+    log_repeat_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="a connection error logged again within this interval is counted, and the"
+        " count logged once per interval instead of every line",
     )
     native_ingest: bool = Field(
         True,
@@ -543,6 +592,16 @@ class DestinationSettings(BaseModel):
         " any string)",
     )
     routing_key: SecretStr | None = Field(None, description="PagerDuty Events API v2 key")
+    heartbeat_url: SecretStr | None = Field(
+        None,
+        description="dead-man's-switch URL (a PagerDuty heartbeat, healthchecks.io, Cronitor...)"
+        " pinged every notify.watchdog_interval_s while genmon runs",
+    )
+    watchdog: bool = Field(
+        True,
+        description="send this destination genmon's always-firing heartbeat (Alertmanager: the"
+        " Watchdog alert; others: heartbeat_url when set)",
+    )
     rate_per_s: float = Field(5.0, gt=0, description="most deliveries per second")
     burst: int = Field(10, ge=1, description="deliveries allowed at once before rate limiting")
     timeout_s: float | None = Field(None, description="defaults to notify.timeout_s")
@@ -593,6 +652,12 @@ class NotifySettings(BaseModel):
     backoff_max_s: float = Field(300.0, gt=0, description="longest retry or probe delay")
     retry_after_max_s: float = Field(3600.0, description="longest Retry-After honoured")
     timeout_s: float = Field(10.0, gt=0, description="HTTP timeout of one delivery")
+    watchdog_interval_s: float = Field(
+        60.0,
+        ge=0,
+        description="period of genmon's heartbeat to destinations that take one, so they notice"
+        " when genmon itself is down; 0: none",
+    )
     signature_tolerance_s: int = Field(300, description="replay window receivers should allow")
     redact: bool = Field(True, description="redact emails, phones, cards, API keys in payloads")
     max_text_chars: int = Field(500, ge=1, description="texts in notifications are cut to this")

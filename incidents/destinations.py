@@ -98,7 +98,8 @@ class Destination:
     def secrets(self) -> list[str]:
         """Strings that must be scrubbed from any error message about this destination."""
         values = [self.url]
-        for secret in (self.settings.secret, self.settings.routing_key):
+        settings = self.settings
+        for secret in (settings.secret, settings.routing_key, settings.heartbeat_url):
             if secret is not None:
                 values.append(secret.get_secret_value())
         return [value for value in values if value]

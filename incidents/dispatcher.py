@@ -25,6 +25,12 @@ was expired early) held back a still-open incident
 (:meth:`~genmon.incidents.manager.IncidentManager.repeat_unsilenced_pages`), so such a
 page goes out within a poll interval of the silence's end, once, however many
 dispatchers run. The retry horizon is swept on the same beat.
+
+**The watchdog.** While :meth:`Dispatcher.run` runs, it also sends genmon's own
+always-firing heartbeat (:mod:`~genmon.incidents.watchdog`) every
+``notify.watchdog_interval_s`` to the destinations that take one, so their dead man's
+switch fires when genmon stops. It starts once the outbox has been read, is held back
+while the outbox has not been read lately, and stops with the run.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import httpx
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 from genmon.exceptions import DatabaseError
@@ -49,6 +56,7 @@ from genmon.incidents.manager import IncidentManager
 from genmon.incidents.ordering import COALESCING_TYPES
 from genmon.incidents.rate_limit import TokenBucket
 from genmon.incidents.routing import Router
+from genmon.incidents.watchdog import Watchdog
 from genmon.schemas.events import utcnow
 from genmon.schemas.incidents import NotificationStatus
 from genmon.settings import NotifySettings, Settings, get_settings
@@ -96,7 +104,9 @@ class Dispatcher:
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         batch_size: int = 200,
+        registry: CollectorRegistry | None = None,
     ) -> None:
+        """``registry``: where the watchdog counts its heartbeats (the worker's metrics)."""
         self.engine = engine
         self.settings = settings or get_settings()
         self.config: NotifySettings = self.settings.notify
@@ -122,6 +132,15 @@ class Dispatcher:
         # Queues the pages of silences that have ended; it routes nothing itself.
         self.incidents = IncidentManager(engine, self.settings, router=router, clock=clock)
         self._wake: asyncio.Event | None = None
+        # The heartbeat of genmon itself; None when off or no destination takes one.
+        self.watchdog = Watchdog.from_settings(
+            self.settings,
+            router.destinations.values(),
+            healthy=self._healthy,
+            clock=clock,
+            registry=registry,
+        )
+        self._polled_at: float | None = None
 
     # --- running -------------------------------------------------------------------------
 
@@ -182,6 +201,7 @@ class Dispatcher:
                                 next_unsilence_check = time.monotonic() + timeout
                                 await asyncio.to_thread(self._housekeeping, report)
                             claimed, rate_wait = await asyncio.to_thread(self._claim, report, room)
+                            self._polled(channels)
                             for item in claimed:
                                 task = asyncio.create_task(deliver(channels, item))
                                 in_flight.add(task)
@@ -196,10 +216,27 @@ class Dispatcher:
                             log.warning("outbox unavailable, retrying: %s", exc)
                     await self._sleep(wake, stop, timeout)
             finally:
+                if self.watchdog is not None:
+                    await self.watchdog.stop()
                 if in_flight:
                     await asyncio.gather(*in_flight, return_exceptions=True)
                 await outcomes.join()
                 recorder.cancel()
+
+    def _polled(self, channels: Channels) -> None:
+        """The outbox was read: the watchdog may beat (and starts on the first read)."""
+        self._polled_at = time.monotonic()
+        if self.watchdog is not None and not self.watchdog.running:
+            self.watchdog.start(channels.http)
+
+    def _healthy(self) -> bool:
+        """Whether the outbox was read lately: a poll interval or two, a delivery's
+        timeout while the pipeline is full, and a beat's interval of slack."""
+        if self._polled_at is None:
+            return False
+        config = self.config
+        stale_s = max(config.watchdog_interval_s, 2 * config.poll_interval_s) + config.timeout_s
+        return time.monotonic() - self._polled_at <= stale_s
 
     @staticmethod
     async def _sleep(wake: asyncio.Event, stop: asyncio.Event, timeout: float) -> None:

@@ -1,9 +1,10 @@
 """Publishing the outbox's incident events to ``<prefix>.incidents``, for the dispatcher.
 
-One aiokafka producer per dispatcher run (``acks=all``, idempotent), started on the first
-event and again after a failed start, so a dispatcher whose broker is down keeps
-delivering pages and retries the events with the outbox's backoff. Events are keyed by
-incident id: one incident's transitions stay in order on one partition.
+One aiokafka producer per dispatcher run (``kafka.acks``, idempotent with ``all``; TLS and
+SASL from ``settings.kafka``), started on the first event and again after a failed start,
+so a dispatcher whose broker is down keeps delivering pages and retries the events with the
+outbox's backoff. Events are keyed by incident id: one incident's transitions stay in order
+on one partition.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 
 from aiokafka import AIOKafkaProducer
 
+from genmon import kafka_config
 from genmon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ class IncidentTopicPublisher:
     def __init__(self, settings: Settings, timeout_s: float) -> None:
         self.topic = settings.topic("incidents")
         self.bootstrap_servers = settings.kafka.bootstrap_servers
+        self.kafka = settings.kafka
         self.timeout_s = timeout_s
         self._producer: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()
@@ -33,11 +36,13 @@ class IncidentTopicPublisher:
         async with self._starting:
             if self._producer is None:
                 producer = AIOKafkaProducer(
-                    bootstrap_servers=self.bootstrap_servers,
-                    client_id="genmon-dispatcher",
-                    acks="all",
-                    enable_idempotence=True,
-                    request_timeout_ms=int(self.timeout_s * 1000),
+                    **kafka_config.client_config(
+                        self.kafka,
+                        producer=True,
+                        client_id="genmon-dispatcher",
+                        enable_idempotence=self.kafka.acks == "all",
+                        request_timeout_ms=int(self.timeout_s * 1000),
+                    )
                 )
                 try:
                     await asyncio.wait_for(producer.start(), self.timeout_s)

@@ -8,6 +8,7 @@ signalling a stranger would be far worse than starting a second copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -18,6 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
+
+from genmon.exceptions import InfraError
+from genmon.secrets import mask_text
 
 # Popen objects of services this process started: keeping them referenced lets the
 # interpreter reap the child instead of leaving a zombie that looks alive to psutil.
@@ -33,22 +37,100 @@ def port_answers(host: str, port: int, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def check_port_free(
+    host: str,
+    port: int,
+    service: str,
+    *,
+    setting: str | None = None,
+    error: type[InfraError] = InfraError,
+) -> None:
+    """Raise ``error`` (one line: the port, its holder, what to do) when ``service`` could
+    not listen on ``host:port``.
+
+    Checked before a service starts: otherwise the service itself fails to bind and
+    ``genmon infra up`` can only show its log (a Java stack trace for Kafka). ``setting``
+    names the variable that moves the service elsewhere (``GENMON_KAFKA__PORT``).
+    """
+    if not port_in_use(host, port):
+        return
+    remedy = f"choose a free port with {setting}" if setting else "choose another port"
+    raise error(
+        f"cannot start {service}: {host}:{port} is already in use by {port_holder(port)}; "
+        f"stop that process, or {remedy}"
+    )
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not listen on ``host:port`` now.
+
+    Binds and listens the way servers do (SO_REUSEADDR, so connections of a stopped server
+    lingering in TIME_WAIT do not count), which also catches a socket bound but not
+    listening, or listening on another address of the same port: both refuse connections
+    yet make the service's own bind fail.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            probe.listen(1)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            # Not ours to judge (an address this machine lacks, a privileged port): the
+            # service reports those itself.
+    return port_answers(host, port)
+
+
+def port_holder(port: int) -> str:
+    """Who holds local TCP ``port``, for one-line messages: ``"java (pid 4242: java ...
+    kafka.Kafka server.properties)"``, or as much as can be told without the pid."""
+    found, pid = _port_pid(port)
+    if not found:
+        # Linux lists no socket that is bound but neither listening nor connected (ss and
+        # lsof do not show it either), so there is no pid to give.
+        return "a socket bound without listening (Linux does not tell whose)"
+    if pid is None:
+        return f"another user's process (`sudo ss -ltnp 'sport = :{port}'` names it)"
+    try:
+        process = psutil.Process(pid)
+        name = process.name()
+        cmdline = " ".join(process.cmdline())
+    except psutil.Error:
+        return f"pid {pid}"
+    # Command lines can carry credentials (a database URL, --password=...).
+    command = mask_text(_shorten_middle(cmdline, 120)) if cmdline else ""
+    return f"{name} (pid {pid}: {command})" if command else f"{name} (pid {pid})"
+
+
 def port_owner(port: int) -> str:
-    """A short description of the process listening on ``port``, for error messages."""
+    """Former name of :func:`port_holder`."""
+    return port_holder(port)
+
+
+def _port_pid(port: int) -> tuple[bool, int | None]:
+    """Whether a socket is on local ``port``, and the pid owning it (a listener first).
+
+    psutil reads /proc/net/tcp* and matches socket inodes with /proc/<pid>/fd; processes of
+    other users stay anonymous (None) unless genmon runs as root.
+    """
     try:
         connections = psutil.net_connections(kind="tcp")
     except (psutil.AccessDenied, OSError):
-        return "another process"
-    for conn in connections:
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-            if conn.pid is None:
-                return "another process"
-            try:
-                cmdline = " ".join(psutil.Process(conn.pid).cmdline())
-            except psutil.Error:
-                return f"pid {conn.pid}"
-            return f"pid {conn.pid} ({shorten(cmdline, 160)})"
-    return "another process"
+        return True, None
+    on_port = [c for c in connections if c.laddr and c.laddr.port == port]
+    on_port.sort(key=lambda c: (c.pid is None, c.status != psutil.CONN_LISTEN, bool(c.raddr)))
+    return bool(on_port), (on_port[0].pid if on_port else None)
+
+
+def _shorten_middle(text: str, limit: int) -> str:
+    """``text`` cut in the middle: a command's program and its last arguments (Kafka's main
+    class and config file) say more than the JVM flags between them."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " ... " + text[-(limit - head - 5) :]
 
 
 def shorten(text: str, limit: int) -> str:

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import select
 
+from genmon import kafka_config
 from genmon.db import session_scope
 from genmon.exceptions import GenmonError, SchemaError
 from genmon.retrain.policy import RetrainPolicy
@@ -87,15 +88,17 @@ class RetrainAgent:
     # -- life -------------------------------------------------------------------------------
     def start(self) -> None:
         """Connect to the broker and start the consumer and checker threads."""
-        bootstrap = self.settings.kafka.bootstrap_servers
-        self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", client_id=f"{self.group_id}-agent"
-        )
+        kafka = self.settings.kafka
+        client_id = f"{self.group_id}-agent"
+        with kafka_config.auth_failures_explained(kafka):
+            self._producer = KafkaProducer(
+                **kafka_config.client_config(kafka, producer=True, client_id=client_id)
+            )
         try:
             self._consumer = KafkaConsumer(
                 self.incidents_topic,
                 self.retrain_topic,
-                bootstrap_servers=bootstrap,
+                **kafka_config.client_config(kafka),
                 group_id=self.group_id,
                 client_id=f"{self.group_id}-agent",
                 enable_auto_commit=False,

@@ -32,6 +32,7 @@ import httpx
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
+from genmon import kafka_config
 from genmon.incidents.destinations import IDEMPOTENCY_HEADER, WebhookDestination, scrub_secrets
 from genmon.incidents.retry import RETRYABLE_STATUS
 from genmon.incidents.routing import load_notify_settings
@@ -157,13 +158,16 @@ class ModelAnnouncer:
 
     def _kafka(self) -> KafkaProducer:
         if self._producer is None:
+            kafka = self.settings.kafka
             self._producer = KafkaProducer(
-                bootstrap_servers=self.settings.kafka.bootstrap_servers,
-                client_id="genmon-model-announcer",
-                acks="all",
-                enable_idempotence=True,
-                max_block_ms=_KAFKA_TIMEOUT_MS,
-                request_timeout_ms=_KAFKA_TIMEOUT_MS,
+                **kafka_config.client_config(
+                    kafka,
+                    producer=True,
+                    client_id="genmon-model-announcer",
+                    enable_idempotence=kafka.acks == "all",
+                    max_block_ms=_KAFKA_TIMEOUT_MS,
+                    request_timeout_ms=_KAFKA_TIMEOUT_MS,
+                )
             )
         return self._producer
 

@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from sqlalchemy.engine import Engine
 
-from genmon import db
+from genmon import db, kafka_config
 from genmon.exceptions import DatabaseError
 from genmon.retrain.queue import ACTIVE, JobQueue, Lease, get_job
 from genmon.settings import Settings
@@ -87,7 +87,6 @@ def child_env(settings: Settings, loglevel: str | None = None) -> dict[str, str]
     env.update(
         {
             "GENMON_DATABASE__URL": settings.database.url,
-            "GENMON_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
             "GENMON_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
             "GENMON_RETRAIN__ARTIFACTS_URI": retrain.artifacts_uri,
             "GENMON_RETRAIN__LEASE_S": str(retrain.lease_s),
@@ -97,6 +96,7 @@ def child_env(settings: Settings, loglevel: str | None = None) -> dict[str, str]
             PARENT_PID_ENV: str(os.getpid()),
         }
     )
+    env.update(kafka_config.environment(settings.kafka))  # address, TLS/SASL, durability
     if retrain.policy_file is not None:
         env["GENMON_RETRAIN__POLICY_FILE"] = str(retrain.policy_file)
     env["GENMON_WORKER__LOGLEVEL"] = (loglevel or settings.worker.loglevel).lower()
@@ -369,6 +369,9 @@ def configure_logging(settings: Settings, loglevel: str | None) -> None:
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from genmon.logs import install
+
+    install(settings)
 
 
 def run_retrain_worker(

@@ -49,6 +49,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from genmon import kafka_config
 from genmon.detectors.rollout import RolloutWatch, WatchResult, watch_minutes_text
 from genmon.exceptions import GenmonError
 from genmon.retrain.policy import RetrainPolicy
@@ -181,14 +182,16 @@ class RolloutWatcher:
 
     # -- life -------------------------------------------------------------------------------
     def start(self) -> None:
-        bootstrap = self.settings.kafka.bootstrap_servers
-        self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", client_id=f"{self.group_id}-watcher"
-        )
+        kafka = self.settings.kafka
+        client_id = f"{self.group_id}-watcher"
+        with kafka_config.auth_failures_explained(kafka):
+            self._producer = KafkaProducer(
+                **kafka_config.client_config(kafka, producer=True, client_id=client_id)
+            )
         try:
             self._consumer = KafkaConsumer(
                 self.windows_topic,
-                bootstrap_servers=bootstrap,
+                **kafka_config.client_config(kafka),
                 group_id=self.group_id,
                 client_id=f"{self.group_id}-watcher",
                 enable_auto_commit=False,

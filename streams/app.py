@@ -25,11 +25,13 @@ import importlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import faust
 from faust.web import Request, Response, View
 
+from genmon import kafka_config
+from genmon.logs import install_on_worker
 from genmon.settings import Settings, get_settings
 from genmon.streams.exceptions import StreamError
 from genmon.streams.faust_consumer import BatchHandler, GenmonTransport
@@ -89,13 +91,25 @@ class GenmonApp(faust.App):
     genmon: WorkerContext
 
     def _new_transport(self) -> GenmonTransport:
-        return GenmonTransport(self.conf.broker_consumer, self)
+        return _DurableTransport(self.conf.broker_consumer, self)
 
     async def on_first_start(self) -> None:
         # Faust creates only the last level of its data directory.
         self.conf.datadir.parent.mkdir(parents=True, exist_ok=True)
         gc.set_threshold(*WORKER_GC_THRESHOLDS)
         await super().on_first_start()
+
+
+class _DurableTransport(GenmonTransport):
+    """Faust's transport, creating the topics Faust declares itself (table changelogs, the
+    assignor's leader topic, repartitions) with ``kafka.min_insync_replicas`` too; Faust
+    has a setting for their replication factor only (``topic_replication_factor``)."""
+
+    async def _create_topic(self, *args: Any, **kwargs: Any) -> None:
+        app = cast(GenmonApp, self.app)
+        durability = kafka_config.topic_configs(app.genmon.settings.kafka)
+        kwargs["config"] = {**durability, **(kwargs.get("config") or {})}
+        await super()._create_topic(*args, **kwargs)
 
 
 def create_app(
@@ -108,18 +122,15 @@ def create_app(
     worker = settings.worker
     app = GenmonApp(
         worker.app_id,
-        broker=[
-            f"kafka://{server.strip()}" for server in settings.kafka.bootstrap_servers.split(",")
-        ],
+        # broker, broker_credentials (TLS, SASL), topic_replication_factor, producer_acks.
+        **kafka_config.faust_options(settings.kafka),
         store=worker.store,
         datadir=str(settings.home / "worker" / "{conf.name}"),
         web_port=worker.web_port,
         web_bind=worker.web_host,
         web_host=worker.web_host,
         topic_partitions=settings.kafka.partitions,
-        topic_replication_factor=1,
         consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
         broker_commit_every=worker.commit_every,
         broker_commit_interval=worker.commit_interval_s,
         broker_session_timeout=worker.session_timeout_s,
@@ -175,4 +186,5 @@ def run_worker(settings: Settings | None = None, *, loglevel: str | None = None)
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=loglevel or settings.worker.loglevel)
+    install_on_worker(worker, settings)  # one line per interval for repeated connection errors
     worker.execute_from_commandline()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 from tenacity import (
     AsyncRetrying,
     before_sleep_log,
@@ -37,6 +37,7 @@ from genmon import db
 from genmon.exceptions import ConfigurationError, DatabaseError, SchemaError
 from genmon.incidents.dispatcher import Dispatcher
 from genmon.incidents.manager import IncidentManager, Outcome
+from genmon.logs import install_on_worker
 from genmon.schemas.codec import dead_letter, decode, encode
 from genmon.schemas.events import DeadLetter, Finding
 from genmon.settings import Settings
@@ -63,6 +64,8 @@ class IncidentRuntime:
     manager: IncidentManager | None = None
     dispatcher: Dispatcher | None = None
     findings: Counter | None = None
+    registry: CollectorRegistry | None = None
+    """The worker's metrics, where the dispatcher's watchdog counts its heartbeats."""
     _starting: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self) -> None:
@@ -73,7 +76,7 @@ class IncidentRuntime:
             url = self.settings.database.url
             await asyncio.to_thread(db.upgrade, url)
             self.engine = db.make_engine(url)
-            self.dispatcher = Dispatcher(self.engine, self.settings)
+            self.dispatcher = Dispatcher(self.engine, self.settings, registry=self.registry)
             self.manager = IncidentManager(self.engine, self.settings)
 
     def apply(self, findings: Sequence[Finding]) -> list[Outcome]:
@@ -126,12 +129,14 @@ def run_incidents_worker(settings: Settings, *, loglevel: str | None = None) -> 
         )
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     app = create_app(incidents_role_settings(settings), installers=(install_role,))
-    faust.Worker(app, loglevel=loglevel or settings.worker.loglevel).execute_from_commandline()
+    worker = faust.Worker(app, loglevel=loglevel or settings.worker.loglevel)
+    install_on_worker(worker, settings)
+    worker.execute_from_commandline()
 
 
 def install_incidents(app: GenmonApp, settings: Settings) -> IncidentRuntime:
     """Register the incident agent, the dispatcher task and the pruning timer on ``app``."""
-    runtime = IncidentRuntime(settings)
+    runtime = IncidentRuntime(settings, registry=app.genmon.metrics.registry)
     runtime.findings = Counter(
         "genmon_incident_findings",
         "Findings applied to incidents, by what they did",

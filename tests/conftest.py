@@ -44,7 +44,7 @@ def kafka_settings(settings: Settings) -> Iterator[Settings]:
         broker.ensure_topics(settings.kafka.bootstrap_servers)
         yield settings
         return
-    broker.up()
+    broker.up(sasl=None)
     try:
         yield settings
     finally:

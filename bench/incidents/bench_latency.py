@@ -156,6 +156,7 @@ def run_kafka(
     from kafka import KafkaProducer
 
     from genmon.infra.kafka import KafkaBroker
+    from genmon.kafka_config import client_config
 
     workdir.mkdir(parents=True, exist_ok=True)
     run = uuid.uuid4().hex[:8]
@@ -213,7 +214,7 @@ def run_kafka(
             start_new_session=True,
         )
         try:
-            producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
+            producer = KafkaProducer(**client_config(settings.kafka), acks=1, linger_ms=0)
             topic = settings.topic("findings")
             # Warm-up finding: wait until the worker pages it, so startup is not measured.
             warm = make_finding(-1, run)

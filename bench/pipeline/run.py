@@ -49,6 +49,7 @@ from aiokafka import AIOKafkaConsumer
 from kafka import KafkaConsumer, KafkaProducer
 
 from genmon.infra.kafka import KafkaBroker
+from genmon.kafka_config import client_config
 from genmon.settings import Settings
 
 MODELS = [f"bench-model-{k}" for k in range(8)]
@@ -58,8 +59,9 @@ TIERS = ["free", "pro"]
 
 def produce(settings: Settings, n: int, span_s: float) -> None:
     """N inference events over ``span_s`` seconds of event time ending a minute ago."""
+    # acks=1 on purpose: the bench measures the worker, not the producer's durability.
     producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **client_config(settings.kafka),
         linger_ms=20,
         batch_size=256 * 1024,
         compression_type=None,
@@ -91,7 +93,7 @@ async def bare_consumer(settings: Settings, n: int) -> float:
     """Events/s of a consumer that only decodes JSON (first message -> n-th message)."""
     consumer = AIOKafkaConsumer(
         settings.topic("inference"),
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **client_config(settings.kafka),
         auto_offset_reset="earliest",
         group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
         enable_auto_commit=False,
@@ -223,7 +225,7 @@ def close_to_finding_p99(settings: Settings) -> tuple[float, int]:
     consumer = KafkaConsumer(
         settings.topic("windows"),
         settings.topic("findings"),
-        bootstrap_servers=settings.kafka.bootstrap_servers,
+        **client_config(settings.kafka),
         auto_offset_reset="earliest",
         consumer_timeout_ms=3000,
     )
@@ -262,9 +264,8 @@ def main() -> None:
 
     base = Settings()
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    settings = Settings(
-        kafka={"bootstrap_servers": base.kafka.bootstrap_servers, "topic_prefix": prefix}
-    )
+    # base.kafka's security settings (TLS, SASL) carry over to the bench's clients.
+    settings = Settings(kafka=base.kafka.model_copy(update={"topic_prefix": prefix}))
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     home = Path(tempfile.mkdtemp(prefix="genmon-bench-"))
     print(f"producing {args.events:,} events to {settings.topic('inference')} ...", flush=True)

@@ -129,8 +129,10 @@ def _wait_for_worker(url: str, process: subprocess.Popen[bytes], timeout_s: floa
 def _send_malformed(settings: Settings) -> int:
     from kafka import KafkaProducer
 
+    from genmon.kafka_config import client_config
+
     bad = [b"", b"{not json", b'{"model_id": 5}', b"\xff\xfe\x00", b'{"schema_version": 99}']
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    producer = KafkaProducer(**client_config(settings.kafka, producer=True))
     for payload in bad:
         producer.send(settings.topic("inference"), payload, key=MODEL_ID.encode())
     producer.flush()

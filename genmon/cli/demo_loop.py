@@ -437,6 +437,7 @@ def _redeliver(settings: Settings, incident: Any, job: Any) -> list[str]:
     """Sends the incident's first finding and the job's request again, as a redelivery would."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    from genmon.kafka_config import client_config
     from genmon.schemas import Finding, RetrainRequest
 
     wanted = {
@@ -449,10 +450,8 @@ def _redeliver(settings: Settings, incident: Any, job: Any) -> list[str]:
             RetrainRequest.model_validate_json(raw).job_id == job.job_id
         ),
     }
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False
-    )
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    consumer = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False)
+    producer = KafkaProducer(**client_config(settings.kafka, producer=True))
     sent: list[str] = []
     try:
         for topic, matches in wanted.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from genmon.cli._common import fail_check
+from genmon.secrets import mask_url
 from genmon.settings import get_settings
 
 SERVICES = ("kafka", "postgres")
@@ -34,29 +35,71 @@ def infra_prepare(postgres: bool) -> None:
 
 @infra.command("up")
 @click.option("--postgres/--no-postgres", default=False, help="Also start PostgreSQL.")
-def infra_up(postgres: bool) -> None:
+@click.option(
+    "--sasl/--no-sasl",
+    default=None,
+    help="Add a SASL_SSL listener on settings.kafka.sasl_port (a CA and a user of its own, "
+    "PLAIN and SCRAM); default: when `openssl` is installed.",
+)
+def infra_up(postgres: bool, sasl: bool | None) -> None:
     """Start the broker (reusing a running one) and create genmon's topics."""
     from genmon.infra.kafka import KafkaBroker
+    from genmon.infra.kafka.security import openssl_available
 
     settings = get_settings()
-    broker = KafkaBroker(settings).up()
+    local = KafkaBroker(settings)
+    broker = local.up(sasl=sasl)
     click.echo(f"kafka: running (pid {broker.pid}) on {broker.bootstrap}; log {broker.log_path}")
+    if broker.sasl_bootstrap is not None:
+        # The password stays in the file: this line may end up in a CI log.
+        click.echo(
+            f"  SASL_SSL on {broker.sasl_bootstrap} (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), "
+            f"CA {local.security.ca_path}; to use it: set -a; . {local.security.env_path}; set +a"
+        )
+    elif sasl is None and openssl_available():
+        click.echo(
+            "  no SASL_SSL listener: this broker was started without it; "
+            "`genmon infra down && genmon infra up` adds it"
+        )
     if postgres:
         from genmon.infra.postgres import PostgresCluster
 
         cluster = PostgresCluster(settings).up()
         click.echo(f"postgres: running (pid {cluster.pid}); log {cluster.log_path}")
-        click.echo(f"  export GENMON_DATABASE__URL={cluster.url}")
+        click.echo(
+            f"  export GENMON_DATABASE__URL={mask_url(cluster.url)}"
+            "  # *** is GENMON_POSTGRES__PASSWORD"
+        )
 
 
 @infra.command("topics")
 def infra_topics() -> None:
-    """Create genmon's topics on GENMON_KAFKA__BOOTSTRAP_SERVERS (any cluster)."""
+    """Create genmon's topics on GENMON_KAFKA__BOOTSTRAP_SERVERS (any cluster, with
+    settings.kafka's TLS/SASL) and show their partitions, replication and min.insync.replicas."""
     from genmon.infra.kafka import KafkaBroker
 
     settings = get_settings()
-    names = KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
-    click.echo(f"topics on {settings.kafka.bootstrap_servers}: {', '.join(names)}")
+    kafka = settings.kafka
+    broker = KafkaBroker(settings)
+    broker.ensure_topics(kafka.bootstrap_servers)
+    rows = broker.describe_topics(kafka.bootstrap_servers)
+    click.echo(
+        f"topics on {kafka.bootstrap_servers} (settings: replication {kafka.replication_factor}, "
+        f"min.insync.replicas {kafka.min_insync_replicas}, producer acks {kafka.acks}):"
+    )
+    width = max((len(row.name) for row in rows), default=5)
+    click.echo(f"  {'topic':<{width}}  partitions  replication  min.insync.replicas")
+    for row in rows:
+        isr = "?" if row.min_insync_replicas is None else str(row.min_insync_replicas)
+        differs = (row.replication_factor, row.min_insync_replicas) != (
+            kafka.replication_factor,
+            kafka.min_insync_replicas,
+        )
+        note = "  (created before; differs from the settings)" if differs else ""
+        click.echo(
+            f"  {row.name:<{width}}  {row.partitions:>10}  {row.replication_factor:>11}  "
+            f"{isr:>19}{note}"
+        )
 
 
 @infra.command("down")
@@ -83,8 +126,10 @@ def infra_status() -> None:
     cluster = PostgresCluster(settings).status()
     state = f"running (pid {broker.pid})" if broker.running else "stopped"
     click.echo(f"kafka: {state} on {broker.bootstrap}; log {broker.log_path}")
+    if broker.sasl_bootstrap is not None:
+        click.echo(f"  SASL_SSL on {broker.sasl_bootstrap}")
     state = f"running (pid {cluster.pid})" if cluster.running else "stopped"
-    click.echo(f"postgres: {state} at {cluster.url}; log {cluster.log_path}")
+    click.echo(f"postgres: {state} at {mask_url(cluster.url)}; log {cluster.log_path}")
     if not broker.running:
         fail_check()
 

@@ -92,18 +92,21 @@ def _publish(settings: Any, request: Any) -> None:
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
+    from genmon import kafka_config
     from genmon.retrain.exceptions import RetrainError
     from genmon.schemas.codec import encode
 
     bootstrap = settings.kafka.bootstrap_servers
     try:
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        producer = KafkaProducer(**kafka_config.client_config(settings.kafka, producer=True))
         try:
             topic = settings.topic("retrain")
             producer.send(topic, key=request.model_id.encode(), value=encode(request)).get(30)
         finally:
             producer.close(timeout=10)
     except KafkaError as exc:
+        if kafka_config.is_auth_failure(exc):
+            raise kafka_config.auth_failure(settings.kafka, exc) from None
         raise RetrainError(
             f"cannot publish the request to Kafka at {bootstrap} ({exc}); start it with "
             "`genmon infra up`, or store the job without Kafka: add --direct"

@@ -11,6 +11,10 @@ distribution or Docker is needed, only a JDK 17 and Maven. Everything the broker
     broker.down()     # SIGTERM, then SIGKILL after a timeout
 
 The broker is started in its own session so it outlives the command that started it.
+``up(sasl=True)`` (``genmon infra up`` does so whenever ``openssl`` is there) adds a
+SASL_SSL listener on ``kafka.sasl_port`` with a CA and a user of its own
+(:mod:`genmon.infra.kafka.security`); genmon's clients use it with the settings in
+``<home>/kafka/security/client.env``.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from typing import Any
 
 from genmon.exceptions import KafkaInfraError
 from genmon.infra._process import (
+    check_port_free,
     cmdline_contains,
     exit_description,
     has_exited,
     live_process,
     port_answers,
-    port_owner,
     read_pid,
     remove_quietly,
     shorten,
@@ -40,16 +44,16 @@ from genmon.infra._process import (
     tail,
     terminate,
 )
-from genmon.settings import INTERNAL_TOPIC_KINDS, TOPIC_KINDS, Settings
+from genmon.infra.kafka import topics
+from genmon.infra.kafka.security import LISTENER, LocalSecurity, openssl_available
+from genmon.infra.kafka.topics import TopicDurability
+from genmon.settings import Settings
 
 POM = Path(__file__).with_name("pom.xml")
 LOG4J_CONFIG = Path(__file__).with_name("log4j.properties")
 
 #: How long a broker gets to shut down cleanly after SIGTERM before it is killed.
 STOP_TIMEOUT_S = 30.0
-
-# Kafka error code of CreateTopics for a topic that is already there.
-_TOPIC_ALREADY_EXISTS = 36
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class BrokerStatus:
     pid: int | None
     bootstrap: str
     log_path: Path
+    sasl_bootstrap: str | None = None
+    """``host:sasl_port`` when the broker has a SASL_SSL listener."""
 
 
 class KafkaBroker:
@@ -77,6 +83,7 @@ class KafkaBroker:
         self.log_path = self.home / "logs" / "server.log"
         # JVM output that never reaches log4j (bad flags, out of memory, crashes).
         self.console_path = self.home / "logs" / "console.out"
+        self.security = LocalSecurity(self.home / "security")
 
     @property
     def bootstrap(self) -> str:
@@ -94,25 +101,56 @@ class KafkaBroker:
             pid=pid if ours else None,
             bootstrap=self.bootstrap,
             log_path=self.log_path,
+            sasl_bootstrap=self.sasl_bootstrap if running and self.has_sasl_listener() else None,
         )
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        return f"{self.config.host}:{self.config.sasl_port}"
+
+    def has_sasl_listener(self) -> bool:
+        """Whether the broker was (last) started with the SASL_SSL listener."""
+        try:
+            return f"{LISTENER}://" in self.config_path.read_text()
+        except OSError:
+            return False
+
+    def sasl_settings(self, mechanism: str = "PLAIN") -> dict[str, Any]:
+        """``settings.kafka`` fields that reach this broker's SASL_SSL listener as its user
+        (see :meth:`LocalSecurity.client_settings`)."""
+        return self.security.client_settings(self.config.host, self.config.sasl_port, mechanism)
 
     def _is_our_broker(self, pid: int | None) -> bool:
         return live_process(pid, cmdline_contains("kafka.Kafka", str(self.config_path)))
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def up(self) -> BrokerStatus:
-        """Start the broker unless it already runs, wait until it answers, create the topics."""
+    def up(self, sasl: bool | None = False) -> BrokerStatus:
+        """Start the broker unless it already runs, wait until it answers, create the topics.
+
+        ``sasl``: True adds the SASL_SSL listener on ``kafka.sasl_port`` (a running broker
+        without it is an error), None adds it when ``openssl`` is there to make its
+        certificates, False leaves it out.
+        """
         pid = read_pid(self.pid_path)
         if self._is_our_broker(pid):
             assert pid is not None
+            if sasl and not self.has_sasl_listener():
+                raise KafkaInfraError(
+                    f"the running local broker (pid {pid}) has no SASL_SSL listener; restart "
+                    "it with one: `genmon infra down && genmon infra up --sasl`"
+                )
             self._wait_until_ready(pid)
+            self._prepare_listener()
             self.ensure_topics()
             return self.status()
         remove_quietly(self.pid_path)
-        self._check_ports_free()
+        with_sasl = sasl if sasl is not None else openssl_available()
+        self._check_ports_free(with_sasl)
         self.ensure_jars()
-        self._write_config()
+        if with_sasl:
+            self.security.ensure(self.config.host)
+        self._write_config(with_sasl)
         self._format_storage()
         pid = spawn_detached(
             self._java_command("kafka.Kafka", str(self.config_path)),
@@ -121,8 +159,21 @@ class KafkaBroker:
         )
         self.pid_path.write_text(f"{pid}\n")
         self._wait_until_ready(pid)
+        self._prepare_listener()
         self.ensure_topics()
         return self.status()
+
+    def _prepare_listener(self) -> None:
+        """The SCRAM users (kept in the metadata log, so made after the broker answers) and
+        the client.env of the SASL_SSL listener, when the broker has one."""
+        if not self.has_sasl_listener():
+            return
+        admin = self._admin(self.bootstrap, timeout_ms=15000)
+        try:
+            self.security.add_scram_users(admin)
+        finally:
+            admin.close()
+        self.security.write_client_env(self.config.host, self.config.sasl_port)
 
     def down(self) -> bool:
         """Stop the broker this home started; True when one was running."""
@@ -189,27 +240,33 @@ class KafkaBroker:
 
     # -- starting -------------------------------------------------------------------------
 
-    def _check_ports_free(self) -> None:
-        for port in (self.config.port, self.config.controller_port):
-            if port_answers(self.config.host, port):
-                raise KafkaInfraError(
-                    f"cannot start the local Kafka broker: {self.config.host}:{port} is already "
-                    f"in use by {port_owner(port)}, which genmon did not start from "
-                    f"{self.home}. Stop that process, or choose free ports with "
-                    "GENMON_KAFKA__PORT and GENMON_KAFKA__CONTROLLER_PORT."
-                )
+    def _check_ports_free(self, with_sasl: bool = False) -> None:
+        """One line naming the port and its holder, before Kafka fails with a stack trace."""
+        ports = {"PORT": self.config.port, "CONTROLLER_PORT": self.config.controller_port}
+        if with_sasl:
+            ports["SASL_PORT"] = self.config.sasl_port
+        for setting, port in ports.items():
+            check_port_free(
+                self.config.host, port, "the local Kafka broker",
+                setting=f"GENMON_KAFKA__{setting}", error=KafkaInfraError,
+            )  # fmt: skip
 
-    def _write_config(self) -> None:
+    def _write_config(self, with_sasl: bool = False) -> None:
         host, port, controller = self.config.host, self.config.port, self.config.controller_port
+        listeners = [f"PLAINTEXT://{host}:{port}"]
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if with_sasl:
+            listeners.append(f"{LISTENER}://{host}:{self.config.sasl_port}")
+            protocols += f",{LISTENER}:SASL_SSL"
         lines = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@{host}:{controller}",
-            "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller}",
-            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+            "listeners": ",".join([*listeners, f"CONTROLLER://{host}:{controller}"]),
+            "advertised.listeners": ",".join(listeners),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(self.data_dir),
             "num.partitions": str(self.config.partitions),
             # A single node cannot replicate; the defaults of 3 would block every group.
@@ -221,10 +278,16 @@ class KafkaBroker:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
         }
+        if with_sasl:
+            lines.update(self.security.server_properties())
         self.home.mkdir(parents=True, exist_ok=True)
         text = "# Written by genmon.infra.kafka on every start; edits are lost.\n"
         text += "".join(f"{key}={value}\n" for key, value in lines.items())
-        self.config_path.write_text(text)
+        # It may hold the listener's passwords: readable by its owner only, from the start.
+        remove_quietly(self.config_path)
+        descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
 
     def _format_storage(self) -> None:
         if (self.data_dir / "meta.properties").exists():
@@ -308,57 +371,28 @@ class KafkaBroker:
     def ensure_topics(self, bootstrap: str | None = None) -> list[str]:
         """Create genmon's topics (existing ones are left as they are); returns their names.
 
-        ``bootstrap`` defaults to the local broker; pass ``settings.kafka.bootstrap_servers``
-        to prepare a cluster genmon did not start.
+        They get ``kafka.partitions``, ``kafka.replication_factor``, ``min.insync.replicas``
+        and retention from the settings (:mod:`genmon.infra.kafka.topics`). ``bootstrap``
+        defaults to the local broker's own listener; pass ``settings.kafka.bootstrap_servers``
+        to prepare a cluster genmon did not start, reached with ``settings.kafka``'s
+        security (TLS, SASL).
         """
-        names = [self.settings.topic(kind) for kind in (*TOPIC_KINDS, *INTERNAL_TOPIC_KINDS)]
-        spec = {
-            name: {
-                "num_partitions": self.config.partitions,
-                # -1: the cluster's default.replication.factor (1 on the local broker).
-                "replication_factor": -1,
-                "configs": {"retention.ms": str(self.config.retention_ms)},
-            }
-            for name in names
-        }
         address = bootstrap or self.bootstrap
-        try:
-            admin = self._admin(address, timeout_ms=15000)
-        except Exception as error:
-            raise KafkaInfraError(
-                f"cannot reach Kafka at {address} to create genmon's topics ({error}); "
-                "start it with `genmon infra up`"
-            ) from error
-        try:
-            result = admin.create_topics(spec, raise_errors=False, wait_for_metadata=True)
-        except Exception as error:
-            raise KafkaInfraError(
-                f"creating genmon's topics on {address} failed ({type(error).__name__}: "
-                f"{error}); see {self.log_path}"
-            ) from error
-        finally:
-            admin.close()
-        failures = [
-            f"{topic['name']}: {topic.get('error_message') or topic['error_code']}"
-            for topic in result["topics"]
-            if topic["error_code"] not in (0, _TOPIC_ALREADY_EXISTS)
-        ]
-        if failures:
-            raise KafkaInfraError(
-                f"Kafka at {address} refused some of genmon's topics ({'; '.join(failures)}); "
-                "check GENMON_KAFKA__PARTITIONS and GENMON_KAFKA__RETENTION_MS"
-            )
-        return names
+        with topics.connected(self.settings, address, secure=bootstrap is not None) as admin:
+            return topics.create_topics(admin, self.settings, address, self.log_path)
 
-    @staticmethod
-    def _admin(bootstrap: str, timeout_ms: int) -> Any:
-        from kafka.admin import KafkaAdminClient  # heavy: keep `genmon --help` fast
+    def describe_topics(self, bootstrap: str | None = None) -> list[TopicDurability]:
+        """genmon's topics, then those its workers' Faust apps made (changelogs...), as the
+        cluster at ``bootstrap`` holds them; topics not created yet are left out."""
+        address = bootstrap or self.bootstrap
+        with topics.connected(self.settings, address, secure=bootstrap is not None) as admin:
+            names = topics.topic_names(self.settings)
+            names += topics.faust_topic_names(admin, self.settings)
+            return topics.describe_topics(admin, names)
 
-        return KafkaAdminClient(
-            bootstrap_servers=bootstrap,
-            client_id="genmon-infra",
-            request_timeout_ms=timeout_ms,
-        )
+    def _admin(self, bootstrap: str, timeout_ms: int) -> Any:
+        """An admin client on the local broker's own (PLAINTEXT) listener."""
+        return topics.new_admin(self.settings, bootstrap, secure=False, timeout_ms=timeout_ms)
 
 
 def new_cluster_id() -> str:

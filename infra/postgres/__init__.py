@@ -31,9 +31,9 @@ import psutil
 
 from genmon.exceptions import PostgresInfraError
 from genmon.infra._process import (
+    check_port_free,
     live_process,
     port_answers,
-    port_owner,
     read_pid,
     remove_quietly,
     shorten,
@@ -222,12 +222,13 @@ class PostgresCluster:
 
     def _start(self) -> None:
         host, port = self.config.host, self.config.port
-        if port_answers(host, port):
-            raise PostgresInfraError(
-                f"cannot start the local PostgreSQL: {host}:{port} is already in use by "
-                f"{port_owner(port)}, which genmon did not start from {self.home}. Stop it, "
-                "or choose a free port with GENMON_POSTGRES__PORT."
-            )
+        check_port_free(
+            host,
+            port,
+            f"the local PostgreSQL of {self.home}",
+            setting="GENMON_POSTGRES__PORT",
+            error=PostgresInfraError,
+        )
         bin_dir = self.ensure_binaries()
         self._prepare_directories()
         if not (self.data_dir / "PG_VERSION").exists():

@@ -59,9 +59,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
+from genmon import kafka_config
 from genmon.exceptions import ConfigurationError, GenmonError
+from genmon.logs import install_on_worker
 from genmon.schemas.events import InferenceEvent
-from genmon.settings import Settings
+from genmon.settings import KafkaSettings, Settings
 from genmon.streams.embedding.sampling import (
     EmbedRequest,
     RateController,
@@ -90,11 +92,19 @@ T = TypeVar("T")
 class BacklogProbe:
     """Messages on the request topic beyond the encoder group's committed offsets (blocking).
 
-    Reads offsets only: its client never joins the group or commits.
+    Reads offsets only: its client never joins the group or commits. ``kafka`` gives the
+    security options (TLS, SASL); the default is a plain-text connection.
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str, group_id: str) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        group_id: str,
+        kafka: KafkaSettings | None = None,
+    ) -> None:
         self.bootstrap_servers, self.topic, self.group_id = bootstrap_servers, topic, group_id
+        self.kafka = kafka or KafkaSettings(bootstrap_servers=bootstrap_servers)
         self._client: Any = None
 
     def read(self) -> int:
@@ -102,7 +112,7 @@ class BacklogProbe:
 
         if self._client is None:
             self._client = KafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers,
+                **kafka_config.client_config(self.kafka, self.bootstrap_servers),
                 group_id=self.group_id,
                 enable_auto_commit=False,
             )
@@ -245,6 +255,7 @@ class SamplerStage:
             settings.kafka.bootstrap_servers,
             self.topic.get_topic_name(),
             encoder_group_id(settings),
+            settings.kafka,
         )
         self._declared = False
         metrics.sync_sampler(self.sampler)
@@ -476,4 +487,6 @@ def run_embed_worker(settings: Settings, *, loglevel: str | None = None) -> None
         )
     KafkaBroker(settings).ensure_topics(settings.kafka.bootstrap_servers)
     app = create_app(embed_role_settings(settings), installers=(install_embed_role,))
-    faust.Worker(app, loglevel=loglevel or settings.worker.loglevel).execute_from_commandline()
+    worker = faust.Worker(app, loglevel=loglevel or settings.worker.loglevel)
+    install_on_worker(worker, settings)
+    worker.execute_from_commandline()
