@@ -27,7 +27,7 @@ edge counters, and overflow checks turn an arithmetic overflow into a crash)::
 Half the mutations are libFuzzer's own byte mutations, half rewrite one field of a JSON
 event (:mod:`event_mutator`), so that valid events, where both paths must also agree on
 the content, stay a good part of what is tried. The target adds
-``-dict=fuzz/decoder.dict``, ``-max_len=8192`` and an artifact prefix under
+``-dict=fuzz/decoder.dict``, ``-max_len=8192``, ``-rss_limit_mb=4096`` and an artifact prefix under
 ``fuzz/.build/artifacts/`` unless given. ``tests/streams/test_fuzz_decoder.py`` replays
 the saved corpus through :func:`check` and runs a short, bounded session in CI.
 """
@@ -234,6 +234,11 @@ def _with_defaults(argv: list[str]) -> list[str]:
         args.append(f"-dict={DICTIONARY}")
     if "-max_len" not in given:
         args.append("-max_len=8192")
+    if "-rss_limit_mb" not in given:
+        # The interpreter with the worker's modules and the instrumented decoder already
+        # holds ~2.2 GB before the first input on some machines, above libFuzzer's 2 GB
+        # default: a false "out-of-memory" at start-up. A leak still stops the run at 4 GB.
+        args.append("-rss_limit_mb=4096")
     if "-artifact_prefix" not in given:
         artifacts = FUZZ / ".build" / "artifacts"
         artifacts.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ def test_a_short_coverage_guided_run_finds_nothing(tmp_path: Path) -> None:
             str(CORPUS),
             f"-runs={CI_RUNS}",
             "-seed=1",
+            f"-rss_limit_mb={_rss_limit_mb()}",
             f"-artifact_prefix={tmp_path}/",
         ],
         cwd=ROOT,
@@ -145,3 +146,13 @@ PINNED = {
 @pytest.mark.parametrize("data", PINNED.values(), ids=PINNED.keys())
 def test_pinned_edge_cases_agree(data: bytes) -> None:
     check(data)
+
+
+def _rss_limit_mb() -> int:
+    """libFuzzer's memory guard for the child: Linux keeps a process's peak RSS across
+    exec, so the child starts at this test process's peak (over 2 GB late in the suite),
+    which libFuzzer's default 2 GB limit would call an out-of-memory before any input."""
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return max(4096, peak_mb + 2048)
