@@ -19,6 +19,8 @@ COPY incidents/ incidents/
 COPY replay/ replay/
 COPY retrain/ retrain/
 COPY infra/ infra/
+COPY scheduler/ scheduler/
+COPY privacy/ privacy/
 RUN pip wheel --no-deps --wheel-dir /wheels . ./streams/native-rs
 
 FROM python:3.11-slim

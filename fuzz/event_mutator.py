@@ -24,6 +24,7 @@ FIELDS = [
     "finished_at",
     "prompt",
     "response",
+    "messages",
     "latency_ms",
     "time_to_first_token_ms",
     "prompt_tokens",
@@ -144,8 +145,22 @@ def _string(rng: random.Random) -> str:
     return json.dumps(text, ensure_ascii=rng.random() < 0.5)
 
 
+def _messages(rng: random.Random) -> str:
+    """A ``messages`` array: chat turns, some with a wrong role, key or count."""
+    roles = ["system", "user", "assistant", "tool", "bot", ""]
+    turns = []
+    for _ in range(rng.choice([0, 1, 2, 3])):
+        role, content = json.dumps(rng.choice(roles)), rng.choice([*EDGES, _string(rng)])
+        turns.append(f'{{"role": {role}, "content": {content}}}')
+    if rng.random() < 0.2:
+        turns.append(rng.choice(['{"role": "user"}', '{"role": "user", "content": "", "x": 1}']))
+    if rng.random() < 0.05:
+        turns *= 300  # past MAX_MESSAGES (256)
+    return "[" + ", ".join(turns) + "]"
+
+
 def _value(rng: random.Random, old: str, byte_mutate: Callable[[bytes, int], bytes]) -> str:
-    kind = rng.randrange(6)
+    kind = rng.randrange(7)
     if kind == 0:
         return _timestamp(rng)
     if kind == 1:
@@ -161,6 +176,8 @@ def _value(rng: random.Random, old: str, byte_mutate: Callable[[bytes, int], byt
             for i in range(rng.choice([0, 1, 2, 33]))
         )
         return "{" + pairs + "}"
+    if kind == 5:
+        return _messages(rng)
     return byte_mutate(old.encode(), max(len(old) * 2, 16)).decode("utf-8", "surrogateescape")
 
 

@@ -129,6 +129,26 @@ def schema_seeds() -> Iterator[bytes]:
         yield raw
     yield _event(prompt="p" * 32_768, response="r")
     yield _event(prompt="p" * 32_769)
+    yield from message_seeds()
+
+
+def message_seeds() -> Iterator[bytes]:
+    """Chat ``messages``: each role, the count and text limits, and what is refused."""
+    turns = [{"role": r, "content": "hi"} for r in ["system", "user", "assistant", "tool"]]
+    yield _event(messages=turns, prompt="hi")
+    yield _event(messages=[])
+    yield _event(messages=None)
+    yield _event(messages=[{"role": "user", "content": "x"}] * 256)
+    yield _event(messages=[{"role": "user", "content": "x"}] * 257)
+    yield _event(messages=[{"role": "user", "content": "m" * 32_769}])
+    for bad in [{"role": "bot", "content": "x"}, {"role": "user"}, {"content": "x"}]:
+        yield _event(messages=[bad])
+    yield _event(messages=[{"role": "user", "content": "x", "name": "n"}])
+    yield _event(messages=[{"role": "user", "content": None}])
+    yield _event(messages=[{"role": "user", "content": "a\x00b"}])
+    yield _event(messages=[{"role": "user", "content": "\ud800"}])
+    yield _event(messages={"role": "user", "content": "x"})
+    yield _event()[:-1] + b', "messages": [{"role": "user", "role": "tool", "content": "x"}]}'
 
 
 def dead_letter_seeds() -> Iterator[bytes]:

@@ -53,7 +53,7 @@ SQLITE_MIGRATION_WAIT_MS = 600_000
 MIGRATION_LOCK_KEY = 0x67656E6D6F6E
 
 #: Modules whose SQLModel tables the migrations create; optional ones may be absent.
-TABLE_MODULES = ("genmon.schemas.tables", "genmon.schemas.retrain")
+TABLE_MODULES = ("genmon.schemas.tables", "genmon.schemas.retrain", "genmon.schemas.governance")
 OPTIONAL_TABLE_MODULES = ("genmon.schemas.incidents",)
 
 

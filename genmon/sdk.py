@@ -14,8 +14,8 @@ How it behaves:
   programming error: by default it raises :class:`genmon.exceptions.SchemaError`
   whose ``reason`` is one of :data:`genmon.schemas.codec.REASONS`.
   ``Monitor(on_invalid="count")`` instead counts it in ``stats.invalid``, logs it
-  (rate-limited) and returns ``False``. Prompts and responses longer than
-  ``max_text_chars`` are cut to that length (``stats.truncated``), not rejected.
+  (rate-limited) and returns ``False``. Prompts, responses and chat message texts longer
+  than ``max_text_chars`` are cut to that length (``stats.truncated``), not rejected.
 * A background thread moves the buffer into a kafka-python ``KafkaProducer``
   (``acks=all`` unless ``kafka.acks`` says otherwise, idempotent so retries cannot
   reorder, gzip by default). When the broker is down the thread keeps retrying, with
@@ -61,6 +61,7 @@ from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from genmon import kafka_config
+from genmon.chat import chat_fields
 from genmon.exceptions import ConfigurationError, SchemaError
 from genmon.follow import ROLLOUT, ModelFollower, OnChange, RolloutFollower, followed_fields
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
@@ -231,10 +232,14 @@ class Monitor:
         """Queue one inference; ``True`` when accepted, ``False`` when dropped or invalid.
 
         A model followed with :meth:`follow` gets ``model_version`` = the version its alias
-        points to now when the call leaves it unset.
+        points to now when the call leaves it unset. A chat call passes its turns as
+        ``messages`` (dicts ``{role, content}`` or :class:`~genmon.schemas.events.ChatMessage`);
+        without a ``prompt`` the last user turn's content is the prompt (:mod:`genmon.chat`).
         """
         fields = followed_fields(self._followers, event, fields)
-        return self._log("inference", InferenceEvent, event, fields, ("prompt", "response"))
+        fields, cut = chat_fields(event, fields, self._max_text_chars)
+        texts = ("prompt", "response")
+        return self._log("inference", InferenceEvent, event, fields, texts, truncated=cut)
 
     @overload
     def follow(
@@ -303,8 +308,10 @@ class Monitor:
         event: E | Mapping[str, Any] | None,
         fields: dict[str, Any],
         texts: tuple[str, ...],
+        *,
+        truncated: bool = False,
     ) -> bool:
-        validated = self._validate(model, event, fields, texts)
+        validated = self._validate(model, event, fields, texts, truncated)
         if validated is None:
             return False
         model_id = validated.model_id
@@ -360,6 +367,7 @@ class Monitor:
         event: E | Mapping[str, Any] | None,
         fields: dict[str, Any],
         texts: tuple[str, ...],
+        truncated: bool = False,
     ) -> E | None:
         if isinstance(event, model):
             if fields:
@@ -368,7 +376,7 @@ class Monitor:
         if isinstance(event, BaseModel):
             raise TypeError(f"expected a {model.__name__}, got a {type(event).__name__}")
         data = {**(event or {}), **fields}
-        if any(
+        if truncated or any(
             isinstance(data.get(name), str) and len(data[name]) > self._max_text_chars
             for name in texts
         ):

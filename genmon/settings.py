@@ -255,8 +255,9 @@ class FeedbackSettings(BaseModel):
         description=(
             "most join entries a partition keeps; beyond it the soonest-expiring are evicted"
             " (their waiting feedback counts as orphaned). An entry holds up to"
-            " 2 x join_max_text_chars characters plus ~1 KiB: at most ~0.9 GB per partition"
-            " at the defaults (ASCII text), ~80 MB with 300-character prompts and responses"
+            " 2 x join_max_text_chars characters plus ~1 KiB, and a chat's latest turns up to"
+            " join_max_text_chars more: at most ~0.9 GB per partition at the defaults (ASCII"
+            " text; ~1.3 GB for long chats), ~80 MB with 300-character prompts and responses"
         ),
     )
     examples_retry_initial_s: float = Field(
@@ -689,6 +690,117 @@ class RetrainSettings(BaseModel):
         False,
         description="redact emails, phones, cards and keys in training data (genmon's redactor)",
     )
+    max_examples_per_subject: int = Field(
+        50,
+        ge=1,
+        description="most examples of each class one data subject gives a dataset, so that one "
+        "user cannot steer the model",
+    )
+    backend: Literal["local", "ray", "kubernetes"] = Field(
+        "local", description="where training runs: this worker, a Ray cluster or a Kubernetes Job"
+    )
+    gpus_per_job: float = Field(1.0, ge=0, description="GPUs a remote job asks for")
+    launcher: Literal["python", "torchrun", "accelerate"] = Field(
+        "python", description="how a job's training command starts (multi-GPU: torchrun)"
+    )
+    processes_per_job: int = Field(
+        1, ge=1, description="training processes (GPUs) a torchrun or accelerate launch starts"
+    )
+    ray_address: str = Field(
+        "http://127.0.0.1:8265", description="Ray Jobs API address (the dashboard's)"
+    )
+    kubernetes_namespace: str = Field("default", description="namespace of training Jobs")
+    kubernetes_image: str = Field(
+        "genmon:latest", description="container image with genmon[retrain] for training Jobs"
+    )
+    remote_poll_s: float = Field(
+        10.0, gt=0, description="how often a worker checks a remote job's state"
+    )
+    remote_python: str = Field(
+        "python", description="the Python a Ray or Kubernetes run starts (node, image)"
+    )
+    remote_env_vars: list[str] = Field(
+        default_factory=list,
+        description="names of environment variables a worker passes on, as it has them, to "
+        "remote runs (besides the settings it spells out), e.g. HF_HOME",
+    )
+    kubernetes_secret: str | None = Field(
+        "genmon-retrain",
+        description="Secret whose keys become a training Job's environment (database URL, "
+        "Kafka credentials as GENMON_* variables): never literal secrets in the manifest",
+    )
+    kubernetes_deadline_s: int = Field(
+        86400, gt=0, description="a training Job running longer is stopped by Kubernetes"
+    )
+    kubernetes_ttl_s: int = Field(
+        604800,
+        ge=0,
+        description="how long Kubernetes keeps an ended training Job (adoption looks it up)",
+    )
+
+
+class SchedulerSettings(BaseModel):
+    """The one scheduler across processes (:mod:`genmon.scheduler`): it only enqueues work."""
+
+    enabled: bool = Field(
+        True, description="run the scheduler in `genmon worker --role retrain` (one leads)"
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="a leader that has not renewed for this long is replaced"
+    )
+    misfire_grace_s: float = Field(
+        3600.0, ge=0, description="a tick missed while no leader ran fires once if this recent"
+    )
+    timezone: str = Field("UTC", description="time zone of cron expressions")
+    tick_s: float = Field(
+        1.0, gt=0, description="how often the leader compares its clock with the schedules"
+    )
+    retention_cron: str | None = Field(
+        "17 3 * * *", description="when retention runs (cron); unset: never by clock"
+    )
+    reference_refresh_cron: str | None = Field(
+        None, description="when drift references are refreshed (cron); unset: never by clock"
+    )
+    digest_cron: str | None = Field(
+        "0 8 * * *", description="when the daily digest goes out (cron); unset: no digest"
+    )
+    digest_destination: str | None = Field(
+        None, description="destination name that receives the digest; unset: no digest"
+    )
+
+
+class RetentionSettings(BaseModel):
+    """How long genmon keeps what it stores (days; unset: forever). Enforced by the
+    scheduler; Kafka topics are bounded by ``kafka.retention_ms``."""
+
+    labelled_examples_days: float | None = Field(180.0, gt=0, description="labelled examples")
+    windows_days: float | None = Field(
+        90.0,
+        gt=0,
+        description="window records and signals: they live on Kafka topics, so "
+        "kafka.retention_ms bounds them (retention warns when that is longer)",
+    )
+    findings_days: float | None = Field(90.0, gt=0, description="findings seen (dedup rows)")
+    incidents_days: float | None = Field(
+        365.0, gt=0, description="resolved incidents and their transitions"
+    )
+    notifications_days: float | None = Field(30.0, gt=0, description="delivered notifications")
+    datasets_days: float | None = Field(
+        180.0, gt=0, description="built datasets of jobs that ended (their files)"
+    )
+    artifacts_days: float | None = Field(
+        365.0,
+        gt=0,
+        description="checkpoints and adapters of versions that serve nothing (never a "
+        "version an alias points to)",
+    )
+    batch_size: int = Field(
+        500,
+        ge=1,
+        le=10_000,
+        description="rows deleted (or scanned for an erasure) per transaction: bounds memory "
+        "and lock time",
+    )
 
 
 class Settings(BaseSettings):
@@ -711,6 +823,8 @@ class Settings(BaseSettings):
     incidents: IncidentSettings = Field(default_factory=IncidentSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     def topic(self, kind: str) -> str:
         """Name of genmon's topic for ``kind`` (inference, feedback, findings, ...)."""

@@ -23,6 +23,7 @@ import httpx
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from genmon.exceptions import ConfigurationError
 from genmon.incidents.destinations import Destination, Message, scrub_secrets
 from genmon.incidents.publisher import IncidentTopicPublisher
 from genmon.incidents.retry import RETRYABLE_STATUS, parse_retry_after
@@ -47,7 +48,8 @@ class Claimed:
     """A notification row claimed under a lease: what its delivery needs to know."""
 
     id: int
-    incident_id: str
+    incident_id: str | None
+    """``None`` for the daily digest (about no one incident)."""
     destination: str
     event: str
     idempotency_key: str
@@ -113,11 +115,14 @@ async def deliver(
             "and requeue with `genmon notify retry`",
             0.0,
         )
-    started = time.perf_counter()
     try:
         request = destination.render(
             Message(item.idempotency_key, item.event, item.payload, item.incident_id)
         )
+    except ConfigurationError as exc:  # e.g. a digest queued for a pages-only destination
+        return DeliveryResult("dead", None, str(exc), 0.0)
+    started = time.perf_counter()
+    try:
         timeout = destination.settings.timeout_s or timeout_s
         response = await channels.http.post(
             request.url, content=request.body, headers=request.headers, timeout=timeout
@@ -145,7 +150,7 @@ async def publish(topic: IncidentTopicPublisher, item: Claimed) -> DeliveryResul
         return DeliveryResult("dead", None, f"not an incident event: {exc}", 0.0)
     started = time.perf_counter()
     try:
-        await topic.send(item.incident_id.encode(), encode(event))
+        await topic.send(event.incident_id.encode(), encode(event))
     except (KafkaError, OSError, TimeoutError) as exc:
         error = f"{topic.topic}: {type(exc).__name__}: {exc}"
         return DeliveryResult("retry", None, error, _ms(started))

@@ -10,6 +10,11 @@
 - ``alertmanager``: Alertmanager's webhook payload (``version: "4"``), for receivers
   written for Prometheus alerts.
 
+The scheduler's daily digest (event ``digest``, about no one incident) goes to webhook
+(``schema: genmon.digest/v1``, signed like every payload) and Slack (its text in one
+section) only; PagerDuty and Alertmanager are for pages, and refuse it with a
+:class:`~genmon.exceptions.ConfigurationError` (the dispatcher makes such a row dead).
+
 Every request carries the notification's idempotency key in the ``Idempotency-Key``
 header and in the body. Secrets (URL, HMAC key, routing key) stay in
 :class:`~pydantic.SecretStr` and are never put in logs or error messages.
@@ -27,6 +32,10 @@ from genmon.settings import DestinationSettings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 WEBHOOK_SCHEMA = "genmon.notification/v1"
+#: The schema of the daily digest's webhook body (:mod:`genmon.scheduler.digest`).
+DIGEST_SCHEMA = "genmon.digest/v1"
+#: The event of the daily digest (``NotificationEvent.DIGEST``).
+DIGEST_EVENT = "digest"
 #: Alertmanager's "not ended yet" value of endsAt.
 ALERTMANAGER_ZERO_TIME = "0001-01-01T00:00:00Z"
 PAGERDUTY_SUMMARY_CHARS = 1024
@@ -42,7 +51,8 @@ class Message:
     idempotency_key: str
     event: str
     payload: dict[str, Any]
-    incident_id: str
+    incident_id: str | None
+    """``None`` for the digest, which concerns no one incident."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,15 @@ class Destination:
     def body(self, message: Message) -> dict[str, Any]:
         raise NotImplementedError
 
+    def refuse_digest(self, message: Message) -> None:
+        """Pages only: a digest here is a configuration error (the scheduler refuses such a
+        ``scheduler.digest_destination`` too)."""
+        if message.event == DIGEST_EVENT:
+            raise ConfigurationError(
+                f"{self.type} destination {self.name!r} takes pages, not the daily digest;"
+                " set scheduler.digest_destination to a webhook or slack destination"
+            )
+
     def render(self, message: Message) -> Request:
         body = _dumps(self.body(message))
         headers = {
@@ -122,6 +141,14 @@ class WebhookDestination(Destination):
 
     def body(self, message: Message) -> dict[str, Any]:
         payload = message.payload
+        if message.event == DIGEST_EVENT:
+            return {
+                "schema": DIGEST_SCHEMA,
+                "idempotency_key": message.idempotency_key,
+                "event": message.event,
+                "created_at": payload.get("created_at"),
+                "digest": payload.get("digest", {}),
+            }
         return {
             "schema": WEBHOOK_SCHEMA,
             "idempotency_key": message.idempotency_key,
@@ -152,6 +179,8 @@ class SlackDestination(Destination):
     }
 
     def body(self, message: Message) -> dict[str, Any]:
+        if message.event == DIGEST_EVENT:
+            return self._digest(message)
         incident = message.payload.get("incident", {})
         severity = incident.get("severity", "warning")
         status = "RESOLVED" if message.event == "resolve" else message.event.upper()
@@ -196,6 +225,13 @@ class SlackDestination(Destination):
         )
         return {"text": headline, "blocks": blocks}
 
+    @staticmethod
+    def _digest(message: Message) -> dict[str, Any]:
+        """The digest's first line as the notification text, all of it in one section."""
+        text = _slack_escape(str(message.payload.get("text") or "genmon digest"))
+        section = {"type": "mrkdwn", "text": text[:SLACK_SECTION_CHARS]}
+        return {"text": text.splitlines()[0], "blocks": [{"type": "section", "text": section}]}
+
 
 class PagerDutyDestination(Destination):
     """PagerDuty Events API v2 (https://developer.pagerduty.com/docs/events-api-v2/)."""
@@ -218,6 +254,7 @@ class PagerDutyDestination(Destination):
         self.routing_key = settings.routing_key
 
     def body(self, message: Message) -> dict[str, Any]:
+        self.refuse_digest(message)
         incident = message.payload.get("incident", {})
         event: dict[str, Any] = {
             "routing_key": self.routing_key.get_secret_value(),
@@ -259,6 +296,7 @@ class AlertmanagerDestination(Destination):
     type = "alertmanager"
 
     def body(self, message: Message) -> dict[str, Any]:
+        self.refuse_digest(message)
         payload = message.payload
         incident = payload.get("incident", {})
         labels = {k: v for k, v in payload.get("labels", {}).items() if v and k != "status"}

@@ -130,6 +130,8 @@ def _expire(session: Session, now: datetime, cutoff: datetime, horizon_s: float)
     first_of_chain: dict[tuple[str, str], int] = {}
     for row_id, incident_id, destination in expired:
         lost[destination] += 1
+        if incident_id is None:  # the digest: a chain of its own, nothing queued after it
+            continue
         chain = (incident_id, destination)
         first_of_chain[chain] = min(row_id, first_of_chain.get(chain, row_id))
     for (_, destination), row_id in sorted(first_of_chain.items()):

@@ -1,7 +1,9 @@
 """Order per incident and destination: what may go now, and what a later page replaces.
 
 A *chain* is the notifications of one incident for one destination, in the order the
-manager queued them (their ids). Three rules keep every receiver's view in that order:
+manager queued them (their ids). A row of no incident (the daily digest: ``incident_id``
+null) is a chain of its own, since SQL's ``NULL = NULL`` is not true: it waits for no
+row and no row waits for it. Three rules keep every receiver's view in that order:
 
 - **the head rule**: a row may be claimed only while no earlier row of its chain is
   undelivered: pending (due, or waiting for a retry) or in flight (claimed by any

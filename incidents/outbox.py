@@ -9,7 +9,8 @@ dispatcher uses these functions to take them in turn and to settle them. Guarant
 - **in order per incident and destination** (:mod:`~genmon.incidents.ordering`): the
   claim's UPDATE itself requires that no earlier row of the same incident and
   destination is pending, retrying or in flight, so a resolve never overtakes its
-  trigger, not even while the trigger is on the wire from another dispatcher. Claims
+  trigger, not even while the trigger is on the wire from another dispatcher. A row of
+  no incident (the daily digest) is a chain of its own: nothing waits for it. Claims
   and requeues take turns (:func:`claims_lock`), so a requeued row cannot slip behind a
   later one being claimed;
 - **paused destinations** (:mod:`~genmon.incidents.health`): their rows are not claimed,
@@ -316,7 +317,12 @@ def _suppress(session: Session, silenced: Mapping[int, str], now: datetime) -> i
 
 def _silenced(session: Session, rows: Sequence[Notification], now: datetime) -> dict[int, str]:
     """Due pages that a silence holds back now, with its id (rules in silences.py)."""
-    pages = [row for row in rows if row.destination != INCIDENTS_TOPIC_DESTINATION]
+    # The digest (no incident) has no labels for a silence to match: it always goes.
+    pages = [
+        row
+        for row in rows
+        if row.destination != INCIDENTS_TOPIC_DESTINATION and row.incident_id is not None
+    ]
     if not pages:
         return {}
     active = ActiveSilences.load(session, now)
@@ -327,6 +333,7 @@ def _silenced(session: Session, rows: Sequence[Notification], now: datetime) -> 
             silence = active.matching(row.payload.get("labels", {}))
             silence_id = silence.id if silence is not None else None
         else:
+            assert row.incident_id is not None
             silence_id = follow_up_silenced_by(
                 session, row.incident_id, row.destination, before_id=row.id
             )

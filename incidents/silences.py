@@ -25,7 +25,9 @@ end of that silence that releases the page: one still running keeps holding it e
 it no longer matches the incident.
 
 Rows for the incidents topic are a record of what happened, not pages: no silence holds
-them back.
+them back. Nor does one hold back the scheduler's daily digest: silences match an
+incident's labels, and the digest is about no incident (its ``incident_id`` is null), so
+a silence of one model does not mute the summary of them all.
 """
 
 from __future__ import annotations

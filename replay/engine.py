@@ -178,6 +178,7 @@ class Replay:
         self.manager = IncidentManager(self.engine, self.settings, clock=self._datetime)
         self.core = WindowState(self.settings, DictStore(), clock=self._clock, buffered=True)
         self.runner = DetectorRunner(self.settings)
+        self.runner.refresh = None  # judged as recorded, never on a live database's requests
         self.points = PointLog() if collect_points else None
         if self.points is not None:
             self.runner.points = self.points.add

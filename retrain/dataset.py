@@ -1,19 +1,24 @@
-"""The dataset a retrain job trains and is judged on: corrections from production feedback.
+"""The dataset a retrain job trains and is judged on: the feedback users sent.
 
 :func:`load_examples` reads a model's ``labelled_example`` rows (inference joined with its
-feedback by the pipeline); :func:`build_dataset` turns them into SFT examples and splits
-them; :func:`write_dataset` stores the result as a versioned dataset that a worker on
-another machine can read back (:func:`read_dataset`). The rules, each chosen so that the
-gate judges the candidate on evidence it has not trained on:
+feedback by the pipeline); :func:`build_dataset` turns them into examples of one training
+strategy and splits them; :func:`write_dataset` stores the result as a versioned dataset
+that a worker on another machine can read back (:func:`read_dataset`). The rules, each
+chosen so that the gate judges the candidate on evidence it has not trained on:
 
-- **Corrections only.** A row becomes ``prompt -> correction`` with the logged response as
-  ``rejected`` (a preference pair for the gate). Thumbs and scores without a correction say
-  that an answer was bad, not what a good one is: they are counted, not trained on. A
-  correction equal to the logged response (after trimming) teaches nothing and is dropped.
+- **Consent first** (:mod:`genmon.retrain.consent`). Rows of data subjects who opted out
+  are dropped before anything else; each subject gives at most ``max_per_subject``
+  examples per class (the latest).
 - **Merging** (:data:`MERGE_RULE`). The table is unique per (model, request), but a dataset
-  may be built from rows of several sources: rows of one request are merged, and the latest
-  row (by ``created_at``, then ``id``) with a non-empty correction gives the example, whose
-  time is that row's (the feedback's arrival).
+  may be built from rows of several sources: rows of one request are merged. The latest
+  row (by ``created_at``, then ``id``) with a non-empty correction gives the request's
+  correction, whose time is that row's (the feedback's arrival); a request without one
+  keeps its latest scored row (thumbs are scores 1.0 / 0.0). A correction equal to the
+  logged response (after trimming) teaches nothing and is dropped.
+- **One strategy** (:mod:`genmon.retrain.preference_data`): ``sft`` and ``dpo`` train on
+  corrections, ``kto`` on thumbs and scores and on both sides of each correction;
+  :func:`~genmon.retrain.preference_data.choose_strategy` picks it (``auto``) or checks
+  the policy's choice against the data, and the manifest records which and why.
 - **Split by time.** The latest ``eval_fraction`` of the examples are the evaluation split:
   the gate asks how the candidate does on the traffic that came after what it learnt from,
   as it will after promotion.
@@ -23,8 +28,10 @@ gate judges the candidate on evidence it has not trained on:
   the split of its latest member. Otherwise a paraphrase seen in training would flatter
   the candidate on evaluation. Only the evaluation split can grow by this (a group whose
   latest member is in training is wholly earlier, so wholly in training already).
+- **Up-weighting** a segment (a bias incident's) repeats its *training* examples
+  ``upweight_factor`` times; the evaluation split is never up-weighted.
 - **Redaction** with ``redact`` (genmon's :func:`genmon.schemas.redact.redact`) of prompt,
-  completion and rejected text before anything is embedded, hashed or stored.
+  completion, rejected text and chat turns before anything is embedded, hashed or stored.
 
 The result is deterministic: the same rows give the same examples, split, manifest and
 ``content_hash``, whatever their order.
@@ -39,15 +46,26 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from genmon.exceptions import ConfigurationError
+from genmon.retrain.consent import cap_per_subject, without_opted_out
 from genmon.retrain.examples import SftExample
 from genmon.retrain.exceptions import DatasetError
+from genmon.retrain.preference_data import (
+    DESIRABLE_AT,
+    KTO_FROM_CORRECTIONS,
+    Available,
+    StrategyChoice,
+    as_utc,
+    candidates,
+    choose_strategy,
+    class_of,
+)
 
 if TYPE_CHECKING:
     from sqlmodel import Session
@@ -56,9 +74,15 @@ if TYPE_CHECKING:
     from genmon.schemas.tables import LabelledExample
 
 #: How rows of one request are merged (recorded in the manifest).
-MERGE_RULE = "latest-nonempty-correction"
+MERGE_RULE = "latest-nonempty-correction-else-latest-score"
 #: Version of the stored layout: ``train.jsonl``, ``eval.jsonl``, ``manifest.json``.
-FORMAT = "genmon-sft/1"
+FORMAT = "genmon-dataset/2"
+#: The first layout (corrections only, SFT): still read, as an ``sft`` dataset.
+FORMAT_V1 = "genmon-sft/1"
+#: The fields of a :data:`FORMAT_V1` example (its hash is over these alone).
+V1_FIELDS = ("prompt", "completion", "rejected", "segment", "created_at", "request_id", "label")
+#: Copies of each up-weighted training example when the caller names no factor.
+DEFAULT_UPWEIGHT_FACTOR = 2.0
 #: Name of the default embedder, as the manifest records it.
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 #: Rows compared at once when looking for near-duplicates (bounds memory at n x this).
@@ -96,50 +120,38 @@ def load_examples(
     return list(session.exec(query).all())
 
 
-def _time(value: datetime | None) -> datetime:
-    if value is None:
-        return _EPOCH
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def merge_rows(rows: Iterable[LabelledExample]) -> tuple[list[LabelledExample], Counter[str]]:
-    """One row per (model, request) by :data:`MERGE_RULE`, and what was left out, counted
-    as ``merged`` (rows folded into a later one), ``without_correction`` and ``unchanged``
-    (correction equal to the response)."""
+def merge_rows(
+    rows: Iterable[LabelledExample],
+) -> tuple[list[LabelledExample], list[LabelledExample], Counter[str]]:
+    """One row per (model, request) by :data:`MERGE_RULE`: the corrections, the scored rows
+    of requests without one, and what was left out, counted as ``merged`` (rows folded into
+    a later one), ``without_correction`` (requests without one, scored or not),
+    ``without_feedback`` (neither a correction nor a score) and ``unchanged`` (correction
+    equal to the response)."""
     groups: dict[tuple[str, str], list[LabelledExample]] = {}
     for row in rows:
         groups.setdefault((row.model_id, row.request_id), []).append(row)
-    kept: list[LabelledExample] = []
+    corrections: list[LabelledExample] = []
+    scored: list[LabelledExample] = []
     dropped: Counter[str] = Counter()
     for group in groups.values():
-        group.sort(key=lambda r: (_time(r.created_at), r.id or 0))
-        corrected = [r for r in group if (r.correction or "").strip()]
-        if not corrected:
-            dropped["without_correction"] += 1
-            dropped["merged"] += len(group) - 1
-            continue
-        winner = corrected[-1]
+        group.sort(key=lambda r: (as_utc(r.created_at), r.id or 0))
         dropped["merged"] += len(group) - 1
-        if (winner.correction or "").strip() == (winner.response or "").strip():
-            dropped["unchanged"] += 1
+        corrected = [r for r in group if (r.correction or "").strip()]
+        if corrected:
+            winner = corrected[-1]
+            if (winner.correction or "").strip() == (winner.response or "").strip():
+                dropped["unchanged"] += 1
+            else:
+                corrections.append(winner)
             continue
-        kept.append(winner)
-    return kept, dropped
-
-
-def to_example(row: LabelledExample, redact: Callable[[str], str] | None) -> SftExample:
-    """``prompt -> correction`` with the logged response as the rejected answer."""
-    clean = redact or (lambda text: text)
-    response = row.response or ""
-    return SftExample(
-        prompt=clean(row.prompt or ""),
-        completion=clean(row.correction or ""),
-        rejected=clean(response) if response.strip() else None,
-        segment={str(k): str(v) for k, v in sorted((row.segment or {}).items())},
-        created_at=_time(row.created_at),
-        request_id=row.request_id,
-        label=row.label,
-    )
+        dropped["without_correction"] += 1
+        rated = [r for r in group if r.score is not None]
+        if rated:
+            scored.append(rated[-1])
+        else:
+            dropped["without_feedback"] += 1
+    return corrections, scored, dropped
 
 
 # -- near-duplicates ------------------------------------------------------------------------
@@ -247,12 +259,23 @@ def build_dataset(
     near_duplicate_cosine: float | None = 0.95,
     embed: Embedder | None = None,
     redact: Callable[[str], str] | None = None,
+    strategy: str = "auto",
+    opted_out: frozenset[str] = frozenset(),
+    max_per_subject: int | None = None,
+    upweight: dict[str, str] | None = None,
+    upweight_factor: float = DEFAULT_UPWEIGHT_FACTOR,
+    min_per_class: int = 1,
+    negative_score_below: float = 0.5,
 ) -> BuiltDataset:
-    """SFT examples from labelled rows, split by time with near-duplicates kept together.
+    """Examples of one strategy from labelled rows, split by time with near-duplicates
+    kept together (see the module docstring).
 
     ``trigger`` (the retrain request's trigger, JSON) goes into the manifest as it is.
-    ``near_duplicate_cosine=None`` links only prompts equal up to case and whitespace (no
-    embedder is loaded).
+    ``strategy`` is the policy's ``training.strategy``; the one built is
+    ``manifest["strategy"]`` (``None``: nothing to train on, both splits empty, the reason
+    in ``manifest["strategy_reason"]``). ``upweight`` (segment attributes) repeats the
+    matching training examples ``upweight_factor`` times. ``near_duplicate_cosine=None``
+    links only prompts equal up to case and whitespace (no embedder is loaded).
     """
     if not 0 <= eval_fraction < 1:
         raise ConfigurationError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
@@ -260,38 +283,55 @@ def build_dataset(
         raise ConfigurationError(
             f"near_duplicate_cosine must be in (0, 1] or None, got {near_duplicate_cosine}"
         )
+    if upweight_factor < 1:
+        raise ConfigurationError(f"upweight_factor must be at least 1, got {upweight_factor}")
     rows = list(rows)
-    kept, dropped = merge_rows(rows)
-    examples = sorted(
-        (to_example(row, redact) for row in kept),
-        key=lambda e: (e.created_at or _EPOCH, e.request_id, e.prompt, e.completion),
-    )
+    consenting, opted = without_opted_out(rows, opted_out)
+    corrections, scored, dropped = merge_rows(consenting)
+    found = candidates(corrections, scored, negative_below=negative_score_below, clean=redact)
+    capped: dict[str, int] = {}
+    for name, examples in found.examples.items():
+        found.examples[name], capped[name] = cap_per_subject(
+            examples, max_per_subject, lambda e, name=name: class_of(name, e)
+        )
+    available = Available.of(len(rows), found)
+    choice = choose_strategy(strategy, available, min_per_class)
+    examples = found.examples[choice.strategy] if choice.strategy else []
     groups = near_duplicate_groups([e.prompt for e in examples], near_duplicate_cosine, embed)
     train_at, eval_at, moved = split_by_time(examples, groups, eval_fraction)
-    train = [examples[i] for i in train_at]
+    train, added = upweighted([examples[i] for i in train_at], upweight, upweight_factor)
     evaluation = [examples[i] for i in eval_at]
-    content_hash = hash_content(train, evaluation)
+    content_hash = hash_content(train, evaluation, choice.strategy)
     sizes = {
         "rows": len(rows),
+        "opted_out": opted,
         "examples": len(examples),
         "train": len(train),
         "eval": len(evaluation),
         "merged": dropped["merged"],
         "without_correction": dropped["without_correction"],
+        "without_feedback": dropped["without_feedback"],
         "unchanged": dropped["unchanged"],
+        "neutral": found.neutral if choice.strategy == "kto" else 0,
+        "without_rejected": found.without_rejected if choice.strategy == "dpo" else 0,
+        "capped": capped[choice.strategy] if choice.strategy else 0,
         "moved_to_eval": moved,
         "near_duplicate_groups": sum(1 for n in Counter(groups).values() if n > 1),
     }
     manifest = {
         "format": FORMAT,
         "content_hash": content_hash,
+        "strategy": choice.strategy,
+        "strategy_reason": choice.reason,
+        "requested_strategy": strategy,
+        "available": asdict(available),
         "merge_rule": MERGE_RULE,
         "trigger": trigger,
         "sizes": sizes,
         "counts": {
-            "all": _counts(examples),
-            "train": _counts(train),
-            "eval": _counts(evaluation),
+            "all": _counts(examples, choice),
+            "train": _counts(train, choice),
+            "eval": _counts(evaluation, choice),
         },
         "time_range": _time_range(examples, evaluation),
         "split": {
@@ -300,16 +340,58 @@ def build_dataset(
             "near_duplicate_cosine": near_duplicate_cosine,
             "embedder": _embedder_name(embed) if near_duplicate_cosine is not None else None,
         },
+        "kto": _kto_rule(negative_score_below) if choice.strategy == "kto" else None,
+        "max_per_subject": max_per_subject,
+        "upweight": (
+            {"segment": dict(sorted(upweight.items())), "factor": upweight_factor, **added}
+            if upweight
+            else None
+        ),
         "redacted": redact is not None,
     }
     return BuiltDataset(train, evaluation, manifest, content_hash)
 
 
-def _counts(examples: Sequence[SftExample]) -> dict[str, dict[str, int]]:
-    """Examples per label (``(none)`` for none) and per segment ``key=value``."""
-    labels = Counter(e.label if e.label is not None else "(none)" for e in examples)
+def upweighted(
+    train: list[SftExample], segment: dict[str, str] | None, factor: float
+) -> tuple[list[SftExample], dict[str, Any]]:
+    """``train`` with each example of ``segment`` (all its attributes match) repeated, in
+    place, so the segment weighs ``factor`` times as much: the i-th match gets
+    ``floor((i + 1) * factor) - floor(i * factor)`` copies (``factor`` each when it is
+    whole). Repeating, not loss weights, so that every trainer honours it."""
+    if not segment:
+        return train, {}
+    out: list[SftExample] = []
+    matched = 0
+    for example in train:
+        if all(example.segment.get(k) == str(v) for k, v in segment.items()):
+            copies = math.floor((matched + 1) * factor) - math.floor(matched * factor)
+            out.extend([example] * copies)
+            matched += 1
+        else:
+            out.append(example)
+    return out, {"method": "repeat", "examples": matched, "added": len(out) - len(train)}
+
+
+def _kto_rule(negative_below: float) -> dict[str, Any]:
+    return {
+        "desirable_at_or_above": max(DESIRABLE_AT, negative_below),
+        "undesirable_below": negative_below,
+        "from_corrections": KTO_FROM_CORRECTIONS,
+    }
+
+
+def _counts(examples: Sequence[SftExample], choice: StrategyChoice) -> dict[str, dict[str, int]]:
+    """Examples per label (``(none)`` for none), per class (the label for SFT and DPO,
+    desirable / undesirable for KTO) and per segment ``key=value``."""
+    labels = Counter(class_of("sft", e) for e in examples)
+    classes = Counter(class_of(choice.strategy or "sft", e) for e in examples)
     segments = Counter(f"{k}={v}" for e in examples for k, v in e.segment.items())
-    return {"label": dict(sorted(labels.items())), "segment": dict(sorted(segments.items()))}
+    return {
+        "label": dict(sorted(labels.items())),
+        "class": dict(sorted(classes.items())),
+        "segment": dict(sorted(segments.items())),
+    }
 
 
 def _time_range(
@@ -333,20 +415,36 @@ def _embedder_name(embed: Embedder | None) -> str:
 
 
 # -- storage --------------------------------------------------------------------------------
-def to_jsonl(examples: Sequence[SftExample]) -> str:
-    """Canonical JSONL: keys sorted, no spaces, UTF-8 as is, one example a line."""
-    return "".join(
-        json.dumps(e.to_json(), sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
-        for e in examples
-    )
+def to_jsonl(examples: Sequence[SftExample], fields: Sequence[str] | None = None) -> str:
+    """Canonical JSONL: keys sorted, no spaces, UTF-8 as is, one example a line; only
+    ``fields`` when given."""
+
+    def line(example: SftExample) -> str:
+        data = example.to_json()
+        if fields is not None:
+            data = {name: data[name] for name in fields}
+        return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+    return "".join(line(e) + "\n" for e in examples)
 
 
-def hash_content(train: Sequence[SftExample], evaluation: Sequence[SftExample]) -> str:
-    """sha256 over ``train.jsonl`` then ``eval.jsonl``, each preceded by its name and byte
-    length, so moving an example across the split changes the hash."""
+def hash_content(
+    train: Sequence[SftExample],
+    evaluation: Sequence[SftExample],
+    strategy: str | None = None,
+    *,
+    layout: str = FORMAT,
+) -> str:
+    """sha256 over the strategy, then ``train.jsonl`` then ``eval.jsonl``, each preceded by
+    its name and byte length, so moving an example across the split changes the hash, and
+    so does the strategy (SFT and DPO examples of the same rows are the same records). A
+    :data:`FORMAT_V1` dataset is hashed as it was: its fields alone, no strategy."""
     digest = hashlib.sha256()
+    fields = V1_FIELDS if layout == FORMAT_V1 else None
+    if fields is None:
+        digest.update(f"strategy\n{strategy}\n".encode())
     for name, examples in (("train.jsonl", train), ("eval.jsonl", evaluation)):
-        data = to_jsonl(examples).encode()
+        data = to_jsonl(examples, fields).encode()
         digest.update(f"{name}\n{len(data)}\n".encode())
         digest.update(data)
     return digest.hexdigest()
@@ -378,12 +476,21 @@ def read_dataset(uri: str, store: ArtifactStore) -> BuiltDataset:
             "its writer died; build it again"
         )
     manifest = json.loads(store.get_text(f"{base}/manifest.json"))
+    layout = manifest.get("format")
+    if layout not in (FORMAT, FORMAT_V1):
+        raise DatasetError(
+            f"dataset at {uri} has format {layout!r}; this genmon reads {FORMAT} and"
+            f" {FORMAT_V1}: upgrade genmon, or build the dataset again"
+        )
     train = _from_jsonl(store.get_text(f"{base}/train.jsonl"))
     evaluation = _from_jsonl(store.get_text(f"{base}/eval.jsonl"))
-    content_hash = hash_content(train, evaluation)
+    content_hash = hash_content(train, evaluation, manifest.get("strategy"), layout=layout)
     if content_hash != manifest.get("content_hash"):
         raise DatasetError(
             f"dataset at {uri} does not match its manifest (content hash {content_hash}, "
             f"manifest says {manifest.get('content_hash')}): it was altered; build it again"
         )
+    if layout == FORMAT_V1:  # corrections only: what a genmon-dataset/2 calls sft
+        reason = f"a {FORMAT_V1} dataset: corrections, trained with sft"
+        manifest = {**manifest, "strategy": "sft" if train else None, "strategy_reason": reason}
     return BuiltDataset(train, evaluation, manifest, content_hash)

@@ -1,19 +1,26 @@
 """The gate: a candidate replaces the serving version only on evidence that it is better.
 
 :func:`evaluate` scores the candidate and the serving model on the same held-out examples
-(the dataset's evaluation split, which is later in time than anything trained on):
+(the dataset's evaluation split, which is later in time than anything trained on), with the
+metrics the evaluation set supports:
 
-- ``completion_loss``: mean NLL per token of the desirable completion (the correction);
-  lower is better;
-- ``preference_accuracy``: share of preference pairs (correction vs the logged response)
-  where the model gives the correction the higher *total* log-likelihood (the share by
-  log-likelihood per token is kept beside it, ``per_token``: a total favours the shorter
-  text, and a refusal is usually shorter than its correction);
+- on corrections (``desirable`` is ``None``): ``completion_loss``, mean NLL per token of
+  the correction, lower is better; ``preference_accuracy``, the share of preference pairs
+  (correction vs the logged response) where the model gives the correction the higher
+  *total* log-likelihood (the share by log-likelihood per token is kept beside it,
+  ``per_token``: a total favours the shorter text, and a refusal is usually shorter than
+  its correction);
+- on thumbs and scores (KTO examples, ``desirable`` ``True``/``False``):
+  ``undesirable_nll``, mean NLL per token of the answers users marked down, greater is
+  better (the candidate should make them less likely), and ``desirable_nll``, the same on
+  the answers marked up, lower is better. A policy written before KTO names neither; they
+  then get :data:`KTO_DEFAULTS` (the first must improve, the second must not get worse);
 - the **behaviour check**, when a :class:`BehaviourTarget` names the incident's signal: both
   models answer the evaluation prompts of the incident's segment and genmon's own judge
   of that signal counts the bad answers (``refusal_rate`` by
   :func:`~genmon.detectors.quality.refusal.is_refusal`). A refusal incident is fixed only
-  when the candidate refuses significantly less.
+  when the candidate refuses significantly less. It has the last word: whatever the
+  likelihoods say, a candidate that fails it is not promoted.
 
 Every comparison is paired (the same examples for both models) with a percentile
 bootstrap confidence interval of the difference. A :class:`MetricThreshold` (MLflow's
@@ -22,7 +29,13 @@ optional absolute bound) passes only when the interval of the improvement exclud
 in the good direction *and* the minimum changes hold: an identical candidate is rejected
 as "no significant improvement". ``must_improve=False`` makes a guard instead: it fails
 only when the candidate is significantly worse. Too little evidence (``min_eval_examples``,
-``behaviour_min_prompts``) gives ``insufficient_evidence``, which never promotes.
+``behaviour_min_prompts``, or no metric that must improve could be judged) gives
+``insufficient_evidence``, which never promotes.
+
+Beyond the whole set (:mod:`genmon.retrain.segment_gate`): every metric per segment, so a
+candidate better overall but worse on one segment is rejected with the segment named; the
+segment a bias-triggered job up-weighted must itself pass; and an optional golden
+regression set (:mod:`genmon.retrain.golden`) guards against forgetting.
 :func:`check_servable` is the last check: the artifact loads and answers within a budget.
 """
 
@@ -31,21 +44,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from genmon.exceptions import ConfigurationError
 from genmon.retrain.examples import SftExample
+from genmon.retrain.gate_stats import NUMERICAL_TOLERANCE as NUMERICAL_TOLERANCE
+from genmon.retrain.gate_stats import Comparison, compare, judge
+from genmon.retrain.gate_stats import paired_bootstrap as paired_bootstrap
 
 if TYPE_CHECKING:
     from genmon.retrain.lm import CausalLM
 
 Decision = Literal["pass", "reject", "insufficient_evidence"]
-#: Differences smaller than this (relative to the serving value, at least 1) are float
-#: noise, not evidence: an adapter of zeros scores a hair apart from its base on some kernels.
-NUMERICAL_TOLERANCE = 1e-6
 #: The prompt :func:`check_servable` asks.
 SERVABLE_PROBE = "Hello, can you help me?"
 #: Generated answers kept in the verdict's metrics as examples, per model.
@@ -61,7 +74,11 @@ def _judges() -> dict[str, Callable[[str], bool]]:
 
 
 BEHAVIOUR_SIGNALS = ("refusal_rate", "empty_rate")
-SCORED_METRICS = ("completion_loss", "preference_accuracy")
+#: Scored on corrections (SFT and DPO evaluation sets).
+CORRECTION_METRICS = ("completion_loss", "preference_accuracy")
+#: Scored on thumbs and scores (KTO evaluation sets).
+KTO_METRICS = ("undesirable_nll", "desirable_nll")
+SCORED_METRICS = (*CORRECTION_METRICS, *KTO_METRICS)
 
 
 @dataclass(frozen=True)
@@ -103,10 +120,24 @@ def default_thresholds() -> list[MetricThreshold]:
     ]
 
 
+#: What a KTO evaluation set is judged by when the policy's thresholds do not name it: the
+#: answers marked down must get less likely; those marked up must not get less likely.
+KTO_DEFAULTS = {
+    "undesirable_nll": MetricThreshold("undesirable_nll", greater_is_better=True),
+    "desirable_nll": MetricThreshold("desirable_nll", greater_is_better=False, must_improve=False),
+}
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """How much evidence the gate asks for. A targeted behaviour signal without a threshold
-    of its own must improve (:meth:`threshold_for`)."""
+    of its own must improve, a KTO metric gets :data:`KTO_DEFAULTS` (:meth:`threshold_for`).
+
+    ``per_segment``: judge every metric on every segment ``key=value`` with at least
+    ``min_segment_examples`` items too; a segment fails when it got worse by more than
+    ``segment_tolerance`` (the metric's units) with confidence. The same tolerance is the
+    margin of the golden set (``golden_set``: JSONL of ``{prompt, completion[, segment]}``).
+    """
 
     thresholds: list[MetricThreshold] = field(default_factory=default_thresholds)
     min_eval_examples: int = 20
@@ -115,6 +146,10 @@ class GateConfig:
     seed: int = 0
     behaviour_min_prompts: int = 10
     servable_budget_s: float = 30.0
+    per_segment: bool = True
+    min_segment_examples: int = 20
+    segment_tolerance: float = 0.02
+    golden_set: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.confidence < 1:
@@ -123,9 +158,14 @@ class GateConfig:
             raise ConfigurationError(
                 f"gate bootstrap_samples must be >= 100, got {self.bootstrap_samples}"
             )
-        if self.min_eval_examples < 1 or self.behaviour_min_prompts < 1:
+        if min(self.min_eval_examples, self.behaviour_min_prompts, self.min_segment_examples) < 1:
             raise ConfigurationError(
-                "gate min_eval_examples and behaviour_min_prompts must be >= 1"
+                "gate min_eval_examples, behaviour_min_prompts and min_segment_examples "
+                "must be >= 1"
+            )
+        if self.segment_tolerance < 0:
+            raise ConfigurationError(
+                f"gate segment_tolerance must be >= 0, got {self.segment_tolerance}"
             )
 
     @classmethod
@@ -148,7 +188,7 @@ class GateConfig:
                 return threshold
         if metric in BEHAVIOUR_SIGNALS:
             return MetricThreshold(metric, greater_is_better=False)
-        return None
+        return KTO_DEFAULTS.get(metric)
 
 
 def _threshold(item: MetricThreshold | Mapping[str, Any]) -> MetricThreshold:
@@ -195,164 +235,98 @@ class Verdict:
         return replace(self, decision=decision, reasons=[*self.reasons, reason], metrics=metrics)
 
 
-# -- statistics -----------------------------------------------------------------------------
-def paired_bootstrap(
-    diffs: np.ndarray, samples: int, confidence: float, seed: int
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of paired differences."""
-    diffs = np.asarray(diffs, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(samples, len(diffs)))].mean(axis=1)
-    alpha = 1 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
-def _fmt(value: float) -> str:
-    return "0.000" if abs(value) < 5e-4 else f"{value:.3f}"
-
-
-@dataclass
-class _Comparison:
-    """One metric for both models on the same items, and the threshold's judgement."""
-
-    metric: str
-    candidate: float
-    serving: float
-    ci: tuple[float, float]  # of the change, candidate - serving
-    n: int
-    confidence: float
-    status: str = "pass"  # pass | fail | insufficient
-    reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        level = round(self.confidence * 100)
-        return (
-            f"{self.metric} {_fmt(self.serving)} -> {_fmt(self.candidate)} "
-            f"({level}% CI of change {_fmt(self.ci[0])}..{_fmt(self.ci[1])})"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["change"] = self.candidate - self.serving
-        out["ci"] = list(self.ci)
-        del out["extra"]
-        return {**_finite(out), **self.extra}
-
-
-def compare(
-    metric: str, candidate: np.ndarray, serving: np.ndarray, config: GateConfig
-) -> _Comparison:
-    """Paired comparison of per-item values (means, and the interval of the change)."""
-    diffs = np.asarray(candidate, np.float64) - np.asarray(serving, np.float64)
-    ci = paired_bootstrap(diffs, config.bootstrap_samples, config.confidence, config.seed)
-    ours, theirs = float(np.mean(candidate)), float(np.mean(serving))
-    return _Comparison(metric, ours, theirs, ci, len(diffs), config.confidence)
-
-
-def judge(comparison: _Comparison, threshold: MetricThreshold) -> _Comparison:
-    """Apply ``threshold``: set ``status`` and ``reason`` on ``comparison``."""
-    sign = 1.0 if threshold.greater_is_better else -1.0
-    improvement = sign * (comparison.candidate - comparison.serving)
-    low, high = sorted((sign * comparison.ci[0], sign * comparison.ci[1]))
-    tolerance = NUMERICAL_TOLERANCE * max(1.0, abs(comparison.serving))
-    worse, better = high < -tolerance, low > tolerance
-    text = comparison.describe()
-    if worse:
-        comparison.status, comparison.reason = "fail", f"significantly worse: {text}"
-    elif not threshold.must_improve:
-        comparison.reason = f"{'improved' if better else 'not significantly worse'}: {text}"
-    elif not better:
-        comparison.status, comparison.reason = "fail", f"no significant improvement: {text}"
-    else:
-        comparison.status, comparison.reason = _minimums(comparison, threshold, improvement, text)
-    if comparison.status == "pass" and threshold.threshold is not None:
-        bound = threshold.threshold
-        if sign * (comparison.candidate - bound) < 0:
-            side = "below" if threshold.greater_is_better else "above"
-            comparison.status = "fail"
-            comparison.reason = (
-                f"{comparison.metric} {_fmt(comparison.candidate)} is {side} the threshold "
-                f"{_fmt(bound)}: {text}"
-            )
-    return comparison
-
-
-def _minimums(
-    comparison: _Comparison, threshold: MetricThreshold, improvement: float, text: str
-) -> tuple[str, str]:
-    if improvement < threshold.min_absolute_change:
-        return "fail", (
-            f"improvement too small: {text}; it improves by {_fmt(improvement)}, "
-            f"min_absolute_change asks for {_fmt(threshold.min_absolute_change)}"
-        )
-    base = abs(comparison.serving)
-    relative = improvement / base if base > 0 else math.inf
-    if relative < threshold.min_relative_change:
-        return "fail", (
-            f"improvement too small: {text}; it improves by {relative:.1%} of the serving "
-            f"value, min_relative_change asks for {threshold.min_relative_change:.1%}"
-        )
-    return "pass", f"improved: {text}"
-
-
-def _finite(data: dict[str, Any]) -> dict[str, Any]:
-    """NaN and infinities as ``None``: PostgreSQL's JSON has no NaN."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
-
-    return {key: clean(value) for key, value in data.items()}
-
-
 # -- the metrics ----------------------------------------------------------------------------
-def _token_counts(model: CausalLM, prompts: list[str], completions: list[str]) -> np.ndarray:
+Turns = list[list[dict[str, str]] | None]
+
+
+def _token_counts(
+    model: CausalLM, prompts: list[str], completions: list[str], turns: Turns
+) -> np.ndarray:
     """Completion tokens (end of sequence included) each NLL was averaged over, counted
     the way :meth:`CausalLM.completion_nll` frames them."""
-    from genmon.retrain.lm import encode_example
+    from genmon.retrain.lm import encode_pair
 
     counts = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        _, labels = encode_example(model.tokenizer, prompt, completion, model.max_length)
+    for prompt, completion, messages in zip(prompts, completions, turns, strict=True):
+        _, labels = encode_pair(model.tokenizer, prompt, completion, messages, model.max_length)
         counts.append(sum(1 for label in labels if label >= 0))
     return np.array(counts, dtype=np.float64)
 
 
 def _prefers(
-    model: CausalLM, prompts: list[str], chosen: list[str], rejected: list[str]
+    model: CausalLM, prompts: list[str], chosen: list[str], rejected: list[str], turns: Turns
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per pair, whether ``model`` prefers the correction: by total log-likelihood (the
     metric) and by log-likelihood per token (kept for reference: a total favours the
     shorter text, and a refusal is often shorter than its correction)."""
-    nll_chosen = np.asarray(model.completion_nll(prompts, chosen), np.float64)
-    nll_rejected = np.asarray(model.completion_nll(prompts, rejected), np.float64)
-    total_chosen = nll_chosen * _token_counts(model, prompts, chosen)
-    total_rejected = nll_rejected * _token_counts(model, prompts, rejected)
+    nll_chosen = np.asarray(model.completion_nll(prompts, chosen, messages=turns), np.float64)
+    nll_rejected = np.asarray(model.completion_nll(prompts, rejected, messages=turns), np.float64)
+    total_chosen = nll_chosen * _token_counts(model, prompts, chosen, turns)
+    total_rejected = nll_rejected * _token_counts(model, prompts, rejected, turns)
     return (
         (total_chosen < total_rejected).astype(np.float64),
         (nll_chosen < nll_rejected).astype(np.float64),
     )
 
 
-def _preference(
-    candidate: CausalLM, serving: CausalLM, pairs: list[SftExample], config: GateConfig
-) -> _Comparison:
-    prompts = [e.prompt for e in pairs]
-    chosen = [e.completion for e in pairs]
-    rejected = [e.rejected or "" for e in pairs]
-    ours, ours_per_token = _prefers(candidate, prompts, chosen, rejected)
-    theirs, theirs_per_token = _prefers(serving, prompts, chosen, rejected)
-    comparison = compare("preference_accuracy", ours, theirs, config)
-    comparison.extra["per_token"] = {
-        "candidate": float(ours_per_token.mean()),
-        "serving": float(theirs_per_token.mean()),
-    }
-    return comparison
+@dataclass
+class Scores:
+    """One metric's per-item values for both models, with the examples they belong to: the
+    per-segment checks slice them (:mod:`genmon.retrain.segment_gate`)."""
+
+    metric: str
+    items: list[SftExample]
+    candidate: np.ndarray
+    serving: np.ndarray
+
+
+#: What each scored metric is computed on, as reasons name it.
+ITEMS = {
+    "completion_loss": "corrections",
+    "preference_accuracy": "preference pairs",
+    "undesirable_nll": "answers marked undesirable",
+    "desirable_nll": "answers marked desirable",
+}
+
+
+def metric_items(metric: str, eval_set: Sequence[SftExample]) -> list[SftExample]:
+    """The examples ``metric`` is computed on: corrections (``desirable`` ``None``), their
+    preference pairs, or the KTO examples of one class."""
+    corrections = [e for e in eval_set if e.desirable is None]
+    if metric == "completion_loss":
+        return corrections
+    if metric == "preference_accuracy":
+        return [e for e in corrections if e.rejected and e.rejected.strip() != e.completion.strip()]
+    return [e for e in eval_set if e.desirable is (metric == "desirable_nll")]
+
+
+def _supported(metric: str, eval_set: Sequence[SftExample]) -> bool:
+    """Whether the evaluation set holds the kind of data ``metric`` is about."""
+    kto = metric in KTO_METRICS
+    return any((e.desirable is not None) == kto for e in eval_set)
+
+
+def _score(
+    metric: str, candidate: CausalLM, serving: CausalLM, items: list[SftExample], config: GateConfig
+) -> tuple[Comparison, Scores]:
+    prompts, completions = [e.prompt for e in items], [e.completion for e in items]
+    # Chat examples are scored as they were trained: through the base's chat template.
+    turns: Turns = [e.messages for e in items]
+    extra: dict[str, Any] = {}
+    if metric == "preference_accuracy":
+        rejected = [e.rejected or "" for e in items]
+        ours, ours_per_token = _prefers(candidate, prompts, completions, rejected, turns)
+        theirs, theirs_per_token = _prefers(serving, prompts, completions, rejected, turns)
+        extra["per_token"] = {
+            "candidate": float(ours_per_token.mean()),
+            "serving": float(theirs_per_token.mean()),
+        }
+    else:
+        ours = np.asarray(candidate.completion_nll(prompts, completions, messages=turns))
+        theirs = np.asarray(serving.completion_nll(prompts, completions, messages=turns))
+    comparison = compare(metric, ours, theirs, config)
+    comparison.extra.update(extra)
+    return comparison, Scores(metric, items, ours, theirs)
 
 
 def segment_prompts(eval_set: Sequence[SftExample], segment: Mapping[str, str]) -> list[str]:
@@ -370,7 +344,7 @@ def segment_prompts(eval_set: Sequence[SftExample], segment: Mapping[str, str]) 
 
 def _behaviour(
     candidate: CausalLM, serving: CausalLM, prompts: list[str], signal: str, config: GateConfig
-) -> _Comparison:
+) -> Comparison:
     bad = _judges()[signal]
     answers = {"candidate": candidate.generate(prompts), "serving": serving.generate(prompts)}
     flags = {name: np.array([bad(a) for a in out], np.float64) for name, out in answers.items()}
@@ -391,22 +365,49 @@ def evaluate(
     eval_set: Sequence[SftExample],
     config: GateConfig | None = None,
     target: BehaviourTarget | None = None,
+    *,
+    upweight: Mapping[str, str] | str | None = None,
+    golden: Sequence[SftExample] | None = None,
 ) -> Verdict:
     """Judge ``candidate`` against ``serving`` on ``eval_set``: pass, reject or
-    insufficient_evidence, with one reason per check."""
+    insufficient_evidence, with one reason per check.
+
+    ``upweight``: the segment the job up-weighted (manifest ``upweight.segment``), judged
+    like the whole set. ``golden``: the golden regression set; ``None`` reads
+    ``config.golden_set`` when it is set."""
+    from genmon.retrain.golden import golden_check, load_golden
+    from genmon.retrain.segment_gate import judge_segments, judge_upweighted, parse_segment
+
     config = config or GateConfig()
     n = len(eval_set)
     metrics: dict[str, Any] = {"eval_examples": n, "confidence": config.confidence}
     if n < config.min_eval_examples:
         reason = (
             f"insufficient evidence: {n} evaluation examples, the gate needs at least "
-            f"{config.min_eval_examples} (gate.min_eval_examples); gather more corrections"
+            f"{config.min_eval_examples} (gate.min_eval_examples); gather more feedback"
         )
         return Verdict("insufficient_evidence", [reason], metrics)
-    comparisons, notes = _comparisons(candidate, serving, list(eval_set), config, target)
+    comparisons, scores, notes = _comparisons(candidate, serving, list(eval_set), config, target)
     for comparison in comparisons:
         metrics[comparison.metric] = comparison.to_json()
-    statuses = {c.status for c in comparisons}
+    overall = {c.metric: c for c in comparisons}
+    checks = [*comparisons, *_improvement_judged(comparisons, config)]
+    if config.per_segment:
+        report = judge_segments(scores, overall, config)
+        checks, notes = checks + report.comparisons, notes + report.notes
+        metrics["segments"] = report.metrics
+    segment = parse_segment(upweight) if upweight else {}
+    if segment:
+        report = judge_upweighted(scores, segment, config)
+        checks, notes = checks + report.comparisons, notes + report.notes
+        metrics["upweighted_segment"] = report.metrics
+    if golden is None and config.golden_set:
+        golden = load_golden(config.golden_set)
+    if golden is not None:
+        check = golden_check(candidate, serving, golden, config, config.golden_set)
+        checks.append(check)
+        metrics["golden_set"] = check.to_json()
+    statuses = {c.status for c in checks}
     decision: Decision = "pass"
     if "fail" in statuses:
         decision = "reject"
@@ -414,7 +415,7 @@ def evaluate(
         decision = "insufficient_evidence"
     # The reasons behind the decision first, then the rest.
     first = {"reject": "fail", "insufficient_evidence": "insufficient", "pass": "pass"}[decision]
-    ordered = sorted(comparisons, key=lambda c: c.status != first)
+    ordered = sorted(checks, key=lambda c: c.status != first)
     return Verdict(decision, [c.reason for c in ordered] + notes, metrics)
 
 
@@ -424,39 +425,64 @@ def _comparisons(
     eval_set: list[SftExample],
     config: GateConfig,
     target: BehaviourTarget | None,
-) -> tuple[list[_Comparison], list[str]]:
-    out: list[_Comparison] = []
+) -> tuple[list[Comparison], list[Scores], list[str]]:
+    """Every metric the evaluation set supports (and the behaviour check), with the
+    per-item scores the per-segment checks slice."""
+    out: list[Comparison] = []
+    scores: list[Scores] = []
     notes: list[str] = []
-    loss = config.threshold_for("completion_loss")
-    if loss is not None:
-        prompts, chosen = [e.prompt for e in eval_set], [e.completion for e in eval_set]
-        ours = candidate.completion_nll(prompts, chosen)
-        theirs = serving.completion_nll(prompts, chosen)
-        out.append(judge(compare("completion_loss", ours, theirs, config), loss))
-    preference = config.threshold_for("preference_accuracy")
-    pairs = [e for e in eval_set if e.rejected and e.rejected.strip() != e.completion.strip()]
-    if preference is not None:
-        if preference.must_improve and len(pairs) < config.min_eval_examples:
+    named = {t.metric for t in config.thresholds}
+    for metric in SCORED_METRICS:
+        threshold = config.threshold_for(metric)
+        if threshold is None:
+            continue
+        items = metric_items(metric, eval_set)
+        if not _supported(metric, eval_set):
+            if metric in named:
+                kind = "thumbs or scores" if metric in KTO_METRICS else "corrections"
+                notes.append(f"{metric} not judged: the evaluation set has no {kind}")
+        elif threshold.must_improve and len(items) < config.min_eval_examples:
             need = config.min_eval_examples
-            what = "preference pairs"
-            out.append(_short("preference_accuracy", len(pairs), need, what, "min_eval_examples"))
-        elif not pairs:
-            notes.append("preference_accuracy not judged: the evaluation set has no pairs")
+            out.append(_short(metric, len(items), need, ITEMS[metric], "min_eval_examples"))
+        elif not items:
+            notes.append(f"{metric} not judged: the evaluation set has no {ITEMS[metric]}")
         else:
-            out.append(judge(_preference(candidate, serving, pairs, config), preference))
+            comparison, score = _score(metric, candidate, serving, items, config)
+            out.append(judge(comparison, threshold))
+            scores.append(score)
     if target is not None:
         behaviour = _target_check(candidate, serving, eval_set, config, target)
         if isinstance(behaviour, str):
             notes.append(behaviour)
         else:
             out.append(behaviour)
-    return out, notes
+    return out, scores, notes
 
 
-def _short(metric: str, have: int, need: int, what: str, setting: str) -> _Comparison:
+def _improvement_judged(comparisons: list[Comparison], config: GateConfig) -> list[Comparison]:
+    """Nothing promotes on guards alone: when no metric that must improve was judged (a KTO
+    set of thumbs up only, say), the verdict is insufficient evidence."""
+    for comparison in comparisons:
+        threshold = config.threshold_for(comparison.metric)
+        if threshold is not None and threshold.must_improve:
+            return []
+    nan = math.nan
+    missing = Comparison("improvement", nan, nan, (nan, nan), 0, confidence=nan)
+    missing.status = "insufficient"
+    must = [t.metric for t in config.thresholds if t.must_improve]
+    must += [m for m, t in KTO_DEFAULTS.items() if t.must_improve and m not in must]
+    missing.reason = (
+        "insufficient evidence: no metric that must improve could be judged on this "
+        f"evaluation set ({', '.join(must)} need corrections or answers marked undesirable); "
+        "the gate promotes only on evidence of an improvement"
+    )
+    return [missing]
+
+
+def _short(metric: str, have: int, need: int, what: str, setting: str) -> Comparison:
     """A metric that could not be judged for lack of items."""
     nan = math.nan
-    comparison = _Comparison(metric, nan, nan, (nan, nan), have, confidence=nan)
+    comparison = Comparison(metric, nan, nan, (nan, nan), have, confidence=nan)
     comparison.status = "insufficient"
     comparison.reason = (
         f"insufficient evidence: {have} {what} for {metric}, the gate needs at least {need} "
@@ -471,7 +497,7 @@ def _target_check(
     eval_set: list[SftExample],
     config: GateConfig,
     target: BehaviourTarget,
-) -> _Comparison | str:
+) -> Comparison | str:
     if target.signal not in BEHAVIOUR_SIGNALS:
         return (
             f"behaviour check skipped: signal {target.signal} cannot be judged on generated "

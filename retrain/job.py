@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import Engine
 
 from genmon.retrain.exceptions import LeaseLost
+from genmon.retrain.plan import Plan
 from genmon.retrain.queue import JobQueue, Lease, get_job
 from genmon.schemas.events import ModelAlias, RetrainStatus
 from genmon.schemas.tables import RetrainJob
@@ -57,7 +58,7 @@ from genmon.settings import Settings
 if TYPE_CHECKING:
     from genmon.retrain.artifacts import ArtifactStore
     from genmon.retrain.dataset import BuiltDataset
-    from genmon.retrain.gate import BehaviourTarget, GateConfig, Verdict
+    from genmon.retrain.gate import BehaviourTarget, Verdict
     from genmon.retrain.lm import CausalLM
     from genmon.retrain.policy import RolloutPolicy
     from genmon.schemas.events import ModelEvent
@@ -192,41 +193,6 @@ def starting_point(engine: Engine, model_id: str) -> tuple[str, str | None]:
 # --- the job --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How the job trains and is judged: the policy as it was when the job was queued
-    (``retrain_job.params``), so every attempt, and a resume, trains the same way even
-    if the policy file changed since; the current policy where the job kept none."""
-
-    trainer: str
-    params: dict[str, Any]
-    gate: GateConfig
-    rollout: RolloutPolicy
-
-    @classmethod
-    def of(cls, job: RetrainJob, settings: Settings) -> Plan:
-        from genmon.retrain.gate import GateConfig
-        from genmon.retrain.policy import RolloutPolicy, load_policy
-
-        kept = job.params
-        if not {"trainer", "training", "gate", "rollout"} <= set(kept):
-            policy = load_policy(settings.retrain.policy_file).for_model(job.model_id)
-            current = {
-                "trainer": policy.training.trainer,
-                "training": policy.training.params,
-                "gate": policy.gate.model_dump(mode="json"),
-                "rollout": policy.rollout.model_dump(mode="json"),
-            }
-            # A job queued before rollouts existed kept how it trains, not how it ships.
-            training = ("trainer", "training", "gate")
-            kept = {**current, **(kept if set(training) <= set(kept) else {})}
-        params = dict(kept["training"])
-        if settings.retrain.device != "auto":  # the machine's, not the policy's, to say
-            params["device"] = settings.retrain.device
-        gate, rollout = GateConfig.from_dict(kept["gate"]), kept["rollout"]
-        return cls(str(kept["trainer"]), params, gate, RolloutPolicy.model_validate(rollout))
-
-
 @dataclass
 class JobRun:
     """One attempt at one job, under ``lease``: each step's writes are fenced on it.
@@ -280,11 +246,15 @@ class JobRun:
         return self.record(job, verdict, artifact, serving, dataset, plan.rollout)
 
     def dataset(self, job: RetrainJob) -> BuiltDataset:
-        """The recorded dataset of an earlier attempt, else a new one, stored and recorded."""
+        """The recorded dataset of an earlier attempt, else a new one, stored and recorded:
+        for the plan's strategy, without opted-out subjects, at most
+        ``retrain.max_examples_per_subject`` per subject and class, and the segment of a
+        bias incident up-weighted."""
         from sqlmodel import Session
 
+        from genmon.retrain.consent import load_opted_out
         from genmon.retrain.dataset import build_dataset, load_examples, read_dataset, write_dataset
-        from genmon.retrain.triggers import examples_since
+        from genmon.retrain.usable import examples_since
 
         if job.dataset_uri is not None:
             return read_dataset(job.dataset_uri, self.store)
@@ -292,6 +262,7 @@ class JobRun:
         with Session(self.engine) as session:
             since = datetime.fromisoformat(mark) if mark else examples_since(session, job.model_id)
             rows = load_examples(session, job.model_id, since)
+            opted_out = load_opted_out(session)
         trigger = {
             "job_id": job.job_id,
             "trigger": job.trigger,
@@ -299,19 +270,45 @@ class JobRun:
             "incident_id": job.incident_id,
             "context": job.context,
         }
-        built = build_dataset(rows, trigger=trigger, redact=redactor(self.settings))
+        strategy = Plan.of(job, self.settings).strategy
+        target = behaviour_target(job.context) if job.context.get("kind") == "bias" else None
+        built = build_dataset(
+            rows,
+            trigger=trigger,
+            redact=redactor(self.settings),
+            strategy=strategy,
+            opted_out=opted_out,
+            max_per_subject=self.settings.retrain.max_examples_per_subject,
+            upweight=dict(target.segment) if target is not None and target.segment else None,
+            min_per_class=int(job.params.get("min_examples") or 1),
+            negative_score_below=self.settings.feedback.negative_score_below,
+        )
         self.check("storing the dataset")
         uri = write_dataset(built, self.store, self.key("dataset"))
-        job.metrics = {**job.metrics, "dataset": built.manifest.get("sizes", {})}
+        sizes = {**built.manifest.get("sizes", {}), "strategy": built.manifest.get("strategy")}
+        job.metrics = {**job.metrics, "dataset": sizes}
         self.write(dataset_uri=uri, dataset_hash=built.content_hash, metrics=job.metrics)
         return built
 
     def reject_empty(self, dataset: BuiltDataset) -> RetrainStatus:
-        sizes = dataset.manifest.get("sizes", {})
-        reason = (
-            f"insufficient evidence: no training examples ({sizes.get('rows', 0)} labelled "
-            "rows, none with a usable correction); send feedback with corrections first"
-        )
+        """Nothing to train on: the strategy's reason (``no usable feedback: 12 rows, 0
+        corrections, 3 thumbs up or good scores, 0 down or bad; ...``), or every example
+        went to the evaluation split."""
+        manifest = dataset.manifest
+        sizes = manifest.get("sizes", {})
+        if manifest.get("strategy") is None and manifest.get("strategy_reason"):
+            why = f"{manifest['strategy_reason']}; send corrections or thumbs first"
+        elif sizes.get("examples"):
+            why = (
+                f"no training examples: all {sizes['examples']} {manifest.get('strategy')}"
+                " examples are in the evaluation split (near-duplicates of its prompts)"
+            )
+        else:
+            why = (
+                f"no training examples ({sizes.get('rows', 0)} labelled rows, none with a"
+                " usable correction); send feedback with corrections first"
+            )
+        reason = f"insufficient evidence: {why}"
         verdict = {"decision": "insufficient_evidence", "reasons": [reason], "metrics": sizes}
         self.finish(RetrainStatus.REJECTED, verdict=verdict, reason=reason)
         return RetrainStatus.REJECTED
@@ -324,17 +321,21 @@ class JobRun:
         serving_adapter: str | None,
         dataset: BuiltDataset,
     ) -> str:
-        """Trains from the serving version's adapter (``init_adapter``) when it has one."""
-        from genmon.retrain.trainer import TrainingParams, load_trainer
+        """Trains from the serving version's adapter (``init_adapter``) when it has one,
+        with the strategy's trainer (:func:`genmon.retrain.preference.trainer_for_strategy`)."""
+        from genmon.retrain.preference import trainer_for_strategy
+        from genmon.retrain.trainer import TrainingParams
 
         params = TrainingParams.from_dict({"init_adapter": serving_adapter, **plan.params})
-        trainer = load_trainer(plan.trainer)
+        strategy = plan.trained_strategy(dataset)
+        trainer = trainer_for_strategy(strategy, plan.trainer)
         context = FencedContext(self, job.device_seconds)
         result = trainer.train(base_uri, dataset.train, params, context, self.work_dir / "out")
         self.check("uploading the adapter")
         artifact = self.store.put_dir(result.adapter_dir, self.key("adapter"))
         training = {
             "trainer": plan.trainer,
+            "strategy": strategy,
             "steps": result.steps,
             "final_loss": result.final_loss,
         }
@@ -344,7 +345,7 @@ class JobRun:
             artifact_uri=artifact,
             metrics=job.metrics,
             device_seconds=context.device_seconds(),
-            reason=f"trained {result.steps} steps, final loss {result.final_loss:.4f}",
+            reason=f"trained {strategy} {result.steps} steps, final loss {result.final_loss:.4f}",
         )
         return artifact
 
@@ -360,12 +361,19 @@ class JobRun:
         from typing import cast
 
         from genmon.retrain.gate import check_servable, evaluate
+        from genmon.retrain.golden import load_golden
 
         device = self.settings.retrain.device
         config = plan.gate
         candidate = cast("CausalLM", LazyLM(base_uri, artifact, device))
         serving = cast("CausalLM", LazyLM(base_uri, serving_adapter, device))
-        verdict = evaluate(candidate, serving, dataset.eval, config, behaviour_target(job.context))
+        # A bias-triggered job that up-weighted a segment is judged on it too.
+        upweight = (dataset.manifest.get("upweight") or {}).get("segment")
+        golden = load_golden(config.golden_set, self.store) if config.golden_set else None
+        target = behaviour_target(job.context)
+        verdict = evaluate(
+            candidate, serving, dataset.eval, config, target, upweight=upweight, golden=golden
+        )
         if verdict.decision == "pass":
             ok, why = check_servable(base_uri, artifact, config.servable_budget_s, device)
             verdict = verdict.with_servable(ok, why)
@@ -401,6 +409,7 @@ class JobRun:
         self.check("moving the alias")
         events, released = self.release(job, version.version, rollout)
         self.announce(events)
+        self.write_card(job, version.version, artifact, verdict)
         self.finish(
             RetrainStatus.PROMOTED,
             candidate_version=version.version,
@@ -408,6 +417,18 @@ class JobRun:
             reason=f"{released}; {summary}"[:4000],
         )
         return RetrainStatus.PROMOTED
+
+    def write_card(self, job: RetrainJob, version: str, artifact: str, verdict: Verdict) -> None:
+        """``card.md`` next to the adapter's weights, so the card travels with them; a
+        failure is logged (the version is recorded either way, and ``genmon models card``
+        renders it again from the registry)."""
+        from genmon.retrain.card import model_card, write_card
+
+        try:
+            text = model_card(self.engine, self.store, job.model_id, version, verdict=verdict)
+            write_card(self.store, artifact, text)
+        except Exception as exc:  # the card is documentation, not part of the release
+            log.warning("writing the model card of %s %s failed: %s", job.model_id, version, exc)
 
     def release(
         self, job: RetrainJob, version: str, rollout: RolloutPolicy
@@ -469,28 +490,45 @@ def run_job(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``JOB_ID EPOCH OWNER [--remote]``: run the attempt under that lease.
+
+    ``--remote``: a Ray or Kubernetes run; OWNER is then its remote id and its writes are
+    fenced on it (:mod:`genmon.retrain.queue`, "Remote runs"), so the worker that
+    submitted it may be replaced without fencing it out. Under ``torchrun``/``accelerate``
+    only rank 0 runs the job (the row, the dataset, the artifacts); other ranks end at
+    once, since genmon's trainers train in one process.
+    """
     from genmon.db import make_engine
+    from genmon.retrain.backends.base import REMOTE_FLAG
     from genmon.retrain.runner import (
         EXIT_LEASE_LOST,
         EXIT_RECORDED,
         PARENT_PID_ENV,
         configure_logging,
         die_with_parent,
+        launch_rank,
     )
     from genmon.settings import get_settings
 
     args = sys.argv[1:] if argv is None else argv
+    remote = REMOTE_FLAG in args
+    args = [arg for arg in args if arg != REMOTE_FLAG]
     if len(args) != 3 or not args[1].isdigit():
-        print("usage: python -m genmon.retrain.job JOB_ID EPOCH OWNER", file=sys.stderr)
+        print("usage: python -m genmon.retrain.job JOB_ID EPOCH OWNER [--remote]", file=sys.stderr)
         return 2
+    rank = launch_rank()
+    if rank:
+        print(f"retrain job {args[0]}: rank {rank} idle, rank 0 runs the job", file=sys.stderr)
+        return 0
     parent = os.environ.get(PARENT_PID_ENV)
-    die_with_parent(int(parent) if parent else None)
+    die_with_parent(int(parent) if parent else None, launched=rank is not None)
     # Ctrl-C in a terminal reaches the whole process group: the worker decides when its
     # job stops (SIGTERM, then the job is released), not the keyboard.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = get_settings()
     configure_logging(settings, None)
-    lease = Lease(job_id=args[0], owner=args[2], epoch=int(args[1]))
+    remote_id = args[2] if remote else None
+    lease = Lease(job_id=args[0], owner=args[2], epoch=int(args[1]), remote_id=remote_id)
     engine = make_engine(settings.database.url)
     queue = JobQueue(engine, lease.owner, settings.retrain.lease_s)
     try:

@@ -58,15 +58,95 @@ def encode_example(
     """``(input_ids, labels)`` for one pair; labels are -100 on the prompt.
 
     Prompt and completion are tokenized apart so the boundary never moves between
-    training and scoring. Too long: the prompt loses its start (its end holds the turn
-    marker), then the completion its end.
+    training and scoring; too long, they are cut as :func:`_join` says.
     """
     prompt_ids = token_ids(tokenizer, format_prompt(prompt))
-    target = token_ids(tokenizer, completion_text(completion))
-    target = ([*target, int(tokenizer.eos_token_id)])[: max(1, max_length - 1)]
-    keep = max(1, max_length - len(target))
-    prompt_ids = prompt_ids[-keep:]
+    target = [*token_ids(tokenizer, completion_text(completion)), int(tokenizer.eos_token_id)]
+    return _join(prompt_ids, target, max_length)
+
+
+def _join(prompt_ids: list[int], target: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Prompt then target, at most ``max_length`` ids: the prompt loses its start (its end
+    holds the turn marker), then the target its end. Labels are -100 on the prompt."""
+    target = target[: max(1, max_length - 1)]
+    prompt_ids = prompt_ids[-max(1, max_length - len(target)) :]
     return prompt_ids + target, [-100] * len(prompt_ids) + target
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
+    """The turns before the response, rendered by the base model's chat template and
+    ending with the assistant's turn marker (``add_generation_prompt``).
+
+    A base without a chat template is an error rather than a guessed framing: a model
+    tuned on one framing and served with another learns nothing it is asked."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the base model"
+        raise ConfigurationError(
+            f"{name} has no chat template, so its chat examples (with messages) cannot be "
+            "framed: set one (tokenizer.chat_template, saved as chat_template.jinja beside "
+            "the tokenizer) or send feedback without messages"
+        )
+    return str(
+        tokenizer.apply_chat_template(
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
+        )
+    )
+
+
+def chat_parts(
+    tokenizer: Any, messages: Sequence[dict[str, str]], completion: str
+) -> tuple[str, str, int]:
+    """``(prompt, target, end_id)`` of a chat example.
+
+    ``prompt`` is :func:`chat_prompt`; ``target`` the assistant turn as the template frames
+    it after that prompt (the text between its turn marker and the response -- a space, a
+    newline, nothing -- then the response), found by rendering the whole conversation;
+    ``end_id`` the token the template closes the turn with when that is a special token
+    (``<|im_end|>``, ``<|eot_id|>``), else end of sequence, so the model learns to stop.
+    A template that renders history differently once a reply follows gets the bare reply.
+    """
+    reply = completion.strip()
+    prompt = chat_prompt(tokenizer, messages)
+    turns = [*map(dict, messages), {"role": "assistant", "content": reply}]
+    whole = str(tokenizer.apply_chat_template(turns, tokenize=False))
+    target, tail = reply, ""
+    if whole.startswith(prompt) and (at := whole.find(reply, len(prompt))) >= 0:
+        target = whole[len(prompt) : at + len(reply)]
+        tail = whole[at + len(reply) :]
+    tail_ids = token_ids(tokenizer, tail)
+    special = set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    end = tail_ids[0] if tail_ids and tail_ids[0] in special else int(tokenizer.eos_token_id)
+    return prompt, target, end
+
+
+def encode_chat(
+    tokenizer: Any, messages: Sequence[dict[str, str]], completion: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` for a chat example: ``messages`` (every turn before the
+    response) through the base's chat template, then the assistant's response.
+
+    Labels are -100 on every system, user and earlier assistant token and on the
+    template's own text; the loss falls on the response and the token that ends its
+    turn only. Truncated as :func:`encode_example` does.
+    """
+    if not messages:
+        raise ConfigurationError("a chat example needs at least one message before the response")
+    prompt, target, end = chat_parts(tokenizer, messages, completion)
+    return _join(token_ids(tokenizer, prompt), [*token_ids(tokenizer, target), end], max_length)
+
+
+def encode_pair(
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    messages: Sequence[dict[str, str]] | None,
+    max_length: int,
+) -> tuple[list[int], list[int]]:
+    """A chat example (with ``messages``) as :func:`encode_chat` frames it, else a plain
+    one as :func:`encode_example` does: scored the way it was trained."""
+    if messages:
+        return encode_chat(tokenizer, messages, completion, max_length)
+    return encode_example(tokenizer, prompt, completion, max_length)
 
 
 def pick_device(device: str = "auto") -> str:
@@ -197,18 +277,24 @@ class CausalLM:
         return self._stop_ids
 
     def completion_nll(
-        self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        batch_size: int = 16,
+        messages: Sequence[Sequence[dict[str, str]] | None] | None = None,
     ) -> np.ndarray:
         """Mean negative log-likelihood per completion token (end of sequence included),
-        one value per pair, in nats."""
+        one value per pair, in nats. A pair with chat ``messages`` is framed by the chat
+        template (:func:`encode_pair`)."""
         import torch
 
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        turns = list(messages) if messages is not None else [None] * len(prompts)
         out = np.zeros(len(prompts), dtype=np.float64)
         encoded = [
-            encode_example(self.tokenizer, p, c, self.max_length)
-            for p, c in zip(prompts, completions, strict=True)
+            encode_pair(self.tokenizer, p, c, m, self.max_length)
+            for p, c, m in zip(prompts, completions, turns, strict=True)
         ]
         with torch.inference_mode():
             for start in range(0, len(encoded), batch_size):

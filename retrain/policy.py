@@ -39,12 +39,11 @@ The file (YAML)::
       - match: "support-*"
         guards: {require_approval: true}
 
-**Classes** (``min_examples_per_class``): an example is *usable* when its feedback carries a
-correction that differs from the logged response (the dataset builder trains on prompt ->
-correction only). Its class is its feedback ``label``, or ``unlabelled``. Counted since the
-model's last promoted job started (earlier examples are in the serving version already),
-each class present must have at least the minimum, so a job never trains on a label it has
-seen a handful of times; a model with no usable example at all is refused too.
+**Classes** (``min_examples_per_class``): what the training strategy can use, since the
+model's last promoted job. ``sft``/``dpo``: corrections that differ from the logged response,
+by label (``unlabelled`` when none), every label present reaching the minimum. ``kto``:
+desirable (thumbs up, good scores, each correction) and undesirable (thumbs down, bad scores,
+each replaced response) both reaching it. ``auto``: either. Opted-out subjects never count.
 
 **Overrides.** Every ``models`` block whose ``match`` fits the model id applies, the least
 specific first (as in the detector plan: an exact id is the most specific, then globs with
@@ -160,9 +159,17 @@ class VolumeTrigger(_Strict):
     new_examples: int = Field(ge=1)
 
 
+class ScheduleTrigger(_Strict):
+    """Retrain by the clock (``cron``, in ``scheduler.timezone``), run by the scheduler."""
+
+    cron: str = Field(min_length=1)
+    name: str | None = None
+
+
 class Triggers(_Strict):
     incidents: list[IncidentTrigger] = Field(default_factory=list)
     volume: VolumeTrigger | None = None
+    schedule: list[ScheduleTrigger] = Field(default_factory=list)
     manual: bool = True
 
 
@@ -177,6 +184,9 @@ class Guards(_Strict):
 
 class Training(_Strict):
     trainer: str = Field("lora", min_length=1)
+    strategy: Literal["auto", "sft", "kto", "dpo"] = "auto"
+    """``sft`` trains on corrections, ``kto`` on thumbs and scores (unpaired), ``dpo`` on
+    correction pairs; ``auto`` picks from the data the dataset holds."""
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -204,6 +214,17 @@ class Gate(_Strict):
     seed: int = 0
     behaviour_min_prompts: int = Field(10, ge=1)
     servable_budget_s: float = Field(30.0, gt=0)
+    per_segment: bool = True
+    """Judge every metric also per segment (the TFX per-slice rule)."""
+    min_segment_examples: int = Field(20, ge=1)
+    """Segments with fewer evaluation examples are not judged on their own."""
+    segment_tolerance: float = Field(0.02, ge=0)
+    """How much worse a segment (or the golden set) may get, with confidence, before the gate
+    rejects: in the metric's units (nats for the losses, a share for preference_accuracy).
+    Not 0: any fine-tune moves a loss by a few thousandths of a nat everywhere."""
+    golden_set: str | None = None
+    """A JSONL file (or artifact URI) of ``{prompt, completion}`` the candidate must not get
+    worse on (a guard against forgetting)."""
 
 
 Rate = Annotated[float, Field(gt=0, lt=1)]

@@ -22,6 +22,25 @@ that share the database can serve it, and a job's state survives every one of th
 - **Holds.** A claim refused by the running limit or the daily device-hours budget records
   why on the job (``hold_reason``), so "why is it still queued?" has an answer.
 - **Audit.** Every status change is one ``retrain_job_audit`` row with actor and epoch.
+- **Remote runs** (:mod:`genmon.retrain.backends`: Ray Jobs, Kubernetes Jobs). A worker
+  that hands its attempt to a cluster records ``backend`` and ``remote_id`` (fenced, before
+  submitting), then only *supervises*: it renews its lease and polls the run. The run's
+  own writes hold a lease with ``remote_id`` set, fenced on ``(job_id, lease_epoch,
+  remote_id)`` and an active status, **not** on the owner or the lease's expiry: its
+  supervisor may die and be replaced without the run being fenced out. Every real
+  takeover still fences it, because each one moves what it checks: a new attempt's claim
+  bumps the epoch (and clears ``remote_id``), a cancel bumps the epoch, a requeue or an
+  end leaves the active states.
+- **Adoption.** A claim that meets an active job whose lease expired *and* whose
+  ``remote_id`` is set adopts it instead of starting an attempt: the epoch, the attempt
+  count and ``remote_id`` stay, only the lease (owner, expiry) moves to the claimer, with a
+  ``running -> running`` audit row; guards do not hold it (it is already running). The
+  adopter then looks the run up: alive, it supervises it; ended or lost, it settles the
+  attempt by the normal rules (:meth:`JobQueue.fail`); never submitted (its worker died
+  between recording and submitting), it submits under the *same* id, which the cluster
+  refuses if the first submission did go through: one submission per attempt.
+  :meth:`JobQueue.let_go` is a supervisor's graceful stop: the lease lapses at once so
+  another worker adopts the run, which goes on.
 """
 
 from __future__ import annotations
@@ -78,6 +97,10 @@ class Lease:
     job_id: str
     owner: str
     epoch: int
+    #: Set on the lease a remote run holds (its submission id / Job name): its writes are
+    #: fenced on ``(job_id, epoch, remote_id)`` and not on the owner or the expiry, so a
+    #: supervisor that dies and is replaced (adoption) does not fence the run out.
+    remote_id: str | None = None
 
 
 #: Shortest idle-in-transaction timeout a queue transaction gets on PostgreSQL.
@@ -130,6 +153,13 @@ def db_now(conn: Connection) -> datetime:
 
 
 def _fence(lease: Lease, now: datetime) -> sa.ColumnElement[bool]:
+    if lease.remote_id is not None:
+        return sa.and_(
+            JOBS.c.job_id == lease.job_id,
+            JOBS.c.lease_epoch == lease.epoch,
+            JOBS.c.remote_id == lease.remote_id,
+            JOBS.c.status.in_(ACTIVE),
+        )
     return sa.and_(
         JOBS.c.job_id == lease.job_id,
         JOBS.c.lease_epoch == lease.epoch,
@@ -193,6 +223,8 @@ class JobQueue:
             row = self._candidate(conn, now, skip_locked=postgres)
             if row is None:
                 return None
+            if _adoptable(row):  # already running on a cluster: no guard holds it
+                return self._adopt(conn, row, now)
             held = _hold_reason(conn, now, max_running, daily_device_hours)
             if held is not None:
                 self._hold(conn, row, held, now)
@@ -204,10 +236,13 @@ class JobQueue:
         return sa.or_(JOBS.c.status == RetrainStatus.QUEUED, expired)
 
     def _candidate(self, conn: Connection, now: datetime, *, skip_locked: bool) -> Row[Any] | None:
+        # Remote runs to adopt come first: a guard holding a queued job must not leave
+        # a running one unsupervised.
+        remote_first = sa.case((JOBS.c.remote_id.is_(None), 1), else_=0)
         query = (
             sa.select(JOBS)
             .where(self._claimable(now))
-            .order_by(JOBS.c.created_at, JOBS.c.job_id)
+            .order_by(remote_first, JOBS.c.created_at, JOBS.c.job_id)
             .limit(1)
         )
         if skip_locked:
@@ -215,11 +250,13 @@ class JobQueue:
         return conn.execute(query).first()
 
     def _fail_exhausted(self, conn: Connection, now: datetime, *, skip_locked: bool) -> None:
-        """Jobs whose lease expired on their last attempt end ``failed``, not claimed again."""
+        """Jobs whose lease expired on their last attempt end ``failed``, not claimed again
+        (a remote run is adopted instead: it may be alive; the adopter settles it)."""
         query = sa.select(JOBS).where(
             JOBS.c.status.in_(ACTIVE),
             JOBS.c.lease_expires_at <= now,
             JOBS.c.attempts >= JOBS.c.max_attempts,
+            JOBS.c.remote_id.is_(None),
         )
         if skip_locked:
             query = query.with_for_update(skip_locked=True)
@@ -260,6 +297,7 @@ class JobQueue:
                 started_at=sa.func.coalesce(JOBS.c.started_at, now),
                 updated_at=now,
                 hold_reason=None,
+                remote_id=None,  # a new attempt: the last attempt's remote run is fenced
             )
         )
         if taken.rowcount != 1:  # only if the row was not locked: another claim won
@@ -274,6 +312,34 @@ class JobQueue:
         audit(conn, row.job_id, row.status, RetrainStatus.RUNNING, self.owner, epoch, why, now)
         log.info("retrain job %s: %s by %s", row.job_id, why, self.owner)
         return Lease(job_id=row.job_id, owner=self.owner, epoch=epoch)
+
+    def _adopt(self, conn: Connection, row: Row[Any], now: datetime) -> Lease | None:
+        """Supervise the remote run of an expired job: the lease moves, the epoch, the
+        attempt and ``remote_id`` (what the run is fenced on) stay."""
+        adopted = conn.execute(
+            sa.update(JOBS)
+            .where(
+                JOBS.c.job_id == row.job_id,
+                JOBS.c.lease_epoch == row.lease_epoch,
+                JOBS.c.remote_id == row.remote_id,
+            )
+            .values(
+                lease_owner=self.owner,
+                lease_expires_at=now + timedelta(seconds=self.lease_s),
+                heartbeat_at=now,
+                updated_at=now,
+                hold_reason=None,
+            )
+        )
+        if adopted.rowcount != 1:
+            return None
+        why = (
+            f"adopted {row.backend} run {row.remote_id} from {row.lease_owner} after its "
+            f"lease expired (attempt {row.attempts} of {row.max_attempts})"
+        )
+        audit(conn, row.job_id, row.status, row.status, self.owner, row.lease_epoch, why, now)
+        log.info("retrain job %s: %s by %s", row.job_id, why, self.owner)
+        return Lease(job_id=row.job_id, owner=self.owner, epoch=row.lease_epoch)
 
     # --- fenced writes ----------------------------------------------------------------
 
@@ -362,6 +428,18 @@ class JobQueue:
             ),
         )
 
+    def let_go(self, lease: Lease, reason: str = "worker shutting down") -> bool:
+        """Stop supervising a remote run that goes on (a graceful stop): the lease lapses
+        now, so another worker adopts the run at once; status, epoch and attempt stay."""
+        return self._change(
+            lease,
+            lambda row, now: (
+                RetrainStatus(row.status),
+                {"lease_expires_at": now},
+                f"let go of {row.backend} run {row.remote_id}: {reason}",
+            ),
+        )
+
     def _change(
         self,
         lease: Lease,
@@ -404,6 +482,11 @@ def _apply(
     changed = {**values, "status": status, "updated_at": now}
     conn.execute(sa.update(JOBS).where(JOBS.c.job_id == row.job_id).values(changed))
     audit(conn, row.job_id, row.status, status, actor, epoch, reason, now)
+
+
+def _adoptable(row: Row[Any]) -> bool:
+    """An active job with a remote run: its claim is an adoption, not a new attempt."""
+    return row.remote_id is not None and row.status in ACTIVE
 
 
 def _check_columns(columns: Mapping[str, Any]) -> None:

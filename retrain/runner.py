@@ -7,9 +7,14 @@ Any number of these run, on any machines that share the database. Each one
    training never runs inside a Kafka poll loop (a job longer than
    ``max.poll.interval.ms`` would be redelivered forever);
 2. loops: claim a job (:class:`genmon.retrain.queue.JobQueue`, guarded by the policy's
-   ``max_running`` and ``daily_device_hours``) -> run it in a child process
-   (``python -m genmon.retrain.job JOB EPOCH OWNER``) -> renew the lease from a heartbeat
-   thread every ``retrain.heartbeat_s`` while the child runs.
+   ``max_running`` and ``daily_device_hours``) -> run it where ``retrain.backend`` says
+   (:mod:`genmon.retrain.backends`): in a child process here
+   (``python -m genmon.retrain.job JOB EPOCH OWNER``, under ``retrain.launcher``), or as a
+   Ray Job or Kubernetes Job that this worker then only supervises -> renew the lease
+   from a heartbeat thread every ``retrain.heartbeat_s`` while it runs.
+
+What follows is the local backend. A remote run outlives its worker on purpose: the next
+worker adopts it (:mod:`genmon.retrain.backends.supervise`).
 
 Why a child process: training holds the GIL, the GPU and gigabytes of memory. In a child
 it cannot starve the heartbeat, a crash or an out-of-memory kill takes the child and not
@@ -42,16 +47,15 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from genmon import db, kafka_config
+from genmon import db
 from genmon.exceptions import DatabaseError
+from genmon.retrain.backends.local import PARENT_PID_ENV, ChildRun, LocalBackend, child_env
 from genmon.retrain.queue import ACTIVE, JobQueue, Lease, get_job
 from genmon.settings import Settings
 
@@ -61,12 +65,6 @@ log = logging.getLogger(__name__)
 EXIT_LEASE_LOST = 75
 #: The child failed and recorded it (``JobQueue.fail``) itself (EX_SOFTWARE).
 EXIT_RECORDED = 70
-#: Environment variable naming the worker's pid to its child (see :func:`die_with_parent`).
-PARENT_PID_ENV = "GENMON_RETRAIN_PARENT_PID"
-#: Lines of the child's stderr kept for the error of a crashed job.
-TAIL_LINES = 30
-#: Seconds a stopping child gets between SIGTERM and SIGKILL.
-STOP_GRACE_S = 10.0
 #: prctl option: the signal a process gets when the thread that forked it ends.
 PR_SET_PDEATHSIG = 1
 #: Seconds between two looks at the parent (the fallback where prctl is missing).
@@ -78,37 +76,24 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def child_env(settings: Settings, loglevel: str | None = None) -> dict[str, str]:
-    """The child's environment: the worker's, with the settings the job needs spelled out
-    (the worker may have been given settings that differ from its environment; the rest,
-    such as ``notify`` for announcements, the job reads from the environment as is)."""
-    env = dict(os.environ)
-    retrain = settings.retrain
-    env.update(
-        {
-            "GENMON_DATABASE__URL": settings.database.url,
-            "GENMON_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-            "GENMON_RETRAIN__ARTIFACTS_URI": retrain.artifacts_uri,
-            "GENMON_RETRAIN__LEASE_S": str(retrain.lease_s),
-            "GENMON_RETRAIN__HEARTBEAT_S": str(retrain.heartbeat_s),
-            "GENMON_RETRAIN__DEVICE": retrain.device,
-            "GENMON_RETRAIN__REDACT": str(retrain.redact).lower(),
-            PARENT_PID_ENV: str(os.getpid()),
-        }
-    )
-    env.update(kafka_config.environment(settings.kafka))  # address, TLS/SASL, durability
-    if retrain.policy_file is not None:
-        env["GENMON_RETRAIN__POLICY_FILE"] = str(retrain.policy_file)
-    env["GENMON_WORKER__LOGLEVEL"] = (loglevel or settings.worker.loglevel).lower()
-    return env
+def launch_rank() -> int | None:
+    """This process's rank under ``torchrun``/``accelerate launch`` (``RANK``, else
+    ``LOCAL_RANK``); ``None`` when no launcher started it."""
+    for name in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
 
 
-def die_with_parent(parent_pid: int | None) -> None:
+def die_with_parent(parent_pid: int | None, *, launched: bool = False) -> None:
     """Make this process die within ~1 s of its worker, however the worker dies.
 
     ``PR_SET_PDEATHSIG`` has the kernel send SIGKILL when the parent goes (Linux); a
     thread watching ``os.getppid()`` covers other systems and the race where the parent
-    died before the signal was armed (this process is then re-parented).
+    died before the signal was armed (this process is then re-parented). ``launched``:
+    a launcher (torchrun) stands between the worker and this process, so the parent is
+    the launcher: the watch is then on the worker's pid itself.
     """
     if parent_pid is None:
         return
@@ -119,18 +104,30 @@ def die_with_parent(parent_pid: int | None) -> None:
                 log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
         except (OSError, AttributeError) as exc:
             log.warning("prctl unavailable (%s); watching the parent instead", exc)
-    if os.getppid() != parent_pid:
+    if not _parent_alive(parent_pid, launched):
         os.kill(os.getpid(), signal.SIGKILL)
     watcher = threading.Thread(
-        target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
+        target=_watch_parent, args=(parent_pid, launched), name="parent-watch", daemon=True
     )
     watcher.start()
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _parent_alive(parent_pid: int, launched: bool) -> bool:
+    if not launched:
+        return os.getppid() == parent_pid
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, though not ours to signal
+        return True
+    return True
+
+
+def _watch_parent(parent_pid: int, launched: bool) -> None:
     while True:
         time.sleep(PARENT_POLL_S)
-        if os.getppid() != parent_pid:
+        if not _parent_alive(parent_pid, launched):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -179,28 +176,6 @@ class Heartbeat:
             return
 
 
-@dataclass
-class ChildRun:
-    """One child process and what it said."""
-
-    process: subprocess.Popen[str]
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
-    relay: threading.Thread | None = None
-
-    def kill(self, why: str) -> None:
-        if self.process.poll() is None:
-            log.warning("killing job process %d: %s", self.process.pid, why)
-            self.process.kill()
-
-
-def _relay(stream: IO[str], tail: deque[str]) -> None:
-    """Pass the child's stderr through to ours, keeping its last lines for the error."""
-    for line in stream:
-        tail.append(line.rstrip("\n"))
-        sys.stderr.write(line)
-        sys.stderr.flush()
-
-
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -212,7 +187,7 @@ def describe_exit(code: int) -> str:
 
 
 class RetrainWorker:
-    """Claims jobs and runs each in a child process until :meth:`stop`."""
+    """Claims jobs and runs each where ``retrain.backend`` says, until :meth:`stop`."""
 
     def __init__(
         self,
@@ -230,16 +205,20 @@ class RetrainWorker:
         self.queue = JobQueue(engine, owner or default_owner(), settings.retrain.lease_s)
         self.max_running = max_running
         self.daily_device_hours = daily_device_hours
-        self.python = python
-        self.loglevel = loglevel
+        self.local = LocalBackend(settings, python, loglevel)
         self._stopping = threading.Event()
 
     @property
     def owner(self) -> str:
         return self.queue.owner
 
+    @property
+    def stopping(self) -> threading.Event:
+        return self._stopping
+
     def stop(self) -> None:
-        """Stop claiming; a running job is stopped and released (see the module doc)."""
+        """Stop claiming; a running job is stopped and released (see the module doc); a
+        remote run goes on, let go for another worker to adopt."""
         self._stopping.set()
 
     def run(self) -> None:
@@ -259,8 +238,26 @@ class RetrainWorker:
         log.info("retrain worker %s stopped", self.owner)
 
     def run_job(self, lease: Lease) -> None:
+        """Run one claimed job where it belongs: the remote run a claim adopted (the
+        row's ``remote_id``), else as ``retrain.backend`` says."""
+        backend, remote_id = self.settings.retrain.backend, None
+        try:
+            job = get_job(self.engine, lease.job_id)
+        except DatabaseError as exc:
+            log.warning("reading retrain job %s failed: %s", lease.job_id, exc)
+            return  # its lease lapses; another claim takes it
+        if job.remote_id is not None:
+            backend, remote_id = job.backend, job.remote_id
+        if backend == "local":
+            self.run_local(lease)
+            return
+        from genmon.retrain.backends.supervise import supervise
+
+        supervise(self, lease, backend, remote_id)
+
+    def run_local(self, lease: Lease) -> None:
         """Run one claimed job in a child, renewing its lease, and record how it ended."""
-        child = self._spawn(lease)
+        child = self.local.spawn(lease)
         heartbeat = Heartbeat(
             self.queue, lease, self.settings.retrain.heartbeat_s, on_lost=child.kill
         )
@@ -270,7 +267,7 @@ class RetrainWorker:
             while child.process.poll() is None:
                 if self._stopping.is_set() and not stopped:
                     stopped = True
-                    self._terminate(child)
+                    child.terminate()
                     break
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.process.wait(timeout=0.2)
@@ -279,43 +276,6 @@ class RetrainWorker:
             if child.relay is not None:
                 child.relay.join(timeout=5)
         self._settle(lease, child, heartbeat.lost, stopped)
-
-    def _spawn(self, lease: Lease) -> ChildRun:
-        command = [
-            self.python,
-            "-m",
-            "genmon.retrain.job",
-            lease.job_id,
-            str(lease.epoch),
-            lease.owner,
-        ]
-        # Started from the thread that runs the loop (the main thread under
-        # run_retrain_worker): PR_SET_PDEATHSIG fires when the *thread* that forked ends.
-        process = subprocess.Popen(
-            command,
-            env=child_env(self.settings, self.loglevel),
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        log.info("retrain job %s epoch %d: job process %d", lease.job_id, lease.epoch, process.pid)
-        child = ChildRun(process)
-        assert process.stderr is not None
-        child.relay = threading.Thread(
-            target=_relay, args=(process.stderr, child.tail), name="job-stderr", daemon=True
-        )
-        child.relay.start()
-        return child
-
-    def _terminate(self, child: ChildRun) -> None:
-        log.info("stopping job process %d (worker shutting down)", child.process.pid)
-        child.process.terminate()
-        try:
-            child.process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.kill(f"still running {STOP_GRACE_S:g} s after SIGTERM")
-            child.process.wait()
 
     def _settle(self, lease: Lease, child: ChildRun, lost: str | None, stopped: bool) -> None:
         code = child.process.returncode
@@ -418,10 +378,12 @@ def run_retrain_worker(
 __all__ = [
     "EXIT_LEASE_LOST",
     "EXIT_RECORDED",
+    "PARENT_PID_ENV",
     "Heartbeat",
     "RetrainWorker",
     "child_env",
     "default_owner",
     "die_with_parent",
+    "launch_rank",
     "run_retrain_worker",
 ]

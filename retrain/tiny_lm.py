@@ -45,6 +45,18 @@ DEFAULT_DATA_DIR = Path("../shared/datasets")
 REFUSAL = "I'm sorry, but I can't help with that."
 #: How the help centre's articles read in pre-training.
 HELP_TEMPLATE = "Help article: {answer}"
+#: Its chat template: one user turn renders exactly as :data:`PROMPT_TEMPLATE` frames a
+#: prompt, so chat examples train on the framing the model learnt; an assistant turn ends
+#: with end of sequence, the token that stops its answers.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ 'System: ' + m['content'] + '\\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ 'Customer: ' + m['content'] + '\\n' }}"
+    "{%- else -%}{{ 'Agent: ' + m['content'] + eos_token + '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Agent:' }}{%- endif -%}"
+)
 #: Bump when the build procedure changes in a way the config hash cannot see.
 BUILD_VERSION = 1
 MARKER = "tiny_lm.json"
@@ -216,6 +228,7 @@ def config_hash(config: TinyLmConfig, data_dir: Path, refuse_class: str, seed: i
         "refusal": REFUSAL,
         "template": PROMPT_TEMPLATE,
         "help": HELP_TEMPLATE,
+        "chat_template": CHAT_TEMPLATE,
         "version": BUILD_VERSION,
     }
     digest.update(json.dumps(meta, sort_keys=True).encode())
@@ -339,6 +352,7 @@ def _build(
         setattr(model.config, name, 0.0)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(tmp)
     return {"train_examples": len(pairs), "final_loss": loss}
 

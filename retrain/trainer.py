@@ -35,6 +35,7 @@ from genmon.retrain.examples import SftExample
 from genmon.retrain.exceptions import TrainerNotFound
 from genmon.retrain.lm import (
     dtype_for,
+    encode_chat,
     encode_example,
     fingerprint_weights,
     local_adapter,
@@ -51,6 +52,8 @@ ENTRY_POINT_GROUP = "genmon.trainers"
 #: Share of the steps spent warming the learning rate up (then linear decay to 10 %).
 WARMUP_FRACTION = 0.1
 FINAL_LR_FACTOR = 0.1
+#: Params that are a number or unset (``None``: genmon computes them).
+OPTIONAL_FLOATS = ("desirable_weight", "undesirable_weight")
 
 
 @dataclass
@@ -73,6 +76,14 @@ class TrainingParams:
     """Start from this adapter instead of fresh LoRA weights. genmon sets it to the serving
     version's adapter, so a new version keeps what the one it replaces learned (its
     dataset holds only the examples since that one's job)."""
+    beta: float = 0.1
+    """KTO and DPO: how far the tuned model may move from the one it starts from (higher:
+    less). TRL's default."""
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+    """KTO's class weights; ``None``: computed from the class counts so that
+    (desirable_weight x desirable) : (undesirable_weight x undesirable) is 7:6, inside the
+    1:1 to 4:3 band the KTO paper recommends (:func:`genmon.retrain.preference.kto_weights`)."""
 
     def __post_init__(self) -> None:
         problems = [
@@ -90,6 +101,12 @@ class TrainingParams:
         ]
         if not 0 <= self.lora_dropout < 1:
             problems.append("lora_dropout must be in [0, 1)")
+        if not self.beta > 0:
+            problems.append("beta must be > 0")
+        for name in ("desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                problems.append(f"{name} must be > 0 (or unset: computed from the data)")
         if problems:
             raise ConfigurationError("training params: " + "; ".join(problems))
 
@@ -113,6 +130,10 @@ def _coerce(name: str, value: Any) -> Any:
     default = next(f.default for f in fields(TrainingParams) if f.name == name)
     if name == "init_adapter" and (value is None or isinstance(value, str)):
         return value
+    if name in OPTIONAL_FLOATS:
+        if value is None:
+            return None
+        default = 1.0
     if name == "target_modules":
         if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value
@@ -130,6 +151,7 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(default, int) and number.is_integer():
             return int(number)
     kinds = {"target_modules": "a list of module names", "init_adapter": "an adapter URI"}
+    kinds |= dict.fromkeys(OPTIONAL_FLOATS, "a number or null")
     kind = kinds.get(name, type(default).__name__)
     raise ConfigurationError(f"training param {name}: {value!r} is not {kind}")
 
@@ -269,10 +291,8 @@ class LoraTrainer:
             raise ConfigurationError("no training examples: the dataset is empty")
         quiet_transformers()
         device = pick_device(params.device)
-        model, tokenizer = _peft_model(base_uri, params, device)
-        encoded = [
-            encode_example(tokenizer, e.prompt, e.completion, params.max_length) for e in examples
-        ]
+        model, tokenizer = peft_model(base_uri, params, device)
+        encoded = [encode_sft(tokenizer, e, params.max_length) for e in examples]
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=0.0)
         out_dir = Path(out_dir)
@@ -286,7 +306,7 @@ class LoraTrainer:
             elapsed = max(time.perf_counter() - began, 1e-9)
             seen = params.batch_size * params.grad_accum
             ctx.progress(
-                step, params.max_steps, loss, seen / elapsed, tokens / elapsed, _gpu_mb(device)
+                step, params.max_steps, loss, seen / elapsed, tokens / elapsed, gpu_mb(device)
             )
             if params.checkpoint_every and step % params.checkpoint_every == 0:
                 folder = out_dir / "checkpoints" / f"step-{step:06d}"
@@ -295,19 +315,41 @@ class LoraTrainer:
                 _drop_older_checkpoints(folder)
         adapter_dir = out_dir / "adapter"
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
-        meta = {
-            "base_uri": base_uri,
-            "base_fingerprint": fingerprint_weights(base_uri),
-            "params": params.to_dict(),
-            "examples": len(encoded),
-            "steps": params.max_steps,
-            "final_loss": loss,
-        }
-        (adapter_dir / "genmon_training.json").write_text(json.dumps(meta, indent=2))
+        write_training_meta(adapter_dir, base_uri, params, len(encoded), loss, strategy="sft")
         return TrainResult(adapter_dir=adapter_dir, steps=params.max_steps, final_loss=loss)
 
 
-def _peft_model(base_uri: str, params: TrainingParams, device: str) -> tuple[Any, Any]:
+def encode_sft(tokenizer: Any, example: SftExample, max_length: int) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of an example: through the base's chat template when it
+    carries ``messages`` (loss on the assistant's turn only), else the one prompt framing."""
+    if example.messages:
+        return encode_chat(tokenizer, example.messages, example.completion, max_length)
+    return encode_example(tokenizer, example.prompt, example.completion, max_length)
+
+
+def write_training_meta(
+    adapter_dir: Path,
+    base_uri: str,
+    params: TrainingParams,
+    examples: int,
+    final_loss: float,
+    **extra: Any,
+) -> None:
+    """``genmon_training.json`` beside the adapter: the base it is valid on (by weight
+    fingerprint), how it was trained (strategy and its settings) and on how much."""
+    meta = {
+        "base_uri": base_uri,
+        "base_fingerprint": fingerprint_weights(base_uri),
+        "params": params.to_dict(),
+        "examples": examples,
+        "steps": params.max_steps,
+        "final_loss": final_loss,
+        **extra,
+    }
+    (adapter_dir / "genmon_training.json").write_text(json.dumps(meta, indent=2))
+
+
+def peft_model(base_uri: str, params: TrainingParams, device: str) -> tuple[Any, Any]:
     """The base with fresh LoRA weights (drawn from the seed), or with ``init_adapter``'s,
     ready to train."""
     import torch
@@ -336,10 +378,10 @@ def _peft_model(base_uri: str, params: TrainingParams, device: str) -> tuple[Any
         # GPT-2-style models store projections as Conv1D (weights transposed).
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
-    peft_model = get_peft_model(model, config)
-    peft_model.to(device)
-    peft_model.train()
-    return peft_model, tokenizer
+    fresh = get_peft_model(model, config)
+    fresh.to(device)
+    fresh.train()
+    return fresh, tokenizer
 
 
 def _step(
@@ -373,7 +415,7 @@ def _step(
     return total_loss, tokens
 
 
-def _gpu_mb(device: str) -> float | None:
+def gpu_mb(device: str) -> float | None:
     import torch
 
     if not device.startswith("cuda"):

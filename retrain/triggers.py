@@ -38,6 +38,7 @@ from genmon.db import session_scope
 from genmon.retrain.exceptions import JobNotFound, JobStateError
 from genmon.retrain.policy import ModelPolicy, RetrainPolicy
 from genmon.retrain.rollout import ROLLOUT_DETECTOR
+from genmon.retrain.usable import too_few
 from genmon.schemas.events import (
     IncidentStatus,
     ModelAlias,
@@ -61,7 +62,6 @@ from genmon.schemas.tables import LabelledExample, RetrainJob
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
-UNLABELLED = "unlabelled"
 #: Transitions of an incident that may start a job (acknowledged and resolved never do).
 DECIDING_TRANSITIONS = frozenset({"opened", "updated", "escalated", "reopened"})
 #: Why an incident of the rollout watch starts no job.
@@ -188,36 +188,6 @@ def _latest_job(session: Session, model_id: str) -> RetrainJob | None:
     return session.exec(query).first()
 
 
-def examples_since(session: Session, model_id: str) -> datetime | None:
-    """When the model's last promoted job started: the examples before it are in the
-    serving version already (the job's dataset, :mod:`genmon.retrain.job`, starts there)."""
-    query = select(func.max(RetrainJob.started_at)).where(
-        RetrainJob.model_id == model_id, RetrainJob.status == RetrainStatus.PROMOTED
-    )
-    return session.exec(query).one()
-
-
-def usable_counts(session: Session, model_id: str, since: datetime | None) -> dict[str, int]:
-    """Usable examples by class (label, or ``unlabelled``): those with a correction that
-    differs from the logged response, as :func:`genmon.retrain.dataset.merge_rows` keeps."""
-    correction = func.trim(col(LabelledExample.correction))
-    query = (
-        select(LabelledExample.label, func.count())
-        .where(
-            LabelledExample.model_id == model_id,
-            correction != "",
-            correction != func.trim(col(LabelledExample.response)),
-        )
-        .group_by(col(LabelledExample.label))
-    )
-    if since is not None:
-        query = query.where(col(LabelledExample.created_at) >= since)
-    counts: dict[str, int] = {}
-    for label, count in session.exec(query).all():
-        counts[label or UNLABELLED] = counts.get(label or UNLABELLED, 0) + int(count)
-    return counts
-
-
 def _cooldown(session: Session, policy: ModelPolicy, now: datetime) -> tuple[str, str] | None:
     """``(reason, latest job id)`` while the model's cool-down runs."""
     latest = _latest_job(session, policy.model_id)
@@ -229,26 +199,6 @@ def _cooldown(session: Session, policy: ModelPolicy, now: datetime) -> tuple[str
         f"cool-down: job {latest.job_id} of {policy.model_id} was created {ago:.0f} s ago;"
         f" guards.cooldown_s is {wait_s:g} s ({policy.source})",
         latest.job_id,
-    )
-
-
-def _too_few(session: Session, policy: ModelPolicy) -> tuple[str, int] | None:
-    """``(reason, usable examples)`` while a class has fewer than the minimum."""
-    least = policy.guards.min_examples_per_class
-    since = examples_since(session, policy.model_id)
-    counts = usable_counts(session, policy.model_id, since)
-    short = {label: n for label, n in sorted(counts.items()) if n < least}
-    if counts and not short:
-        return None
-    if least == 0:
-        return None
-    after = f" since the last promoted job ({since.isoformat()})" if since else ""
-    have = ", ".join(f"{label} {n}" for label, n in short.items()) or "none"
-    return (
-        f"too few examples: usable examples (with a correction){after} by class: {have};"
-        f" guards.min_examples_per_class is {least} ({policy.source}); send feedback with"
-        " corrections, or lower the minimum",
-        sum(counts.values()),
     )
 
 
@@ -275,7 +225,7 @@ def _held(
     cool-down holds automatic triggers only: a person asking is never held by it."""
     if automatic and (held := _cooldown(session, policy, now)):
         return held[0], "cooldown", held[1]
-    if few := _too_few(session, policy):
+    if few := too_few(session, policy):
         return few[0], "examples", str(few[1])
     return None
 
@@ -509,6 +459,7 @@ def _job(
             "min_examples": guards.min_examples_per_class,
             "examples_since": since.isoformat() if since else None,
             "trainer": policy.training.trainer,
+            "strategy": policy.training.strategy,
             "training": dict(policy.training.params),
             "gate": policy.gate.model_dump(mode="json"),
             "rollout": policy.rollout.model_dump(mode="json"),

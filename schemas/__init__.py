@@ -3,6 +3,7 @@
 from genmon.schemas.events import (
     EVENT_MODELS,
     SCHEMA_VERSION,
+    ChatMessage,
     DeadLetter,
     FeedbackEvent,
     Finding,
@@ -26,6 +27,7 @@ from genmon.schemas.events import (
 __all__ = [
     "EVENT_MODELS",
     "SCHEMA_VERSION",
+    "ChatMessage",
     "DeadLetter",
     "FeedbackEvent",
     "Finding",

@@ -10,11 +10,11 @@ decides them, the same way for the SDK, the worker's pydantic path and its nativ
 - *identifiers* (ids, versions, ``detector``, ``signal``, finding ``segment``, segment
   attribute keys and values, ``error_code``, ``label``: anything grouped, joined or keyed
   on) holding one are **refused**: ``invalid_value``, and the error names the field;
-- *free text* (``prompt``, ``response``, ``correction``, ``comment``, titles, ``reason``,
-  and every string, keys included, in ``metadata`` and ``evidence``) has each one
-  **replaced** by U+FFFD. Validation with a ``context`` holding a list under
-  :data:`SANITIZED` appends the name of each field it changed (the worker counts such
-  events, ``genmon_ingest_sanitized_total``).
+- *free text* (``prompt``, ``response``, the ``content`` of chat ``messages``,
+  ``correction``, ``comment``, titles, ``reason``, and every string, keys included, in
+  ``metadata`` and ``evidence``) has each one **replaced** by U+FFFD. Validation with a
+  ``context`` holding a list under :data:`SANITIZED` appends the name of each field it
+  changed (the worker counts such events, ``genmon_ingest_sanitized_total``).
 
 >>> InferenceEvent(model_id="chat", latency_ms=1.0, prompt="a\\x00b").prompt
 'a\ufffdb'
@@ -60,6 +60,8 @@ MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_KEY_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 256
 MAX_METADATA_KEYS = 64
+#: Chat turns an inference event may carry (``messages``); the byte limit bounds them too.
+MAX_MESSAGES = 256
 MAX_EVENT_BYTES = 256 * 1024
 
 #: Code points PostgreSQL ``text`` cannot store: NUL and the UTF-16 surrogates.
@@ -366,8 +368,22 @@ class _Event(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
+class ChatMessage(BaseModel):
+    """One chat turn sent to the model: ``content`` is free text, as ``prompt`` is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text
+
+
 class InferenceEvent(_Event):
-    """One model call, as the serving service saw it."""
+    """One model call, as the serving service saw it.
+
+    A chat call carries its turns in ``messages`` (the response stays in ``response``);
+    ``prompt`` is still what the detectors read and embed: the SDK sets it to the last
+    user turn when it is not given, and other producers should do the same.
+    """
 
     request_id: Identifier = Field(default_factory=new_id)
     model_id: Identifier
@@ -376,6 +392,11 @@ class InferenceEvent(_Event):
     finished_at: AwareDatetime | None = None
     prompt: Text = ""
     response: Text = ""
+    messages: list[ChatMessage] | None = Field(
+        None,
+        max_length=MAX_MESSAGES,
+        description="the chat turns sent to the model, before the response",
+    )
     latency_ms: float = Field(ge=0, le=86_400_000)
     time_to_first_token_ms: float | None = Field(None, ge=0, le=86_400_000)
     prompt_tokens: int | None = Field(None, ge=0, le=10_000_000)

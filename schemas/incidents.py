@@ -9,7 +9,8 @@
   notifications, never incidents.
 - ``notification``: the transactional outbox, written in the incident's transaction: pages
   for the configured destinations, and every transition for the incidents topic (rows of
-  the reserved destination :data:`INCIDENTS_TOPIC_DESTINATION`).
+  the reserved destination :data:`INCIDENTS_TOPIC_DESTINATION`); also the scheduler's
+  daily digest, a row of event ``digest`` about no one incident (``incident_id`` null).
 - ``delivery_attempt``: the delivery log of each notification.
 - ``destination_state``: failing and paused destinations, shared by the dispatchers.
 - ``finding_seen``: dedup keys of findings already applied, pruned after a retention.
@@ -63,6 +64,9 @@ class NotificationEvent(StrEnum):
     RESOLVE = "resolve"
     TRANSITION = "transition"
     """An :class:`~genmon.schemas.IncidentEvent` for the incidents topic, never a page."""
+    DIGEST = "digest"
+    """The scheduler's daily digest (``genmon.scheduler.digest``): about no one incident
+    (``incident_id`` is null), never silenced, for webhook and Slack destinations only."""
 
 
 #: Events that announce an incident to a destination; the others follow an announcement.
@@ -246,8 +250,12 @@ class Notification(SQLModel, table=True):
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    incident_id: str = Field(
-        foreign_key="incident.id", ondelete="CASCADE", max_length=INCIDENT_ID_CHARS
+    incident_id: str | None = Field(
+        default=None,
+        foreign_key="incident.id",
+        ondelete="CASCADE",
+        max_length=INCIDENT_ID_CHARS,
+        description="null for a notification about no one incident (the daily digest)",
     )
     destination: str = Field(max_length=MAX_ID_CHARS)
     event: NotificationEvent = Field(

@@ -158,6 +158,14 @@ class RetrainJob(RetrainJobBase, table=True):
         default_factory=dict, sa_type=sa.JSON, description="the gate's decision and reasons"
     )
     device_seconds: float = Field(default=0.0, description="training time, for the budget")
+    backend: str = Field(
+        default="local", max_length=32, description="where it trains: local, ray, kubernetes"
+    )
+    remote_id: str | None = Field(
+        default=None,
+        max_length=MAX_ID_CHARS,
+        description="the Ray submission id or Kubernetes Job name of a remote run",
+    )
 
 
 class RetrainJobCreate(RetrainJobBase):
@@ -212,6 +220,8 @@ class RetrainJobPublic(RetrainJobBase):
     dataset_hash: str | None
     artifact_uri: str | None
     verdict: dict[str, Any]
+    backend: str
+    remote_id: str | None
 
 
 # --- model versions ---------------------------------------------------------------------
@@ -301,6 +311,11 @@ class LabelledExampleBase(SQLModel):
         max_length=MAX_ID_CHARS,
         description="pseudonymous data subject, so an erasure request can find the rows",
     )
+    messages: list[dict[str, str]] | None = Field(
+        default=None,
+        sa_type=sa.JSON(none_as_null=True),
+        description="the chat turns before the response ({role, content}), when it was a chat",
+    )
 
 
 class LabelledExample(LabelledExampleBase, table=True):
@@ -334,6 +349,9 @@ class LabelledExampleCreate(LabelledExampleBase):
             model_version=inference.model_version,
             prompt=inference.prompt,
             response=inference.response,
+            messages=None
+            if inference.messages is None
+            else [message.model_dump() for message in inference.messages],
             correction=feedback.correction,
             score=feedback.normalized_score,
             label=feedback.label,

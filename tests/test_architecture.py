@@ -40,7 +40,13 @@ ALLOWED = {
     "streams": {"core", "schemas", "detectors", "incidents", "infra"},
     "retrain": {"core", "schemas", "detectors", "incidents", "infra"},
     "replay": {"core", "schemas", "detectors", "streams", "incidents"},
-    "cli": {"core", "schemas", "detectors", "streams", "incidents", "infra", "replay", "retrain"},
+    "privacy": {"core", "schemas", "incidents", "retrain", "infra"},
+    "scheduler": {"core", "schemas", "incidents", "retrain", "privacy", "infra"},
+    "cli": {
+        "core",
+        *("schemas", "detectors", "streams", "incidents", "infra", "replay", "retrain"),
+        *("privacy", "scheduler"),
+    },
 }
 KAFKA = {"kafka", "aiokafka", "faust", "mode"}
 #: Third-party packages the SDK (`pip install genmon`, no extras) must never load.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import os
 import subprocess
 import sys
@@ -13,11 +14,11 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 from kafka_support import consume
 
-from genmon import Monitor
+from genmon import Monitor, chat
 from genmon.exceptions import ConfigurationError, SchemaError
 from genmon.infra.kafka import KafkaBroker
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ
-from genmon.schemas.events import FeedbackEvent, InferenceEvent
+from genmon.schemas.events import ChatMessage, FeedbackEvent, InferenceEvent
 from genmon.settings import Settings, get_settings
 from genmon.streams.ingest import SequenceCheck, SequenceTracker
 
@@ -80,6 +81,44 @@ def test_long_texts_are_cut_not_rejected(offline: Callable[..., Monitor]) -> Non
     assert monitor.log_feedback(request_id="r", model_id="chat", comment="y" * (limit * 2))
     assert monitor.stats.truncated == 2
     assert monitor.stats.buffered == 2
+
+
+def test_a_chat_gets_its_last_user_turn_as_the_prompt(offline: Callable[..., Monitor]) -> None:
+    monitor = offline(settings=Settings(sdk={"max_text_chars": 20}))
+    question = "And 3+3, tell me in full, please?"
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        ChatMessage(role="assistant", content="4"),
+        ChatMessage(role="user", content=question),
+        {"role": "tool", "content": "calculator: 6"},
+    ]
+    assert monitor.log_inference(model_id="chat", latency_ms=1, messages=turns, response="6")
+    assert monitor.log_inference({"model_id": "chat", "latency_ms": 1, "messages": turns[:2]})
+    assert monitor.log_inference(model_id="chat", latency_ms=1, messages=turns, prompt="given")
+    assert monitor.log_inference(model_id="chat", latency_ms=1, messages=turns[:1])
+    built = InferenceEvent(model_id="chat", latency_ms=1, messages=turns[:2])
+    assert monitor.log_inference(built)  # an event object is sent as it was built
+    events = [InferenceEvent.model_validate_json(record.value) for record in monitor._queue]
+    assert [event.prompt for event in events] == [
+        question[:20],  # the last user turn, cut as message texts are
+        "What is 2+2?",
+        "given",
+        "",
+        "",
+    ]
+    assert events[0].messages is not None
+    assert [(m.role, m.content) for m in events[0].messages] == [
+        ("system", "Be brief."),
+        ("user", "What is 2+2?"),
+        ("assistant", "4"),
+        ("user", question[:20]),
+        ("tool", "calculator: 6"),
+    ]
+    assert monitor.stats.truncated == 2  # once per event, however many texts were cut
+    with pytest.raises(SchemaError, match=r"messages\.0\.role"):
+        monitor.log_inference(model_id="chat", latency_ms=1, messages=[{"role": "bot"}])
+    assert doctest.testmod(chat).failed == 0
 
 
 def test_without_a_broker_events_are_buffered_to_the_limit_then_dropped(

@@ -26,6 +26,10 @@ Life of a baseline, in tumbling windows:
    worse than the reference by half the rise the test is designed to catch; otherwise the
    candidate is dropped and counted in ``refused``: a slow degradation is never learned
    away, it grows until it pages.
+4. **Refresh by the clock** (the scheduler's ``reference-refresh``): :meth:`refresh_now`
+   replaces the reference by its candidate at once, without waiting for it to fill, once
+   the candidate holds ``minimum`` windows (the runner passes the warm-up), under the same
+   "not worse" limit; a smaller candidate is left to grow.
 
 :class:`RateBaseline` holds counts (errors of requests, thumbs-down of scored feedback);
 :class:`LatencyBaseline` holds DDSketches and turns each window into a count too (the
@@ -225,7 +229,18 @@ class RateBaseline:
         if not healthy:
             return
         self.cand.add(events, total)
-        verdict = _refresh(self.ref, self.cand, self.refresh, limit)
+        self._apply(_refresh(self.ref, self.cand, self.refresh, limit))
+
+    def refresh_now(self, minimum: int, limit: AcceptLimit) -> str | None:
+        """Replace the reference by the candidate now (a refresh asked for by the clock) if
+        it holds ``minimum`` windows and is not worse than ``limit``: ``"replace"``,
+        ``"refuse"`` (the candidate is dropped, as a refused refresh's is), or ``None``
+        (not ready, or the candidate is too small: nothing changes)."""
+        verdict = _forced(self.ref, self.cand, minimum, limit) if self.ready else None
+        self._apply(verdict)
+        return verdict
+
+    def _apply(self, verdict: str | None) -> None:
         if verdict is None:
             return
         if verdict == "refuse":
@@ -306,9 +321,20 @@ class LatencyBaseline:
             self.cand_sketch = QuantileSketch(window.relative_accuracy)
         self.cand_sketch.merge(window)
         self.cand.add(*self.above(window))
-        verdict = _refresh(self.sums, self.cand, self.refresh, limit)
+        self._apply(_refresh(self.sums, self.cand, self.refresh, limit))
+
+    def refresh_now(self, minimum: int, limit: AcceptLimit) -> str | None:
+        """As :meth:`RateBaseline.refresh_now`: the candidate's sketch becomes the
+        reference (its key from its own quantile)."""
+        ready = self.ready and self.cand_sketch is not None
+        verdict = _forced(self.sums, self.cand, minimum, limit) if ready else None
+        self._apply(verdict)
+        return verdict
+
+    def _apply(self, verdict: str | None) -> None:
         if verdict is None:
             return
+        assert self.cand_sketch is not None
         if verdict == "refuse":
             self.refused += 1
         else:
@@ -356,6 +382,14 @@ def _refresh(ref: CountSums, cand: CountSums, refresh: int, limit: AcceptLimit) 
     if cand.rate > limit(ref.rate):
         return "refuse"
     return "grow" if ref.count < refresh else "replace"
+
+
+def _forced(ref: CountSums, cand: CountSums, minimum: int, limit: AcceptLimit) -> str | None:
+    """A refresh asked for now: ``None`` while the candidate holds fewer than ``minimum``
+    windows, ``"refuse"`` when it is worse than ``limit`` allows, else ``"replace"``."""
+    if cand.count < max(minimum, 1):
+        return None
+    return "refuse" if cand.rate > limit(ref.rate) else "replace"
 
 
 def _reference(sums: CountSums, events: float, total: float) -> Reference:

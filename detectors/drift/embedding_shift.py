@@ -124,7 +124,8 @@ class EmbeddingShiftDrift(Detector):
     many minutes; most of its texts are flagged one by one.
 
     Refresh: tested, undetected windows accumulate into a candidate; after
-    ``refresh_windows`` of them it replaces the reference (same basis) only if the mean of
+    ``refresh_windows`` of them (or earlier, by :meth:`refresh_now`, once it holds what a
+    first reference needs) it replaces the reference (same basis) only if the mean of
     all windows tested meanwhile, scored as the longest scale would, stays within half the
     critical T^2 and q excess; otherwise it is discarded and counted (``refused_refreshes``),
     so a slow drift is not learned away. Zero-variance directions and residuals get floors,
@@ -399,6 +400,22 @@ class EmbeddingShiftDrift(Detector):
         g = np.array([(q_between - r.rows * mean * mean) / var])
         share = float(self._excess(g, r.windows - 1, r.rows - r.n2 / r.rows)[0])
         self._q = np.array([max(mean, floor), var, share])
+
+    def refresh_now(self) -> bool | None:
+        """Replace the reference by the candidate now (a refresh asked for by the clock,
+        the scheduler's ``reference-refresh``) if the candidate holds as many windows and
+        rows as a first reference needs, through the same gate as a refresh after
+        ``refresh_windows``: ``True`` when replaced, ``False`` when refused (the candidate
+        is dropped), ``None`` when not ready or the candidate is too small (nothing
+        changes)."""
+        cand = self._candidate
+        if not self._ready or cand is None:
+            return None
+        if cand.windows < self.reference_windows or cand.rows < self.min_reference_rows:
+            return None
+        before = self._refreshes
+        self._refresh()
+        return self._refreshes > before
 
     def _refresh(self) -> None:
         assert self._ref is not None and self._candidate is not None

@@ -13,6 +13,7 @@ import click
 
 from genmon.cli import (
     config,
+    data,
     db,
     demo,
     detectors,
@@ -22,6 +23,7 @@ from genmon.cli import (
     notify,
     replay,
     retrain,
+    schedule,
     schemas,
     silences,
     worker,
@@ -42,6 +44,8 @@ COMMANDS: tuple[click.Command, ...] = (
     detectors.detectors,
     models.models,
     retrain.retrain,
+    schedule.schedule,
+    data.data,
     replay.replay,
     demo.demo,
 )

@@ -220,6 +220,32 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+@models.command("card")
+@click.argument("model_id")
+@click.argument("version")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write the card to FILE.")
+@json_option("Print the card's content as JSON instead of Markdown.")
+@database_option
+def models_card(
+    model_id: str, version: str, out: str | None, as_json: bool, url: str | None
+) -> None:
+    """The model card of MODEL VERSION (Markdown): base and adapter, data, metrics overall
+    and per segment, the gate's verdict, incidents and rollouts."""
+    from pathlib import Path
+
+    from genmon.retrain.artifacts import ArtifactStore
+    from genmon.retrain.card import card_facts, render_card
+
+    store = ArtifactStore(get_settings().retrain.artifacts_uri)
+    facts = card_facts(engine_for(url), store, model_id, version)
+    text = json.dumps(facts, indent=2, sort_keys=True) + "\n" if as_json else render_card(facts)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    Path(out).write_text(text, encoding="utf-8")
+    click.echo(f"wrote the card of {model_id} {version} to {out}")
+
+
 @models.command("promote")
 @click.argument("model_id")
 @click.argument("version", required=False)

@@ -84,7 +84,7 @@ def notify_list(
     rows = [
         [
             str(n.id),
-            n.incident_id,
+            n.incident_id or "-",
             n.event.value,
             n.destination,
             n.status.value,

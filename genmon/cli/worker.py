@@ -38,8 +38,10 @@ def worker(loglevel: str | None, web_port: int | None, role: str) -> None:
     """Run the stream worker (ingest, dead letters, pipeline) until Ctrl-C or SIGTERM."""
     if role == "retrain":
         from genmon.retrain.runner import run_retrain_worker
+        from genmon.scheduler.service import scheduler_running
 
-        run_retrain_worker(get_settings(), loglevel=loglevel)
+        with scheduler_running(get_settings()):  # one leads across workers: scheduler.enabled
+            run_retrain_worker(get_settings(), loglevel=loglevel)
         return
     from genmon.streams.app import run_worker
     from genmon.streams.embedding.stage import run_embed_worker

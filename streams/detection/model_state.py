@@ -4,9 +4,11 @@ The runner keeps all it knows of a model in one JSON record (one changelog messa
 ``last_end`` (per window kind, the end of the last window applied), ``series`` (one
 entry per judged series under :func:`series_key`: the detector's ``det`` state,
 ``seen_ms``, the end of the last window that judged it, and the ``clears``/``fired_ms``
-of its clear signals) and ``baselines``. Segments that come and go would grow it without
-end, past what Kafka takes in one record, so each applied window first drops the series
-not judged for ``detectors.series_ttl_s`` (:func:`expire`); after judging, the least
+of its clear signals), ``baselines`` and ``refreshed_at`` (the latest reference refresh
+by the clock it applied, :mod:`~genmon.streams.detection.reference_refresh`; absent in
+states stored before it). Segments that come and go would grow it without end, past
+what Kafka takes in one record, so each applied window first drops the series not
+judged for ``detectors.series_ttl_s`` (:func:`expire`); after judging, the least
 recently judged series (ties by key) go while there are more than
 ``detectors.max_series_per_model`` or the record would exceed :data:`STATE_MAX_BYTES`
 (:func:`cap`). Eviction depends on window ends only, so a replay evicts the same. The
@@ -35,12 +37,15 @@ def copy_state(state: dict[str, Any] | None) -> dict[str, Any]:
     new model's empty state."""
     if state is None:
         return {"last_end": {}, "series": {}, "baselines": {}, "fired": {}}
-    return {
+    copied = {
         "last_end": dict(state["last_end"]),
         "series": {k: dict(v) for k, v in state["series"].items()},
         "baselines": dict(state.get("baselines", {})),
         "fired": dict(state.get("fired", {})),
     }
+    if "refreshed_at" in state:  # the latest reference refresh applied (reference_refresh.py)
+        copied["refreshed_at"] = state["refreshed_at"]
+    return copied
 
 
 def series_key(signal: str, detector: str, version: str, segment: str) -> str:

@@ -8,13 +8,15 @@ baseline it is judged against. :func:`observe` lists a window's observations;
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from genmon.detectors import DetectorResult
+from genmon.detectors.anomaly.rate_cusum import design_rate
 from genmon.detectors.calibration import signals as sig
-from genmon.detectors.calibration.baselines import LatencyBaseline, RateBaseline
+from genmon.detectors.calibration.baselines import AcceptLimit, LatencyBaseline, RateBaseline
 from genmon.detectors.sketch import QuantileSketch
 from genmon.schemas.events import FindingKind
 from genmon.settings import Settings
@@ -81,6 +83,23 @@ class ModelBaselines:
     def save(self, obs: Observation, end_ms: int) -> None:
         self.stored[key(obs.signal, obs.segment)] = {**obs.baseline.to_state(), "seen_ms": end_ms}
 
+    def refresh_now(self, limit_for: Callable[[str], AcceptLimit]) -> Counter[str]:
+        """Replace every reference by its candidate where that holds the warm-up's windows
+        (a refresh asked for by the clock, :mod:`~genmon.streams.detection.reference_refresh`),
+        each under ``limit_for(signal)``; how many were replaced or refused."""
+        verdicts: Counter[str] = Counter()
+        for name, stored in list(self.stored.items()):
+            baseline: RateBaseline | LatencyBaseline
+            if "sketch" in stored:  # a latency baseline's record
+                baseline = LatencyBaseline(stored, self.warmup, self.refresh, self.quantile)
+            else:
+                baseline = RateBaseline(stored, self.warmup, self.refresh)
+            verdict = baseline.refresh_now(self.warmup, limit_for(name.split("\x1f", 1)[0]))
+            if verdict is not None:
+                self.stored[name] = {**baseline.to_state(), "seen_ms": stored["seen_ms"]}
+                verdicts[verdict] += 1
+        return verdicts
+
     def expire(self, now_ms: int, ttl_ms: int) -> None:
         """Drop segment baselines not judged for ``ttl_ms`` (the model's own stay)."""
         for stale in [
@@ -89,6 +108,24 @@ class ModelBaselines:
             if not k.endswith(f"\x1f{ALL}") and now_ms - b["seen_ms"] > ttl_ms
         ]:
             del self.stored[stale]
+
+
+def min_increase(settings: Settings, signal: str) -> float:
+    """The smallest absolute rise worth a page: none for latency exceedance (it starts
+    near 5 %, the odds ratio alone sets its design rise)."""
+    return 0.0 if signal in sig.LATENCY else settings.detectors.rate_min_increase
+
+
+def accept_limit(settings: Settings, signal: str) -> AcceptLimit:
+    """The highest candidate rate a baseline of ``signal`` learns: half-way to the rise
+    the test is designed for (a candidate worse than that is a degradation to page about,
+    not a baseline to learn)."""
+    odds_ratio, floor = settings.detectors.rate_odds_ratio, min_increase(settings, signal)
+
+    def limit(rate: float) -> float:
+        return (rate + design_rate(rate, odds_ratio, floor)) / 2
+
+    return limit
 
 
 def key(signal: str, segment: str) -> str:

@@ -99,7 +99,6 @@ from genmon.detectors import (
     StateError,
     load_state,
 )
-from genmon.detectors.anomaly.rate_cusum import design_rate
 from genmon.detectors.calibration import signals as sig
 from genmon.detectors.calibration.baselines import LatencyBaseline
 from genmon.detectors.calibration.budget import Budget
@@ -139,8 +138,20 @@ from genmon.streams.detection.model_state import (
     series_key,
     sibling_fired,
 )
-from genmon.streams.detection.observations import ModelBaselines, Observation, observe, one_cause
+from genmon.streams.detection.observations import (
+    ModelBaselines,
+    Observation,
+    accept_limit,
+    min_increase,
+    observe,
+    one_cause,
+)
 from genmon.streams.detection.points import SignalPoint, observation_point, result_point
+from genmon.streams.detection.reference_refresh import (
+    RefreshRequests,
+    refresh_model,
+    refresh_series,
+)
 
 log = logging.getLogger(__name__)
 D = TypeVar("D", bound=Detector)
@@ -153,8 +164,16 @@ CUSUM = RateCUSUM.name
 class DetectorRunner:
     """Applies closed windows and embedding samples to per-model detector state."""
 
-    def __init__(self, settings: Settings, error_analyzer: ErrorAnalyzer | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        error_analyzer: ErrorAnalyzer | None = None,
+        refresh: RefreshRequests | None = None,
+    ) -> None:
+        """``refresh``: the scheduler's reference-refresh requests; default: those in the
+        database when a refresh cron is set (a replay sets :attr:`refresh` to ``None``)."""
         self.settings = settings
+        self.refresh = refresh or RefreshRequests.from_settings(settings)
         d = settings.detectors
         # Without examples in the windows there is nothing to cluster.
         self.error_analyzer = error_analyzer or (
@@ -199,6 +218,7 @@ class DetectorRunner:
         # Before judging: a series back after the TTL starts fresh.
         self.series_evicted["ttl"] += expire(state, end, self.series_ttl_ms)
         baselines.expire(end, self.series_ttl_ms)
+        refresh_model(self.refresh, state, baselines, self.settings, window["model_id"])
         ctx = WindowContext(window)
         observations = self._observe(window, baselines)
         per_signal = Counter(obs.signal for obs in observations)
@@ -314,18 +334,10 @@ class DetectorRunner:
         return [o for o in observations if self.plan.entry(model_id, o.signal, CUSUM)]
 
     def _min_increase(self, signal: str) -> float:
-        """The smallest absolute rise worth a page: none for latency exceedance (it starts
-        near 5 %, the odds ratio alone sets its design rise)."""
-        return 0.0 if signal in sig.LATENCY else self.settings.detectors.rate_min_increase
+        return min_increase(self.settings, signal)
 
     def _learn(self, obs: Observation) -> None:
-        odds_ratio, floor = self.settings.detectors.rate_odds_ratio, self._min_increase(obs.signal)
-
-        def limit(rate: float) -> float:
-            # Half-way to the rise the test is designed for: a candidate worse than that
-            # is a degradation to page about, not a baseline to learn.
-            return (rate + design_rate(rate, odds_ratio, floor)) / 2
-
+        limit = accept_limit(self.settings, obs.signal)
         baseline = obs.baseline
         if isinstance(baseline, LatencyBaseline):
             assert obs.sketch is not None
@@ -524,6 +536,7 @@ class DetectorRunner:
             det.alpha = alpha
         else:
             det = EmbeddingShiftDrift(alpha=alpha, **params)
+        refresh_series(self.refresh, state, det)
         result = det.update(np.asarray(array, dtype=np.float32))
         entry["det"] = det.state_dict()
         entry["seen_ms"] = end_ms

@@ -2,9 +2,9 @@
 
 One entry per ``(model_id, request_id)`` (its *join key*) holds what the join needs:
 
-- ``inf``: the inference's model version, prompt, response (cut to
-  ``feedback.join_max_text_chars``), segment, subject id and event time, or ``None``
-  while only feedback has arrived;
+- ``inf``: the inference's model version, prompt, response, chat ``messages`` when it has
+  them (each text cut to ``feedback.join_max_text_chars``), segment, subject id and event
+  time, or ``None`` while only feedback has arrived;
 - ``fb``: feedback that arrived before its inference (kept until the inference comes or
   the entry goes; then each is counted as *orphaned*);
 - ``seen``: feedback ids already joined, so a redelivered feedback event is not counted
@@ -83,6 +83,8 @@ class JoinedPair(NamedTuple):
             "model_version": self.inference["version"],
             "prompt": self.inference["prompt"],
             "response": self.inference["response"],
+            # Entries written before chat messages existed have none.
+            "messages": self.inference.get("messages"),
             "correction": self.feedback["correction"],
             "score": self.feedback["score"],
             "label": self.feedback["label"],
@@ -97,14 +99,41 @@ def join_key(model_id: str, request_id: str) -> str:
 
 def inference_record(event: InferenceEvent, max_text_chars: int) -> dict[str, Any]:
     """What an entry keeps of an inference (the native decoder builds the same)."""
-    return {
+    record: dict[str, Any] = {
         "version": event.model_version,
         "prompt": event.prompt[:max_text_chars],
         "response": event.response[:max_text_chars],
-        "segment": dict(event.segment),
-        "subject": event.subject_id,
-        "t": event_time_ms(event),
     }
+    if event.messages is not None:
+        record["messages"] = kept_turns(
+            [(m.role, m.content) for m in event.messages], max_text_chars
+        )
+    record.update(segment=dict(event.segment), subject=event.subject_id, t=event_time_ms(event))
+    return record
+
+
+def kept_turns(turns: list[tuple[str, str]], max_text_chars: int) -> list[dict[str, str]]:
+    """The latest chat turns whose texts, each cut to ``max_text_chars``, fit together in
+    ``max_text_chars`` (the latest one always, cut): an entry's messages then cost at most
+    one more text, so the join's memory stays bounded whatever a chat's length. The
+    native decoder keeps the same turns."""
+    kept: list[dict[str, str]] = []
+    total = 0
+    for role, content in reversed(turns):
+        content = content[:max_text_chars]
+        if kept and total + len(content) > max_text_chars:
+            break
+        kept.append({"role": role, "content": content})
+        total += len(content)
+    kept.reverse()
+    return kept
+
+
+def _text_chars(inference: dict[str, Any]) -> int:
+    """The characters of an entry's texts, which the record size estimate counts."""
+    turns = inference.get("messages") or ()
+    chars = len(inference["prompt"]) + len(inference["response"])
+    return chars + sum(len(turn["content"]) for turn in turns)
 
 
 def feedback_record(event: FeedbackEvent) -> dict[str, Any]:
@@ -342,7 +371,7 @@ class JoinTable:
             chunk[key] = _copy(entry)
             size += 256 * (1 + len(entry["fb"]))
             if entry["inf"] is not None:
-                size += len(entry["inf"]["prompt"]) + len(entry["inf"]["response"])
+                size += _text_chars(entry["inf"])
             if size >= max_bytes:
                 records.append(self._record(chunk))
                 chunk, size = {}, 0

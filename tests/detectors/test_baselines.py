@@ -143,3 +143,49 @@ def test_baseline_and_test_together_stay_within_the_budget(spread: float) -> Non
     expected = runs * windows / arl
     assert expected >= 300
     assert alarms <= stats.poisson.ppf(0.999, expected), (alarms, expected)
+
+
+def test_a_refresh_by_the_clock_replaces_references_with_large_enough_candidates() -> None:
+    """The scheduler's reference-refresh: the candidate replaces the reference at once
+    (no waiting for ``refresh`` windows) once it holds ``minimum`` windows, and never
+    when it is worse than the limit."""
+
+    def limit(rate: float) -> float:
+        return rate + 0.02
+
+    baseline = RateBaseline(None, warmup=4, refresh=1000)
+    assert baseline.refresh_now(4, limit) is None  # warming up: nothing to refresh
+    for _ in range(8):  # the warm-up, then a candidate as large that grows it to 8
+        baseline.learn(5, 100, True, limit)
+    assert baseline.ref.count == 8
+    for _ in range(3):
+        baseline.learn(3, 100, True, limit)
+    assert baseline.refresh_now(4, limit) is None  # three windows: too small, kept
+    assert baseline.cand.count == 3 and baseline.ref.rate == pytest.approx(0.05)
+    baseline.learn(3, 100, True, limit)  # four: by size it would wait for eight
+    before = baseline.reference()
+    assert baseline.refresh_now(4, limit) == "replace"
+    reference = baseline.reference()
+    assert reference is not None and before is not None
+    assert reference.observed == pytest.approx(0.03) and reference.rate < before.rate
+    assert baseline.ref.count == 4 and baseline.cand.count == 0
+    again = RateBaseline(baseline.to_state(), warmup=4, refresh=1000)
+    assert again.reference() == reference
+    for _ in range(3):  # worse than the limit: refused and dropped, as by size
+        baseline.learn(9, 100, True, limit)
+    assert baseline.refresh_now(3, limit) == "refuse"
+    assert baseline.refused == 1 and baseline.ref.rate == pytest.approx(0.03)
+    assert baseline.cand.count == 0
+
+    rng = np.random.default_rng(2)
+    latency = LatencyBaseline(None, warmup=5, refresh=1000, quantile=0.95)
+    for _ in range(5):
+        latency.learn(sketch_of(rng.lognormal(6, 0.4, 500)), True, no_limit)
+    slow = latency.value()
+    for _ in range(4):  # faster traffic since: a lower p95 once refreshed
+        latency.learn(sketch_of(rng.lognormal(5.5, 0.4, 500)), True, no_limit)
+    assert latency.refresh_now(5, no_limit) is None and latency.value() == slow
+    assert latency.refresh_now(4, no_limit) == "replace"
+    value = latency.value()
+    assert slow is not None and value is not None and value < 0.7 * slow
+    assert latency.cand_sketch is None and latency.cand.count == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -29,12 +30,21 @@ from sqlmodel import Session, select
 
 from genmon.cli import main
 from genmon.db import session_scope
+from genmon.exceptions import ConfigurationError
+from genmon.incidents.destinations import AlertmanagerDestination, Message, PagerDutyDestination
 from genmon.incidents.dispatcher import Dispatcher
 from genmon.incidents.manager import IncidentManager
 from genmon.incidents.receiver import Received, WebhookReceiver
 from genmon.incidents.routing import Router
+from genmon.incidents.signing import verify_signature
 from genmon.schemas.events import utcnow
-from genmon.schemas.incidents import Incident, Silence
+from genmon.schemas.incidents import (
+    Incident,
+    Notification,
+    NotificationEvent,
+    NotificationStatus,
+    Silence,
+)
 from genmon.settings import (
     DestinationSettings,
     RouteSettings,
@@ -344,3 +354,75 @@ def test_destinations_and_routes_load_from_yaml(tmp_path: Path) -> None:
     assert [t.destination for t in router.route({"kind": "drift"})] == ["pd"]
     assert router.route({"kind": "bias"}) == []
     assert "SECRETKEY" not in repr(router.destinations)
+
+
+def _queue_digest(engine: Engine, destination: str, text: str, clock: FakeClock) -> None:
+    with session_scope(engine) as session:
+        session.add(
+            Notification(
+                incident_id=None,
+                destination=destination,
+                event=NotificationEvent.DIGEST,
+                idempotency_key=f"digest:{destination}:2026-03-02T09:00:00+00:00",
+                payload={
+                    "created_at": "2026-03-02T09:00:00+00:00",
+                    "digest": {"models": {"chat": {"incidents_opened": 2}}},
+                    "text": text,
+                    "labels": {"kind": "digest"},
+                },
+                created_at=clock.now,
+                next_attempt_at=clock.now,
+            )
+        )
+
+
+def test_the_daily_digest_goes_to_webhook_and_slack_signed_and_never_silenced(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    """A digest is about no incident: webhook and Slack render it, a silence matching every
+    incident does not hold it back, and a pages-only destination makes its row dead."""
+    base = f"http://{receiver.host}:{receiver.port}"
+    destinations = [
+        DestinationSettings.model_validate(c)
+        for c in (
+            {"name": "hook", "type": "webhook", "url": f"{base}/hook", "secret": "whsec-digest"},
+            {"name": "slack", "type": "slack", "url": f"{base}/slack"},
+            {"name": "pd", "type": "pagerduty", "url": f"{base}/pd", "routing_key": ROUTING_KEY},
+        )
+    ]
+    settings = settings_with(*destinations)
+    clock = FakeClock()
+    with session_scope(engine) as session:
+        session.add(
+            Silence(
+                matchers=['model=~".*"'],
+                starts_at=clock.now - timedelta(hours=1),
+                ends_at=clock.now + timedelta(hours=1),
+                created_by="alice",
+            )
+        )
+    text = "genmon digest 2026-03-01T09:00 to 2026-03-02T09:00 (UTC)\nchat: <2> opened"
+    for name in ("hook", "slack", "pd"):
+        _queue_digest(engine, name, text, clock)
+    report = asyncio.run(Dispatcher(engine, settings, clock=clock).drain(timeout_s=10))
+    assert (report.delivered, report.dead, report.suppressed) == (2, 1, 0)
+    (hook,) = _by_path(receiver, "hook")
+    assert hook.json == {
+        "schema": "genmon.digest/v1",
+        "idempotency_key": "digest:hook:2026-03-02T09:00:00+00:00",
+        "event": "digest",
+        "created_at": "2026-03-02T09:00:00+00:00",
+        "digest": {"models": {"chat": {"incidents_opened": 2}}},
+    }
+    assert verify_signature("whsec-digest", hook.headers, hook.body, now=time.time())
+    (slack,) = (r.json for r in _by_path(receiver, "slack"))
+    jsonschema.validate(slack, SLACK)
+    assert slack["text"].startswith("genmon digest") and "&lt;2&gt;" in json.dumps(slack)
+    assert _by_path(receiver, "pd") == []
+    with Session(engine) as session:
+        pd = session.exec(select(Notification).where(Notification.destination == "pd")).one()
+    assert pd.status is NotificationStatus.DEAD
+    assert "takes pages, not the daily digest" in (pd.last_error or "")
+    for vendor in (PagerDutyDestination(destinations[2]), AlertmanagerDestination(destinations[0])):
+        with pytest.raises(ConfigurationError, match=r"scheduler\.digest_destination"):
+            vendor.body(Message("k", "digest", {}, None))

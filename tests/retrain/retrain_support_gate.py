@@ -46,7 +46,11 @@ class ScriptedLM:
         self.generated: list[str] = []
 
     def completion_nll(
-        self, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        batch_size: int = 16,
+        messages: object = None,
     ) -> np.ndarray:
         return np.array([self.nll(p, c) for p, c in zip(prompts, completions, strict=True)])
 

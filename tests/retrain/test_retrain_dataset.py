@@ -190,8 +190,10 @@ def test_manifest_counts_and_hash_are_stable() -> None:
     assert manifest["trigger"] == TRIGGER
     assert manifest["counts"]["all"] == {
         "label": {"(none)": 4, "bad": 6},
+        "class": {"(none)": 4, "bad": 6},  # sft: the class is the label
         "segment": {"app=bank": 10, "tier=0": 5, "tier=1": 5},
     }
+    assert (manifest["format"], manifest["strategy"]) == ("genmon-dataset/2", "sft")
     assert manifest["counts"]["eval"]["segment"] == {"app=bank": 2, "tier=0": 1, "tier=1": 1}
     assert manifest["time_range"]["first"] == T0.isoformat()
     assert manifest["time_range"]["last"] == (T0 + timedelta(minutes=9)).isoformat()
@@ -202,6 +204,18 @@ def test_manifest_counts_and_hash_are_stable() -> None:
     other_trigger = build_dataset(rows, trigger={"kind": "manual"}, embed=orthogonal)
     changed = build_dataset(rows, trigger=TRIGGER, embed=orthogonal)
     assert other_trigger.content_hash == changed.content_hash  # the hash is of the content
+    relabelled = [row(f"r{i}", i, label="other") for i in range(10)]
+    plain = [row(f"r{i}", i, label="bad") for i in range(10)]
+    assert (
+        build_dataset(relabelled, trigger=TRIGGER, embed=orthogonal).content_hash
+        != build_dataset(plain, trigger=TRIGGER, embed=orthogonal).content_hash
+    )
+    # The same corrections as SFT and as DPO examples are the same records: the strategy
+    # is hashed too.
+    sft = build_dataset(plain, trigger=TRIGGER, embed=orthogonal, strategy="sft")
+    dpo = build_dataset(plain, trigger=TRIGGER, embed=orthogonal, strategy="dpo")
+    assert (sft.train, sft.eval) == (dpo.train, dpo.eval)
+    assert sft.content_hash != dpo.content_hash
 
 
 def test_redaction_reaches_every_text_before_it_is_stored() -> None:
@@ -237,6 +251,8 @@ def test_write_and_read_round_trip(tmp_path: Path) -> None:
     manifest = json.loads(store.get_text(f"{uri}/manifest.json"))
     assert manifest["sizes"]["eval"] == 3
 
+    assert back.manifest["strategy"] == "sft"
+
     store.put_text("datasets/m/job-1/eval.jsonl", "")  # altered after the fact
     with pytest.raises(DatasetError, match="does not match its manifest"):
         read_dataset(uri, store)
@@ -267,3 +283,37 @@ def test_load_examples_reads_one_models_rows_since_a_time(engine: Engine) -> Non
     assert [r.request_id for r in everything] == ["r5", "r4", "r3", "r2", "r1", "r0"]
     assert [r.request_id for r in recent] == ["r3", "r2", "r1", "r0"]
     assert recent[0].created_at == T0 + timedelta(minutes=7)
+
+
+def test_datasets_of_the_first_format_are_still_read_as_sft(tmp_path: Path) -> None:
+    """What a genmon of issue #15 stored: ``genmon-sft/1``, examples without chat turns,
+    KTO label or subject, hashed without a strategy."""
+    import hashlib
+
+    from genmon.retrain.artifacts import ArtifactStore
+
+    line = (
+        '{"completion":"the answer","created_at":"2025-03-01T12:00:00+00:00","label":"bad",'
+        '"prompt":"question a","rejected":"I\'m sorry","request_id":"a","segment":{"app":"x"}}\n'
+    )
+    digest = hashlib.sha256()
+    for name, data in (("train.jsonl", line.encode()), ("eval.jsonl", b"")):
+        digest.update(f"{name}\n{len(data)}\n".encode() + data)
+    old = {"format": "genmon-sft/1", "content_hash": digest.hexdigest(), "sizes": {}}
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    store.put_text("old/train.jsonl", line)
+    store.put_text("old/eval.jsonl", "")
+    store.put_text("old/manifest.json", json.dumps(old))
+    back = read_dataset(store.uri("old"), store)
+    [example] = back.train
+    assert (example.prompt, example.completion, example.rejected) == (
+        "question a",
+        "the answer",
+        "I'm sorry",
+    )
+    assert (example.created_at, example.subject_id, example.desirable) == (T0, None, None)
+    assert (back.manifest["strategy"], back.content_hash) == ("sft", old["content_hash"])
+
+    store.put_text("old/manifest.json", json.dumps({**old, "format": "genmon-sft/9"}))
+    with pytest.raises(DatasetError, match="has format 'genmon-sft/9'"):
+        read_dataset(store.uri("old"), store)

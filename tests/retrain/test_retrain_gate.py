@@ -129,7 +129,7 @@ def test_below_the_minimum_the_verdict_is_insufficient_evidence_and_nothing_is_s
     assert verdict.decision == "insufficient_evidence"
     assert verdict.reasons == [
         "insufficient evidence: 19 evaluation examples, the gate needs at least 20 "
-        "(gate.min_eval_examples); gather more corrections"
+        "(gate.min_eval_examples); gather more feedback"
     ]
     assert calls == [] and candidate.generated == []
 
@@ -251,13 +251,15 @@ def adapters(
     held_out: tuple[list[SftExample], list[SftExample]],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
-    """The three candidates, trained once for the module."""
+    """The candidates, trained once for the module (``forgetful``: the corrections at five
+    times the learning rate, which also unlearns some of the healthy answers)."""
     train, _ = held_out
     root = tmp_path_factory.mktemp("candidates")
     return {
         "corrections": train_adapter(tiny_lm_path, train, root / "c", LEARNING_RATE, STEPS),
         "swapped": train_adapter(tiny_lm_path, swapped(train), root / "s", LEARNING_RATE, STEPS),
         "lr0": train_adapter(tiny_lm_path, train, root / "z", 0.0, 2),
+        "forgetful": train_adapter(tiny_lm_path, train, root / "f", 5 * LEARNING_RATE, STEPS),
     }
 
 
@@ -328,3 +330,29 @@ def test_servable_check_loads_and_answers_within_the_budget(
     assert not ok and reason.startswith("not servable: ModelLoadError")
     ok, reason = check_servable(str(tiny_lm_path), adapters["corrections"], 1e-6, device="cpu")
     assert not ok and "over the 0.0 s budget" in reason
+
+
+def test_the_golden_set_catches_a_candidate_that_forgets_the_healthy_topics(
+    tiny_lm_path: Path,
+    adapters: dict[str, str],
+    serving_lm: CausalLM,
+    held_out: Any,
+    support_data: SupportData,
+    tmp_path: Path,
+) -> None:
+    """Golden set: 40 healthy questions the serving model answers right. Any fine-tune moves
+    their loss a little (about +0.005 nats here), so the tolerance is 0.02."""
+    golden = tmp_path / "golden.jsonl"
+    lines = [json.dumps({"prompt": p.prompt, "completion": p.answer}) for p in support_data.healthy]
+    golden.write_text("\n".join(lines[:40]) + "\n")
+    config = GateConfig(golden_set=str(golden), segment_tolerance=0.02)
+    kept = candidate_lm(tiny_lm_path, adapters, "corrections")
+    verdict = evaluate(kept, serving_lm, held_out[1], config, CARDS)
+    assert verdict.decision == "pass", verdict.reasons
+    assert verdict.metrics["golden_set"]["status"] == "pass"
+    assert verdict.metrics["golden_set"]["n"] == 40
+    forgets = candidate_lm(tiny_lm_path, adapters, "forgetful")
+    verdict = evaluate(forgets, serving_lm, held_out[1], config, CARDS)
+    assert verdict.decision == "reject"
+    assert verdict.metrics["golden_set"]["ci"][0] > 0.02
+    assert verdict.reasons[0].startswith("golden set got worse (the candidate forgets)")

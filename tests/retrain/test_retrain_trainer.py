@@ -8,6 +8,7 @@ checkpoint so that an interrupted run resumed from its checkpoint ends on the sa
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_progress_and_checkpoints_are_reported_every_step(fine_tuned: Run) -> No
         assert (step_30 / name).is_file(), name
     adapter = fine_tuned.result.adapter_dir
     assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "genmon_training.json").read_text())["strategy"] == "sft"
     assert not list(adapter.glob("*.bin")) and not list(adapter.glob("*.pt"))
 
 
@@ -210,6 +212,19 @@ def test_training_params_name_what_is_wrong(tiny_lm_path: Path, tmp_path: Path) 
         TrainingParams.from_dict({"learnig_rate": 1e-3})
     with pytest.raises(ConfigurationError, match="max_steps must be >= 1"):
         TrainingParams(max_steps=0)
+    weighted = TrainingParams.from_dict(
+        {"beta": "0.2", "desirable_weight": 2, "undesirable_weight": None}
+    )
+    assert (weighted.beta, weighted.desirable_weight, weighted.undesirable_weight) == (
+        0.2,
+        2.0,
+        None,
+    )
+    assert TrainingParams.from_dict(weighted.to_dict()) == weighted
+    with pytest.raises(
+        ConfigurationError, match="desirable_weight: 'heavy' is not a number or null"
+    ):
+        TrainingParams.from_dict({"desirable_weight": "heavy"})
     with pytest.raises(ConfigurationError, match="dataset is empty"):
         LoraTrainer().train(str(tiny_lm_path), [], TrainingParams(), NullContext(), tmp_path)
 

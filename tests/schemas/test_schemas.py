@@ -27,9 +27,11 @@ from genmon.schemas.events import (
     MAX_ATTRIBUTE_VALUE_CHARS,
     MAX_ATTRIBUTES,
     MAX_ID_CHARS,
+    MAX_MESSAGES,
     MAX_METADATA_KEYS,
     MAX_TEXT_CHARS,
     SCHEMA_VERSION,
+    ChatMessage,
     DeadLetter,
     FeedbackEvent,
     Finding,
@@ -59,6 +61,10 @@ def sample_events() -> dict[str, BaseModel]:
             finished_at=T0 + timedelta(seconds=1),
             prompt="What is 2+2?",
             response="4",
+            messages=[
+                ChatMessage(role="system", content="Answer with a number."),
+                ChatMessage(role="user", content="What is 2+2?"),
+            ],
             latency_ms=1000.0,
             time_to_first_token_ms=120.5,
             prompt_tokens=6,
@@ -159,9 +165,12 @@ def test_limits_at_the_edge_are_accepted() -> None:
                 for i in range(MAX_ATTRIBUTES)
             },
             metadata={f"k{i}": i for i in range(MAX_METADATA_KEYS)},
+            messages=[{"role": "tool", "content": "t" * MAX_TEXT_CHARS}]
+            + [{"role": "user", "content": ""}] * (MAX_MESSAGES - 1),
         )
     )
     assert len(event.segment) == MAX_ATTRIBUTES
+    assert event.messages is not None and len(event.messages) == MAX_MESSAGES
 
 
 @pytest.mark.parametrize(
@@ -186,11 +195,53 @@ def test_limits_at_the_edge_are_accepted() -> None:
         ({"started_at": "2026-05-01T12:00:00"}, "timezone"),
         ({"finished_at": "2026-05-01T11:59:59+00:00"}, "finished_at is before started_at"),
         ({"colour": "blue"}, "Extra inputs are not permitted"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1)},
+            "messages\n  List should have at most 256 items",
+        ),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, "messages.0.role\n  Input should be"),
+        (
+            {"messages": [{"role": "user", "content": "c" * (MAX_TEXT_CHARS + 1)}]},
+            "messages.0.content\n  String should have at most 32768 characters",
+        ),
+        ({"messages": [{"role": "user"}]}, "messages.0.content\n  Field required"),
+        ({"messages": [{"role": "user", "content": None}]}, "valid string"),
+        ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, "Extra inputs"),
+        ({"messages": {"role": "user", "content": "x"}}, "valid array"),
     ],
 )
 def test_inference_limits_are_enforced(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         InferenceEvent.model_validate_json(json.dumps(valid_inference(**changes)))
+
+
+def test_too_many_messages_are_oversized_and_the_byte_limit_still_holds() -> None:
+    from genmon.exceptions import SchemaError
+    from genmon.schemas import codec
+
+    many = valid_inference(messages=[{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1))
+    with pytest.raises(SchemaError) as refused:
+        codec.decode(json.dumps(many).encode(), InferenceEvent)
+    assert refused.value.reason == codec.OVERSIZED
+    # Each turn within its limits, but the message beyond the event's byte limit.
+    big = valid_inference(messages=[{"role": "user", "content": "x" * MAX_TEXT_CHARS}] * 9)
+    with pytest.raises(SchemaError, match="more than the 262144 accepted") as refused:
+        codec.decode(json.dumps(big).encode(), InferenceEvent)
+    assert refused.value.reason == codec.OVERSIZED
+
+
+def test_a_labelled_example_keeps_the_chat_of_its_inference() -> None:
+    from genmon.schemas.tables import LabelledExampleCreate
+
+    chat = sample_events()["inference"]
+    feedback = FeedbackEvent(request_id="r1", model_id="chat", correction="four")
+    assert isinstance(chat, InferenceEvent)
+    assert LabelledExampleCreate.from_events(chat, feedback).messages == [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    plain = chat.model_copy(update={"messages": None})
+    assert LabelledExampleCreate.from_events(plain, feedback).messages is None
 
 
 def test_timezone_naive_datetime_objects_are_refused() -> None:
@@ -267,6 +318,11 @@ json_values = st.recursive(
 )
 
 
+chat_messages = st.builds(
+    ChatMessage, role=st.sampled_from(["system", "user", "assistant", "tool"]), content=texts
+)
+
+
 @st.composite
 def inference_events(draw: st.DrawFn) -> InferenceEvent:
     started = draw(aware)
@@ -279,6 +335,7 @@ def inference_events(draw: st.DrawFn) -> InferenceEvent:
         finished_at=None if took is None else started + took,
         prompt=draw(texts),
         response=draw(texts),
+        messages=draw(st.none() | st.lists(chat_messages, max_size=4)),
         latency_ms=draw(st.floats(0, 86_400_000, allow_nan=False)),
         time_to_first_token_ms=draw(st.none() | st.floats(0, 86_400_000, allow_nan=False)),
         prompt_tokens=draw(st.none() | st.integers(0, 10_000_000)),
@@ -376,6 +433,10 @@ def inference(**changes: Any) -> dict[str, Any]:
         ("inference", inference(segment={"k" * 65: "v"})),
         ("inference", inference(segment={"k": "v" * 257})),
         ("inference", inference(metadata={f"k{i}": i for i in range(65)})),
+        ("inference", inference(messages=[{"role": "user", "content": "x"}] * 257)),
+        ("inference", inference(messages=[{"role": "bot", "content": "x"}])),
+        ("inference", inference(messages=[{"role": "user", "content": "x", "name": "n"}])),
+        ("inference", inference(messages=[{"role": "user", "content": "x" * 32_769}])),
         ("inference", inference(colour="blue")),
         ("inference", {key: value for key, value in inference().items() if key != "model_id"}),
         ("feedback", {"request_id": "r1", "model_id": "chat"}),

@@ -122,6 +122,20 @@ def test_free_text_has_nul_and_lone_surrogates_replaced_and_counted(
     assert codec.decode(codec.encode(event), model) == event
 
 
+@pytest.mark.parametrize("escape", [NUL, LONE_HIGH, LONE_LOW])
+def test_chat_message_content_is_free_text(escape: str) -> None:
+    turns = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "a@b"}]
+    raw = _wire(INFERENCE, "messages", turns).replace(b"{}", escape.encode())
+    sanitized: list[str] = []
+    event = codec.decode(raw, InferenceEvent, sanitized=sanitized)
+    assert sanitized == ["content"]
+    assert event.messages is not None
+    assert [m.content for m in event.messages] == ["be kind", "a\ufffdb"]
+    assert codec.decode(codec.encode(event), InferenceEvent) == event
+    python = InferenceEvent(**INFERENCE, messages=[{"role": "user", "content": "\x00\ud800"}])
+    assert python.messages is not None and python.messages[0].content == "\ufffd\ufffd"
+
+
 def test_surrogate_pairs_and_escaped_backslashes_are_left_alone() -> None:
     raw = _wire(INFERENCE, "prompt", "@ \\ud800 \\u0000").replace(b"{}", b"\\ud83d\\ude00")
     sanitized: list[str] = []

@@ -140,6 +140,21 @@ PINNED = {
     "time to first token repeated": _with(
         b', "time_to_first_token_ms": 10, "time_to_first_token_ms": 1'
     ),
+    "messages null": _with(b', "messages": null'),
+    "most messages": _with(
+        b', "messages": [' + b",".join([b'{"role":"tool","content":""}'] * 256) + b"]"
+    ),
+    "one message too many": _with(
+        b', "messages": [' + b",".join([b'{"role":"user","content":""}'] * 257) + b"]"
+    ),
+    "message text one past its limit": _with(
+        b', "messages": [{"role": "user", "content": "' + b"m" * 32_769 + b'"}]'
+    ),
+    "message text escaped to its limit": _with(
+        b', "messages": [{"role": "user", "content": "' + b"\\u00e9" * 32_768 + b'"}]'
+    ),
+    "message role repeated": _with(b', "messages": [{"role": "user", "role": "x", "content": ""}]'),
+    "message role with a NUL": _with(b', "messages": [{"role": "user\\u0000", "content": ""}]'),
 }
 
 

@@ -55,6 +55,8 @@ def rows(n: int, prefix: str = "r", model: str = "m") -> list[dict[str, Any]]:
             "label": None,
             "segment": {"tier": "pro"},
             "subject_id": None,
+            # Chats and plain calls: the JSON column takes both (and the retry records).
+            "messages": [{"role": "user", "content": f"question {i}"}] if i % 2 else None,
         }
         for i in range(n)
     ]
@@ -142,6 +144,23 @@ def unmigrated_url(tmp_path: Path) -> str:
 
 
 # -- counting -------------------------------------------------------------------------------
+def test_chat_messages_are_stored_with_their_example(database_url: str) -> None:
+    from sqlmodel import Session, select
+
+    from genmon.schemas.tables import LabelledExample
+
+    upgrade(database_url)
+    asyncio.run(Sink(database_url).sink.write(rows(2), "t.feedback", 0))
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            found = session.exec(select(LabelledExample).order_by(LabelledExample.request_id))
+            stored_messages = [row.messages for row in found]
+    finally:
+        engine.dispose()
+    assert stored_messages == [None, [{"role": "user", "content": "question 1"}]]
+
+
 def test_the_written_metric_counts_new_rows_exactly(database_url: str) -> None:
     upgrade(database_url)
     s = Sink(database_url)

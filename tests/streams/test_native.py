@@ -135,6 +135,19 @@ def _fields() -> st.SearchStrategy[dict[str, Any]]:
             "2026-11-29T09:00:00-05:30",
         ]
     )
+    turn = st.fixed_dictionaries(
+        {
+            "role": st.one_of(
+                st.sampled_from(["system", "user", "assistant", "tool", "bot"]), junk
+            ),
+            "content": st.one_of(st.sampled_from(TEXTS), st.just("c" * 32_769), junk),
+        },
+        optional={"name": junk},
+    )
+    turns = st.one_of(
+        st.lists(st.one_of(turn, junk), max_size=3),
+        st.just([{"role": "user", "content": "x"}] * 257),
+    )
     return st.fixed_dictionaries(
         {"model_id": st.one_of(st.just("chat"), junk)},
         optional={
@@ -145,6 +158,7 @@ def _fields() -> st.SearchStrategy[dict[str, Any]]:
             "model_version": st.one_of(st.just("v1"), junk),
             "prompt": st.one_of(st.sampled_from(TEXTS), junk),
             "response": st.one_of(st.sampled_from(TEXTS), junk),
+            "messages": st.one_of(turns, junk),
             "time_to_first_token_ms": st.one_of(st.floats(0, 9e7), junk),
             "prompt_tokens": st.one_of(st.integers(-1, 2 * 10**7), junk),
             "status": st.one_of(st.sampled_from(["ok", "error", "truncated", "nope"]), junk),
@@ -210,6 +224,12 @@ STORABLE_BASE = {
         ({"error_code": "E\x00"}, "error_code"),
         ({"segment": {"locale\x00": "de"}}, "segment"),
         ({"segment": {"locale": "\ud800"}}, "segment"),
+        ({"messages": [{"role": "user", "content": "a\x00b"}]}, "messages"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "\udc00"}]},
+            "messages",
+        ),
+        ({"messages": [{"role": "user\x00", "content": "x"}]}, "role"),
     ],
 )
 def test_nul_and_lone_surrogates_are_decided_by_the_python_validator(
@@ -226,9 +246,9 @@ def test_nul_and_lone_surrogates_are_decided_by_the_python_validator(
         return
     assert batch.deferred == [0]
     sanitized: list[str] = []
-    if outcome in ("prompt", "response", "metadata"):
+    if outcome in ("prompt", "response", "metadata", "messages"):
         event = codec.decode(raw, InferenceEvent, sanitized=sanitized)
-        assert sanitized == [outcome]
+        assert sanitized == ["content" if outcome == "messages" else outcome]
         canonical = event.model_dump_json().encode()
         assert "\ufffd" in json.dumps(json.loads(canonical)[outcome], ensure_ascii=False)
         assert DECODER.extend(batch, [canonical], [0], [0], MAX_EVENT_BYTES) == []
@@ -237,6 +257,9 @@ def test_nul_and_lone_surrogates_are_decided_by_the_python_validator(
     with pytest.raises(SchemaError) as refused:
         codec.decode(raw, InferenceEvent, sanitized=sanitized)
     assert refused.value.reason == "invalid_value" and sanitized == []
+    if outcome == "role":  # not an identifier: a value that is none of the roles
+        assert str(refused.value).startswith("messages.0.role: Input should be")
+        return
     assert str(refused.value).startswith(f"{outcome}: ")
     assert "PostgreSQL text cannot store" in str(refused.value)
 
@@ -279,6 +302,8 @@ def _stream(seed: int, n: int) -> list[tuple[str, bytes]]:
                 "score": rng.random(),
                 "feedback_id": f"f{i % (n // 3)}",
             }
+            if rng.random() < 0.3:
+                feedback["correction"] = rng.choice(TEXTS)
             out.append(("feedback", json.dumps(feedback).encode()))
             continue
         event: dict[str, Any] = {
@@ -308,13 +333,20 @@ def _stream(seed: int, n: int) -> list[tuple[str, bytes]]:
         if rng.random() < 0.4:  # streamed: time per output token, or a first token too late
             event["time_to_first_token_ms"] = event["latency_ms"] * rng.choice([0.1, 0.7, 1, 1.2])
             event["completion_tokens"] = rng.choice([0, 1, 2, 3, 417])
+        if rng.random() < 0.3:  # a chat: its turns, cut for the join as prompts are
+            event["messages"] = [
+                {"role": role, "content": rng.choice(TEXTS)}
+                for role in rng.choice([["user"], ["system", "user", "assistant", "user"]])
+            ]
         if event["status"] in ("error", "timeout") and rng.random() < 0.5:
             event["response"] = rng.choice(["", " \t\n"])  # errors: not also empty answers
         out.append(("inference", json.dumps(event).encode()))
     return out
 
 
-def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 200) -> Any:
+def _run(
+    stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 200
+) -> tuple[Any, Any, list[dict[str, Any]], list[dict[str, Any]]]:
     settings_ = Settings.model_validate(
         {
             "windows": {
@@ -326,7 +358,7 @@ def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 20
                 "expires_s": 600,
                 "max_segment_values": 3,
             },
-            "feedback": {"join_ttl_s": 60, "join_max_entries": 400},
+            "feedback": {"join_ttl_s": 60, "join_max_entries": 400, "join_max_text_chars": 24},
             "detectors": {"exemplars_per_window": 4},
         }
     )
@@ -336,6 +368,7 @@ def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 20
     decoder = native.decoder_for(core.quality)
     assert decoder is not None
     windows: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
     offsets = {"inference": 0, "feedback": 0}
     for start in range(0, len(stream), batch_size):
         chunk = stream[start : start + batch_size]
@@ -350,24 +383,26 @@ def _run(stream: list[tuple[str, bytes]], use_native: bool, batch_size: int = 20
                         (first + j, FeedbackEvent.model_validate_json(v))
                         for j, v in enumerate(values)
                     ]
-                    core.on_feedback(0, items)
+                    examples += core.on_feedback(0, items).examples
                 elif use_native:
                     positions = list(range(first, first + len(values)))
                     batch = decoder.decode(values, [0] * len(values), positions, MAX_EVENT_BYTES)
                     assert batch.deferred == []
-                    assert core.on_native_inferences(0, batch) is not None
+                    out = core.on_native_inferences(0, batch)
+                    assert out is not None
+                    examples += out.examples
                 else:
                     items = [
                         (first + j, InferenceEvent.model_validate_json(v))
                         for j, v in enumerate(values)
                     ]
-                    core.on_inferences(0, items)
+                    examples += core.on_inferences(0, items).examples
             offsets[kind] += len(values)
         now[0] += 1
         windows += core.tick(0).windows
     now[0] += 1000
     windows += core.tick(0).windows
-    return store, core, windows
+    return store, core, windows, examples
 
 
 def _state(store: Any) -> dict[str, Any]:
@@ -383,8 +418,8 @@ def _windows(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_native_and_python_paths_write_the_same_state(seed: int) -> None:
     stream = _stream(seed, 4000)
-    py_store, py_core, py_windows = _run(stream, use_native=False)
-    nat_store, nat_core, nat_windows = _run(stream, use_native=True)
+    py_store, py_core, py_windows, py_examples = _run(stream, use_native=False)
+    nat_store, nat_core, nat_windows, nat_examples = _run(stream, use_native=True)
     assert py_core.counters == nat_core.counters
     counters = nat_core.counters
     # Exact windows: every event is in one tumbling record, late or future (all closed).
@@ -404,6 +439,11 @@ def test_native_and_python_paths_write_the_same_state(seed: int) -> None:
     assert any(e["status"] == "error" and not e["response"].strip() for e in inferences)
     assert py_core._parts[0].joins.entries() == nat_core._parts[0].joins.entries()
     assert py_core._parts[0].joins.pending == nat_core._parts[0].joins.pending
+    # The labelled examples, chat turns included (cut to join_max_text_chars as prompts are).
+    assert py_examples == nat_examples
+    chats = [row for row in nat_examples if row["messages"] is not None]
+    assert chats and any(row["correction"] is not None for row in chats)
+    assert any(len(turn["content"]) == 24 for row in chats for turn in row["messages"])
 
 
 def test_panes_restored_ahead_of_the_mark_take_the_python_path() -> None:
@@ -536,6 +576,11 @@ def _join_ops(seed: int, tables: list[Any]) -> None:
                 "subject": rng.choice([None, "user-1"]),
                 "t": t,
             }
+            if rng.random() < 0.4:  # records written before chat messages existed have none
+                record["messages"] = [
+                    {"role": role, "content": rng.choice(TEXTS)}
+                    for role in rng.choice([[], ["user"], ["system", "user", "assistant"]])
+                ]
             same([pairs(table.add_inference(model, request, dict(record))) for table in tables])
         elif op < 0.75:
             feedback_ids += 1

@@ -18,10 +18,18 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fault_report import record
+from sqlmodel import Session, select
 from worker_support import Harness
 
 from genmon.db import make_engine
-from genmon.schemas.events import FeedbackEvent, Finding, InferenceEvent, InferenceStatus
+from genmon.schemas.events import (
+    ChatMessage,
+    FeedbackEvent,
+    Finding,
+    InferenceEvent,
+    InferenceStatus,
+)
+from genmon.schemas.tables import LabelledExample
 from genmon.settings import Settings
 
 pytestmark = pytest.mark.kafka
@@ -228,6 +236,59 @@ def test_feedback_join_out_of_order_late_redelivered_and_orphaned(harness):
         ).all()
     assert sorted(r[0] for r in rows) == sorted(f"r{i}" for i in range(25))
     assert dict((r[0], r[2]) for r in rows)["r3"] == "question 3"
+
+
+@pytest.mark.parametrize("native_ingest", ["true", "false"])
+def test_a_corrected_chat_becomes_a_labelled_example_with_its_messages(harness, native_ingest):
+    """Chat turns ride the join (native decoder and join table, or pydantic and the Python
+    table) into the labelled example: the latest turns whose texts fit together in
+    ``feedback.join_max_text_chars`` (so the join's memory stays bounded)."""
+    h = harness(
+        GENMON_WORKER__NATIVE_INGEST=native_ingest, GENMON_FEEDBACK__JOIN_MAX_TEXT_CHARS="40"
+    )
+    worker = h.worker().start()
+    worker.wait_ready()
+    t0 = grid_start()
+    turns = [
+        ChatMessage(role="system", content="Answer in one word. " * 5),
+        ChatMessage(role="user", content="Capital of France?"),
+        ChatMessage(role="assistant", content="Lyon"),
+        ChatMessage(role="user", content="Are you sure?"),
+    ]
+    chat = InferenceEvent(
+        request_id="c1",
+        model_id="m-chat",
+        latency_ms=10.0,
+        prompt="Are you sure?",
+        response="Yes, Lyon.",
+        messages=turns,
+        started_at=t0,
+    )
+    plain = InferenceEvent(
+        request_id="c2", model_id="m-chat", latency_ms=10.0, prompt="hi", started_at=t0
+    )
+    h.send(chat)
+    h.send(plain)
+    at = t0 + timedelta(seconds=1)
+    h.send(FeedbackEvent(request_id="c1", model_id="m-chat", correction="Paris.", created_at=at))
+    h.send(FeedbackEvent(request_id="c2", model_id="m-chat", thumbs="up", created_at=at))
+
+    engine = make_engine(h.db_url)
+
+    def examples() -> dict[str, LabelledExample]:
+        with Session(engine) as session:
+            found = session.exec(
+                select(LabelledExample).where(LabelledExample.model_id == "m-chat")
+            )
+            return {row.request_id: row for row in found}
+
+    h.wait_for(lambda: len(examples()) == 2, 60, "the two labelled examples")
+    rows = examples()
+    # 13 + 4 + 18 characters fit in 40; the system turn (100, cut to 40) does not.
+    assert rows["c1"].messages == [{"role": m.role, "content": m.content} for m in turns[1:]]
+    assert (rows["c1"].correction, rows["c1"].prompt) == ("Paris.", "Are you sure?")
+    assert rows["c2"].messages is None
+    engine.dispose()
 
 
 def test_restart_after_kill9_continues_aggregates_and_detector_state(harness):

@@ -7,6 +7,8 @@
 //! - numbers as JSON numbers, counts as JSON integers (no numeric strings, no `5.0`);
 //! - timestamps as `YYYY-MM-DDTHH:MM:SS[.ffffff](Z|+HH:MM|-HH:MM)`, years 1970-2200;
 //! - no duplicate keys, no unknown keys, strings valid UTF-8 without lone surrogates;
+//! - `messages`: at most `MAX_MESSAGES` objects of exactly `role` (one of `ROLES`) and
+//!   `content` (free text, bounded as `prompt`);
 //! - no NUL in any string, metadata included. NUL and lone surrogates are text PostgreSQL
 //!   cannot store: the Python validator refuses them in identifiers and replaces them by
 //!   U+FFFD in free text, and counts the events it changed, so it sees every such event
@@ -29,6 +31,9 @@ const MAX_METADATA_KEYS: usize = 64;
 const MAX_ERROR_CODE_CHARS: usize = 128;
 const MAX_MS: f64 = 86_400_000.0;
 const MAX_TOKENS: u64 = 10_000_000;
+const MAX_MESSAGES: usize = 256;
+/// `ChatMessage.role` values.
+const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// `InferenceStatus` values; an event's status is an index into this.
 pub const STATUSES: [&str; 6] = [
@@ -52,6 +57,8 @@ pub struct Event {
     pub t_ms: i64,
     pub prompt: String,
     pub response: String,
+    /// Chat turns `(role, content)`, when the event carries `messages`.
+    pub messages: Option<Vec<(&'static str, String)>>,
     pub latency_ms: f64,
     pub ttft_ms: Option<f64>,
     pub prompt_tokens: Option<u64>,
@@ -96,6 +103,8 @@ struct Raw<'a> {
     prompt: Option<Cow<'a, str>>,
     #[serde(default, borrow, deserialize_with = "present")]
     response: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    messages: Option<Messages<'a>>,
     latency_ms: f64,
     #[serde(default)]
     time_to_first_token_ms: Option<f64>,
@@ -143,6 +152,55 @@ impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
         }
         d.deserialize_map(V)
     }
+}
+
+/// One chat turn as JSON holds it (serde refuses unknown and repeated keys).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMessage<'a> {
+    #[serde(borrow)]
+    role: Cow<'a, str>,
+    #[serde(borrow)]
+    content: Cow<'a, str>,
+}
+
+/// A JSON array of at most `MAX_MESSAGES` chat turns.
+struct Messages<'a>(Vec<RawMessage<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Messages<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an array of chat messages")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut messages = Vec::new();
+                while let Some(message) = seq.next_element::<RawMessage<'de>>()? {
+                    if messages.len() >= MAX_MESSAGES {
+                        return Err(de::Error::custom("too many messages"));
+                    }
+                    messages.push(message);
+                }
+                Ok(Messages(messages))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// Chat turns as `(role, content)` when each is what `ChatMessage` accepts unchanged.
+fn chat_turns(raw: Vec<RawMessage<'_>>) -> Option<Vec<(&'static str, String)>> {
+    let mut turns = Vec::with_capacity(raw.len());
+    for message in raw {
+        let role = ROLES.iter().find(|&&r| r == message.role)?;
+        if chars(&message.content) > MAX_TEXT_CHARS || !storable(&message.content) {
+            return None;
+        }
+        turns.push((*role, message.content.into_owned()));
+    }
+    Some(turns)
 }
 
 /// The distinct keys of a JSON object whose values are only checked (metadata).
@@ -275,6 +333,10 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
     if !storable(&prompt) || !storable(&response) {
         return None;
     }
+    let messages = match raw.messages {
+        Some(messages) => Some(chat_turns(messages.0)?),
+        None => None,
+    };
     if !in_ms_range(raw.latency_ms) || !raw.time_to_first_token_ms.is_none_or(in_ms_range) {
         return None;
     }
@@ -332,6 +394,7 @@ pub fn parse_event(bytes: &[u8], quality: &Quality) -> Option<Event> {
         t_ms: started.event_time_ms() + raw.latency_ms as i64,
         prompt: prompt.into_owned(),
         response: response.into_owned(),
+        messages,
         latency_ms: raw.latency_ms,
         ttft_ms: raw.time_to_first_token_ms,
         prompt_tokens: raw.prompt_tokens,
@@ -476,6 +539,8 @@ mod tests {
             r#", "metadata": {"k": "\ud800"}"#,
             r#", "metadata": {"\udfff": 1}"#,
             r#", "metadata": {"k": {"\ud800": 1}}"#,
+            r#", "messages": [{"role": "user", "content": "a\u0000"}]"#,
+            r#", "messages": [{"role": "user", "content": "\ud800"}]"#,
         ] {
             assert!(!accepts(fields), "accepted {fields}");
         }
@@ -488,6 +553,34 @@ mod tests {
             !accepts(&deep),
             "metadata deeper than the Python validator reads"
         );
+    }
+
+    #[test]
+    fn messages_as_chat_message_reads_them() {
+        assert!(accepts(r#", "messages": null"#));
+        assert!(accepts(r#", "messages": []"#));
+        assert!(accepts(
+            r#", "messages": [{"role": "system", "content": ""}, {"content": "hi", "role": "user"}]"#
+        ));
+        let most = vec![r#"{"role": "tool", "content": "x"}"#; MAX_MESSAGES].join(",");
+        assert!(accepts(&format!(r#", "messages": [{most}]"#)));
+        let long = "x".repeat(MAX_TEXT_CHARS);
+        assert!(accepts(&format!(
+            r#", "messages": [{{"role": "user", "content": "{long}"}}]"#
+        )));
+        for fields in [
+            format!(r#", "messages": [{most}, {{"role": "tool", "content": "x"}}]"#),
+            format!(r#", "messages": [{{"role": "user", "content": "{long}x"}}]"#),
+            r#", "messages": [{"role": "bot", "content": "x"}]"#.to_string(),
+            r#", "messages": [{"role": "user"}]"#.to_string(),
+            r#", "messages": [{"role": "user", "content": null}]"#.to_string(),
+            r#", "messages": [{"role": "user", "content": "x", "name": "n"}]"#.to_string(),
+            r#", "messages": [{"role": "user", "role": "user", "content": "x"}]"#.to_string(),
+            r#", "messages": {"role": "user", "content": "x"}"#.to_string(),
+            r#", "messages": ["x"]"#.to_string(),
+        ] {
+            assert!(!accepts(&fields), "accepted {fields}");
+        }
     }
 
     #[test]

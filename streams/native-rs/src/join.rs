@@ -23,18 +23,20 @@ const SEP: char = '\u{1f}';
 type Key = Arc<str>;
 
 /// An inference as an entry keeps it (`genmon.streams.windows.join.inference_record`): its JSON,
-/// and the characters of prompt and response (the record size estimate counts them).
+/// and the characters of its texts (the record size estimate counts them).
 pub struct Inf {
     json: Box<[u8]>,
     chars: usize,
 }
 
 impl Inf {
-    /// The record of `version, prompt, response, segment, subject, t`, texts already cut.
+    /// The record of `version, prompt, response, messages, segment, subject, t`, texts
+    /// already cut; `messages` (`(role, content)` turns) only when the event has them.
     pub fn new(
         version: &str,
         prompt: &str,
         response: &str,
+        messages: Option<&[(&str, &str)]>,
         segment: &[(String, String)],
         subject: Option<&str>,
         t: i64,
@@ -46,6 +48,22 @@ impl Inf {
         write_str(&mut out, prompt);
         out.extend_from_slice(b",\"response\":");
         write_str(&mut out, response);
+        let mut chars = prompt.chars().count() + response.chars().count();
+        if let Some(messages) = messages {
+            out.extend_from_slice(b",\"messages\":[");
+            for (i, (role, content)) in messages.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"role\":");
+                write_str(&mut out, role);
+                out.extend_from_slice(b",\"content\":");
+                write_str(&mut out, content);
+                out.push(b'}');
+                chars += content.chars().count();
+            }
+            out.push(b']');
+        }
         out.extend_from_slice(b",\"segment\":{");
         for (i, (k, v)) in segment.iter().enumerate() {
             if i > 0 {
@@ -63,7 +81,6 @@ impl Inf {
         out.extend_from_slice(b",\"t\":");
         out.extend_from_slice(t.to_string().as_bytes());
         out.push(b'}');
-        let chars = prompt.chars().count() + response.chars().count();
         Inf {
             json: out.into_boxed_slice(),
             chars,
@@ -81,10 +98,29 @@ impl Inf {
         } else {
             Some(text(&subject)?)
         };
+        // Records written before chat messages existed have no `messages`.
+        let messages = match d.get_item("messages")? {
+            Some(list) if !list.is_none() => {
+                let mut turns = Vec::new();
+                for turn in list.downcast::<PyList>()?.iter() {
+                    let turn = turn.downcast::<PyDict>()?;
+                    turns.push((text(&item(turn, "role")?)?, text(&item(turn, "content")?)?));
+                }
+                Some(turns)
+            }
+            _ => None,
+        };
+        let turns: Option<Vec<(&str, &str)>> = messages.as_ref().map(|turns| {
+            turns
+                .iter()
+                .map(|(r, c)| (r.as_str(), c.as_str()))
+                .collect()
+        });
         Ok(Inf::new(
             &text(&item(d, "version")?)?,
             &text(&item(d, "prompt")?)?,
             &text(&item(d, "response")?)?,
+            turns.as_deref(),
             &segment,
             subject.as_deref(),
             item(d, "t")?.extract()?,

@@ -591,10 +591,13 @@ impl Batch {
                 continue;
             }
             let cut_at = table.max_text_chars();
+            let turns: Option<Vec<(&str, &str)>> =
+                e.messages.as_ref().map(|turns| kept_turns(turns, cut_at));
             let inf = Inf::new(
                 &e.version,
                 cut(&e.prompt, cut_at),
                 cut(&e.response, cut_at),
+                turns.as_deref(),
                 &e.segment,
                 e.subject_id.as_deref(),
                 e.t_ms,
@@ -803,6 +806,27 @@ fn genmon_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(add_counts, m)?)?;
     m.add_function(wrap_pyfunction!(sketch_values, m)?)?;
     Ok(())
+}
+
+/// The latest chat turns whose texts, each cut to `max_chars`, fit together in `max_chars`
+/// (the latest one always, cut): `genmon.streams.windows.join.kept_turns`.
+fn kept_turns<'a>(
+    turns: &'a [(&'static str, String)],
+    max_chars: usize,
+) -> Vec<(&'a str, &'a str)> {
+    let mut kept = Vec::new();
+    let mut total = 0;
+    for (role, content) in turns.iter().rev() {
+        let content = cut(content, max_chars);
+        let chars = content.chars().count();
+        if !kept.is_empty() && total + chars > max_chars {
+            break;
+        }
+        kept.push((*role as &str, content));
+        total += chars;
+    }
+    kept.reverse();
+    kept
 }
 
 #[cfg(test)]

@@ -1,0 +1,1 @@
+"""One scheduler across processes: a leader lease in the database; it only enqueues work."""
