@@ -334,19 +334,36 @@ def segment_prompts(eval_set: Sequence[SftExample], segment: Mapping[str, str]) 
 
     A value ``*`` (a bias incident's segment names the attribute, ``topic=*``, and flags
     one of its values in the evidence) matches every value of that attribute."""
-    chosen = (
-        e.prompt
-        for e in eval_set
-        if all(e.segment.get(k) == v or (v == "*" and k in e.segment) for k, v in segment.items())
-    )
-    return list(dict.fromkeys(chosen))
+    return list(_segment_turns(eval_set, segment))
+
+
+def _segment_turns(
+    eval_set: Sequence[SftExample], segment: Mapping[str, str]
+) -> dict[str, list[dict[str, str]] | None]:
+    """:func:`segment_prompts` with each prompt's chat turns (its first example's), so a
+    chat model answers through its chat template, as it was trained and is served."""
+    turns: dict[str, list[dict[str, str]] | None] = {}
+    for e in eval_set:
+        if all(e.segment.get(k) == v or (v == "*" and k in e.segment) for k, v in segment.items()):
+            turns.setdefault(e.prompt, e.messages)
+    return turns
 
 
 def _behaviour(
-    candidate: CausalLM, serving: CausalLM, prompts: list[str], signal: str, config: GateConfig
+    candidate: CausalLM,
+    serving: CausalLM,
+    prompts: list[str],
+    signal: str,
+    config: GateConfig,
+    turns: Turns | None = None,
 ) -> Comparison:
     bad = _judges()[signal]
-    answers = {"candidate": candidate.generate(prompts), "serving": serving.generate(prompts)}
+    # Chat turns only when there are some: a plain model's generate takes prompts alone.
+    chat = {"messages": turns} if turns and any(turns) else {}
+    answers = {
+        "candidate": candidate.generate(prompts, **chat),
+        "serving": serving.generate(prompts, **chat),
+    }
     flags = {name: np.array([bad(a) for a in out], np.float64) for name, out in answers.items()}
     comparison = compare(signal, flags["candidate"], flags["serving"], config)
     comparison.extra["samples"] = [
@@ -506,14 +523,16 @@ def _target_check(
         )
     threshold = config.threshold_for(target.signal)
     assert threshold is not None  # behaviour signals always have one
-    prompts = segment_prompts(eval_set, target.segment)
+    chats = _segment_turns(eval_set, target.segment)
+    prompts = list(chats)
     where = ", ".join(f"{k}={v}" for k, v in sorted(target.segment.items())) or "all segments"
     if len(prompts) < config.behaviour_min_prompts:
         need, what = config.behaviour_min_prompts, f"evaluation prompts of {where}"
         short = _short(target.signal, len(prompts), need, what, "behaviour_min_prompts")
         short.extra["segment"] = dict(target.segment)
         return short
-    comparison = judge(_behaviour(candidate, serving, prompts, target.signal, config), threshold)
+    behaviour = _behaviour(candidate, serving, prompts, target.signal, config, list(chats.values()))
+    comparison = judge(behaviour, threshold)
     comparison.extra["segment"] = dict(target.segment)
     comparison.reason = f"behaviour check on {where}: {comparison.reason}"
     return comparison

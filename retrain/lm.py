@@ -305,9 +305,14 @@ class CausalLM:
         return out
 
     def generate(
-        self, prompts: Sequence[str], max_new_tokens: int = 48, batch_size: int = 16
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 48,
+        batch_size: int = 16,
+        messages: Sequence[Sequence[dict[str, str]] | None] | None = None,
     ) -> list[str]:
-        """Greedy answers (deterministic), cut at the end of sequence or the first newline."""
+        """Greedy answers (deterministic), cut at the end of sequence or the first newline.
+        A prompt with chat ``messages`` is framed by the chat template (:func:`chat_prompt`)."""
         import torch
         from transformers import GenerationConfig
 
@@ -317,12 +322,14 @@ class CausalLM:
             eos_token_id=self.stop_ids(),
             pad_token_id=self.pad_id,
         )
+        turns = list(messages) if messages is not None else [None] * len(prompts)
+        framed = [
+            self._prompt_ids(p, max_new_tokens, m) for p, m in zip(prompts, turns, strict=True)
+        ]
         answers: list[str] = []
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
-                chunk = [
-                    self._prompt_ids(p, max_new_tokens) for p in prompts[start : start + batch_size]
-                ]
+                chunk = framed[start : start + batch_size]
                 input_ids, mask = pad_left(chunk, self.pad_id, self.device)
                 output = self.model.generate(
                     input_ids=input_ids, attention_mask=mask, generation_config=config
@@ -332,8 +339,11 @@ class CausalLM:
                     answers.append(text.split("\n", 1)[0].strip())
         return answers
 
-    def _prompt_ids(self, prompt: str, max_new_tokens: int) -> list[int]:
-        ids = token_ids(self.tokenizer, format_prompt(prompt))
+    def _prompt_ids(
+        self, prompt: str, max_new_tokens: int, messages: Sequence[dict[str, str]] | None = None
+    ) -> list[int]:
+        text = chat_prompt(self.tokenizer, messages) if messages else format_prompt(prompt)
+        ids = token_ids(self.tokenizer, text)
         return ids[-max(1, self.max_length - max_new_tokens) :]
 
 

@@ -30,6 +30,17 @@ class WordTokenizer:
         """The Hugging Face call :func:`genmon.retrain.lm.token_ids` makes."""
         return {"input_ids": self.encode(text, add_special_tokens)}
 
+    #: Chat turns as ``role: content`` lines, then ``assistant:`` for the reply.
+    chat_template = "role: content lines"
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], tokenize: bool = False, **kwargs: bool
+    ) -> str:
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        if kwargs.get("add_generation_prompt"):
+            lines.append("assistant:")
+        return "\n".join(lines)
+
 
 class ScriptedLM:
     """Scores and answers as told: ``nll(prompt, completion)`` and ``answer(prompt)``."""
@@ -44,6 +55,7 @@ class ScriptedLM:
         self.tokenizer = WordTokenizer()
         self.nll, self.answer = nll, answer
         self.generated: list[str] = []
+        self.generated_turns: list[object] = []  # each call's chat turns (None: plain)
 
     def completion_nll(
         self,
@@ -54,8 +66,11 @@ class ScriptedLM:
     ) -> np.ndarray:
         return np.array([self.nll(p, c) for p, c in zip(prompts, completions, strict=True)])
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 48) -> list[str]:
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int = 48, messages: object = None
+    ) -> list[str]:
         self.generated.extend(prompts)
+        self.generated_turns.append(messages)
         return [self.answer(p) for p in prompts]
 
 

@@ -146,3 +146,17 @@ def test_the_gate_scores_a_chat_example_through_its_template(tiny_lm_path: Path)
     expected = per_example_nll(logits, torch.tensor([labels])).numpy()
     np.testing.assert_allclose(chat, expected, rtol=1e-5)
     assert abs(float(chat[0]) - float(plain[0])) > 1e-3
+
+
+def test_a_chat_prompt_is_answered_through_the_chat_template(tiny_lm_path: Path) -> None:
+    """The gate's behaviour check asks a chat model the way it is served: the turns through
+    its chat template, ending with the assistant's turn marker."""
+    from genmon.retrain.lm import chat_prompt, load_lm
+
+    lm = load_lm(str(tiny_lm_path), device="cpu")
+    prompt = CONVERSATION[-1]["content"]
+    framed = token_ids(lm.tokenizer, chat_prompt(lm.tokenizer, CONVERSATION))
+    assert lm._prompt_ids(prompt, 16, CONVERSATION) == framed
+    assert lm._prompt_ids(prompt, 16) != framed
+    answers = lm.generate([prompt, prompt], max_new_tokens=8, messages=[CONVERSATION, None])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)

@@ -148,6 +148,26 @@ def test_behaviour_check_judges_the_targeted_segment_with_the_refusal_detector()
     assert any(r.startswith("behaviour check on topic=cards: improved") for r in verdict.reasons)
 
 
+def test_behaviour_check_answers_chat_prompts_through_their_turns() -> None:
+    """A chat example's prompt is answered with its turns (the model frames them with its
+    chat template); a plain eval set passes none, so a plain model's generate is enough."""
+    from dataclasses import replace
+
+    turns = [{"role": "system", "content": "Be brief."}]
+    chats = [
+        replace(e, messages=[*turns, {"role": "user", "content": e.prompt}])
+        for e in examples(20, "cards")
+    ]
+    serving = ScriptedLM(noisy(2.0, 0.3), lambda p: REFUSAL)
+    candidate = better(lambda p: "Open the app and tap Cards.")
+    verdict = judged(candidate, serving, chats + examples(20, "transfers"), target=CARDS)
+    assert verdict.decision == "pass", verdict.reasons
+    assert candidate.generated_turns == [[e.messages for e in chats]]
+    plain = better(lambda p: "Open the app and tap Cards.")
+    judged(plain, serving, examples(20, "cards"), target=CARDS)
+    assert plain.generated_turns == [None]
+
+
 def test_behaviour_check_rejects_a_candidate_that_still_refuses() -> None:
     eval_set = examples(20, "cards")
     serving = ScriptedLM(noisy(2.0, 0.3), lambda p: REFUSAL)
