@@ -30,8 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from genmon.schemas.events import MAX_ID_CHARS
-from genmon.schemas.redact import redact
+from genmon.schemas.redact import redact, stored_subject_id
 
 #: What replaces an erased text (or id) in a JSON document or a text column.
 ERASED = "[erased: data subject]"
@@ -49,13 +48,10 @@ def subject_hash(subject_id: str) -> str:
 
 
 def stored_subject_ids(subject_id: str) -> set[str]:
-    """The forms a window exemplar stores ``subject_id`` in: as it is, or its digest when
-    its JSON is longer than an id (mirrors
-    ``genmon.streams.windows.exemplars.stored_subject_id``; privacy may not import streams)."""
-    forms = {subject_id}
-    if len(json.dumps(subject_id)) > MAX_ID_CHARS + 2:
-        forms.add("sha256:" + hashlib.sha256(subject_id.encode()).hexdigest())
-    return forms
+    """The forms a window exemplar may hold ``subject_id`` in: as it is, and as the
+    examples store it (:func:`~genmon.schemas.redact.stored_subject_id`, a digest when its
+    JSON is longer than an id)."""
+    return {subject_id, stored_subject_id(subject_id)}
 
 
 def normal(text: str) -> str:

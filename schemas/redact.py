@@ -35,9 +35,13 @@ redact bounded texts: :class:`Redactor` reads ``max_text_chars`` plus
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import re
 from collections.abc import Callable, Collection
 from typing import Any
+
+from genmon.schemas.events import MAX_ID_CHARS
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
@@ -170,3 +174,23 @@ class Redactor:
         if isinstance(value, list | tuple):
             return [self.scrub(v, keep, _depth + 1) for v in list(value)[:_MAX_ITEMS]]
         return value
+
+
+#: Most bytes of a stored subject id as JSON: any printable ASCII id (at most MAX_ID_CHARS)
+#: is kept as it is, a longer one as its digest (:func:`stored_subject_id`).
+SUBJECT_MAX_BYTES = MAX_ID_CHARS + 2
+
+
+def stored_subject_id(subject_id: str) -> str:
+    """How an affected example stores ``subject_id``: as it is, or a digest if its JSON is
+    too long. One rule for the examples (:mod:`genmon.streams.windows.exemplars`) and for
+    erasure, which must find them (:mod:`genmon.privacy.matching`).
+
+    >>> stored_subject_id("user-42")
+    'user-42'
+    >>> stored_subject_id("ü" * 50)[:7]
+    'sha256:'
+    """
+    if len(json.dumps(subject_id)) <= SUBJECT_MAX_BYTES:
+        return subject_id
+    return "sha256:" + hashlib.sha256(subject_id.encode()).hexdigest()

@@ -58,8 +58,8 @@ import heapq
 import json
 from typing import Any, TypedDict
 
-from genmon.schemas.events import MAX_ID_CHARS
 from genmon.schemas.redact import redact as redact_text
+from genmon.schemas.redact import stored_subject_id
 
 #: Signals that keep examples (see the table above).
 SIGNALS = ("error", "refusal", "empty", "truncated", "negative_feedback")
@@ -69,9 +69,6 @@ SEGMENT_CHARS = 200
 NOTE_CHARS = 120
 #: Redaction reads at most this many times the characters a text keeps (see _redacted).
 REDACT_READ_FACTOR = 4
-#: Most bytes of a subject id as JSON: any printable ASCII id (at most MAX_ID_CHARS) is
-#: kept as it is, a longer one as its digest (:func:`stored_subject_id`).
-SUBJECT_MAX_BYTES = MAX_ID_CHARS + 2
 #: Most bytes of one example as JSON: an all-ASCII example cut as above, with request and
 #: subject ids of MAX_ID_CHARS, fits (1273 bytes).
 EXAMPLE_MAX_BYTES = 1280
@@ -102,19 +99,6 @@ def priority(signal: str, request_id: str) -> int:
         f"{signal}\x1f{request_id}".encode(), digest_size=6, key=_HASH_KEY
     ).digest()
     return int.from_bytes(digest, "big")
-
-
-def stored_subject_id(subject_id: str) -> str:
-    """How an example stores ``subject_id``: as it is, or a digest if its JSON is too long.
-
-    >>> stored_subject_id("user-42")
-    'user-42'
-    >>> stored_subject_id("ü" * 50)[:7]
-    'sha256:'
-    """
-    if len(json.dumps(subject_id)) <= SUBJECT_MAX_BYTES:
-        return subject_id
-    return "sha256:" + hashlib.sha256(subject_id.encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=256)
