@@ -21,6 +21,7 @@ COPY retrain/ retrain/
 COPY infra/ infra/
 COPY scheduler/ scheduler/
 COPY privacy/ privacy/
+COPY api/ api/
 RUN pip wheel --no-deps --wheel-dir /wheels . ./streams/native-rs
 
 FROM python:3.11-slim
@@ -31,7 +32,7 @@ ENV PYTHONUNBUFFERED=1 \
 
 COPY --from=build /wheels /wheels
 # The worker with embeddings and the native ingest path (genmon-native from /wheels).
-RUN pip install --find-links /wheels "genmon[worker,embeddings,native]==0.1.0" && rm -rf /wheels
+RUN pip install --find-links /wheels "genmon[worker,embeddings,native,api]==0.1.0" && rm -rf /wheels
 
 # Relative paths in the settings (home, model cache, sqlite) resolve under the volume.
 ENV GENMON_HOME=/var/lib/genmon

@@ -5,8 +5,9 @@
 test:
 	infra/test.sh $(PYTEST_ARGS)
 
+# make demo DEMO_ARGS=--keep   keeps the dashboard and workers up until Ctrl-C
 demo:
-	infra/demo.sh
+	infra/demo.sh $(DEMO_ARGS)
 
 bootstrap:
 	infra/bootstrap.sh

@@ -53,7 +53,13 @@ SQLITE_MIGRATION_WAIT_MS = 600_000
 MIGRATION_LOCK_KEY = 0x67656E6D6F6E
 
 #: Modules whose SQLModel tables the migrations create; optional ones may be absent.
-TABLE_MODULES = ("genmon.schemas.tables", "genmon.schemas.retrain", "genmon.schemas.governance")
+TABLE_MODULES = (
+    "genmon.schemas.tables",
+    "genmon.schemas.retrain",
+    "genmon.schemas.governance",
+    "genmon.schemas.access",
+    "genmon.schemas.signals",
+)
 OPTIONAL_TABLE_MODULES = ("genmon.schemas.incidents",)
 
 

@@ -163,6 +163,14 @@ class WorkerSettings(BaseModel):
             " pydantic decides every message it does not accept"
         ),
     )
+    record_signals: bool = Field(
+        True,
+        description=(
+            "publish each judged window's summary and detector scores to <prefix>.signals and"
+            " store them in table window_signal (the dashboard's and the API's charts); off:"
+            " neither, detection unchanged"
+        ),
+    )
 
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> WorkerSettings:
@@ -777,10 +785,20 @@ class RetentionSettings(BaseModel):
     windows_days: float | None = Field(
         90.0,
         gt=0,
-        description="window records and signals: they live on Kafka topics, so "
+        description="window records: they live on Kafka topics, so "
         "kafka.retention_ms bounds them (retention warns when that is longer)",
     )
     findings_days: float | None = Field(90.0, gt=0, description="findings seen (dedup rows)")
+    signals_days: float | None = Field(
+        7.0,
+        gt=0,
+        description="window signals at window resolution (table window_signal); older ones "
+        "are rolled up into hourly rows first",
+    )
+    signal_rollups_days: float | None = Field(
+        400.0, gt=0, description="hourly rollups of window signals"
+    )
+    api_audit_days: float | None = Field(365.0, gt=0, description="the API's audit of writes")
     incidents_days: float | None = Field(
         365.0, gt=0, description="resolved incidents and their transitions"
     )
@@ -801,6 +819,49 @@ class RetentionSettings(BaseModel):
         description="rows deleted (or scanned for an erasure) per transaction: bounds memory "
         "and lock time",
     )
+
+
+class ApiSettings(BaseModel):
+    """``genmon api``: the HTTP API, HTTP and OTLP ingest, the dashboard, ``/metrics``."""
+
+    host: str = Field("127.0.0.1", description="address the API and dashboard listen on")
+    port: int = Field(8700, ge=1, le=65535, description="port of the API and dashboard")
+    public_url: str = Field(
+        "",
+        description="how people reach the dashboard (links in pages and webhook payloads); "
+        "defaults to http://host:port",
+    )
+    max_body_bytes: int = Field(
+        5 * 1024 * 1024, ge=1024, description="larger request bodies are refused with 413"
+    )
+    max_batch_events: int = Field(
+        1000, ge=1, description="events one ingest request may carry (more: 413)"
+    )
+    ingest_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="how long an ingest request waits for the broker to acknowledge its "
+        "events before answering 503 (the events are then not accepted)",
+    )
+    live_poll_s: float = Field(
+        1.0, gt=0, description="how often live pages (server-sent events) look for changes"
+    )
+    metrics_cache_s: float = Field(
+        5.0, ge=0, description="how long /metrics reuses what it read from the database"
+    )
+    require_token_for_dashboard: bool = Field(
+        True,
+        description="the dashboard asks for a read token (kept in a cookie); false: open to "
+        "anyone who reaches the port (a trusted network only)",
+    )
+
+    def link_base(self) -> str:
+        """The dashboard's base URL, without a trailing slash."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def incident_url(self, incident_id: str) -> str:
+        """The dashboard page of an incident: every page and webhook payload links to it."""
+        return f"{self.link_base()}/incidents/{incident_id}"
 
 
 class Settings(BaseSettings):
@@ -825,6 +886,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     def topic(self, kind: str) -> str:
         """Name of genmon's topic for ``kind`` (inference, feedback, findings, ...)."""
@@ -845,7 +907,7 @@ TOPIC_KINDS = (
 #: labelled examples waiting for the database). They are created with the others: a worker
 #: that subscribes to a topic before it exists gets its partitions only at its next
 #: metadata refresh, minutes later.
-INTERNAL_TOPIC_KINDS = ("windows", "embed-requests", "examples-retry")
+INTERNAL_TOPIC_KINDS = ("windows", "embed-requests", "examples-retry", "signals")
 
 
 @lru_cache(maxsize=1)

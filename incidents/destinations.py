@@ -15,6 +15,11 @@ The scheduler's daily digest (event ``digest``, about no one incident) goes to w
 section) only; PagerDuty and Alertmanager are for pages, and refuse it with a
 :class:`~genmon.exceptions.ConfigurationError` (the dispatcher makes such a row dead).
 
+Every incident's payload links to its page on the dashboard (``incident.url``, stored with
+the row by :mod:`genmon.incidents.notifications` from ``api.public_url``): the webhook's
+``url``, Slack's linked headline, PagerDuty's ``links`` and ``client_url``, Alertmanager's
+``generatorURL``.
+
 Every request carries the notification's idempotency key in the ``Idempotency-Key``
 header and in the body. Secrets (URL, HMAC key, routing key) stay in
 :class:`~pydantic.SecretStr` and are never put in logs or error messages.
@@ -82,6 +87,11 @@ def _clusters_text(incident: dict[str, Any]) -> str | None:
         shown = (cluster.get("representatives") or ["?"])[0]
         lines.append(f"• {cluster.get('size')}× {_slack_escape(str(shown))}")
     return "\n".join(lines)[:SLACK_SECTION_CHARS]
+
+
+def incident_url(payload: dict[str, Any]) -> str:
+    """The incident's dashboard page, ``""`` for a row queued before pages had links."""
+    return str((payload.get("incident") or {}).get("url") or "")
 
 
 def _runbooks(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -156,6 +166,7 @@ class WebhookDestination(Destination):
             "sequence": payload.get("sequence"),
             "reason": payload.get("reason"),
             "created_at": payload.get("created_at"),
+            "url": incident_url(payload),
             "labels": payload.get("labels", {}),
             "incident": payload.get("incident", {}),
             "runbooks": _runbooks(payload),
@@ -188,6 +199,9 @@ class SlackDestination(Destination):
             ":white_check_mark:" if message.event == "resolve" else self._EMOJI.get(severity, "")
         )
         headline = f"{emoji} [{status}] {incident.get('title', '')}".strip()
+        url = incident_url(message.payload)
+        # mrkdwn: the link text ends at ">"; Slack wants &, < and > escaped in it.
+        linked = f"<{url}|{_slack_escape(headline)}>" if url else headline
         fields = [
             f"*Severity*\n{severity}",
             f"*Model*\n{incident.get('model_id')}",
@@ -195,7 +209,7 @@ class SlackDestination(Destination):
             f"*Score*\n{incident.get('last_score')} (peak {incident.get('peak_score')})",
         ]
         blocks: list[dict[str, Any]] = [
-            {"type": "section", "text": {"type": "mrkdwn", "text": f"*{headline}*"}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"*{linked}*"}},
             {"type": "section", "fields": [{"type": "mrkdwn", "text": f} for f in fields]},
             {
                 "type": "section",
@@ -280,7 +294,11 @@ class PagerDutyDestination(Destination):
             },
         }
         event["client"] = "genmon"
-        links = [
+        url = incident_url(message.payload)
+        if url:
+            event["client_url"] = url
+        links = [{"href": url, "text": "Incident in genmon"}] if url else []
+        links += [
             {"href": runbook["url"], "text": "Runbook"}
             for runbook in _runbooks(message.payload)
             if runbook.get("url")
@@ -321,7 +339,7 @@ class AlertmanagerDestination(Destination):
             "annotations": annotations,
             "startsAt": incident.get("opened_at"),
             "endsAt": incident.get("resolved_at") if resolved else ALERTMANAGER_ZERO_TIME,
-            "generatorURL": "",
+            "generatorURL": incident_url(payload),
             "fingerprint": str(incident.get("fingerprint", ""))[:16],
         }
         group_labels = {"alertname": labels["alertname"], "model": labels.get("model", "")}

@@ -394,6 +394,7 @@ class IncidentManager:
             router=self.router,
             redactor=self.redactor,
             now=self.clock(),
+            links=self.settings.api,
         )
 
     # --- silences that end ---------------------------------------------------------------
@@ -418,7 +419,9 @@ class IncidentManager:
         for incident_id in incident_ids:
             try:
                 with write_transaction(self.engine) as session:
-                    queued += queue_unsilenced_pages(session, incident_id, now, self.redactor)
+                    queued += queue_unsilenced_pages(
+                        session, incident_id, now, self.redactor, self.settings.api
+                    )
             except IntegrityError:
                 log.info("incident %s: its unsilenced page was queued by another", incident_id)
         return queued

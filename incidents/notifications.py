@@ -60,6 +60,7 @@ from genmon.schemas.incidents import (
     Transition,
 )
 from genmon.schemas.redact import Redactor
+from genmon.settings import ApiSettings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,14 @@ def queue_notifications(
     router: Router,
     redactor: Redactor,
     now: datetime,
+    links: ApiSettings | None = None,
 ) -> int:
     """Queue ``event`` for its destinations, in the caller's transaction.
 
     A trigger or update goes where ``router`` sends it; an acknowledge or resolve goes
     where the incident was paged. Returns how many rows were queued for delivery (not
-    suppressed by a silence).
+    suppressed by a silence). ``links`` says where the dashboard is (default: this
+    process's ``api`` settings): every payload links to the incident's page.
     """
     labels = incident_labels(incident)
     announcement = event in ANNOUNCEMENTS
@@ -157,7 +160,9 @@ def queue_notifications(
         return 0
     silence = _silence_for(session, labels, now) if announcement else None
     incident.notify_seq += 1
-    payload = notification_payload(session, incident, event, reason, labels, now, redactor)
+    payload = notification_payload(
+        session, incident, event, reason, labels, now, redactor, links=links
+    )
     rows = []
     for destination, route_runbook in targets:
         if announcement:
@@ -239,8 +244,12 @@ def notification_payload(
     labels: dict[str, str],
     now: datetime,
     redactor: Redactor,
+    *,
+    links: ApiSettings | None = None,
 ) -> dict[str, Any]:
-    """What every destination renders from: the incident, redacted but for genmon's ids."""
+    """What every destination renders from: the incident, redacted but for genmon's ids,
+    with ``incident.url``, its page on the dashboard (``links``, default this process's
+    ``api`` settings), stored with the row so a retry links where the page did."""
     related = related_ids(session, incident)
     # genmon's own ids stay readable in reasons, titles and evidence; secrets do not.
     keep = {incident.id, incident.fingerprint, *related}
@@ -259,6 +268,7 @@ def notification_payload(
         "labels": labels,
         "incident": {
             "id": incident.id,
+            "url": (links or get_settings().api).incident_url(incident.id),
             "fingerprint": incident.fingerprint,
             "title": scrub(incident.title),
             "status": incident.status.value,
@@ -292,7 +302,11 @@ def notification_payload(
 
 
 def queue_unsilenced_pages(
-    session: Session, incident_id: str, now: datetime, redactor: Redactor
+    session: Session,
+    incident_id: str,
+    now: datetime,
+    redactor: Redactor,
+    links: ApiSettings | None = None,
 ) -> int:
     """Queue the pages that ended silences held back from a still-open incident.
 
@@ -314,7 +328,9 @@ def queue_unsilenced_pages(
         return 0
     incident = pages[0].incident
     reason = f"a silence held this page back and has ended; still {incident.status.value}"
-    rows = _repeated(session, incident, pages, NotificationEvent.TRIGGER, reason, now, redactor)
+    rows = _repeated(
+        session, incident, pages, NotificationEvent.TRIGGER, reason, now, redactor, links
+    )
     if incident.status is IncidentStatus.ACKNOWLEDGED:
         actor = session.exec(
             select(IncidentTransition.actor)
@@ -324,7 +340,14 @@ def queue_unsilenced_pages(
         ).first()
         acknowledged = f"acknowledged by {actor or 'someone'}"
         rows += _repeated(
-            session, incident, pages, NotificationEvent.ACKNOWLEDGE, acknowledged, now, redactor
+            session,
+            incident,
+            pages,
+            NotificationEvent.ACKNOWLEDGE,
+            acknowledged,
+            now,
+            redactor,
+            links,
         )
     session.exec(sa.insert(Notification), params=rows)
     for page in pages:
@@ -346,11 +369,14 @@ def _repeated(
     reason: str,
     now: datetime,
     redactor: Redactor,
+    links: ApiSettings | None,
 ) -> list[dict[str, Any]]:
     """Rows of ``event`` for the destinations of ``pages``, keyed by their silences."""
     incident.notify_seq += 1
     labels = incident_labels(incident)
-    payload = notification_payload(session, incident, event, reason, labels, now, redactor)
+    payload = notification_payload(
+        session, incident, event, reason, labels, now, redactor, links=links
+    )
     return [
         {
             "incident_id": incident.id,

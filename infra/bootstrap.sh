@@ -29,10 +29,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \
   echo "$wanted" > "$stamp"
 fi
 
-# Headless Chromium renders `genmon replay --report` pages in tests/replay/test_report.py.
+# Headless Chromium renders `genmon replay --report` pages in tests/replay/test_report.py and
+# drives the dashboard in tests/api/test_api_browser.py (Playwright with this executable).
 # Debian's package is the only browser that installs here (no network but the registries).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "bootstrap: installing chromium (apt) for the replay report test"
+  echo "bootstrap: installing chromium (apt) for the report and dashboard browser tests"
   if ! apt-cache show chromium >/dev/null 2>&1; then
     apt-get update -qq >/dev/null
   fi

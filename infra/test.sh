@@ -11,7 +11,7 @@ infra/bootstrap.sh
 # Lint and types first: cheap, and a red one fails the run like a failing test.
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy genmon schemas detectors streams incidents replay retrain infra scheduler privacy
+.venv/bin/mypy genmon schemas detectors streams incidents replay retrain infra scheduler privacy api
 # The native module's own unit tests (tests/streams/test_native.py checks it against Python).
 PATH="$HOME/.cargo/bin:$PATH" cargo test --quiet --release --manifest-path streams/native-rs/Cargo.toml
 

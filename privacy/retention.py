@@ -22,6 +22,11 @@ artifacts              checkpoints and adapters of jobs that ended before the cu
                        serving version, any alias, a watching rollout); the job keeps
                        ``metrics.artifacts_expired`` and the version
                        ``eval_metrics.artifact_expired``
+signals                ``window_signal`` rows at window resolution: merged into the hourly
+                       rows of their series, then deleted (``removed`` counts the window
+                       rows; :mod:`~genmon.privacy.signal_rollups` says how hours merge)
+signal_rollups         hourly ``window_signal`` rows (``retention.signal_rollups_days``)
+api_audit              ``api_audit`` rows (the API's writes) recorded before the cut-off
 windows                nothing here: window records live on Kafka topics, whose
                        ``kafka.retention_ms`` bounds them (a warning when it is longer than
                        ``retention.windows_days``)
@@ -46,6 +51,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from genmon.incidents._txn import write_transaction
+from genmon.privacy.signal_rollups import hourly_where, roll_up
+from genmon.schemas.access import ApiAudit
 from genmon.schemas.events import IncidentStatus, utcnow
 from genmon.schemas.incidents import (
     DeliveryAttempt,
@@ -55,6 +62,7 @@ from genmon.schemas.incidents import (
     Notification,
     NotificationStatus,
 )
+from genmon.schemas.signals import WindowSignal
 from genmon.schemas.tables import LabelledExample
 from genmon.settings import Settings
 
@@ -71,6 +79,9 @@ KINDS = (
     "incidents",
     "datasets",
     "artifacts",
+    "signals",
+    "signal_rollups",
+    "api_audit",
     "windows",
 )
 #: Notifications that will not change any more.
@@ -176,6 +187,11 @@ def run_retention(
     run(
         "artifacts", keep.artifacts_days, lambda c: expire_artifacts(engine, store, c, now, dry_run)
     )
+    run("signals", keep.signals_days, purge.signals)
+    if keep.signals_days is not None:
+        report.kinds["signals"].note = "rolled up into hourly rows, then deleted"
+    run("signal_rollups", keep.signal_rollups_days, purge.signal_rollups)
+    run("api_audit", keep.api_audit_days, purge.api_audit)
     report.kinds["windows"] = _windows(settings, now, report.warnings)
     return report
 
@@ -238,6 +254,16 @@ class _Purger:
     def findings_seen(self, limit: datetime) -> int:
         where = col(FindingSeen.seen_at) < limit
         return self.purge(FindingSeen, col(FindingSeen.dedup_key), where)
+
+    def signals(self, limit: datetime) -> int:
+        """Window-resolution signal rows before ``limit``, merged into hourly rows first."""
+        return roll_up(self.engine, limit, self.batch, self.dry_run)
+
+    def signal_rollups(self, limit: datetime) -> int:
+        return self.purge(WindowSignal, col(WindowSignal.id), hourly_where(limit))
+
+    def api_audit(self, limit: datetime) -> int:
+        return self.purge(ApiAudit, col(ApiAudit.id), col(ApiAudit.at) < limit)
 
     def notifications(self, limit: datetime, settled_before: datetime) -> int:
         """Settled notifications older than ``limit`` of incidents resolved before

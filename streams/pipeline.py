@@ -14,6 +14,10 @@
 - an agent on ``<prefix>.windows`` runs :class:`~genmon.streams.detection.runner.DetectorRunner`
   and publishes :class:`~genmon.schemas.events.Finding` records to ``<prefix>.findings``
   keyed by model id;
+- each window the runner judges is summarised, with every signal's score against its
+  threshold, to ``<prefix>.signals`` in the background, and an agent stores those records
+  in table ``window_signal`` for people (:mod:`~genmon.streams.signals`;
+  ``worker.record_signals``);
 - :meth:`Pipeline.submit_embeddings` is the hook of the embedding stage.
 
 State lives in three Faust tables written to explicit changelog partitions
@@ -98,6 +102,7 @@ from genmon.schemas.events import FeedbackEvent, Finding
 from genmon.settings import Settings
 from genmon.streams import native
 from genmon.streams.detection.embedding_series import embedding_key
+from genmon.streams.detection.points import SignalPoint
 from genmon.streams.detection.runner import DetectorRunner
 from genmon.streams.faust_consumer import fetch_progress, read_position
 from genmon.streams.labelled_examples import (
@@ -107,6 +112,15 @@ from genmon.streams.labelled_examples import (
 )
 from genmon.streams.partitioning import group_by_partition, partition_for
 from genmon.streams.pipeline_metrics import PipelineMetrics
+from genmon.streams.signals import (
+    SignalMetrics,
+    SignalPublisher,
+    collecting,
+    install_recorder,
+    newly_judged,
+    signal_record,
+    signals_topic,
+)
 from genmon.streams.table_store import TableStore
 from genmon.streams.windows.state import WindowState
 
@@ -153,6 +167,12 @@ class Pipeline:
         self.metrics = PipelineMetrics(app.genmon.metrics.registry)
         # Stored before each checkpoint, or durable in <prefix>.examples-retry.
         self.examples: LabelledExampleSink = make_sink(app, settings, self.metrics)
+        #: Each judged window's summary and scores for people (``worker.record_signals``).
+        self.signals: SignalPublisher | None = None
+        if settings.worker.record_signals:
+            self.signals = SignalPublisher(
+                signals_topic(app, settings), SignalMetrics(app.genmon.metrics.registry)
+            )
         self.inference_topic = settings.topic("inference")
         self.feedback_topic = settings.topic("feedback")
         self._lock = asyncio.Lock()
@@ -354,22 +374,42 @@ class Pipeline:
         model_id = window["model_id"]
         async with self._runner_lock:
             state = self.detector_store.get(model_id)
-            if any("exemplars" in series for series in window["series"]):
-                # A firing quality or feedback detector clusters the examples (and may load
-                # the sentence encoder once): not on the event loop.
-                new_state, findings = await asyncio.to_thread(self.runner.on_window, state, window)
-            else:
-                new_state, findings = self.runner.on_window(state, window)
+            with collecting(self.runner) as points:
+                if any("exemplars" in series for series in window["series"]):
+                    # A firing quality or feedback detector clusters the examples (and may
+                    # load the sentence encoder once): not on the event loop.
+                    new_state, findings = await asyncio.to_thread(
+                        self.runner.on_window, state, window
+                    )
+                else:
+                    new_state, findings = self.runner.on_window(state, window)
             self.metrics.sync_runner(self.runner)
             # Findings first, acknowledged: a crash before the state write re-runs the window
             # from the old state and re-sends the same findings (same dedup keys).
             await self._publish(findings)
+            self._publish_signals(state, new_state, window, points)
             if new_state != state:
                 self.detector_store.put(partition, model_id, new_state)
         if findings:
             closed = datetime.fromisoformat(window["closed_at"]).timestamp()
             self.metrics.close_to_finding.observe(max(time.time() - closed, 0.0))
         return findings
+
+    def _publish_signals(
+        self,
+        state: dict[str, Any] | None,
+        new_state: dict[str, Any],
+        window: dict[str, Any],
+        points: list[SignalPoint],
+    ) -> None:
+        """Send a window the runner judged now to ``<prefix>.signals``, in the background
+        (:mod:`~genmon.streams.signals`): charts never hold up or break detection."""
+        if self.signals is None or not newly_judged(state, new_state, window):
+            return
+        try:
+            self.signals.publish(signal_record(window, points))
+        except Exception:
+            log.exception("window signals of %s not published", window.get("model_id"))
 
     async def submit_embeddings(
         self,
@@ -474,6 +514,8 @@ def install_pipeline(app: GenmonApp, settings: Settings | None = None) -> Pipeli
     # Labelled examples need no hook: each is stored, or acknowledged in the retry topic,
     # before its batch is checkpointed; the retry agent acknowledges its records by hand.
     install_retry_agent(app, pipeline.examples)
+    if pipeline.signals is not None:
+        install_recorder(app, pipeline.signals.topic, pipeline.signals.metrics)
     pipeline.state_table.on_recover(pipeline.on_recovered)
 
     @app.on_partitions_revoked.connect

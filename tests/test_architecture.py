@@ -42,10 +42,11 @@ ALLOWED = {
     "replay": {"core", "schemas", "detectors", "streams", "incidents"},
     "privacy": {"core", "schemas", "incidents", "retrain", "infra"},
     "scheduler": {"core", "schemas", "incidents", "retrain", "privacy", "infra"},
+    "api": {"core", "schemas", "incidents", "retrain", "privacy", "infra"},
     "cli": {
         "core",
         *("schemas", "detectors", "streams", "incidents", "infra", "replay", "retrain"),
-        *("privacy", "scheduler"),
+        *("privacy", "scheduler", "api"),
     },
 }
 KAFKA = {"kafka", "aiokafka", "faust", "mode"}

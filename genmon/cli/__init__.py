@@ -12,6 +12,7 @@ from __future__ import annotations
 import click
 
 from genmon.cli import (
+    api,
     config,
     data,
     db,
@@ -26,6 +27,7 @@ from genmon.cli import (
     schedule,
     schemas,
     silences,
+    tokens,
     worker,
 )
 from genmon.cli._common import GenmonGroup
@@ -48,6 +50,8 @@ COMMANDS: tuple[click.Command, ...] = (
     data.data,
     replay.replay,
     demo.demo,
+    api.api,
+    tokens.tokens,
 )
 
 

@@ -8,9 +8,12 @@ code   name          when
 =====  ============  ===============================================================
 0      OK            the command did what it says
 1      FAILED        a :class:`~genmon.exceptions.GenmonError` (one line on stderr, no
-                     traceback: what went wrong and what to run), or a check that did
-                     not pass (``infra status``: Kafka stopped; ``db current``: behind
-                     the newest revision; ``health``: the worker does not answer)
+                     traceback: what went wrong and what to run); one of the usual
+                     failures :mod:`genmon.cli._failures` knows (database not migrated
+                     or unreachable, broker unreachable, a bad ``GENMON_`` setting),
+                     said the same way; or a check that did not pass (``infra
+                     status``: Kafka stopped; ``db current``: behind the newest
+                     revision; ``health``: the worker does not answer)
 2      USAGE         click's own: an unknown command or option, a value it rejects
 130    INTERRUPTED   Ctrl-C
 =====  ============  ===============================================================
@@ -48,18 +51,32 @@ class ExitCode(IntEnum):
 
 
 class GenmonGroup(click.Group):
-    """Applies the exit-code map: genmon's errors become a one-line message and
+    """Applies the exit-code map: genmon's errors and the usual failures
+    (:func:`genmon.cli._failures.explain`) become a one-line message and
     :attr:`ExitCode.FAILED`, Ctrl-C :attr:`ExitCode.INTERRUPTED`, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except GenmonError as error:
-            failure = click.ClickException(str(error))
-            failure.exit_code = ExitCode.FAILED
-            raise failure from error
+            raise _failed(str(error)) from error
         except KeyboardInterrupt:
             raise click.exceptions.Exit(ExitCode.INTERRUPTED) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            from genmon.cli._failures import explain
+
+            line = explain(error)
+            if line is None:
+                raise  # a bug in genmon: keep its traceback
+            raise _failed(line) from error
+
+
+def _failed(message: str) -> click.ClickException:
+    failure = click.ClickException(message)
+    failure.exit_code = ExitCode.FAILED
+    return failure
 
 
 def fail_check() -> None:

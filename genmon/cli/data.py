@@ -22,6 +22,7 @@ from genmon.cli._common import (
     engine_for,
     json_option,
 )
+from genmon.cli._progress import spinner
 from genmon.settings import get_settings
 
 SUBJECT_HELP = "The data subject's id (as the SDK's subject_id sent it)."
@@ -58,9 +59,10 @@ def data_erase(
             abort=True,
             err=True,
         )
-    report = erase_subject(
-        engine_for(url), get_settings(), subject_id, requested_by=actor or current_user()
-    )
+    with spinner(f"erasing data subject {subject_id} everywhere", as_json=as_json):
+        report = erase_subject(
+            engine_for(url), get_settings(), subject_id, requested_by=actor or current_user()
+        )
     if as_json:
         echo_json(report.to_json())
         return
@@ -110,9 +112,11 @@ def data_export(subject_id: str, out: Path | None, actor: str | None, url: str |
     """Everything genmon holds about the subject, as JSON."""
     from genmon.privacy.export import export_subject
 
-    held = export_subject(
-        engine_for(url), get_settings(), subject_id, requested_by=actor or current_user()
-    )
+    # Printed as JSON without --out: a spinner only when it goes to a file.
+    with spinner(f"collecting what genmon holds about {subject_id}", as_json=out is None):
+        held = export_subject(
+            engine_for(url), get_settings(), subject_id, requested_by=actor or current_user()
+        )
     if out is None:
         echo_json(held)
         return
@@ -162,7 +166,9 @@ def data_retention(dry_run: bool, as_json: bool, url: str | None) -> None:
     daily; GENMON_RETENTION__*_DAYS)."""
     from genmon.privacy.retention import run_retention
 
-    report = run_retention(engine_for(url), get_settings(), dry_run=dry_run)
+    doing = "counting what retention would remove" if dry_run else "applying retention"
+    with spinner(doing, as_json=as_json):
+        report = run_retention(engine_for(url), get_settings(), dry_run=dry_run)
     if as_json:
         echo_json(report.to_json())
         return

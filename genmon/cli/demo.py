@@ -5,15 +5,18 @@ What it does, on embedded defaults (Kafka from ``genmon infra up``, SQLite):
 1. starts the local Kafka broker (reused if it is already up) and migrates a fresh
    SQLite database under ``<home>/demo/``;
 2. starts a signed-webhook receiver on loopback and points a webhook route at it;
-3. starts ``genmon worker`` as a subprocess with short windows;
+3. starts ``genmon worker`` as a subprocess with short windows, and the dashboard
+   (``genmon api`` on loopback, no token: :mod:`genmon.cli.demo_dashboard`) whose URL it
+   prints; every page the worker sends links to the incident there;
 4. replays production-like traffic for a chat model through :class:`genmon.Monitor`:
    XSTest's safe prompts answered by GPT-4 (few refusals) with Groq latencies from the
    LLMPerf leaderboard, thumbs from whether the answer complied, plus a few malformed
    messages that must land in the dead-letter topic;
 5. then rolls out a regression: the ``locale=de`` segment is served by Llama-2 (which
    refuses many safe prompts) and every request gets Bedrock's slower latencies;
-6. prints the incidents the worker opened and the pages the receiver got, then stops what
-   it started.
+6. prints the incidents the worker opened (with their dashboard links) and the pages the
+   receiver got, then stops what it started; with ``--keep`` it leaves the dashboard, the
+   workers and Kafka up until Ctrl-C, to look around.
 
 The data sets come from ``../shared/datasets`` (``--data-dir``); nothing is downloaded.
 """
@@ -38,6 +41,8 @@ from typing import Any
 import click
 
 from genmon.cli import demo_loop
+from genmon.cli._progress import progress
+from genmon.cli.demo_dashboard import Dashboard, dashboard_env, dashboard_settings
 from genmon.settings import Settings
 
 DEFAULT_DATA_DIR = Path("../shared/datasets")
@@ -147,9 +152,13 @@ def _replay(
 
     sent = feedback = 0
     stream = traffic.requests(regression)
-    with Monitor(settings=settings) as monitor:
+    label = "bad rollout" if regression else "healthy traffic"
+    with Monitor(settings=settings) as monitor, progress(label, seconds, unit="s") as advance:
         started = time.monotonic()
+        shown = 0.0
         while (elapsed := time.monotonic() - started) < seconds:
+            advance(elapsed - shown)
+            shown = elapsed
             due = int(elapsed * rate) - sent
             for _ in range(max(due, 0)):
                 event, answer = next(stream)
@@ -206,7 +215,12 @@ def _incident_rows(url: str) -> list[Any]:
     show_default=True,
     help="seconds of traffic after the bad rollout",
 )
-@click.option("--keep", is_flag=True, help="leave Kafka running afterwards")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="after the story, keep the dashboard (and the workers) up until Ctrl-C; "
+    "leave Kafka running afterwards",
+)
 @click.option(
     "--loop/--no-loop",
     default=True,
@@ -265,6 +279,7 @@ def demo(
     _say(f"on-call webhook receiver listening on {receiver.url} (HMAC-signed)")
 
     web_port = base.worker.web_port
+    api = dashboard_settings(base.api)
     env = {
         **os.environ,
         "GENMON_KAFKA__TOPIC_PREFIX": run,
@@ -279,6 +294,8 @@ def demo(
         # default: minutes of 60 s windows; a demo has seconds).
         "GENMON_DETECTORS__BASELINE_WARMUP_WINDOWS": str(WARMUP_WINDOWS),
         "GENMON_EMBEDDING__ENABLED": "false",
+        # The pages the worker sends link to the demo's dashboard.
+        **dashboard_env(api),
     }
     setup = demo_loop.prepare(work, data_dir, _say) if loop else None
     env.update(setup.env if setup else {})
@@ -290,9 +307,13 @@ def demo(
         retrain_log = work / "retrain-worker.log"
         _say(f"starting `genmon worker --role retrain` (log {retrain_log})")
         workers.append(_start(["worker", "--role", "retrain"], env, retrain_log))
+    dashboard = _dashboard(api, env, work / "api.log")
     loop_thread: _LoopThread | None = None
     try:
         _wait_for_worker(f"http://127.0.0.1:{web_port}/stats", workers[0], timeout_s=180)
+        if dashboard is not None:
+            dashboard.wait_ready()
+            _say(f"dashboard: {dashboard.url} (loopback, no token; log {dashboard.log_path})")
         if setup is not None:
             loop_settings = settings.model_copy(
                 update={
@@ -325,7 +346,7 @@ def demo(
         time.sleep(3 * WINDOW_S)  # let the last windows close and their pages go out
         stats_url = f"http://127.0.0.1:{web_port}/stats"
         stats = json.loads(urllib.request.urlopen(stats_url, timeout=5).read())
-        _report(stats, _incident_rows(db_url), receiver)
+        _report(stats, _incident_rows(db_url), receiver, api)
         if loop_thread is not None:
             loop_thread.join()
             if loop_thread.error is not None:
@@ -336,9 +357,13 @@ def demo(
                 raise click.ClickException(
                     "the feedback loop did not finish; see .build/demo/retrain-worker.log"
                 )
+        if keep:
+            _keep_up(dashboard, workers)
     finally:
         if loop_thread is not None:
             loop_thread.stop()
+        if dashboard is not None:
+            dashboard.stop()
         for process in workers:
             process.send_signal(signal.SIGTERM)
         for process in workers:
@@ -350,6 +375,43 @@ def demo(
         if not was_running and not keep:
             broker.down()
             _say("Kafka stopped (it was started by the demo; --keep leaves it up)")
+
+
+def _dashboard(api: Any, env: dict[str, str], log_path: Path) -> Dashboard | None:
+    """Start ``genmon api`` for the demo, or say why there is none (no ``api`` extra)."""
+    from importlib.util import find_spec
+
+    if find_spec("fastapi") is None or find_spec("uvicorn") is None:
+        _say("no dashboard: it needs the `api` extra (pip install 'genmon[api]')")
+        return None
+    _say(f"starting the dashboard (`genmon api` on {api.host}:{api.port})")
+    dashboard = Dashboard(api, env, log_path)
+    dashboard.start()
+    return dashboard
+
+
+def _keep_up(dashboard: Dashboard | None, workers: list[subprocess.Popen[bytes]]) -> None:
+    """``--keep``: leave what the story started running until Ctrl-C or SIGTERM (or until
+    the dashboard or a worker stops by itself); the caller then stops it all. The
+    handlers are installed here, not inherited: a shell starts a background job with
+    Ctrl-C ignored, and SIGTERM would otherwise end the demo without stopping its
+    children."""
+    where = f" at {dashboard.url}" if dashboard is not None else ""
+    _say(f"the dashboard stays up{where} with the workers; Ctrl-C stops them")
+    stop = threading.Event()
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        while not stop.is_set() and all(process.poll() is None for process in workers):
+            if dashboard is not None and not dashboard.running():
+                break
+            stop.wait(0.5)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _say("stopping the dashboard and the workers")
 
 
 def _start(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -393,7 +455,7 @@ class _LoopThread(threading.Thread):
         self.join(timeout=90)
 
 
-def _report(stats: dict[str, Any], incidents: list[Any], receiver: Any) -> None:
+def _report(stats: dict[str, Any], incidents: list[Any], receiver: Any, api: Any) -> None:
     ingest = stats.get("ingest", {})
     _say(f"worker counters: {json.dumps(ingest, sort_keys=True)[:400]}")
     _say(f"{len(incidents)} incident(s):")
@@ -402,6 +464,7 @@ def _report(stats: dict[str, Any], incidents: list[Any], receiver: Any) -> None:
             f"    [{incident.severity}] {incident.status:<12} {incident.title}  "
             f"(findings: {incident.finding_count})"
         )
+        click.echo(f"        {api.incident_url(incident.id)}")
     # Only the incidents' pages: the receiver also gets the model registry's announcements.
     pages = [page for page in receiver.unique.values() if "incident" in (page.json or {})]
     _say(f"{len(pages)} signed page(s) received by on-call ({receiver.rejected} rejected):")

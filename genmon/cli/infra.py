@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from genmon.cli._common import fail_check
+from genmon.cli._common import echo_json, fail_check, json_option
+from genmon.cli._progress import spinner
 from genmon.secrets import mask_url
 from genmon.settings import get_settings
 
@@ -26,11 +27,15 @@ def infra_prepare(postgres: bool) -> None:
     from genmon.infra.kafka import KafkaBroker
 
     settings = get_settings()
-    click.echo(f"kafka jars: {KafkaBroker(settings).ensure_jars()}")
+    with spinner("fetching the Kafka jars"):
+        jars = KafkaBroker(settings).ensure_jars()
+    click.echo(f"kafka jars: {jars}")
     if postgres:
         from genmon.infra.postgres import PostgresCluster
 
-        click.echo(f"postgres binaries: {PostgresCluster(settings).ensure_binaries()}")
+        with spinner("installing PostgreSQL"):
+            binaries = PostgresCluster(settings).ensure_binaries()
+        click.echo(f"postgres binaries: {binaries}")
 
 
 @infra.command("up")
@@ -48,7 +53,8 @@ def infra_up(postgres: bool, sasl: bool | None) -> None:
 
     settings = get_settings()
     local = KafkaBroker(settings)
-    broker = local.up(sasl=sasl)
+    with spinner(f"starting Kafka on {settings.kafka.bootstrap_servers}"):
+        broker = local.up(sasl=sasl)
     click.echo(f"kafka: running (pid {broker.pid}) on {broker.bootstrap}; log {broker.log_path}")
     if broker.sasl_bootstrap is not None:
         # The password stays in the file: this line may end up in a CI log.
@@ -64,7 +70,8 @@ def infra_up(postgres: bool, sasl: bool | None) -> None:
     if postgres:
         from genmon.infra.postgres import PostgresCluster
 
-        cluster = PostgresCluster(settings).up()
+        with spinner("starting PostgreSQL"):
+            cluster = PostgresCluster(settings).up()
         click.echo(f"postgres: running (pid {cluster.pid}); log {cluster.log_path}")
         click.echo(
             f"  export GENMON_DATABASE__URL={mask_url(cluster.url)}"
@@ -73,16 +80,23 @@ def infra_up(postgres: bool, sasl: bool | None) -> None:
 
 
 @infra.command("topics")
-def infra_topics() -> None:
+@json_option()
+def infra_topics(as_json: bool) -> None:
     """Create genmon's topics on GENMON_KAFKA__BOOTSTRAP_SERVERS (any cluster, with
     settings.kafka's TLS/SASL) and show their partitions, replication and min.insync.replicas."""
+    from dataclasses import asdict
+
     from genmon.infra.kafka import KafkaBroker
 
     settings = get_settings()
     kafka = settings.kafka
     broker = KafkaBroker(settings)
-    broker.ensure_topics(kafka.bootstrap_servers)
-    rows = broker.describe_topics(kafka.bootstrap_servers)
+    with spinner(f"creating genmon's topics on {kafka.bootstrap_servers}", as_json=as_json):
+        broker.ensure_topics(kafka.bootstrap_servers)
+        rows = broker.describe_topics(kafka.bootstrap_servers)
+    if as_json:
+        echo_json([asdict(row) for row in rows], sort_keys=False)
+        return
     click.echo(
         f"topics on {kafka.bootstrap_servers} (settings: replication {kafka.replication_factor}, "
         f"min.insync.replicas {kafka.min_insync_replicas}, producer acks {kafka.acks}):"
@@ -116,14 +130,23 @@ def infra_down() -> None:
 
 
 @infra.command("status")
-def infra_status() -> None:
+@json_option()
+def infra_status(as_json: bool) -> None:
     """Say whether each local service runs; exit 1 when Kafka does not."""
+    from dataclasses import asdict
+
     from genmon.infra.kafka import KafkaBroker
     from genmon.infra.postgres import PostgresCluster
 
     settings = get_settings()
     broker = KafkaBroker(settings).status()
     cluster = PostgresCluster(settings).status()
+    if as_json:
+        postgres = {**asdict(cluster), "url": mask_url(cluster.url)}
+        echo_json({"kafka": asdict(broker), "postgres": postgres})
+        if not broker.running:
+            fail_check()
+        return
     state = f"running (pid {broker.pid})" if broker.running else "stopped"
     click.echo(f"kafka: {state} on {broker.bootstrap}; log {broker.log_path}")
     if broker.sasl_bootstrap is not None:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from genmon.cli._common import echo_json, json_option
+from genmon.cli._progress import interactive, progress, spinner
 from genmon.settings import get_settings
 
 
@@ -68,15 +68,16 @@ def replay(
         collect_points=report_path is not None,
     )
     with file.open("rb") as handle:
-        if sys.stderr.isatty():  # a progress bar for people, nothing for scripts and logs
+        if interactive(as_json):  # a progress bar for people, nothing for scripts and logs
             size = file.stat().st_size
-            with click.progressbar(length=size, label="replaying", file=sys.stderr) as bar:
+            with progress(f"replaying {file.name}", size, unit="bytes") as advance:
                 for line in handle:
                     engine.feed([line])
-                    bar.update(len(line))
+                    advance(len(line))
         else:
             engine.feed(handle)
-    report = engine.finish()
+    with spinner("closing the last windows", as_json=as_json):
+        report = engine.finish()
     if report_path is not None:
         from genmon.replay.report import write_report
 

@@ -18,6 +18,7 @@ from genmon.cli._common import (
     json_option,
     when,
 )
+from genmon.cli._progress import spinner
 from genmon.settings import get_settings
 
 
@@ -90,7 +91,8 @@ def schedule_fire(name: str, actor: str | None, as_json: bool, url: str | None) 
     engine = engine_for(url)
     try:
         policy = load_policy(settings.retrain.policy_file)
-        out = fire_by_hand(settings, engine, policy, name, actor or current_user(), utcnow())
+        with spinner(f"firing {name}", as_json=as_json):
+            out = fire_by_hand(settings, engine, policy, name, actor or current_user(), utcnow())
     finally:
         engine.dispose()
     if as_json:

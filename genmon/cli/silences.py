@@ -7,8 +7,10 @@ import click
 from genmon.cli._common import (
     current_user,
     database_option,
+    echo_json,
     echo_table,
     engine_for,
+    json_option,
     parse_duration,
     when,
 )
@@ -57,8 +59,9 @@ def silences_add(
 
 @silences.command("list")
 @click.option("--all", "show_all", is_flag=True, help="Include expired silences.")
+@json_option()
 @database_option
-def silences_list(show_all: bool, url: str | None) -> None:
+def silences_list(show_all: bool, as_json: bool, url: str | None) -> None:
     """Active silences (or all of them)."""
     from sqlmodel import Session, select
 
@@ -70,6 +73,9 @@ def silences_list(show_all: bool, url: str | None) -> None:
         query = query.where(Silence.ends_at > utcnow())
     with Session(engine_for(url)) as session:
         found = session.exec(query).all()
+    if as_json:
+        echo_json([silence.model_dump(mode="json") for silence in found])
+        return
     if not found:
         click.echo("no silences")
         return

@@ -75,6 +75,20 @@ def _destinations(receiver: WebhookReceiver) -> list[DestinationSettings]:
     return [DestinationSettings.model_validate(c) for c in _destination_configs(receiver)]
 
 
+#: Where these tests say the dashboard is (``api.public_url``).
+DASHBOARD = "https://genmon.example/oncall"
+
+
+@pytest.fixture(autouse=True)
+def dashboard_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process's settings put the dashboard at :data:`DASHBOARD` (what the payloads
+    link to when the manager is not handed its own ``api`` settings)."""
+    monkeypatch.setenv("GENMON_API__PUBLIC_URL", DASHBOARD)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
 def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
     route = RouteSettings.model_validate(
         {
@@ -82,7 +96,7 @@ def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
             "runbook": {"url": "https://runbooks.example/route", "remediation": ["page ML"]},
         }
     )
-    return settings_with(
+    settings = settings_with(
         *_destinations(receiver),
         incidents={
             "auto_resolve_quiet_windows": 2,
@@ -95,6 +109,8 @@ def _settings(receiver: WebhookReceiver, **incidents: Any) -> Settings:
         },
         notify={"routes": [route]},
     )
+    api = settings.api.model_copy(update={"public_url": DASHBOARD})
+    return settings.model_copy(update={"api": api})
 
 
 def _deliver(engine: Engine, settings: Settings, clock: FakeClock | None = None) -> None:
@@ -127,6 +143,7 @@ def test_auto_resolve_sends_pagerduty_resolve_with_the_same_dedup_key(
     assert trigger["payload"]["severity"] == "critical"
     assert trigger["payload"]["custom_details"]["idempotency_key"]
     assert {link["href"] for link in trigger["links"]} == {
+        f"{DASHBOARD}/incidents/{incident_id}",
         "https://runbooks.example/anomaly",
         "https://runbooks.example/route",
     }
@@ -226,6 +243,39 @@ def test_cli_acknowledge_and_resolve_reach_every_destination(
     ]
     assert "alice" in hook[1]["reason"] and "alice" in hook[2]["reason"]
     assert {"https://runbooks.example/route"} <= {r["url"] for r in hook[2]["runbooks"]}
+
+
+def test_every_payload_links_to_the_incident_page(
+    engine: Engine, receiver: WebhookReceiver
+) -> None:
+    """The issue: a link in every webhook payload leads to the incident's page."""
+    clock = FakeClock()
+    settings = _settings(receiver)
+    manager = IncidentManager(engine, settings, clock=clock)
+    incident_id = str(manager.process(finding(0, score=5.0)).incident_id)
+    manager.resolve(incident_id, actor="alice")
+    _deliver(engine, settings, clock)
+    page = f"{DASHBOARD}/incidents/{incident_id}"
+
+    hook = [r.json for r in _by_path(receiver, "hook")]
+    assert [(h["event"], h["url"], h["incident"]["url"]) for h in hook] == [
+        ("trigger", page, page),
+        ("resolve", page, page),
+    ]
+    slack = [r.json for r in _by_path(receiver, "slack")]
+    for message in slack:
+        jsonschema.validate(message, SLACK)
+        assert message["blocks"][0]["text"]["text"].startswith(f"*<{page}|")
+    pagerduty = [r.json for r in _by_path(receiver, "pd")]
+    for event in pagerduty:
+        jsonschema.validate(event, PAGERDUTY)
+    trigger = pagerduty[0]
+    assert trigger["links"][0] == {"href": page, "text": "Incident in genmon"}
+    assert trigger["client_url"] == page
+    alertmanager = [r.json for r in _by_path(receiver, "am")]
+    for payload in alertmanager:
+        jsonschema.validate(payload, ALERTMANAGER)
+    assert [p["alerts"][0]["generatorURL"] for p in alertmanager] == [page, page]
 
 
 def test_a_reopen_pages_again_under_the_same_dedup_key(

@@ -18,7 +18,7 @@ from genmon.settings import KafkaSettings, PostgresSettings, Settings
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 DOCKERFILE = COMPOSE_FILE.parent / "Dockerfile"
-GENMON_SERVICES = ("kafka-topics", "worker")
+GENMON_SERVICES = ("kafka-topics", "db-migrate", "worker", "api")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_database_url_matches_the_postgres_service(
     host_defaults = PostgresSettings()
 
     assert _published(services["postgres"], 5432) == ("127.0.0.1", host_defaults.port)
-    for name in ("worker",):
+    for name in ("db-migrate", "worker", "api"):
         url = make_url(_settings_from(services[name]["environment"], monkeypatch).database.url)
         assert url.drivername == "postgresql+psycopg", name
         assert (url.host, url.port) == ("postgres", 5432), name
@@ -127,9 +127,27 @@ def test_worker_serves_metrics_on_its_published_port(
     assert _published(services["worker"], worker.web_port) == ("127.0.0.1", worker.web_port)
 
 
+def test_api_serves_on_its_published_port_and_links_there(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = _settings_from(services["api"]["environment"], monkeypatch).api
+
+    assert api.host == "0.0.0.0"
+    assert _published(services["api"], api.port) == ("127.0.0.1", api.port)
+    # The worker's pages link where people reach the API from the host.
+    worker = _settings_from(services["worker"]["environment"], monkeypatch).api
+    assert worker.link_base() == f"http://127.0.0.1:{api.port}"
+
+
 def test_commands(services: dict[str, dict[str, Any]]) -> None:
     assert services["kafka-topics"]["command"] == ["genmon", "infra", "topics"]
+    assert services["db-migrate"]["command"] == ["genmon", "db", "upgrade"]
     assert services["worker"]["command"] == ["genmon", "worker"]
+    assert services["api"]["command"] == ["genmon", "api"]
+    for name in ("worker", "api"):  # both start on a migrated database
+        assert services[name]["depends_on"]["db-migrate"] == {
+            "condition": "service_completed_successfully"
+        }
 
 
 def _parse(argv: list[str]) -> None:
@@ -173,8 +191,8 @@ def test_every_command_the_images_run_exists_in_the_cli(
 
 
 def test_the_parser_check_refuses_what_the_cli_would() -> None:
-    with pytest.raises(AssertionError, match="no command 'api'"):
-        _parse(["genmon", "api"])
+    with pytest.raises(AssertionError, match="no command 'dashboard'"):
+        _parse(["genmon", "dashboard"])
     with pytest.raises(AssertionError, match="no command 'worker'"):
         _parse(["genmon", "retrain", "worker"])
     with pytest.raises(click.UsageError):

@@ -209,6 +209,9 @@ def test_retention_removes_what_is_older_and_nothing_newer(engine: Engine, tmp_p
         "incidents": 2,
         "datasets": 2,
         "artifacts": 3,  # old: checkpoints and adapter; old-champion: checkpoints only
+        "signals": 0,  # test_privacy_signal_rollups.py has these three
+        "signal_rollups": 0,
+        "api_audit": 0,
         "windows": 0,
     }
     assert left["labelled"] == left["findings"] == {"at", "new"}

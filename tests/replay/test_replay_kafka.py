@@ -62,6 +62,11 @@ def live_worker(
     database = tmp_path / "worker.sqlite"
     env = {
         **os.environ,
+        # The test's producer sends an hour of event time in seconds; under the suite's
+        # load it can stall for more than the default 5 s, and a caught-up worker then
+        # rightly advances an idle model's watermark with the wall clock (an hour ahead),
+        # closing the rest of its windows early. 20 s keeps a stall from being "idle".
+        "GENMON_WINDOWS__IDLE_TIMEOUT_S": "20",
         **env_settings,
         "GENMON_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "GENMON_KAFKA__TOPIC_PREFIX": prefix,

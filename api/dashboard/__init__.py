@@ -1,0 +1,1 @@
+"""The dashboard: server-rendered pages (Jinja), htmx actions, live updates over SSE."""
