@@ -68,6 +68,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Monitoring and feedback for generative-AI models in production",
         version=_version(),
         lifespan=lifespan,
+        # FastAPI's /docs and /redoc pages load their JavaScript from a CDN: they would be
+        # blank offline. The OpenAPI document itself is served at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine

@@ -6,7 +6,8 @@ trail and notifications as the CLI and ``/v1/incidents/{id}/ack``) as
 place. They need an ``operate`` token; the cookie is ``SameSite=Strict``, so another site
 cannot post them with the user's cookie. The API's audit middleware stores each one under
 the action named here. The answer also carries the timeline, swapped out of band, so the
-new transition shows at once.
+new transition shows at once; ``/incidents/{id}/live`` sends the same to open pages when
+someone else moves the incident.
 """
 
 from __future__ import annotations
@@ -76,6 +77,31 @@ async def _act(request: Request, incident_id: str, action: str) -> Response:
         "_incident_action.html",
         {"incident": incident, "timeline": timeline, "caller": caller},
     )
+
+
+@router.get("/incidents/{incident_id}/live")
+async def live_state(request: Request, incident_id: str) -> Response:
+    """The incident page's status badge and timeline as out-of-band fragments, fetched
+    when the event stream says an incident changed: a teammate's acknowledge shows on
+    every open page. The form is left alone, so a reason being typed is kept."""
+    caller = await viewer(request)
+    if isinstance(caller, Response):
+        return caller
+    incident, timeline = await run_in_threadpool(_current, request, incident_id)
+    if incident is None:
+        return Response(status_code=204)
+    context = {"incident": incident, "timeline": timeline, "caller": caller}
+    return render(request, "_incident_live.html", context)
+
+
+def _current(
+    request: Request, incident_id: str
+) -> tuple[Incident | None, list[IncidentTransition]]:
+    with session_scope(request.app.state.engine) as session:
+        incident = session.get(Incident, incident_id)
+        if incident is None:
+            return None, []
+        return incident, queries.incident_timeline(session, incident_id)
 
 
 def _timeline(request: Request, incident_id: str) -> list[IncidentTransition]:

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
+import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI
 from incident_support import finding, migrated_engine, postgres_schema_url, settings_with
@@ -19,7 +21,7 @@ from sqlalchemy.engine import Engine
 
 from genmon.api.app import create_app
 from genmon.api.tokens import create_token
-from genmon.db import session_scope
+from genmon.db import session_scope, table_metadata
 from genmon.incidents.manager import IncidentManager
 from genmon.infra.kafka import KafkaBroker
 from genmon.retrain.registry import create_version, move_alias, promote
@@ -180,3 +182,57 @@ def uvicorn_thread(app: FastAPI, port: int) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+class DatabaseSnapshot:
+    """Every genmon table's rows, kept in memory, to put the database back as it was.
+
+    Schemathesis' stateful phase draws each step's input from earlier responses: when
+    earlier examples changed the database (a silence expired, an incident resolved), the
+    same choices draw differently and Hypothesis stops with ``FlakyStrategyDefinition``.
+    Restoring the seeded rows before each scenario makes every scenario start alike.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tables = table_metadata().sorted_tables
+        with engine.connect() as connection:
+            self.rows = {
+                table.name: _parents_first(
+                    table, [dict(row._mapping) for row in connection.execute(table.select())]
+                )
+                for table in self.tables
+            }
+
+    def restore(self) -> None:
+        with self.engine.begin() as connection:
+            for table in reversed(self.tables):
+                connection.execute(table.delete())
+            for table in self.tables:
+                if self.rows[table.name]:
+                    connection.execute(table.insert(), self.rows[table.name])
+
+
+def _parents_first(table: sa.Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` ordered so that a row a self-referencing foreign key points to comes first
+    (``incident.parent_id``): inserted in this order, every reference finds its row."""
+    own = [
+        (fk.parent.name, fk.column.name) for fk in table.foreign_keys if fk.column.table is table
+    ]
+    if not own:
+        return rows
+    placed: list[dict[str, Any]] = []
+    known: set[tuple[str, Any]] = set()
+    waiting = list(rows)
+    while waiting:
+        ready = [
+            row
+            for row in waiting
+            if all(row[column] is None or (target, row[column]) in known for column, target in own)
+        ]
+        assert ready, f"{table.name}: rows refer to one another in a cycle"
+        for row in ready:
+            placed.append(row)
+            known.update((target, row[target]) for _, target in own)
+        waiting = [row for row in waiting if row not in ready]
+    return placed

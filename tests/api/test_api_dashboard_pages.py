@@ -266,6 +266,20 @@ def test_the_live_stream_says_when_an_incident_changes(site: Site) -> None:
             pytest.fail("the stream ended without an incidents event")
 
 
+def test_an_open_incident_page_follows_a_change_made_elsewhere(site: Site) -> None:
+    with client(site, "read") as reader:
+        page = reader.get(f"/incidents/{site.incident}").text
+        assert f'hx-get="/incidents/{site.incident}/live"' in page
+        assert 'hx-trigger="genmon:incidents"' in page
+        IncidentManager(site.engine, site.settings).acknowledge(site.incident, "bob", "mine")
+        live = reader.get(f"/incidents/{site.incident}/live")
+        assert live.status_code == 200
+        assert 'id="incident-status" hx-swap-oob="true">acknowledged<' in live.text
+        assert 'id="timeline-section" aria-labelledby="timeline-h" hx-swap-oob="true"' in live.text
+        assert "<td>bob</td><td>mine</td>" in live.text
+        assert reader.get("/incidents/nope/live").status_code == 204
+
+
 def test_an_open_dashboard_acts_as_dashboard_without_a_token(
     site: Site, free_port: Callable[[], int]
 ) -> None:

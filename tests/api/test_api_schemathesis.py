@@ -15,7 +15,7 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
-from api_support import MODEL, Seeded, Served, seeded_app, uvicorn_thread
+from api_support import MODEL, DatabaseSnapshot, Seeded, Served, seeded_app, uvicorn_thread
 from hypothesis import HealthCheck, given
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -107,8 +107,12 @@ def test_openapi_fuzzed_and_stateful(served: tuple[Served, str]) -> None:
         fuzzer(operation)()
 
     labels = {op.label for op in operations}
+    snapshot = DatabaseSnapshot(app.engine)
 
     class Links(schema.as_state_machine()):  # type: ignore[misc]
+        def setup(self) -> None:
+            snapshot.restore()  # every scenario starts from the same rows (see the class)
+
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
             return {"base_url": base_url, "headers": headers}
 

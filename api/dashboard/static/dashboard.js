@@ -12,12 +12,13 @@
     });
   }
 
-  // The incident list: refetch its rows (with the page's filters) whenever the server's
-  // event stream says an incident changed. EventSource reconnects by itself.
+  // Live parts of a page (the incident list's rows, with the page's filters; an incident
+  // page's status and timeline): fetched again whenever the server's event stream says an
+  // incident changed. EventSource reconnects by itself.
   function followIncidents() {
-    var rows = document.getElementById("incident-rows");
+    var live = document.querySelectorAll("[data-live]");
     var state = document.getElementById("live-state");
-    if (!rows || !window.EventSource) { return; }
+    if (!live.length || !window.EventSource) { return; }
     var source = new EventSource("/events");
     source.onopen = function () {
       if (state) { state.dataset.state = "live"; state.textContent = "Live: updates as incidents change"; }
@@ -26,7 +27,7 @@
       if (state) { state.dataset.state = "reconnecting"; state.textContent = "Live: reconnecting…"; }
     };
     source.addEventListener("incidents", function () {
-      window.htmx.trigger(rows, "genmon:incidents");
+      live.forEach(function (element) { window.htmx.trigger(element, "genmon:incidents"); });
     });
     window.addEventListener("pagehide", function () { source.close(); });
   }
