@@ -5,8 +5,8 @@ One :class:`IngestProducer` per API process (on ``app.state.ingest_producer``, m
 the ingest routes' startup hook). It speaks the SDK's wire: the value is
 :func:`genmon.schemas.codec.encode`, the key the model id (one model's events stay in
 order on one partition), and the headers ``genmon-producer`` (a uuid per process) and
-``genmon-seq`` (0, 1, 2, ... per topic and model, an LRU of ``sdk.sequence_max_models``
-pairs as in :class:`genmon.Monitor`), so the worker's count of gaps, reorders and
+``genmon-seq`` (0, 1, 2, ... per topic and model: :class:`genmon.sequences.Sequences`,
+as in :class:`genmon.Monitor`), so the worker's count of gaps, reorders and
 duplicates holds for HTTP-sent events too. Numbers are taken and records handed to the
 client under one lock, so concurrent requests cannot put a model's numbers out of order
 on its partition. Events that were numbered and then not delivered (a broker outage,
@@ -21,7 +21,6 @@ idempotent with ``acks=all`` as every genmon producer. The client starts on firs
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -35,6 +34,7 @@ from pydantic import BaseModel
 
 from genmon import kafka_config
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ
+from genmon.sequences import Sequences
 from genmon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,36 +59,6 @@ class Delivery:
     @property
     def complete(self) -> bool:
         return self.failed == 0
-
-
-class Sequences:
-    """``genmon-seq`` numbers per (kind, model), an LRU like the SDK's: a pair pushed out and
-    seen again counts from 0 under ``<producer id>.<evictions>``, a new sequence for the
-    worker, so eviction invents neither gaps nor reorders."""
-
-    def __init__(self, producer_id: str, max_pairs: int) -> None:
-        self.producer_id = producer_id
-        self._max = max_pairs
-        self._evicted = 0
-        self._next: collections.OrderedDict[tuple[str, str], tuple[bytes, int]] = (
-            collections.OrderedDict()
-        )
-
-    def take(self, kind: str, model_id: str) -> tuple[bytes, int]:
-        """The producer id header and the sequence number of the next event of the pair."""
-        key = (kind, model_id)
-        known = self._next.get(key)
-        if known is None:
-            suffix = f".{self._evicted}" if self._evicted else ""
-            producer, seq = f"{self.producer_id}{suffix}".encode(), 0
-            if len(self._next) >= self._max:
-                self._next.popitem(last=False)
-                self._evicted += 1
-        else:
-            producer, seq = known
-            self._next.move_to_end(key)
-        self._next[key] = (producer, seq + 1)
-        return producer, seq
 
 
 class IngestProducer:

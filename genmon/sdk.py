@@ -66,6 +66,7 @@ from genmon.exceptions import ConfigurationError, SchemaError
 from genmon.follow import ROLLOUT, ModelFollower, OnChange, RolloutFollower, followed_fields
 from genmon.schemas.codec import HEADER_PRODUCER, HEADER_SEQ, classify, encode
 from genmon.schemas.events import FeedbackEvent, InferenceEvent, ModelAlias
+from genmon.sequences import Sequences
 from genmon.settings import Settings, get_settings
 
 __all__ = ["Monitor", "MonitorStats"]
@@ -198,12 +199,7 @@ class Monitor:
         self._wakeup = threading.Condition(self._lock)
         self._settled = threading.Condition(self._lock)
         self._queue: collections.deque[_Record] = collections.deque()
-        #: (kind, model) -> (producer id header, next sequence number), least recent first.
-        self._seq: collections.OrderedDict[tuple[str, str], tuple[bytes, int]] = (
-            collections.OrderedDict()
-        )
-        self._seq_max = sdk.sequence_max_models
-        self._seq_evicted = 0
+        self._seq = Sequences(self.producer_id, sdk.sequence_max_models)
         self._pending = 0
         self._sent = self._dropped = self._invalid = self._failed = self._truncated = 0
         self._closing = False
@@ -317,7 +313,7 @@ class Monitor:
         model_id = validated.model_id
         value = encode(validated)
         with self._lock:
-            producer, seq = self._next_seq(kind, model_id)
+            producer, seq = self._seq.take(kind, model_id)
             if self._closing or self._pending >= self._buffer_max:
                 self._dropped += 1
                 dropped, closing = self._dropped, self._closing
@@ -343,23 +339,6 @@ class Monitor:
             else f"the buffer holds its limit of {self._buffer_max} events; is the broker up?",
         )
         return False
-
-    def _next_seq(self, kind: str, model_id: str) -> tuple[bytes, int]:
-        """The producer id and sequence number of the next event of ``(kind, model_id)``."""
-        key = (kind, model_id)
-        known = self._seq.get(key)
-        if known is None:
-            # A fresh id after evictions: the pair may have been evicted and counted before.
-            suffix = f".{self._seq_evicted}" if self._seq_evicted else ""
-            producer, seq = f"{self.producer_id}{suffix}".encode(), 0
-            if len(self._seq) >= self._seq_max:
-                self._seq.popitem(last=False)
-                self._seq_evicted += 1
-        else:
-            producer, seq = known
-            self._seq.move_to_end(key)
-        self._seq[key] = (producer, seq + 1)
-        return producer, seq
 
     def _validate(
         self,

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvicorn
+from api_support import uvicorn_thread
 from fastapi import FastAPI
 from incident_support import migrated_engine, sqlite_url
 from kafka import KafkaConsumer, TopicPartition
@@ -52,20 +50,10 @@ def running_api(
     engine = migrated_engine(sqlite_url(tmp_path))
     _, token = create_token(engine, "ingest-test", list(scopes))
     app = create_app(settings, engine)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="api-under-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.05)
     try:
-        yield RunningApi(f"http://127.0.0.1:{port}", token, settings, app)
+        with uvicorn_thread(app, port) as url:
+            yield RunningApi(url, token, settings, app)
     finally:
-        server.should_exit = True
-        thread.join(30)
         engine.dispose()
 
 

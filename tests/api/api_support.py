@@ -168,7 +168,15 @@ def seeded_app(postgres_url: str, kafka_settings: Settings, prefix: str) -> Iter
 def uvicorn_thread(app: FastAPI, port: int) -> Iterator[str]:
     """``app`` served by uvicorn on 127.0.0.1:``port`` in a thread; yields its base URL."""
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+            # an open event stream (the dashboard's /events) must not hold up the stop
+            timeout_graceful_shutdown=5,
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

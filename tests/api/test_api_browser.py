@@ -16,19 +16,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import uvicorn
+from api_support import uvicorn_thread
 from incident_support import migrated_engine, postgres_schema_url, settings_with
 from kafka import KafkaProducer
 from playwright.sync_api import Page, expect, sync_playwright
-from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from worker_support import WorkerProcess
 
@@ -46,31 +43,6 @@ CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".build" / "test-artifacts" / "browser"
 #: How long the page may take to show what the worker did (worker start excluded).
 SEEN_MS = 60_000
-
-
-@contextmanager
-def served(settings: Settings, engine: Engine, port: int) -> Iterator[str]:
-    """The API and dashboard on 127.0.0.1:``port`` (uvicorn in a thread)."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, engine),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            timeout_graceful_shutdown=5,
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def worker_env(kafka: Settings, prefix: str, database_url: str, port: int, home: Path) -> dict:
@@ -163,7 +135,10 @@ def test_an_incident_appears_live_is_charted_and_acknowledged_in_the_browser(
         ).start()
         producer = KafkaProducer(bootstrap_servers=prefixed.kafka.bootstrap_servers, acks="all")
         try:
-            with served(settings, engine, free_port()) as url, sync_playwright() as playwright:
+            with (
+                uvicorn_thread(create_app(settings, engine), free_port()) as url,
+                sync_playwright() as playwright,
+            ):
                 browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
                 try:
                     page = browser.new_page(viewport={"width": 1280, "height": 900})
